@@ -1,0 +1,31 @@
+"""cleanbreak: a process pool for CPU-bound Python that stops cleanly.
+
+Press Ctrl-C and nothing new starts, the workers are reaped, and every finished result is kept.
+"""
+
+from ._errors import (
+    BrokenPool,
+    CleanbreakError,
+    Interrupted,
+    RemoteTraceback,
+    SerializationError,
+    TaskAborted,
+    WorkerDied,
+)
+from ._pool import Pool, default_workers, map
+
+__all__ = [
+    "BrokenPool",
+    "CleanbreakError",
+    "Interrupted",
+    "Pool",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskAborted",
+    "WorkerDied",
+    "__version__",
+    "default_workers",
+    "map",
+]
+
+__version__ = "0.1.0"

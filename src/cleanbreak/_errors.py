@@ -1,0 +1,181 @@
+"""Every exception cleanbreak raises, in one place.
+
+Each one also derives from the standard type that callers already catch, so that code written
+for ``concurrent.futures`` keeps working::
+
+    BaseException
+    ├── KeyboardInterrupt
+    │   └── Interrupted            Ctrl-C or SIGTERM stopped the pool; carries .completed
+    └── Exception
+        ├── CleanbreakError         base of the errors below
+        │   ├── BrokenProcessPool (concurrent.futures.process)
+        │   │   ├── WorkerDied       the worker running a task exited or was killed
+        │   │   └── BrokenPool       workers cannot start (initializer failed, crash loop)
+        │   ├── TaskAborted          task code raised SystemExit or KeyboardInterrupt
+        │   └── PicklingError (pickle)
+        │       └── SerializationError   a function, argument, result or exception would not pickle
+        └── RemoteTraceback          set as __cause__ of a task's own exception
+
+``Interrupted`` derives from ``KeyboardInterrupt`` and so from ``BaseException``: an
+``except Exception`` written around a ``map`` cannot swallow Ctrl-C by accident (the same
+reasoning as trio's ``Cancelled``).
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal as _signal
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+__all__ = [
+    "BrokenPool",
+    "CleanbreakError",
+    "Interrupted",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskAborted",
+    "WorkerDied",
+]
+
+
+class CleanbreakError(Exception):
+    """Base class of cleanbreak's own errors (not of :class:`Interrupted`)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The pool was stopped by Ctrl-C (SIGINT) or SIGTERM.
+
+    ``signal`` is the signal that stopped it. ``completed`` maps the index of every task that
+    had finished with a result to that result: the input position for ``map`` and
+    ``imap_unordered``, the submission order for ``submit``.
+    """
+
+    # Set by cleanbreak: _counted when its own signal handler raised this (the signal was
+    # already counted), _filled once a pool call has put the finished results in .completed.
+    _counted = False
+    _filled = False
+
+    def __init__(
+        self,
+        signal: _signal.Signals = _signal.SIGINT,
+        completed: dict[int, Any] | None = None,
+        *,
+        total: int | None = None,
+    ) -> None:
+        self.signal = _signal.Signals(signal)
+        self.completed: dict[int, Any] = {} if completed is None else completed
+        self.total = total
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        of = f" of {self.total}" if self.total is not None else ""
+        return (
+            f"interrupted by {self.signal.name}: {len(self.completed)}{of} results kept "
+            "in .completed"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_interrupted, (int(self.signal), self.completed, self.total))
+
+    def __str__(self) -> str:
+        return self._message()
+
+
+def _rebuild_interrupted(sig: int, completed: dict[int, Any], total: int | None) -> Interrupted:
+    return Interrupted(_signal.Signals(sig), completed, total=total)
+
+
+class WorkerDied(CleanbreakError, BrokenProcessPool):
+    """The worker process running this task exited or was killed.
+
+    Only this task fails; the pool replaces the worker and goes on. ``exitcode`` is the
+    process's exit status (negative for a signal, as in ``multiprocessing``), ``signal`` the
+    signal that killed it or ``None``, ``pid`` its process id and ``task`` the task's index.
+    """
+
+    def __init__(self, exitcode: int | None, pid: int, task: int | None = None) -> None:
+        self.exitcode = exitcode
+        self.pid = pid
+        self.task = task
+        self.signal: _signal.Signals | None = None
+        if exitcode is not None and exitcode < 0:
+            try:
+                self.signal = _signal.Signals(-exitcode)
+            except ValueError:
+                self.signal = None
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        what = f"task {self.task}" if self.task is not None else "a task"
+        if self.signal is not None:
+            how = f"was killed by {self.signal.name}"
+            if self.signal == _signal.SIGKILL:
+                how += " (the kernel's OOM killer sends SIGKILL when memory runs out)"
+            elif self.signal == _signal.SIGSEGV:
+                how += " (a segmentation fault, usually in a C extension)"
+        else:
+            how = f"exited with code {self.exitcode}"
+        return f"the worker (pid {self.pid}) running {what} {how}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WorkerDied, (self.exitcode, self.pid, self.task))
+
+    def __str__(self) -> str:
+        return self._message()
+
+
+class BrokenPool(CleanbreakError, BrokenProcessPool):
+    """The pool cannot run tasks: its workers fail to start.
+
+    Raised for every task still waiting, and by ``submit`` afterwards, when the initializer
+    raised (its exception is the ``__cause__``) or when workers died again and again before
+    finishing a single task. The pool stops instead of starting new workers in a loop.
+    """
+
+
+class TaskAborted(CleanbreakError):
+    """Task code raised ``SystemExit`` or ``KeyboardInterrupt``.
+
+    It is reported as this ordinary exception so that it fails the one task and cannot stop
+    the caller's program. ``kind`` is the name of the exception the task raised.
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"task raised {kind}({detail}); only this task failed")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskAborted, (self.kind, self.detail))
+
+
+class SerializationError(CleanbreakError, pickle.PicklingError):
+    """A task's function, arguments, result or exception could not be pickled.
+
+    Only this task fails. ``part`` says which: ``"function"``, ``"arguments"``, ``"result"`` or
+    ``"exception"``.
+    """
+
+    def __init__(self, part: str, reason: str) -> None:
+        self.part = part
+        self.reason = reason
+        super().__init__(f"the task's {part} could not be pickled: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SerializationError, (self.part, self.reason))
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a task's exception, as formatted inside the worker.
+
+    It is attached as ``__cause__`` of the exception the caller receives, so that the
+    traceback printed in the parent shows where in the worker the error happened.
+    """
+
+    def __init__(self, tb: str) -> None:
+        self.tb = tb
+        super().__init__(tb)
+
+    def __str__(self) -> str:
+        return self.tb

@@ -1,0 +1,232 @@
+"""What crosses the process boundary, and how.
+
+Every message is one *frame*: an 8-byte little-endian length, then that many bytes of pickle
+(protocol 5). Each worker has two pipes of its own::
+
+    parent (manager thread)                          worker (its main thread)
+    ───────────────────────                          ────────────────────────
+    FrameWriter ── task pipe ──────────────────────▶ recv_frame()  blocking
+      non-blocking, written as the pipe drains
+    FrameReader ◀─────────────────────── result pipe ── send_frame()  blocking
+      non-blocking, read as bytes arrive
+
+The parent side never blocks on a pipe, in either direction: the manager writes only what the
+pipe accepts and reads whatever has arrived, both from its single ``select``. That is what makes
+payloads of any size safe. A worker can be blocked writing a 200 MB result while the manager
+is part-way through writing it the next task, and neither waits for the other.
+
+Messages, parent to worker: ``Unit`` tuples ``(uid, kind, fn, items)``, or ``None`` to exit.
+Messages, worker to parent: ``(uid, offset, values, errors, status)``. ``values`` holds the
+results of items ``offset ..`` of the unit, ``errors`` maps a position in ``values`` to a
+``CapturedError``, and ``status`` says whether more of the unit follows (``PARTIAL``), it is
+done (``DONE``) or the worker stopped before the next item because the pool is draining
+(``SKIPPED``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pickle
+import struct
+import traceback
+from collections import deque
+from typing import Any, Final
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX; Pool() refuses to start there
+    fcntl = None  # type: ignore[assignment]
+
+from ._errors import RemoteTraceback, SerializationError, TaskAborted
+
+HEADER: Final = struct.Struct("<Q")
+PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+
+# How a worker calls the unit's function on each item.
+CALL_ONE: Final = 0  # fn(item)
+CALL_STAR: Final = 1  # fn(*item)
+CALL_KW: Final = 2  # fn(*item[0], **item[1])
+
+PARTIAL: Final = 0
+DONE: Final = 1
+SKIPPED: Final = 2
+
+# Reads and writes are capped so that one busy worker cannot starve the others in the
+# manager's loop, and so that a read buffer does not grow without bound.
+_IO_STEP: Final = 1 << 20
+_PIPE_SIZE: Final = 1 << 20
+
+
+def make_pipe() -> tuple[int, int]:
+    """A pipe with a 1 MiB buffer where the kernel allows it (Linux); the default elsewhere."""
+    r, w = os.pipe()
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsize is not None:
+        with contextlib.suppress(OSError):  # pipe-max-size is lower here: keep the default
+            fcntl.fcntl(w, setsize, _PIPE_SIZE)
+    return r, w
+
+
+def dumps(obj: object) -> bytes:
+    return pickle.dumps(obj, PROTOCOL)
+
+
+# ── worker side: blocking ────────────────────────────────────────────────────────────────────
+
+
+def send_frame(fd: int, payload: bytes) -> None:
+    """Write one frame, blocking until the manager has taken it all."""
+    _write_all(fd, HEADER.pack(len(payload)))
+    _write_all(fd, payload)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view[:_IO_STEP])
+        view = view[n:]
+
+
+def recv_frame(fd: int) -> bytearray | None:
+    """Read one frame, blocking. ``None`` at end of file: the parent is gone."""
+    head = _read_exact(fd, HEADER.size)
+    if head is None:
+        return None
+    (size,) = HEADER.unpack(head)
+    return _read_exact(fd, size)
+
+
+def _read_exact(fd: int, size: int) -> bytearray | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got : got + _IO_STEP]])
+        if n == 0:
+            return None
+        got += n
+    return buf
+
+
+# ── parent side: non-blocking ────────────────────────────────────────────────────────────────
+
+
+class FrameReader:
+    """Reassembles frames from a non-blocking pipe, a chunk at a time."""
+
+    __slots__ = ("_body", "_got", "_head", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._head = bytearray()
+        self._body: bytearray | None = None
+        self._got = 0
+
+    def read(self) -> tuple[list[bytearray], bool]:
+        """Read what has arrived. Returns the complete frames and whether the pipe hit EOF."""
+        frames: list[bytearray] = []
+        while True:
+            try:
+                if self._body is None:
+                    chunk = os.read(self.fd, HEADER.size - len(self._head))
+                    if not chunk:
+                        return frames, True
+                    self._head += chunk
+                    if len(self._head) < HEADER.size:
+                        continue
+                    (size,) = HEADER.unpack(self._head)
+                    self._head.clear()
+                    self._body = bytearray(size)
+                    self._got = 0
+                    if size:
+                        continue
+                else:
+                    view = memoryview(self._body)[self._got : self._got + _IO_STEP]
+                    n = os.readv(self.fd, [view])
+                    if n == 0:
+                        return frames, True
+                    self._got += n
+                    if self._got < len(self._body):
+                        continue
+                frames.append(self._body)
+                self._body = None
+            except BlockingIOError:
+                return frames, False
+            except OSError as exc:  # pragma: no cover - EBADF after a race with close
+                if exc.errno in (errno.EBADF, errno.EIO):
+                    return frames, True
+                raise
+
+
+class FrameWriter:
+    """Queues frames for a non-blocking pipe and writes as much as the pipe accepts."""
+
+    __slots__ = ("_queue", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._queue: deque[memoryview] = deque()
+
+    def put(self, payload: bytes) -> None:
+        self._queue.append(memoryview(HEADER.pack(len(payload))))
+        self._queue.append(memoryview(payload))
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue)
+
+    def flush(self) -> None:
+        """Write until the pipe is full or the queue empty. Raises BrokenPipeError if the
+        worker is gone."""
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            try:
+                n = os.write(self.fd, head[:_IO_STEP])
+            except BlockingIOError:
+                return
+            if n == len(head):
+                queue.popleft()
+            else:
+                queue[0] = head[n:]
+
+
+# ── errors that cross the boundary ───────────────────────────────────────────────────────────
+
+
+class CapturedError:
+    """A task's exception, made safe to pickle, with the traceback formatted in the worker."""
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc: BaseException | None, tb: str) -> None:
+        self.exc = exc
+        self.tb = tb
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CapturedError, (self.exc, self.tb))
+
+    @classmethod
+    def capture(cls, exc: BaseException) -> CapturedError:
+        tb = "".join(traceback.format_exception(exc))
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            detail = ", ".join(repr(a) for a in exc.args)
+            return cls(TaskAborted(type(exc).__name__, detail), tb)
+        try:
+            # An exception pickles but may not unpickle (a required __init__ argument that is not
+            # in .args). Try the round trip here, where the cause can still be reported.
+            pickle.loads(dumps(exc))
+        except Exception as err:
+            reason = f"{type(exc).__name__}: {exc} (and pickling it failed: {err!r})"
+            return cls(SerializationError("exception", reason), tb)
+        exc.__traceback__ = None
+        exc.__context__ = None
+        exc.__cause__ = None
+        return cls(exc, tb)
+
+    def rebuild(self) -> BaseException:
+        exc = self.exc if self.exc is not None else RuntimeError("unknown task error")
+        exc.__cause__ = RemoteTraceback(f'\n"""\n{self.tb}"""')
+        return exc

@@ -1,0 +1,204 @@
+"""What runs inside a worker process.
+
+A worker reads units from its task pipe, runs each item, and writes the results back on its
+result pipe, in order. It decides nothing about signals: the parent does.
+
+- SIGINT is ignored and the worker leads a process group of its own, so a terminal's Ctrl-C
+  reaches the parent alone. The parent stops a worker by signalling that group, which takes
+  along any process the task started.
+- Between items the worker reads the pool's shared *stop flag*. Once the parent has set it
+  (on the first Ctrl-C, before anything else), no further item starts: the worker reports the
+  items it finished and the point where it stopped. This is what makes "no task starts after
+  the signal" hold for tasks already sitting in the pipe.
+- A watchdog thread blocks on the read end of the *lifeline* pipe, whose write end only the
+  parent holds. When the parent dies, even by SIGKILL, the kernel closes that end, the read
+  returns, and the watchdog kills the worker's process group at once. This needs no polling and
+  works with every start method. Linux's parent-death signal (PR_SET_PDEATHSIG) was rejected:
+  it fires when the *thread* that forked the worker exits, and under forkserver the worker's
+  parent is the fork server, not the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from ._errors import SerializationError
+from ._wire import (
+    CALL_KW,
+    CALL_STAR,
+    DONE,
+    PARTIAL,
+    SKIPPED,
+    CapturedError,
+    dumps,
+    recv_frame,
+    send_frame,
+)
+
+# A unit that runs long reports what it has every FLUSH_EVERY seconds, so that a crash or an
+# interrupt in the middle of a large chunk loses at most that much work.
+FLUSH_EVERY = 0.05
+# Items run in batches between two reads of the stop flag and the clock. A batch grows while it
+# takes under 1 ms and shrinks when it takes over 4 ms, so tiny tasks pay for the checks once
+# per batch and a stop request is seen within a few milliseconds.
+_FAST = 0.001
+_SLOW = 0.004
+_MAX_BATCH = 4096
+
+UNREADABLE = 3  # status: the unit itself could not be unpickled here
+
+
+class _Flag(Protocol):
+    value: int
+
+
+def worker_main(
+    tasks: Connection,
+    results: Connection,
+    lifeline: Connection,
+    stop: _Flag,
+    initializer: Callable[..., object] | None,
+    initargs: Sequence[Any],
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(OSError):  # pragma: no cover - already a group leader
+        os.setpgid(0, 0)
+    task_fd = _take_fd(tasks)
+    result_fd = _take_fd(results)
+    _start_watchdog(_take_fd(lifeline))
+    for fd in (task_fd, result_fd):
+        os.set_inheritable(fd, False)
+    # The first frame says the worker is ready: None, or the initializer's error.
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as exc:
+            _send_ready(result_fd, CapturedError.capture(exc))
+            raise SystemExit(1) from None
+    _send_ready(result_fd, None)
+    while True:
+        frame = recv_frame(task_fd)
+        if frame is None:
+            return
+        try:
+            unit = pickle.loads(frame)
+        except BaseException as exc:
+            _send(result_fd, (-1, 0, [], {0: CapturedError.capture(exc)}, UNREADABLE))
+            continue
+        del frame
+        if unit is None:
+            return
+        uid, kind, fn, items = unit
+        del unit
+        _run_unit(result_fd, stop, uid, kind, fn, items)
+
+
+def _take_fd(conn: Connection) -> int:
+    fd = os.dup(conn.fileno())
+    conn.close()
+    return fd
+
+
+def _start_watchdog(fd: int) -> None:
+    def watch() -> None:
+        try:
+            os.read(fd, 1)
+        finally:
+            if os.getpgid(0) == os.getpid():
+                os.killpg(0, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="cleanbreak-watchdog", daemon=True).start()
+
+
+def _caller(kind: int, fn: Callable[..., Any]) -> Callable[[Any], Any]:
+    if kind == CALL_STAR:
+        return lambda item: fn(*item)
+    if kind == CALL_KW:
+        return lambda item: fn(*item[0], **item[1])
+    return fn
+
+
+def _run_unit(
+    out: int, stop: _Flag, uid: int, kind: int, fn: Callable[..., Any], items: Sequence[Any]
+) -> None:
+    call = _caller(kind, fn)
+    n = len(items)
+    pos = 0
+    offset = 0
+    values: list[Any] = []
+    errors: dict[int, CapturedError] | None = None
+    batch = 1
+    flush_at = time.monotonic() + FLUSH_EVERY
+    append = values.append
+    while pos < n:
+        if stop.value:
+            _send(out, (uid, offset, values, errors, SKIPPED))
+            return
+        end = min(n, pos + batch)
+        started = time.monotonic()
+        for i in range(pos, end):
+            try:
+                append(call(items[i]))
+            except BaseException as exc:
+                append(None)
+                if errors is None:
+                    errors = {}
+                errors[i - offset] = CapturedError.capture(exc)
+        pos = end
+        now = time.monotonic()
+        took = now - started
+        if took < _FAST and batch < _MAX_BATCH:
+            batch *= 2
+        elif took > _SLOW and batch > 1:
+            batch //= 2
+        if pos < n and now >= flush_at:
+            _send(out, (uid, offset, values, errors, PARTIAL))
+            offset = pos
+            values = []
+            append = values.append
+            errors = None
+            flush_at = now + FLUSH_EVERY
+    _send(out, (uid, offset, values, errors, DONE))
+
+
+def _send_ready(out: int, error: CapturedError | None) -> None:
+    try:
+        payload = dumps(error)
+    except Exception:  # pragma: no cover - capture() already made it picklable
+        payload = dumps(CapturedError(None, error.tb if error else ""))
+    send_frame(out, payload)
+
+
+def _send(out: int, message: tuple[Any, ...]) -> None:
+    try:
+        payload = dumps(message)
+    except Exception:
+        payload = dumps(_picklable(message))
+    send_frame(out, payload)
+
+
+def _picklable(message: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Find the values that would not pickle and replace each with a SerializationError."""
+    uid, offset, values, errors, status = message
+    errors = dict(errors or {})
+    clean: list[Any] = []
+    for i, value in enumerate(values):
+        try:
+            dumps(value)
+        except Exception as exc:
+            reason = f"{type(value).__name__} object: {exc}"
+            errors[i] = CapturedError(SerializationError("result", reason), "")
+            clean.append(None)
+        else:
+            clean.append(value)
+    return (uid, offset, clean, errors or None, status)
