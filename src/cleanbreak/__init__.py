@@ -10,9 +10,11 @@ from ._errors import (
     RemoteTraceback,
     SerializationError,
     TaskAborted,
+    TaskTimeout,
     WorkerDied,
 )
-from ._pool import Pool, default_workers, map
+from ._pool import Pool, TaskOptionsView, default_workers, map
+from ._units import TaskOptions
 
 __all__ = [
     "BrokenPool",
@@ -22,6 +24,9 @@ __all__ = [
     "RemoteTraceback",
     "SerializationError",
     "TaskAborted",
+    "TaskOptions",
+    "TaskOptionsView",
+    "TaskTimeout",
     "WorkerDied",
     "__version__",
     "default_workers",

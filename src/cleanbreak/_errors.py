@@ -11,6 +11,8 @@ for ``concurrent.futures`` keeps working::
         │   ├── BrokenProcessPool (concurrent.futures.process)
         │   │   ├── WorkerDied       the worker running a task exited or was killed
         │   │   └── BrokenPool       workers cannot start (initializer failed, crash loop)
+        │   ├── TimeoutError
+        │   │   └── TaskTimeout      a task ran past its deadline; its worker was killed
         │   ├── TaskAborted          task code raised SystemExit or KeyboardInterrupt
         │   └── PicklingError (pickle)
         │       └── SerializationError   a function, argument, result or exception would not pickle
@@ -35,6 +37,7 @@ __all__ = [
     "RemoteTraceback",
     "SerializationError",
     "TaskAborted",
+    "TaskTimeout",
     "WorkerDied",
 ]
 
@@ -132,6 +135,33 @@ class BrokenPool(CleanbreakError, BrokenProcessPool):
     raised (its exception is the ``__cause__``) or when workers died again and again before
     finishing a single task. The pool stops instead of starting new workers in a loop.
     """
+
+
+class TaskTimeout(CleanbreakError, TimeoutError):
+    """The task ran past its ``task_timeout``: its worker was killed and replaced.
+
+    ``timeout`` is the limit in seconds, ``pid`` the killed worker and ``task`` the task's index.
+    The processes the task started were killed with it.
+    """
+
+    def __init__(self, timeout: float, pid: int, task: int | None = None) -> None:
+        self.timeout = timeout
+        self.pid = pid
+        self.task = task
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        what = f"task {self.task}" if self.task is not None else "the task"
+        return (
+            f"{what} ran past its {self.timeout:g} s timeout; its worker (pid {self.pid}) was "
+            "killed and replaced"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskTimeout, (self.timeout, self.pid, self.task))
+
+    def __str__(self) -> str:
+        return self._message()
 
 
 class TaskAborted(CleanbreakError):

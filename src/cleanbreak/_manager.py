@@ -7,11 +7,11 @@ How a task and its result travel::
     Pool.submit / map
       │ Unit into `pending` ──▶  wake pipe ─┐
       │                                     ▼
-      │                          selector.select([wake pipe,       ◀── one place waits
+      │                          selector.select([wake pipe,       ◀── the one place that waits
       │                                           result pipes,
       │                                           worker pidfds,
       │                                           task pipes with bytes to write],
-      │                                          timeout = next stop deadline)
+      │                                          timeout = nearest deadline)
       │                           _dispatch: pickle Unit, FrameWriter ── task pipe ──▶ run items
       │                                                                                │
       │                           _on_result: FrameReader ◀──────────── result pipe ──┘
@@ -20,23 +20,28 @@ How a task and its result travel::
     Future.result() / map iterator wakes
 
     Signals: the handler (main thread) sets the shared stop flag, which workers read between
-    items, and raises the pool's stop level; the manager, woken through the wake pipe, signals
-    the worker process groups and reaps them.
+    items, and raises the stop level; the manager, woken through the wake pipe, signals the
+    workers' process groups and reaps them.
 
 Actors:
 
 - *Caller threads* append ``Unit`` objects to ``pending`` (a deque, safe to append to from any
   thread) and write a byte to the wake pipe. They never touch a worker.
 - *The manager thread* owns every worker, pipe and in-flight unit. It pickles units, writes
-  them without blocking, reads results as they arrive, notices deaths through the worker's
-  pidfd, and runs the stop sequence. Nothing here sleeps to poll: every wake-up is an event or
-  a deadline.
-- *Workers* run units in order (see ``_worker``). Each worker holds at most ``PREFETCH`` units,
-  so a unit the caller cancels has usually not left the parent yet.
+  them without blocking, reads results as they arrive, notices deaths through each worker's
+  pidfd, enforces task deadlines, and runs the stop sequence. Nothing here sleeps to poll: every
+  wake-up is an event or a deadline (the select's timeout).
+- *Workers* run units in order (see ``_worker``). Each holds at most ``PREFETCH`` units, so a
+  unit the caller cancels has usually not left the parent yet.
 
-Sinks receive outcomes in the manager thread. A sink is whatever the caller-facing layer
-attached to the unit: a future for ``submit``, a queue for ``map``. This module knows nothing of
-either, which leaves room for a second backend (Dask) behind the same ``Pool``.
+A worker runs its units in the order they were sent, so the head of its ``inflight`` queue is
+the unit it is running, and ``head_since`` is when its current item started: when the previous
+item's outcome arrived, or when the unit was sent to an idle, ready worker. Units with a
+timeout report after every item, which keeps that exact.
+
+When a worker dies, the manager knows which unit it was running but, for a chunk that reports
+every 50 ms, not which item: it retries each item without an outcome alone, so the one at fault
+fails by itself and the others keep their results.
 """
 
 from __future__ import annotations
@@ -56,63 +61,35 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from typing import Any, Protocol
+from typing import Any
 
-from ._errors import BrokenPool, SerializationError, WorkerDied
-from ._wire import DONE, SKIPPED, CapturedError, FrameReader, FrameWriter, dumps, make_pipe
+from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
+from ._units import Sink, TaskOptions, Unit
+from ._wire import (
+    DONE,
+    PARTIAL,
+    SKIPPED,
+    CapturedError,
+    FrameReader,
+    FrameWriter,
+    dumps,
+    make_pipe,
+)
 from ._worker import UNREADABLE, worker_main
 
 PREFETCH = 2
 # After SIGTERM, a worker (or a process it started) that is still alive this long is killed.
 STOP_GRACE = 0.5
-# Workers that die this many times in a row before finishing a single item mean something in
-# the workers' start-up is broken (an initializer, an import): the pool gives up instead of
-# starting a crash loop.
+# Workers that die this many times in a row before they are ready mean something in their
+# start-up is broken (an import, a crash in the initializer): the pool gives up instead of
+# starting workers in a loop.
 BARREN_DEATHS = 3
 
 # Stop levels, in order of escalation.
 RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3
 
-
-class Sink(Protocol):
-    """Where a unit's outcomes go. Every method is called in the manager thread."""
-
-    def start(self, unit: Unit) -> bool:
-        """The unit is about to be sent. False: it was cancelled, drop it."""
-
-    def deliver(
-        self, unit: Unit, offset: int, values: list[Any], errors: dict[int, BaseException]
-    ) -> None:
-        """Items ``offset ..`` finished: ``values[i]``, or ``errors[i]`` where present."""
-
-    def fail(self, unit: Unit, offset: int, exc: BaseException) -> None:
-        """Every item from ``offset`` to the end of the unit failed with ``exc``."""
-
-    def cancel(self, unit: Unit, offset: int) -> None:
-        """Every item from ``offset`` to the end of the unit will not run."""
-
-
-class Unit:
-    """Items that travel to a worker together, and where their outcomes go."""
-
-    __slots__ = ("fn", "items", "kind", "received", "sink", "start", "uid")
-
-    def __init__(
-        self,
-        uid: int,
-        kind: int,
-        fn: Callable[..., Any],
-        items: Sequence[Any],
-        sink: Sink,
-        start: int,
-    ) -> None:
-        self.uid = uid
-        self.kind = kind
-        self.fn = fn
-        self.items = items
-        self.sink = sink
-        self.start = start  # index of items[0] in the caller's numbering
-        self.received = 0  # how many items have an outcome
+# Why the manager killed a worker.
+_TIMEOUT, _CANCEL = "timeout", "cancel"
 
 
 # ── file descriptors a forked child must not keep ────────────────────────────────────────────
@@ -151,10 +128,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     """Signal the worker's process group, or the worker alone if it has not made one yet."""
     try:
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    except PermissionError:  # pragma: no cover - the group id was reused by someone else
+    except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
@@ -162,13 +136,17 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 class _Worker:
     __slots__ = (
         "deathfd",
+        "dispatched",
+        "doom",
         "exitcode",
         "has_pidfd",
+        "head_since",
         "inflight",
         "pid",
         "proc",
         "reader",
         "ready",
+        "recycle",
         "retiring",
         "writer",
     )
@@ -179,11 +157,16 @@ class _Worker:
         self.writer = FrameWriter(task_fd)
         self.reader = FrameReader(result_fd)
         self.inflight: deque[Unit] = deque()
-        self.retiring = False
         self.ready = False  # has sent its first frame: started, initializer done
+        self.head_since = 0.0  # when the current item of inflight[0] started
+        self.dispatched = 0  # items sent, for max_tasks_per_worker
+        self.retiring = False  # has been sent the message to exit
+        self.recycle = False  # ...because it reached max_tasks_per_worker: replace it
+        # Why the manager killed it, if it did, and the unit and item it was running then.
+        self.doom: tuple[str, int, int] | None = None
         self.exitcode: int | None = None
-        # A pidfd becomes readable when the process exits. The multiprocessing sentinel is
-        # a pipe that a process forked by the task inherits, so it would not fire while that
+        # A pidfd becomes readable when the process exits. The multiprocessing sentinel is a
+        # pipe that a process forked by the task inherits, so it would not fire while that
         # grandchild lives on.
         try:
             self.deathfd: int = os.pidfd_open(self.pid)
@@ -191,6 +174,12 @@ class _Worker:
         except (AttributeError, OSError):  # pragma: no cover - not Linux, or Linux < 5.3
             self.deathfd = proc.sentinel
             self.has_pidfd = False
+
+    def deadline(self) -> float | None:
+        if not self.inflight or not self.ready or self.doom is not None:
+            return None
+        timeout = self.inflight[0].opts.task_timeout
+        return None if timeout is None else self.head_since + timeout
 
 
 class LocalBackend:
@@ -202,12 +191,15 @@ class LocalBackend:
         ctx: BaseContext,
         initializer: Callable[..., object] | None,
         initargs: Sequence[Any],
+        max_tasks_per_worker: int | None = None,
     ) -> None:
         self.size = workers
         self._ctx = ctx
         self._initializer = initializer
         self._initargs = tuple(initargs)
+        self._max_tasks = max_tasks_per_worker
         self.pending: deque[Unit] = deque()
+        self._commands: deque[int] = deque()  # uids to stop, from Pool.cancel
         self._uids = itertools.count()
         # Set by the signal handler in the main thread, read by workers between items.
         self.stop_flag: Any = ctx.RawValue("i", 0)
@@ -223,6 +215,7 @@ class LocalBackend:
         # inside put().
         self._lock = threading.RLock()
         self._accepting = True
+        self._wake_pending = False
 
         wake_r, wake_w = os.pipe()
         self._wake_r = _own(wake_r)
@@ -243,9 +236,15 @@ class LocalBackend:
     # ── called from caller threads ───────────────────────────────────────────────────────
 
     def new_unit(
-        self, kind: int, fn: Callable[..., Any], items: Sequence[Any], sink: Sink, start: int
+        self,
+        kind: int,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        sink: Sink,
+        start: int,
+        opts: TaskOptions,
     ) -> Unit:
-        return Unit(next(self._uids), kind, fn, items, sink, start)
+        return Unit(next(self._uids), kind, fn, items, sink, start, opts)
 
     def put(self, unit: Unit) -> None:
         """Queue a unit. Raises RuntimeError once the manager has exited or is exiting."""
@@ -255,10 +254,19 @@ class LocalBackend:
             self.pending.append(unit)
         self.wake()
 
+    def stop_unit(self, uid: int) -> None:
+        """Stop the unit if a worker has it: its worker is killed and it reads as cancelled."""
+        self._commands.append(uid)
+        self.wake()
+
     def wake(self) -> None:
-        # Under the lock, so that the fd cannot be closed (and its number reused) between the
-        # check and the write.
+        # One byte in the pipe is enough: skip the write while one is already waiting. The
+        # manager clears the flag before it reads the pipe, so no wake-up is lost. Under the
+        # lock, so that the fd cannot be closed (and its number reused) between check and write.
+        if self._wake_pending:
+            return
         with self._lock:
+            self._wake_pending = True
             if self._wake_w >= 0:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.write(self._wake_w, b"\0")
@@ -269,12 +277,14 @@ class LocalBackend:
             if level >= DRAINING:
                 self.stop_flag.value = 1
             self.level = level
+            self._wake_pending = False
             self.wake()
 
     def close(self, cancel_pending: bool) -> None:
         """No more units will come: finish what is queued (or cancel it), then exit."""
         self._cancel_pending = self._cancel_pending or cancel_pending
         self._closing = True
+        self._wake_pending = False
         self.wake()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -284,7 +294,375 @@ class LocalBackend:
     def pids(self) -> list[int]:
         return [w.pid for w in list(self._workers.values())]
 
-    # ── the manager thread ───────────────────────────────────────────────────────────────
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    # ── the manager thread: the loop ─────────────────────────────────────────────────────
+
+    def _run(self) -> None:
+        try:
+            while not self._done():
+                self._apply_level()
+                self._apply_commands()
+                self._dispatch()
+                for key, mask in self._sel.select(self._timeout()):
+                    worker = key.data
+                    if worker is None:
+                        self._drain_wake()
+                    elif key.fd == worker.deathfd:
+                        self._on_death(worker)
+                    elif mask & selectors.EVENT_WRITE:
+                        self._flush(worker)
+                    else:
+                        self._on_readable(worker)
+                self._check_deadlines()
+        except BaseException as exc:  # pragma: no cover - a bug here must not hang the caller
+            self._broken = RuntimeError(f"cleanbreak's manager thread failed: {exc!r}")
+            self._abort()
+            raise
+        finally:
+            with self._lock:
+                self._accepting = False
+            err = self._broken
+            while self.pending:
+                unit = self.pending.popleft()
+                if err is None:
+                    unit.sink.cancel(unit.current, unit.left)
+                else:
+                    unit.sink.fail(unit.current, unit.left, err)
+            self._teardown()
+
+    def _done(self) -> bool:
+        busy = any(w.inflight for w in self._workers.values())
+        if self._workers:
+            if self.level >= DRAINING or self._broken is not None:
+                if not busy:
+                    self._retire_all()
+            elif self._closing:
+                if self._cancel_pending:
+                    self._cancel_all_pending()
+                if not self.pending and not busy:
+                    self._retire_all()
+            return False
+        if self.level >= DRAINING or self._broken is not None or self._closing:
+            self._cancel_all_pending()
+            return True
+        return False
+
+    def _timeout(self) -> float | None:
+        deadlines = [d for w in self._workers.values() if (d := w.deadline()) is not None]
+        if self._kill_at is not None:
+            deadlines.append(self._kill_at)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _drain_wake(self) -> None:
+        self._wake_pending = False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    # ── stopping ─────────────────────────────────────────────────────────────────────────
+
+    def _apply_level(self) -> None:
+        level = self.level
+        if level == self._level_seen:
+            return
+        self._level_seen = level
+        self.stop_flag.value = 1
+        self._cancel_all_pending()
+        if level >= KILLING:
+            self._kill_at = None
+            for w in self._workers.values():
+                _signal_group(w.pid, signal.SIGKILL)
+        elif level >= STOPPING:
+            self._kill_at = time.monotonic() + STOP_GRACE
+            for w in self._workers.values():
+                _signal_group(w.pid, signal.SIGTERM)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        if self._kill_at is not None and now >= self._kill_at:
+            self._kill_at = None
+            for w in self._workers.values():
+                _signal_group(w.pid, signal.SIGKILL)
+        for w in self._workers.values():
+            deadline = w.deadline()
+            if deadline is not None and now >= deadline:
+                self._kill(w, _TIMEOUT)
+
+    def _kill(self, w: _Worker, why: str) -> None:
+        head = w.inflight[0]
+        w.doom = (why, head.uid, head.received)
+        _signal_group(w.pid, signal.SIGKILL)
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            uid = self._commands.popleft()
+            for w in self._workers.values():
+                for position, unit in enumerate(w.inflight):
+                    if unit.uid != uid:
+                        continue
+                    if position == 0 and w.ready:
+                        self._kill(w, _CANCEL)
+                    else:  # not started yet: stopped when its turn comes
+                        unit.cancelled = True
+
+    def _cancel_all_pending(self) -> None:
+        while self.pending:
+            unit = self.pending.popleft()
+            unit.sink.cancel(unit.current, unit.left)
+
+    def _fail_all_pending(self, exc: BaseException) -> None:
+        while self.pending:
+            unit = self.pending.popleft()
+            unit.sink.fail(unit.current, unit.left, exc)
+
+    def _retire_all(self) -> None:
+        for w in self._workers.values():
+            self._retire(w)
+
+    def _retire(self, w: _Worker) -> None:
+        if not w.retiring:
+            w.retiring = True
+            w.writer.put(dumps(None))
+            self._flush(w)
+
+    # ── sending ──────────────────────────────────────────────────────────────────────────
+
+    def _dispatch(self) -> None:
+        if self.level or self._broken is not None or not self.pending:
+            return
+        live = [w for w in self._workers.values() if not w.retiring]
+        for depth in range(1, PREFETCH + 1):
+            for w in live:
+                while len(w.inflight) < depth and self.pending and not w.retiring:
+                    self._send(w, self.pending.popleft())
+                if not self.pending:
+                    return
+
+    def _send(self, w: _Worker, unit: Unit) -> None:
+        if not unit.sink.start(unit):
+            return
+        if self._max_tasks is not None:
+            budget = self._max_tasks - w.dispatched
+            if len(unit.items) > budget:
+                self.pending.appendleft(unit.part(next(self._uids), budget))
+                unit = unit.part(unit.uid, 0, budget)
+        exact = unit.opts.task_timeout is not None
+        try:
+            payload = dumps((unit.uid, unit.kind, unit.fn, unit.items, exact))
+        except Exception as exc:
+            unit.sink.fail(unit.current, unit.left, _pickling_error(unit, exc))
+            return
+        if not w.inflight:
+            w.head_since = time.monotonic()
+        w.inflight.append(unit)
+        w.dispatched += len(unit.items)
+        w.writer.put(payload)
+        if self._max_tasks is not None and w.dispatched >= self._max_tasks:
+            w.recycle = True
+            self._retire(w)
+        self._flush(w)
+
+    def _flush(self, w: _Worker) -> None:
+        try:
+            w.writer.flush()
+        except OSError:  # the worker is gone; its pidfd will say so
+            w.writer = FrameWriter(w.writer.fd)
+            return
+        key = self._sel.get_map().get(w.writer.fd)
+        if w.writer.pending and key is None:
+            self._sel.register(w.writer.fd, selectors.EVENT_WRITE, w)
+        elif not w.writer.pending and key is not None:
+            self._sel.unregister(w.writer.fd)
+
+    # ── receiving ────────────────────────────────────────────────────────────────────────
+
+    def _on_readable(self, w: _Worker) -> None:
+        frames, _eof = w.reader.read()
+        for frame in frames:
+            self._on_result(w, frame)
+
+    def _on_result(self, w: _Worker, frame: bytearray) -> None:
+        if not w.ready:
+            self._on_ready(w, frame)
+            return
+        unit = w.inflight[0]
+        try:
+            _uid, offset, values, errors, status = pickle.loads(frame)
+        except Exception as exc:
+            self._next_head(w)
+            reason = f"it was sent but could not be unpickled here: {exc!r}"
+            unit.sink.fail(unit.current, unit.left, SerializationError("result", reason))
+            return
+        if status == UNREADABLE:
+            self._next_head(w)
+            unit.sink.fail(unit.current, unit.left, errors[0].rebuild())
+            return
+        if values:
+            unit.received = offset + len(values)
+            self._deliver(unit, unit.start + offset, values, _rebuild(errors))
+            w.head_since = time.monotonic()
+        if status == DONE:
+            self._next_head(w)
+        elif status == SKIPPED:
+            self._next_head(w)
+            unit.sink.cancel(unit.current, unit.left)
+        elif status == PARTIAL and unit.cancelled:
+            self._kill(w, _CANCEL)
+
+    def _on_ready(self, w: _Worker, frame: bytearray) -> None:
+        w.ready = True
+        w.head_since = time.monotonic()
+        self._barren_deaths = 0
+        failure = pickle.loads(frame)
+        if failure is not None:
+            self._break(
+                BrokenPool("the pool's initializer raised, so no task can run"),
+                failure.rebuild(),
+            )
+        elif w.inflight and w.inflight[0].cancelled:
+            self._kill(w, _CANCEL)
+
+    def _next_head(self, w: _Worker) -> None:
+        """The head unit is done: the next one starts now."""
+        w.inflight.popleft()
+        w.head_since = time.monotonic()
+        if w.inflight and w.inflight[0].cancelled:
+            self._kill(w, _CANCEL)
+
+    def _deliver(
+        self, unit: Unit, start: int, values: list[Any], errors: dict[int, BaseException]
+    ) -> None:
+        """Hand outcomes to the sink, holding back errors that are to be retried."""
+        retry = [k for k, exc in errors.items() if self._retryable(unit, exc)]
+        if not retry:
+            unit.sink.deliver(start, values, errors)
+            return
+        begin = 0
+        for k in sorted(retry):
+            if k > begin:
+                part = {i - begin: e for i, e in errors.items() if begin <= i < k}
+                unit.sink.deliver(start + begin, values[begin:k], part)
+            self._requeue_single(unit, start - unit.start + k, errors[k])
+            begin = k + 1
+        if begin < len(values):
+            part = {i - begin: e for i, e in errors.items() if i >= begin}
+            unit.sink.deliver(start + begin, values[begin:], part)
+
+    # ── deaths, timeouts, retries ────────────────────────────────────────────────────────
+
+    def _on_death(self, w: _Worker) -> None:
+        self._sel.unregister(w.deathfd)
+        # Whatever the worker wrote before it died is still in the pipe.
+        frames, _eof = w.reader.read()
+        for frame in frames:
+            if w.inflight or not w.ready:
+                self._on_result(w, frame)
+        # Processes the task started die with its worker. This comes before the reap: until
+        # then the worker is a zombie that holds its pid, so its group id cannot have been
+        # taken by an unrelated process group.
+        with contextlib.suppress(OSError):
+            os.killpg(w.pid, signal.SIGKILL)
+        w.proc.join()
+        w.exitcode = w.proc.exitcode
+        self._forget(w)
+        if self.level >= DRAINING:
+            for unit in w.inflight:
+                unit.sink.cancel(unit.current, unit.left)
+            return
+        if w.inflight and w.ready:
+            self._settle_head(w)
+        # Units behind the running one never started (nor did any, if the worker never became
+        # ready): back to the front of the queue.
+        for unit in reversed(w.inflight):
+            self.pending.appendleft(unit)
+        w.inflight.clear()
+        if self._broken is not None or (w.retiring and not w.recycle):
+            return
+        if not w.ready:
+            self._barren_deaths += 1
+            if self._barren_deaths >= BARREN_DEATHS:
+                self._break(
+                    BrokenPool(
+                        f"{BARREN_DEATHS} workers in a row died while starting (the last, pid "
+                        f"{w.pid}, {_how(w.exitcode)}); check the initializer and that the "
+                        "task's module imports in a fresh process"
+                    )
+                )
+                return
+        if not self._closing or self.pending:
+            self._spawn()
+
+    def _settle_head(self, w: _Worker) -> None:
+        """The worker died running its head unit: give that unit's items their outcomes."""
+        unit = w.inflight.popleft()
+        if unit.left == 0:
+            return
+        why = None
+        if w.doom is not None:
+            why, uid, received = w.doom
+            if (uid, received) != (unit.uid, unit.received):
+                # The item we meant to stop finished just before the kill, which then hit the
+                # next one as it started: that one did nothing wrong, so it simply runs again.
+                self.pending.appendleft(unit.part(next(self._uids), unit.received))
+                return
+        if why == _CANCEL:
+            unit.sink.cancel(unit.current, 1)
+        elif why == _TIMEOUT:
+            timeout = unit.opts.task_timeout or 0.0
+            self._fail_item(unit, unit.received, TaskTimeout(timeout, w.pid, unit.current))
+        elif unit.left == 1 or unit.opts.task_timeout is not None:
+            # Exactly one item was running: it is the one at fault.
+            self._fail_item(unit, unit.received, WorkerDied(w.exitcode, w.pid, unit.current))
+        else:
+            # Some item without an outcome killed the worker, and the others may have finished
+            # since the last report. Each is retried alone; the one at fault then fails alone.
+            for k in reversed(range(unit.received, len(unit.items))):
+                self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+            return
+        if unit.left > 1:
+            self.pending.appendleft(unit.part(next(self._uids), unit.received + 1))
+
+    def _retryable(self, unit: Unit, exc: BaseException) -> bool:
+        opts = unit.opts
+        if opts.retries == 0 or len(unit.history or ()) >= opts.retries:
+            return False
+        if isinstance(exc, (WorkerDied, TaskTimeout)):
+            return True
+        return bool(opts.retry_on) and isinstance(exc, opts.retry_on)
+
+    def _fail_item(self, unit: Unit, k: int, exc: BaseException) -> None:
+        """Item ``k`` of the unit failed: retry it if its options say so, else report it."""
+        if self._retryable(unit, exc):
+            self._requeue_single(unit, k, exc)
+            return
+        if unit.history:
+            _record_attempts(exc, [*unit.history, exc])
+        unit.sink.fail(unit.start + k, 1, exc)
+
+    def _requeue_single(self, unit: Unit, k: int, exc: BaseException) -> None:
+        single = unit.part(next(self._uids), k, k + 1)
+        single.history = [*(unit.history or ()), exc]
+        self.pending.appendleft(single)
+
+    def _break(self, exc: BrokenPool, cause: BaseException | None = None) -> None:
+        """The workers cannot start: fail everything waiting and start no more."""
+        if self._broken is not None:
+            return
+        if cause is not None:
+            exc.__cause__ = cause
+        self._broken = exc
+        for w in self._workers.values():
+            for unit in w.inflight:
+                unit.sink.fail(unit.current, unit.left, exc)
+            w.inflight.clear()
+        self._fail_all_pending(exc)
+
+    # ── worker processes ─────────────────────────────────────────────────────────────────
 
     def _spawn(self) -> None:
         task_r, task_w = make_pipe()
@@ -317,256 +695,6 @@ class LocalBackend:
         self._sel.register(result_r, selectors.EVENT_READ, worker)
         self._sel.register(worker.deathfd, selectors.EVENT_READ, worker)
 
-    def _run(self) -> None:
-        try:
-            while not self._done():
-                self._apply_level()
-                self._dispatch()
-                for key, mask in self._sel.select(self._timeout()):
-                    worker = key.data
-                    if worker is None:
-                        self._drain_wake()
-                    elif key.fd == worker.deathfd:
-                        self._on_death(worker)
-                    elif mask & selectors.EVENT_WRITE:
-                        self._flush(worker)
-                    else:
-                        self._on_readable(worker)
-                self._check_deadlines()
-        except BaseException as exc:  # pragma: no cover - a bug here must not hang the caller
-            self._broken = RuntimeError(f"cleanbreak's manager thread failed: {exc!r}")
-            self._abort()
-            raise
-        finally:
-            with self._lock:
-                self._accepting = False
-            err = self._broken
-            while self.pending:
-                unit = self.pending.popleft()
-                if err is None:
-                    unit.sink.cancel(unit, unit.received)
-                else:
-                    unit.sink.fail(unit, unit.received, err)
-            self._teardown()
-
-    def _done(self) -> bool:
-        if self._workers:
-            if self.level >= DRAINING or self._broken is not None:
-                if not any(w.inflight for w in self._workers.values()):
-                    self._retire_all()
-                return False
-            if self._closing:
-                if self._cancel_pending:
-                    self._cancel_all_pending()
-                if not self.pending and not any(w.inflight for w in self._workers.values()):
-                    self._retire_all()
-            return False
-        if self.level >= DRAINING or self._broken is not None or self._closing:
-            self._cancel_all_pending()
-            return True
-        return False
-
-    def _timeout(self) -> float | None:
-        if self._kill_at is None:
-            return None
-        return max(0.0, self._kill_at - time.monotonic())
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 4096):
-                pass
-
-    def _apply_level(self) -> None:
-        level = self.level
-        if level == self._level_seen:
-            return
-        self._level_seen = level
-        self.stop_flag.value = 1
-        self._cancel_all_pending()
-        if level >= KILLING:
-            self._kill_at = None
-            for w in self._workers.values():
-                _signal_group(w.pid, signal.SIGKILL)
-        elif level >= STOPPING:
-            self._kill_at = time.monotonic() + STOP_GRACE
-            for w in self._workers.values():
-                _signal_group(w.pid, signal.SIGTERM)
-
-    def _check_deadlines(self) -> None:
-        if self._kill_at is not None and time.monotonic() >= self._kill_at:
-            self._kill_at = None
-            for w in self._workers.values():
-                _signal_group(w.pid, signal.SIGKILL)
-
-    def _cancel_all_pending(self) -> None:
-        while self.pending:
-            unit = self.pending.popleft()
-            unit.sink.cancel(unit, unit.received)
-
-    def _retire_all(self) -> None:
-        for w in self._workers.values():
-            if not w.retiring:
-                w.retiring = True
-                w.writer.put(dumps(None))
-                self._flush(w)
-
-    def _dispatch(self) -> None:
-        if self.level or self._broken is not None or not self.pending:
-            return
-        live = [w for w in self._workers.values() if not w.retiring]
-        for depth in range(1, PREFETCH + 1):
-            for w in live:
-                while len(w.inflight) < depth and self.pending:
-                    unit = self.pending.popleft()
-                    if not unit.sink.start(unit):
-                        continue
-                    try:
-                        payload = dumps((unit.uid, unit.kind, unit.fn, unit.items))
-                    except Exception as exc:
-                        unit.sink.fail(unit, 0, _pickling_error(unit, exc))
-                        continue
-                    w.inflight.append(unit)
-                    w.writer.put(payload)
-                    self._flush(w)
-                if not self.pending:
-                    return
-
-    def _flush(self, w: _Worker) -> None:
-        try:
-            w.writer.flush()
-        except OSError:  # the worker is gone; its pidfd will say so
-            w.writer = FrameWriter(w.writer.fd)
-            return
-        key = self._sel.get_map().get(w.writer.fd)
-        if w.writer.pending and key is None:
-            self._sel.register(w.writer.fd, selectors.EVENT_WRITE, w)
-        elif not w.writer.pending and key is not None:
-            self._sel.unregister(w.writer.fd)
-
-    def _on_readable(self, w: _Worker) -> None:
-        frames, _eof = w.reader.read()
-        for frame in frames:
-            self._on_result(w, frame)
-
-    def _on_result(self, w: _Worker, frame: bytearray) -> None:
-        if not w.ready:
-            w.ready = True
-            self._barren_deaths = 0
-            failure = pickle.loads(frame)
-            if failure is not None:
-                self._break(
-                    BrokenPool("the pool's initializer raised; no task can run"), failure.rebuild()
-                )
-            return
-        unit = w.inflight[0]
-        try:
-            _uid, offset, values, errors, status = pickle.loads(frame)
-        except Exception as exc:
-            w.inflight.popleft()
-            unit.sink.fail(
-                unit, unit.received, SerializationError("result", f"unpickling: {exc!r}")
-            )
-            return
-        if status == UNREADABLE:
-            w.inflight.popleft()
-            err = errors[0].rebuild()
-            unit.sink.fail(unit, unit.received, err)
-            return
-        if values:
-            unit.received = offset + len(values)
-            unit.sink.deliver(unit, offset, values, _rebuild(errors))
-        if status == DONE:
-            w.inflight.popleft()
-        elif status == SKIPPED:
-            w.inflight.popleft()
-            unit.sink.cancel(unit, unit.received)
-
-    def _on_death(self, w: _Worker) -> None:
-        self._sel.unregister(w.deathfd)
-        # Whatever the worker wrote before it died is still in the pipe.
-        while True:
-            frames, eof = w.reader.read()
-            for frame in frames:
-                if w.inflight or not w.ready:
-                    self._on_result(w, frame)
-            if eof or not frames:
-                break
-        w.proc.join()
-        w.exitcode = w.proc.exitcode
-        if self.level >= STOPPING or w.retiring:
-            # Sweep up whatever the task started in the worker's group.
-            with contextlib.suppress(OSError):
-                os.killpg(w.pid, signal.SIGKILL)
-        self._forget(w)
-        if self.level >= DRAINING or (w.retiring and not w.inflight):
-            for unit in w.inflight:
-                unit.sink.cancel(unit, unit.received)
-            return
-        self._recover(w)
-
-    def _recover(self, w: _Worker) -> None:
-        """A worker died while it had work: fail what it was running, requeue the rest."""
-        if w.inflight and w.ready:
-            running = w.inflight.popleft()
-            left = len(running.items) - running.received
-            if left == 1:
-                running.sink.fail(
-                    running,
-                    running.received,
-                    WorkerDied(w.exitcode, w.pid, running.start + running.received),
-                )
-            elif left > 1:
-                # We know the worker died in one of these items, not which. Each is retried alone,
-                # so that the one at fault fails by itself and the others keep their results.
-                for i in reversed(range(running.received, len(running.items))):
-                    single = Unit(
-                        next(self._uids),
-                        running.kind,
-                        running.fn,
-                        [running.items[i]],
-                        _Offset(running, i),
-                        running.start + i,
-                    )
-                    self.pending.appendleft(single)
-        # Units behind the running one never started (nor did any, if the worker never became
-        # ready): they go back to the front of the queue.
-        for unit in reversed(w.inflight):
-            self.pending.appendleft(unit)
-        w.inflight.clear()
-        if self._broken is not None:
-            return
-        if not w.ready:
-            self._barren_deaths += 1
-            if self._barren_deaths >= BARREN_DEATHS:
-                self._break(
-                    BrokenPool(
-                        f"{BARREN_DEATHS} workers in a row died while starting (the last, pid "
-                        f"{w.pid}, {_how(w.exitcode)}); check the initializer and that the "
-                        "task's module imports in a fresh process"
-                    )
-                )
-                return
-        if not self._closing or self.pending:
-            self._spawn()
-
-    def _break(self, exc: BrokenPool, cause: BaseException | None = None) -> None:
-        """The workers cannot start: fail everything waiting and start no more."""
-        if self._broken is not None:
-            return
-        if cause is not None:
-            exc.__cause__ = cause
-        self._broken = exc
-        for w in self._workers.values():
-            for unit in w.inflight:
-                unit.sink.fail(unit, unit.received, exc)
-            w.inflight.clear()
-        self._fail_all_pending(exc)
-
-    def _fail_all_pending(self, exc: BaseException) -> None:
-        while self.pending:
-            unit = self.pending.popleft()
-            unit.sink.fail(unit, unit.received, exc)
-
     def _forget(self, w: _Worker) -> None:
         for fd in (w.reader.fd, w.writer.fd):
             if fd in self._sel.get_map():
@@ -579,13 +707,14 @@ class LocalBackend:
             w.proc.close()
 
     def _abort(self) -> None:  # pragma: no cover - only after a bug in the manager
+        err = self._broken or RuntimeError("aborted")
         for w in list(self._workers.values()):
             _signal_group(w.pid, signal.SIGKILL)
             w.proc.join()
             for unit in w.inflight:
-                unit.sink.fail(unit, unit.received, self._broken or RuntimeError("aborted"))
+                unit.sink.fail(unit.current, unit.left, err)
             self._forget(w)
-        self._fail_all_pending(self._broken or RuntimeError("aborted"))
+        self._fail_all_pending(err)
 
     def _teardown(self) -> None:
         self._sel.close()
@@ -598,39 +727,20 @@ class LocalBackend:
         _live.discard(self)
         self.finished.set()
 
-    @property
-    def broken(self) -> BaseException | None:
-        return self._broken
-
-
-class _Offset:
-    """Sink for a single item split off a unit whose worker died: outcomes go to the original."""
-
-    __slots__ = ("i", "unit")
-
-    def __init__(self, unit: Unit, i: int) -> None:
-        self.unit = unit
-        self.i = i
-
-    def start(self, unit: Unit) -> bool:
-        return True
-
-    def deliver(
-        self, unit: Unit, offset: int, values: list[Any], errors: dict[int, BaseException]
-    ) -> None:
-        self.unit.sink.deliver(self.unit, self.i, values, errors)
-
-    def fail(self, unit: Unit, offset: int, exc: BaseException) -> None:
-        self.unit.sink.deliver(self.unit, self.i, [None], {0: exc})
-
-    def cancel(self, unit: Unit, offset: int) -> None:
-        self.unit.sink.cancel(self.unit, self.i)
-
 
 def _rebuild(errors: dict[int, CapturedError] | None) -> dict[int, BaseException]:
     if not errors:
         return {}
     return {i: e.rebuild() for i, e in errors.items()}
+
+
+def _record_attempts(exc: BaseException, attempts: list[BaseException]) -> None:
+    """Note every attempt on the final error: as ``.attempts`` and in its notes."""
+    with contextlib.suppress(AttributeError, TypeError):
+        exc.attempts = attempts  # type: ignore[attr-defined]
+    for n, earlier in enumerate(attempts[:-1], 1):
+        exc.add_note(f"attempt {n} of {len(attempts)} failed: {type(earlier).__name__}: {earlier}")
+    exc.add_note(f"attempt {len(attempts)} of {len(attempts)} failed: this error")
 
 
 def _pickling_error(unit: Unit, exc: Exception) -> SerializationError:

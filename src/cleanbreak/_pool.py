@@ -13,6 +13,7 @@ every worker is gone, gathers the results that finished, and raises ``Interrupte
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import multiprocessing
@@ -24,15 +25,17 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from . import _signals
 from ._errors import BrokenPool, Interrupted
-from ._manager import DRAINING, KILLING, STOPPING, LocalBackend, Unit, default_context
+from ._manager import DRAINING, KILLING, STOPPING, LocalBackend, default_context
+from ._units import TaskOptions, Unit
 from ._wire import CALL_KW, CALL_ONE, CALL_STAR
 
 T = TypeVar("T")
@@ -84,6 +87,16 @@ def _positive(name: str, value: object) -> int | None:
     return value
 
 
+class _Unset:
+    """The default of ``Pool.options()`` arguments: keep the pool's value."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
 class Pool(Executor):
     """A process pool that stops cleanly on Ctrl-C and keeps every finished result.
 
@@ -102,6 +115,10 @@ class Pool(Executor):
         mp_context: BaseContext | str | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
+        task_timeout: float | None = None,
+        retries: int = 0,
+        retry_on: Sequence[type[BaseException]] = (),
+        max_tasks_per_worker: int | None = None,
     ) -> None:
         if os.name != "posix":  # pragma: no cover - exercised on Windows only
             raise NotImplementedError(
@@ -113,6 +130,8 @@ class Pool(Executor):
             raise ValueError(f"on_interrupt must be 'terminate' or 'drain', got {on_interrupt!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
+        self._opts = TaskOptions.make(task_timeout, retries, retry_on)
+        max_tasks = _positive("max_tasks_per_worker", max_tasks_per_worker)
         self._mode: OnInterrupt = on_interrupt
         self._lock = threading.Lock()
         self._closed = False
@@ -121,7 +140,9 @@ class Pool(Executor):
         self._index = itertools.count()
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[_MapRun[Any]] = weakref.WeakSet()
-        self._backend = LocalBackend(n, _context(mp_context), initializer, tuple(initargs))
+        self._backend = LocalBackend(
+            n, _context(mp_context), initializer, tuple(initargs), max_tasks
+        )
         _signals.attach(self)
 
     @property
@@ -133,14 +154,60 @@ class Pool(Executor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` and return a Future for its result."""
+        return self._submit(self._opts, fn, args, kwargs)
+
+    def _submit(self, opts: TaskOptions, fn: Callable[..., T], args: Any, kwargs: Any) -> Future[T]:
         with self._lock:
             self._check_open()
-            fut: Future[T] = Future()
+            fut: _TaskFuture[T] = _TaskFuture()
             index = next(self._index)
             self._futures[index] = fut
-            unit = self._backend.new_unit(CALL_KW, fn, ((args, kwargs),), _FutureSink(fut), index)
+            unit = self._backend.new_unit(
+                CALL_KW, fn, ((args, kwargs),), _FutureSink(fut), index, opts
+            )
+            fut.uid = unit.uid
             self._backend.put(unit)
         return fut
+
+    def options(
+        self,
+        *,
+        task_timeout: float | _Unset | None = _UNSET,
+        retries: int | _Unset = _UNSET,
+        retry_on: Sequence[type[BaseException]] | _Unset = _UNSET,
+    ) -> TaskOptionsView:
+        """The same pool, with other options for the tasks you submit or map through it::
+
+            pool.options(task_timeout=5, retries=2).submit(fn, x)
+
+        Options not given keep the pool's values.
+        """
+        base = self._opts
+        opts = TaskOptions.make(
+            base.task_timeout if isinstance(task_timeout, _Unset) else task_timeout,
+            base.retries if isinstance(retries, _Unset) else retries,
+            base.retry_on if isinstance(retry_on, _Unset) else retry_on,
+        )
+        return TaskOptionsView(self, opts)
+
+    def cancel(self, future: Future[Any], *, timeout: float | None = 10.0) -> bool:
+        """Cancel a task, running or not. Returns whether it ended up cancelled.
+
+        A task that has not started is cancelled as ``Future.cancel()`` would. A running task is
+        stopped: its worker and the processes it started are killed, a new worker replaces it,
+        and the future reads as cancelled. False means the task had finished already. Waits up
+        to ``timeout`` seconds for the worker to be gone.
+        """
+        if not isinstance(future, _TaskFuture) or future.uid < 0:
+            raise ValueError("pool.cancel() takes a future returned by this pool's submit()")
+        if future.cancel():
+            return True
+        if future.done():
+            return future.cancelled()
+        self._backend.stop_unit(future.uid)
+        with contextlib.suppress(TimeoutError, CancelledError):
+            future.exception(timeout)
+        return future.cancelled()
 
     def map(
         self,
@@ -157,10 +224,22 @@ class Pool(Executor):
         exception is raised when its turn comes; the iterator can be resumed past it and the
         other tasks are not stopped.
         """
+        return self._map(self._opts, fn, iterables, timeout, chunksize, buffersize)
+
+    def _map(
+        self,
+        opts: TaskOptions,
+        fn: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int | None,
+        buffersize: int | None,
+    ) -> Iterator[T]:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         return _MapRun(
             self,
+            opts,
             fn,
             iterables,
             ordered=True,
@@ -178,8 +257,19 @@ class Pool(Executor):
         buffersize: int | None = None,
     ) -> Iterator[T]:
         """Like ``map`` over one iterable, but results come as soon as each finishes."""
+        return self._imap_unordered(self._opts, fn, iterable, chunksize, buffersize)
+
+    def _imap_unordered(
+        self,
+        opts: TaskOptions,
+        fn: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        buffersize: int | None,
+    ) -> Iterator[T]:
         return _MapRun(
             self,
+            opts,
             fn,
             (iterable,),
             ordered=False,
@@ -289,6 +379,43 @@ class Pool(Executor):
             raise RuntimeError("cannot schedule new tasks after shutdown")
 
 
+class TaskOptionsView:
+    """A pool seen through other task options; made by ``Pool.options()``.
+
+    ``submit``, ``map`` and ``imap_unordered`` behave as the pool's own, with these options.
+    """
+
+    def __init__(self, pool: Pool, opts: TaskOptions) -> None:
+        self.pool = pool
+        self.opts = opts
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.opts}>"
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return self.pool._submit(self.opts, fn, args, kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        return self.pool._map(self.opts, fn, iterables, timeout, chunksize, buffersize)
+
+    def imap_unordered(
+        self,
+        fn: Callable[[Any], T],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        return self.pool._imap_unordered(self.opts, fn, iterable, chunksize, buffersize)
+
+
 def _settle(fut: Future[Any], value: Any, exc: BaseException | None) -> None:
     try:
         if exc is None:
@@ -299,30 +426,48 @@ def _settle(fut: Future[Any], value: Any, exc: BaseException | None) -> None:
         pass
 
 
+class _TaskFuture(Future[T]):
+    """A ``concurrent.futures.Future`` that a running task's stop can cancel.
+
+    ``Future.cancel()`` refuses once a task runs, because the standard library cannot stop it.
+    cleanbreak can (it kills the worker), and the future should then read as cancelled, so this
+    does what ``cancel()`` does, for the RUNNING state too. It relies on Future's private
+    ``_condition``, ``_state`` and ``_invoke_callbacks``, unchanged since Python 3.2.
+    """
+
+    uid = -1
+
+    def _cancel_running(self) -> None:
+        with self._condition:
+            if self._state not in (PENDING, RUNNING):
+                return
+            self._state = CANCELLED
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self.set_running_or_notify_cancel()  # tells wait() and as_completed()
+
+
 class _FutureSink:
     """Outcomes of one ``submit``: onto its Future."""
 
     __slots__ = ("fut",)
 
-    def __init__(self, fut: Future[Any]) -> None:
+    def __init__(self, fut: _TaskFuture[Any]) -> None:
         self.fut = fut
 
     def start(self, unit: Unit) -> bool:
+        if self.fut.running():  # sent again, after its worker died or to retry it
+            return True
         return self.fut.set_running_or_notify_cancel()
 
-    def deliver(
-        self, unit: Unit, offset: int, values: list[Any], errors: dict[int, BaseException]
-    ) -> None:
+    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
         _settle(self.fut, values[0], errors.get(0))
 
-    def fail(self, unit: Unit, offset: int, exc: BaseException) -> None:
+    def fail(self, start: int, count: int, exc: BaseException) -> None:
         _settle(self.fut, None, exc)
 
-    def cancel(self, unit: Unit, offset: int) -> None:
-        if self.fut.cancel():
-            self.fut.set_running_or_notify_cancel()
-        else:
-            _settle(self.fut, None, CancelledError("the pool stopped before this task finished"))
+    def cancel(self, start: int, count: int) -> None:
+        self.fut._cancel_running()
 
 
 _OK, _FAIL, _CANCEL = 0, 1, 2
@@ -345,16 +490,14 @@ class _MapSink:
     def start(self, unit: Unit) -> bool:
         return not self.finished
 
-    def deliver(
-        self, unit: Unit, offset: int, values: list[Any], errors: dict[int, BaseException]
-    ) -> None:
-        self.events.put((_OK, unit.start + offset, values, errors))
+    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        self.events.put((_OK, start, values, errors))
 
-    def fail(self, unit: Unit, offset: int, exc: BaseException) -> None:
-        self.events.put((_FAIL, unit.start + offset, len(unit.items) - offset, exc))
+    def fail(self, start: int, count: int, exc: BaseException) -> None:
+        self.events.put((_FAIL, start, count, exc))
 
-    def cancel(self, unit: Unit, offset: int) -> None:
-        self.events.put((_CANCEL, unit.start + offset, len(unit.items) - offset, None))
+    def cancel(self, start: int, count: int) -> None:
+        self.events.put((_CANCEL, start, count, None))
 
 
 class _MapRun(Iterator[T]):
@@ -368,6 +511,7 @@ class _MapRun(Iterator[T]):
     def __init__(
         self,
         pool: Pool,
+        opts: TaskOptions,
         fn: Callable[..., T],
         iterables: tuple[Iterable[Any], ...],
         *,
@@ -397,6 +541,7 @@ class _MapRun(Iterator[T]):
         self._pool = pool
         self._backend = pool._backend
         self._sink = _MapSink()
+        self._opts = opts
         self._fn = fn
         self._kind = CALL_ONE if len(iterables) == 1 else CALL_STAR
         self._it: Iterator[Any] = (
@@ -476,7 +621,9 @@ class _MapRun(Iterator[T]):
                 self._exhausted = True
             if not items:
                 break
-            unit = self._backend.new_unit(self._kind, self._fn, items, self._sink, self._pulled)
+            unit = self._backend.new_unit(
+                self._kind, self._fn, items, self._sink, self._pulled, self._opts
+            )
             self._pulled += len(items)
             self._backend.put(unit)
 
@@ -568,6 +715,10 @@ def map(
     mp_context: BaseContext | str | None = None,
     initializer: Callable[..., object] | None = None,
     initargs: Iterable[Any] = (),
+    task_timeout: float | None = None,
+    retries: int = 0,
+    retry_on: Sequence[type[BaseException]] = (),
+    max_tasks_per_worker: int | None = None,
 ) -> list[T]:
     """Run ``fn`` over ``iterable`` in a fresh pool and return the results in input order.
 
@@ -581,9 +732,14 @@ def map(
         mp_context=mp_context,
         initializer=initializer,
         initargs=initargs,
+        task_timeout=task_timeout,
+        retries=retries,
+        retry_on=retry_on,
+        max_tasks_per_worker=max_tasks_per_worker,
     ) as pool:
         run: _MapRun[T] = _MapRun(
             pool,
+            pool._opts,
             fn,
             (iterable,),
             ordered=True,

@@ -97,9 +97,9 @@ def worker_main(
         del frame
         if unit is None:
             return
-        uid, kind, fn, items = unit
+        uid, kind, fn, items, each = unit
         del unit
-        _run_unit(result_fd, stop, uid, kind, fn, items)
+        _run_unit(result_fd, stop, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY)
 
 
 def _take_fd(conn: Connection) -> int:
@@ -129,8 +129,16 @@ def _caller(kind: int, fn: Callable[..., Any]) -> Callable[[Any], Any]:
 
 
 def _run_unit(
-    out: int, stop: _Flag, uid: int, kind: int, fn: Callable[..., Any], items: Sequence[Any]
+    out: int,
+    stop: _Flag,
+    uid: int,
+    kind: int,
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    flush_every: float,
 ) -> None:
+    """Run the items, reporting every ``flush_every`` seconds (0: after every item, which the
+    parent asks for when the task has a timeout, so that it knows when each item started)."""
     call = _caller(kind, fn)
     n = len(items)
     pos = 0
@@ -138,7 +146,7 @@ def _run_unit(
     values: list[Any] = []
     errors: dict[int, CapturedError] | None = None
     batch = 1
-    flush_at = time.monotonic() + FLUSH_EVERY
+    flush_at = time.monotonic() + flush_every
     append = values.append
     while pos < n:
         if stop.value:
@@ -157,7 +165,7 @@ def _run_unit(
         pos = end
         now = time.monotonic()
         took = now - started
-        if took < _FAST and batch < _MAX_BATCH:
+        if took < _FAST and batch < _MAX_BATCH and flush_every:
             batch *= 2
         elif took > _SLOW and batch > 1:
             batch //= 2
@@ -167,7 +175,7 @@ def _run_unit(
             values = []
             append = values.append
             errors = None
-            flush_at = now + FLUSH_EVERY
+            flush_at = now + flush_every
     _send(out, (uid, offset, values, errors, DONE))
 
 

@@ -1,0 +1,158 @@
+"""Measurements 1 and 2: throughput on tiny tasks (per-task overhead) and on 1 ms tasks.
+
+Each (variant, repetition) runs in a fresh child. The child opens the pool, runs a warm-up map
+(so workers are started and have imported the task module), then times one ``map`` over a list
+that was built beforehand and checks the results. Variants flagged ``fresh`` (``cleanbreak.map``,
+mpire's ``WorkerPool.map``) start and stop their workers inside the timed call, since that is what
+one call of them does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import tasks
+from common import (
+    Section,
+    Settings,
+    fmt_rate,
+    fmt_ratio,
+    fmt_seconds,
+    median,
+    progress,
+    rotated,
+    run_child,
+)
+from libs import DEFAULT_VARIANTS, MAP_VARIANTS, VARIANTS, available, mapper, pool_chunksize
+from reporter import Reporter
+
+TINY_CALLS = 2_000_000
+TINY_CALLS_QUICK = 200_000
+# Variants that cost tens of microseconds per call are timed on fewer calls and extrapolated.
+SLOW_CALLS = 40_000
+SLOW_CALLS_QUICK = 10_000
+MS_TASKS = 2_000
+MS_TASKS_QUICK = 600
+
+
+def child_map_rate(params: dict[str, Any], report: Reporter) -> None:
+    fn = {"inc": tasks.inc, "busy_1ms": tasks.busy_1ms}[params["task"]]
+    n: int = params["n"]
+    workers: int = params["workers"]
+    items = list(range(n))
+    with mapper(params["variant"], workers, pool_chunksize(n, workers)) as run:
+        run(fn, list(range(workers * 4)))  # warm-up
+        start = time.perf_counter()
+        out = run(fn, items)
+        seconds = time.perf_counter() - start
+    expected = sum(items) + (n if fn is tasks.inc else 0)
+    if len(out) != n or sum(out) != expected:
+        raise AssertionError(f"{params['variant']}: wrong results")
+    report({"seconds": seconds, "calls": n})
+
+
+def _measure(
+    settings: Settings, keys: list[str], task: str, counts: dict[str, int], reps: int, tag: str
+) -> dict[str, list[float]]:
+    """Tasks per second of each variant, one figure per repetition (alternating variants)."""
+    rates: dict[str, list[float]] = {k: [] for k in keys}
+    for rep in range(reps):
+        for key in rotated(keys, rep):
+            params = {"variant": key, "task": task, "n": counts[key], "workers": settings.workers}
+            timeout = 300.0
+            result, why = run_child("map_rate", params, timeout)
+            if result is None:
+                progress(f"  {tag} rep {rep + 1}/{reps} {key}: FAILED ({why})")
+                continue
+            rate = result["calls"] / result["seconds"]
+            rates[key].append(rate)
+            progress(
+                f"  {tag} rep {rep + 1}/{reps} {key}: {result['calls']:,} calls in "
+                f"{result['seconds']:.2f} s = {rate:,.0f}/s"
+            )
+    return rates
+
+
+def run_tiny(settings: Settings) -> Section:
+    n = TINY_CALLS_QUICK if settings.quick else TINY_CALLS
+    slow_n = SLOW_CALLS_QUICK if settings.quick else SLOW_CALLS
+    reps = settings.repetitions(3, 1)
+    keys = [v.key for v in MAP_VARIANTS if available(v.lib)]
+    counts = {v.key: (slow_n if v.slow else n) for v in MAP_VARIANTS}
+    rates = _measure(settings, keys, "inc", counts, reps, "tiny")
+    section = Section(
+        "tiny",
+        f"1. Tiny tasks: {n:,} calls of x -> x+1",
+        f"Each library's `map` over a list of {n:,} ints on {settings.workers} workers, warm pool, "
+        f"median of {reps} alternating run(s) in fresh processes. Ratio: tasks/s against "
+        "multiprocessing.Pool.map (higher is better).",
+        ["API", "calls timed", "tasks/s", f"time for {n:,} calls", "vs Pool.map"],
+    )
+    base = median(rates["mp"]) if rates.get("mp") else None
+    for v in MAP_VARIANTS:
+        if v.key not in keys or not rates[v.key]:
+            section.rows.append([v.label, "—", "not measured", "—", "—"])
+            continue
+        rate = median(rates[v.key])
+        extrapolated = counts[v.key] < n
+        total = fmt_seconds(n / rate) + (" (extrapolated)" if extrapolated else "")
+        section.rows.append(
+            [
+                v.label + (" ¹" if v.fresh else ""),
+                f"{counts[v.key]:,}",
+                fmt_rate(rate),
+                total,
+                fmt_ratio(rate / base) if base else "—",
+            ]
+        )
+    section.notes.append(
+        f"Variants with chunksize=1 and joblib cost tens of µs per call: they were timed on "
+        f"{slow_n:,} calls and the time for {n:,} extrapolated linearly."
+    )
+    section.notes.append(
+        f"\"chunksize as Pool.map\" = ceil(n / (4 × workers)) = {n // (4 * settings.workers):,}, "
+        "what multiprocessing.Pool.map picks by default; the concurrent.futures docs recommend a "
+        "large chunksize for long iterables. cleanbreak picks its own (here min(n/(8×workers), "
+        "1024))."
+    )
+    section.notes.append(
+        "¹ The timed call starts and stops its workers (one-shot API: cleanbreak.map; mpire "
+        "starts workers per map call unless keep_alive=True)."
+    )
+    return section
+
+
+def run_ms(settings: Settings) -> Section:
+    n = MS_TASKS_QUICK if settings.quick else MS_TASKS
+    reps = settings.repetitions(3, 1)
+    keys = [k for k in (*DEFAULT_VARIANTS, "cb-imap") if available(VARIANTS[k].lib)]
+    rates = _measure(settings, keys, "busy_1ms", dict.fromkeys(keys, n), reps, "1ms")
+    ideal = settings.workers / 0.001
+    section = Section(
+        "ms",
+        f"2. 1 ms tasks: {n:,} tasks that busy-wait 1 ms",
+        f"Each library's `map` with its default chunking, {settings.workers} workers, warm pool, "
+        f"median of {reps} alternating run(s). Ideal = workers / 1 ms = {ideal:,.0f} tasks/s.",
+        ["API", "tasks/s", "efficiency vs ideal", "vs Pool.map"],
+    )
+    base = median(rates["mp"]) if rates.get("mp") else None
+    for key in keys:
+        v = VARIANTS[key]
+        if not rates[key]:
+            section.rows.append([v.label, "not measured", "—", "—"])
+            continue
+        rate = median(rates[key])
+        section.rows.append(
+            [
+                v.label + (" ¹" if v.fresh else ""),
+                fmt_rate(rate),
+                f"{rate / ideal:.1%}",
+                fmt_ratio(rate / base) if base else "—",
+            ]
+        )
+    section.notes.append(
+        "¹ The timed call starts and stops its workers. The parent and the pool's own threads "
+        f"share the {settings.workers} cores with the workers, so 100% is out of reach."
+    )
+    return section

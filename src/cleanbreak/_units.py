@@ -1,0 +1,128 @@
+"""What a backend runs: units of work, the options that govern them, and where outcomes go.
+
+This is the contract between ``Pool`` (which turns ``submit`` and ``map`` calls into units) and
+a backend (which runs them). It names no process, pipe or future, so a second backend (Dask)
+can sit behind the same ``Pool``.
+
+Items are numbered in the caller's terms: a unit's ``start`` is the index of its first item
+(the input position for ``map``, the submission order for ``submit``). Sinks are told outcomes
+by those absolute indices, which is what lets a backend split a unit, retry one item of it or
+requeue its tail without telling the sink.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """How each task runs: its timeout, and how often it is retried, and after which errors."""
+
+    task_timeout: float | None = None
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = ()
+
+    @staticmethod
+    def make(
+        task_timeout: float | None, retries: int, retry_on: Sequence[type[BaseException]]
+    ) -> TaskOptions:
+        if task_timeout is not None:
+            if (
+                isinstance(task_timeout, bool)
+                or not isinstance(task_timeout, (int, float))
+                or not math.isfinite(task_timeout)
+                or task_timeout <= 0
+            ):
+                raise ValueError(
+                    f"task_timeout must be a number of seconds above 0 (or None), got "
+                    f"{task_timeout!r}"
+                )
+            task_timeout = float(task_timeout)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number of at least 0, got {retries!r}")
+        # A single class is accepted too, as ``except`` accepts one.
+        single = isinstance(retry_on, type)
+        kinds = (cast(type[BaseException], retry_on),) if single else tuple(retry_on)
+        for kind in kinds:
+            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+                raise TypeError(
+                    f"retry_on must hold exception classes (such as OSError), got {kind!r}"
+                )
+        return TaskOptions(task_timeout, retries, kinds)
+
+
+class Sink(Protocol):
+    """Where a unit's outcomes go. Every method is called from the backend's thread."""
+
+    def start(self, unit: Unit) -> bool:
+        """The unit is about to be sent. False: it was cancelled, drop it."""
+
+    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        """Items ``start ..`` finished: ``values[k]``, or ``errors[k]`` where present."""
+
+    def fail(self, start: int, count: int, exc: BaseException) -> None:
+        """Items ``start .. start + count`` failed with ``exc``."""
+
+    def cancel(self, start: int, count: int) -> None:
+        """Items ``start .. start + count`` will not run (or were stopped)."""
+
+
+class Unit:
+    """Items that travel to a worker together, and where their outcomes go."""
+
+    __slots__ = (
+        "cancelled",
+        "fn",
+        "history",
+        "items",
+        "kind",
+        "opts",
+        "received",
+        "sink",
+        "start",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        uid: int,
+        kind: int,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        sink: Sink,
+        start: int,
+        opts: TaskOptions,
+        history: list[BaseException] | None = None,
+    ) -> None:
+        self.uid = uid
+        self.kind = kind
+        self.fn = fn
+        self.items = items
+        self.sink = sink
+        self.start = start  # index of items[0] in the caller's numbering
+        self.opts = opts
+        self.received = 0  # how many items have an outcome
+        self.history = history  # earlier failed attempts, for a retried single item
+        self.cancelled = False  # Pool.cancel() asked for it while it waited in a worker
+
+    @property
+    def left(self) -> int:
+        return len(self.items) - self.received
+
+    @property
+    def current(self) -> int:
+        """The caller's index of the first item without an outcome."""
+        return self.start + self.received
+
+    def part(self, uid: int, begin: int, end: int | None = None) -> Unit:
+        """A new unit of ``items[begin:end]`` with the same function, sink and options."""
+        stop = len(self.items) if end is None else end
+        items = self.items[begin:stop]
+        history = self.history if len(items) == 1 else None
+        return Unit(
+            uid, self.kind, self.fn, items, self.sink, self.start + begin, self.opts, history
+        )

@@ -1,0 +1,36 @@
+"""Shared fixtures: one long-lived pool per start method, so the many small API tests stay fast.
+
+Tests that shut a pool down, kill its workers or break it make their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+
+import cleanbreak
+
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+@pytest.fixture(scope="session", params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    """Each start method in turn. Session scope lets pytest group the tests by method."""
+    return cast(str, request.param)
+
+
+@pytest.fixture(scope="session")
+def pool(start_method: str) -> Iterator[cleanbreak.Pool]:
+    """A two-worker pool of the current start method, shared by the tests that leave it
+    healthy."""
+    with cleanbreak.Pool(2, mp_context=start_method) as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
+def fs_pool() -> Iterator[cleanbreak.Pool]:
+    """A two-worker forkserver pool, for behaviour that does not depend on the start method."""
+    with cleanbreak.Pool(2, mp_context="forkserver") as p:
+        yield p

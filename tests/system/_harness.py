@@ -1,0 +1,350 @@
+"""Run ``scripts/sysprobe_child.py`` as a real process, talk to it, signal it, clean up after it.
+
+Synchronisation is by handshake only: the child and its tasks write event lines to a FIFO that
+the test reads with ``select`` (see ``scripts/sysprobe_tasks.py`` for the protocol); tasks that
+must wait for the test read a byte from a second FIFO. Process exits are watched through pidfds,
+which become readable the moment a process exits, so the times recorded here are exact and no
+loop sleeps to let things happen. Every timeout is a deadlock guard, not a speed requirement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+METHODS = ["forkserver", "spawn", "fork"]
+TIMEOUT = 40.0  # deadlock guard for any handshake
+EXIT_GUARD = 10.0  # deadlock guard from a signal to the child's exit
+ORPHAN_GUARD = 5.0  # how long workers may take to notice that their parent was killed
+SCRIPT = Path(__file__).parent / "scripts" / "sysprobe_child.py"
+
+# Figures measured by the tests, printed in the terminal summary (see conftest.py).
+FIGURES: dict[str, list[float]] = {}
+
+
+def record(name: str, value: float) -> None:
+    FIGURES.setdefault(name, []).append(value)
+
+
+@dataclass
+class Event:
+    kind: str
+    args: list[str]
+    received_ns: int
+
+    def int(self, i: int) -> int:
+        return int(self.args[i])
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Running, and not a zombie (a zombie has exited; it only waits to be reaped)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _pidfd_exited(fd: int) -> bool:
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
+@dataclass
+class Watched:
+    """A process the test watches through a pidfd, opened while it was known to be alive."""
+
+    pid: int
+    what: str
+    fd: int
+    exited_ns: int | None = None
+
+    def exited(self) -> bool:
+        if self.exited_ns is None and _pidfd_exited(self.fd):
+            self.exited_ns = time.monotonic_ns()
+        return self.exited_ns is not None
+
+
+@dataclass
+class Child:
+    """One run of the child script."""
+
+    tmp: Path
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    pidfd: int = -1
+    events: list[Event] = field(default_factory=list)
+    watched: dict[int, Watched] = field(default_factory=dict)
+    exited_ns: int | None = None
+    _fd: int = -1
+    _keep: int = -1
+    _release: int = -1
+    _buf: bytes = b""
+
+    # ── starting and talking ───────────────────────────────────────────────────────────
+
+    def start(self) -> None:
+        events = self.tmp / "events.fifo"
+        release = self.tmp / "release.fifo"
+        os.mkfifo(events)
+        os.mkfifo(release)
+        self._fd = os.open(events, os.O_RDONLY | os.O_NONBLOCK)
+        # Our own write end keeps the FIFO from reading as end-of-file between two writers.
+        self._keep = os.open(events, os.O_WRONLY | os.O_NONBLOCK)
+        # Read-write, so that tasks can open it for reading without waiting for a writer.
+        self._release = os.open(release, os.O_RDWR | os.O_NONBLOCK)
+        argv = [
+            sys.executable,
+            str(SCRIPT),
+            *self.argv,
+            "--events",
+            str(events),
+            "--release",
+            str(release),
+        ]
+        with (
+            open(self.tmp / "stdout", "wb") as out,
+            open(self.tmp / "stderr", "wb") as err,
+        ):
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.pidfd = os.pidfd_open(self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return (self.tmp / "stderr").read_text(errors="replace")
+
+    def _read(self, timeout: float) -> None:
+        readable, _, _ = select.select([self._fd, self.pidfd], [], [], max(0.0, timeout))
+        if self._fd in readable:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                chunk = b""
+            now = time.monotonic_ns()
+            self._buf += chunk
+            *lines, self._buf = self._buf.split(b"\n")
+            for raw in lines:
+                kind, *rest = raw.decode().split()
+                event = Event(kind, rest, now)
+                self.events.append(event)
+                self._on_event(event)
+        if self.pidfd in readable and self.exited_ns is None:
+            self.exited_ns = time.monotonic_ns()
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind == "pids":
+            for pid in event.args[0].split(","):
+                self.watch(int(pid), "worker")
+        elif event.kind == "start":
+            self.watch(event.int(1), "worker")
+        elif event.kind == "grandchild":
+            self.watch(event.int(1), "grandchild")
+
+    def watch(self, pid: int, what: str) -> None:
+        if pid in self.watched:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise AssertionError(f"{what} {pid} was gone before the test could watch it") from None
+        self.watched[pid] = Watched(pid, what, fd)
+
+    def wait_for(self, done: Callable[[Child], bool], what: str, timeout: float = TIMEOUT) -> None:
+        """Read events until ``done(self)``. Fails if the child exits first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not done(self):
+            if self.exited_ns is not None:
+                self._read(0)  # whatever it wrote before it exited
+                if done(self):
+                    return
+                raise AssertionError(
+                    f"the child exited (status {self.proc.wait() if self.proc else None}) "
+                    f"while the test waited for {what}; events {self.kinds()}\n{self.stderr()}"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"timed out after {timeout} s waiting for {what}; events {self.kinds()}\n"
+                    f"{self.stderr()}"
+                )
+            self._read(left)
+
+    def drain_events(self) -> None:
+        """Read every event already written (call once the child and its tasks are gone)."""
+        while True:
+            readable, _, _ = select.select([self._fd], [], [], 0)
+            if not readable:
+                return
+            before = len(self.events)
+            self._read(0)
+            if len(self.events) == before and not readable:
+                return
+            if len(self.events) == before:
+                return
+
+    def release(self, n: int) -> None:
+        os.write(self._release, b"x" * n)
+
+    # ── what the events say ────────────────────────────────────────────────────────────
+
+    def kinds(self) -> list[str]:
+        return [" ".join([e.kind, *e.args[:1]]) for e in self.events]
+
+    def of(self, kind: str) -> list[Event]:
+        return [e for e in self.events if e.kind == kind]
+
+    def indices(self, kind: str) -> set[int]:
+        return {e.int(0) for e in self.of(kind)}
+
+    def started_after(self, t_ns: int) -> list[int]:
+        """Tasks whose own CLOCK_MONOTONIC stamp at start is later than ``t_ns``."""
+        return [e.int(0) for e in self.of("start") if e.int(2) > t_ns]
+
+    def has_level(self, level: int) -> bool:
+        return any(e.int(0) >= level for e in self.of("level"))
+
+    def pids_of(self, what: str) -> list[int]:
+        return [w.pid for w in self.watched.values() if w.what == what]
+
+    # ── signals and exits ──────────────────────────────────────────────────────────────
+
+    def send(self, how: str) -> int:
+        """Deliver a signal as ``how`` says; returns CLOCK_MONOTONIC just before sending it.
+
+        ``sigint-group`` is Ctrl-C as a terminal sends it (to the whole foreground process
+        group), ``sigint-parent`` and ``sigterm-parent`` go to the parent alone.
+        """
+        t = time.monotonic_ns()
+        if how == "sigint-group":
+            os.killpg(self.pid, signal.SIGINT)
+        elif how == "sigint-parent":
+            os.kill(self.pid, signal.SIGINT)
+        elif how == "sigterm-parent":
+            os.kill(self.pid, signal.SIGTERM)
+        elif how == "sigkill-parent":
+            os.kill(self.pid, signal.SIGKILL)
+        else:
+            raise ValueError(how)
+        return t
+
+    def wait_exit(self, timeout: float = EXIT_GUARD) -> int:
+        """Wait for the child to exit; returns its status. Fails after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.exited_ns is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"the child did not exit within {timeout} s; events {self.kinds()}\n"
+                    f"{self.stderr()}"
+                )
+            self._read(left)
+        assert self.proc is not None
+        return self.proc.wait()
+
+    def report(self) -> dict[str, Any]:
+        out = (self.tmp / "stdout").read_text()
+        assert out.strip(), f"the child printed no report\n{self.stderr()}"
+        result: dict[str, Any] = json.loads(out.splitlines()[-1])
+        return result
+
+    def completed(self) -> dict[int, int]:
+        return {int(k): v for k, v in self.report()["completed"].items()}
+
+    def still_running(self, what: str | None = None) -> list[Watched]:
+        """Watched processes (of one kind, or all) that have not exited, checked right now."""
+        return [
+            w
+            for w in self.watched.values()
+            if (what is None or w.what == what) and not w.exited()
+        ]
+
+    def wait_gone(self, watched: Iterable[Watched], timeout: float) -> list[Watched]:
+        """Wait until every one of ``watched`` has exited; returns those still running."""
+        todo = [w for w in watched if not w.exited()]
+        deadline = time.monotonic() + timeout
+        while todo:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            readable, _, _ = select.select([w.fd for w in todo], [], [], left)
+            for w in todo:
+                if w.fd in readable:
+                    w.exited()
+            todo = [w for w in todo if not w.exited()]
+        return todo
+
+    def session(self) -> list[psutil.Process]:
+        """Live processes still in the child's session: every process it or its workers
+        started is in it (workers make process groups of their own, not sessions)."""
+        out = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == self.pid and _alive(proc):
+                    out.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return out
+
+    def wait_session_empty(self, timeout: float) -> tuple[list[str], float]:
+        """Poll (every 10 ms) until no live process is left in the child's session.
+
+        Returns the leftovers (empty on success) and how long it took.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        while True:
+            left = self.session()
+            if not left or time.monotonic() >= deadline:
+                names = []
+                for p in left:
+                    with contextlib.suppress(psutil.Error):
+                        names.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+                return names, time.monotonic() - start
+            time.sleep(0.01)
+
+    # ── cleanup ────────────────────────────────────────────────────────────────────────
+
+    def cleanup(self) -> None:
+        """Kill whatever survived, reap the child and close every descriptor. Never fails."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            for w in self.watched.values():
+                if not w.exited():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(w.pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        signal.pidfd_send_signal(w.fd, signal.SIGKILL)
+            for proc in self.session():
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            self.proc.wait()
+        for w in self.watched.values():
+            with contextlib.suppress(OSError):
+                os.close(w.fd)
+        for fd in (self.pidfd, self._fd, self._keep, self._release):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def ms(t0_ns: int, t1_ns: int) -> float:
+    return (t1_ns - t0_ns) / 1e6

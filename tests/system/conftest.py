@@ -1,0 +1,73 @@
+"""Fixtures for the system tests, and a summary of the figures they measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ._harness import FIGURES, Child
+
+StartChild = Callable[..., Child]
+
+
+@pytest.fixture
+def start_child(tmp_path: Path) -> Iterator[StartChild]:
+    """Start ``scripts/sysprobe_child.py`` with the given options; everything it started is
+    killed and reaped when the test ends, however it ends."""
+    children: list[Child] = []
+
+    def start(
+        *,
+        method: str,
+        layout: str,
+        workers: int = 2,
+        mode: str = "terminate",
+        api: str = "submit",
+        wait: str = "results",
+        user_handler: bool = False,
+        watch_level: bool = False,
+    ) -> Child:
+        tmp = tmp_path / f"child{len(children)}"
+        tmp.mkdir()
+        argv = [
+            f"--method={method}",
+            f"--layout={layout}",
+            f"--workers={workers}",
+            f"--mode={mode}",
+            f"--api={api}",
+            f"--wait={wait}",
+        ]
+        if user_handler:
+            argv.append("--user-handler")
+        if watch_level:
+            argv.append("--watch-level")
+        child = Child(tmp, argv)
+        children.append(child)
+        child.start()
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            child.cleanup()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section("cleanbreak system figures (median, min, max over runs)")
+    for name in sorted(FIGURES):
+        values = FIGURES[name]
+        terminalreporter.write_line(
+            f"{name:<60} {statistics.median(values):9.2f} {min(values):9.2f} "
+            f"{max(values):9.2f}   n={len(values)}"
+        )
+    path = os.environ.get("CLEANBREAK_SYSTEM_FIGURES")
+    if path:
+        Path(path).write_text(json.dumps(FIGURES, indent=1, sort_keys=True))

@@ -1,0 +1,138 @@
+"""One cleanbreak pool scenario in a process of its own, for the system tests to signal.
+
+The test starts this script in a new session, reads its events FIFO (see ``sysprobe_tasks``),
+signals it, and reads the one JSON object it prints on stdout at the end. Events written here:
+
+- ``pids <pid>,<pid>``   the pool's workers, once the pool is up (not with ``--api cbmap``)
+- ``level <n> <ns>``     with ``--watch-level``: the pool's stop level changed (1 draining,
+                         2 stopping, 3 killing), i.e. the pool has acted on a signal
+- ``busy <ns>``          with ``--wait busy``: the tasks are done and the main thread is now
+                         spinning in user code inside the ``with`` block
+
+Exit status: 130 after ``cleanbreak.Interrupted`` (as the CLI does), 0 when everything
+finished, 1 with a traceback on anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from types import FrameType
+from typing import Any
+
+import cleanbreak
+from sysprobe_tasks import Receipt, Spec, emit, task
+
+
+def _user_handler(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _watch_level(pool: cleanbreak.Pool, events: str) -> None:
+    # Test instrumentation: the stop level is private, and the pool has no hook to report it.
+    seen = 0
+    while True:
+        level = pool._backend.level
+        if level != seen:
+            seen = level
+            emit(events, "level", level, time.monotonic_ns())
+        time.sleep(0.0005)
+
+
+def _spin() -> None:
+    n = 0
+    while True:
+        n += 1
+
+
+def _future_state(fut: Future[Receipt]) -> str:
+    if fut.cancelled():
+        return "cancelled"
+    if not fut.done():
+        return "pending"
+    exc = fut.exception()
+    if exc is not None:
+        return f"exception:{type(exc).__name__}"
+    return f"result:{fut.result()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", required=True, choices=["forkserver", "spawn", "fork"])
+    parser.add_argument("--mode", default="terminate", choices=["terminate", "drain"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--layout", required=True, help="one task kind per character")
+    parser.add_argument("--api", default="submit", choices=["submit", "map", "cbmap"])
+    parser.add_argument(
+        "--wait",
+        default="results",
+        choices=["results", "exit", "busy"],
+        help="submit: wait on every future, leave the with block at once, or wait for the "
+        "results and then spin in user code",
+    )
+    parser.add_argument("--events", required=True)
+    parser.add_argument("--release", required=True)
+    parser.add_argument("--user-handler", action="store_true")
+    parser.add_argument("--watch-level", action="store_true")
+    args = parser.parse_args()
+
+    if args.user_handler:
+        signal.signal(signal.SIGINT, _user_handler)
+    specs: list[Spec] = [(k, i, args.events, args.release) for i, k in enumerate(args.layout)]
+    futures: list[Future[Receipt]] = []
+    report: dict[str, Any] = {}
+    try:
+        if args.api == "cbmap":
+            results: list[Any] = cleanbreak.map(
+                task,
+                specs,
+                workers=args.workers,
+                on_interrupt=args.mode,
+                chunksize=1,
+                mp_context=args.method,
+            )
+        else:
+            with cleanbreak.Pool(
+                args.workers, on_interrupt=args.mode, mp_context=args.method
+            ) as pool:
+                emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
+                if args.watch_level:
+                    threading.Thread(
+                        target=_watch_level, args=(pool, args.events), daemon=True
+                    ).start()
+                if args.api == "map":
+                    results = list(pool.map(task, specs, chunksize=1))
+                else:
+                    futures = [pool.submit(task, spec) for spec in specs]
+                    if args.wait != "exit":
+                        results = [f.result() for f in futures]
+                    if args.wait == "busy":
+                        emit(args.events, "busy", time.monotonic_ns())
+                        _spin()
+    except cleanbreak.Interrupted as exc:
+        report["caught_ns"] = time.monotonic_ns()
+        report["signal"] = exc.signal.name
+        report["completed"] = {str(k): v for k, v in sorted(exc.completed.items())}
+        report["total"] = exc.total
+        status = 130
+    else:
+        report["caught_ns"] = None
+        report["signal"] = None
+        report["results"] = results if args.wait != "exit" else None
+        status = 0
+    report["futures"] = [_future_state(f) for f in futures]
+    report["sigint_handler_is_users"] = signal.getsignal(signal.SIGINT) is _user_handler
+    report["sigint_handler"] = repr(signal.getsignal(signal.SIGINT))
+    report["sigterm_handler"] = repr(signal.getsignal(signal.SIGTERM))
+    print(json.dumps(report), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

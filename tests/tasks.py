@@ -1,0 +1,315 @@
+"""Task functions for the tests.
+
+They live in an importable module, at module level, so that they pickle by reference under
+every start method (spawn and forkserver workers import ``tests.tasks`` afresh).
+
+Handshakes between the test and its tasks go through files: a task creates a file to say
+"I am running" and waits (a bounded loop) for a file the test creates to say "go on". No test
+relies on timing; the bounds only keep a broken build from hanging for ever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+# Upper bound on any handshake: only ever reached when something is broken.
+GUARD = 30.0
+
+
+# ── handshakes ───────────────────────────────────────────────────────────────────────────────
+
+
+def touch(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` (atomically: it appears complete or not at all)."""
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def wait_for_path(path: str | os.PathLike[str], timeout: float = GUARD) -> bool:
+    """Wait until ``path`` exists. False if it did not appear within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+# ── plain tasks ──────────────────────────────────────────────────────────────────────────────
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def add3(a: int, b: int, c: int) -> int:
+    return a + b + c
+
+
+def combine(a: int, b: int = 0, *, scale: int = 1) -> int:
+    return (a + b) * scale
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def getpid_of_worker(_: object = None) -> int:
+    return os.getpid()
+
+
+def touch_and_return(path: str, value: int) -> int:
+    """Leave a trace that the task ran, then return ``value``."""
+    touch(path)
+    return value
+
+
+def release_after(started: str, release: str, value: int) -> int:
+    """Say "started" by creating ``started``, then wait until ``release`` exists."""
+    touch(started)
+    if not wait_for_path(release):
+        raise TimeoutError(f"{release} never appeared")
+    return value
+
+
+def wait_then_return(wait: str | None, create: str | None, value: int) -> int:
+    """Wait for ``wait`` (if given), create ``create`` (if given), return ``value``."""
+    if wait is not None and not wait_for_path(wait):
+        raise TimeoutError(f"{wait} never appeared")
+    if create is not None:
+        touch(create)
+    return value
+
+
+def staged(spec: tuple[str | None, str | None, int]) -> int:
+    """``wait_then_return`` for one-argument APIs (``imap_unordered``)."""
+    return wait_then_return(*spec)
+
+
+def rendezvous(mine: str, other: str) -> bool:
+    """True only if another task runs at the same time (each creates its file, waits for the
+    other's)."""
+    touch(mine)
+    return wait_for_path(other)
+
+
+# ── errors ───────────────────────────────────────────────────────────────────────────────────
+
+
+class TaskError(Exception):
+    """A task's own exception type: must arrive as itself."""
+
+
+def raise_task_error(x: int) -> int:
+    if x >= 0:
+        raise TaskError(f"bad input {x}")  # RAISE-LINE: test_errors looks for this marker
+    return x
+
+
+def fail_on(x: int, bad: frozenset[int] | set[int]) -> int:
+    if x in bad:
+        raise TaskError(f"item {x} failed")
+    return x * x
+
+
+def record_and_fail_on(directory: str, x: int, bad: frozenset[int]) -> int:
+    """Leave a trace in ``directory``, then fail when ``x`` is in ``bad``."""
+    touch(os.path.join(directory, f"ran-{x}"))
+    if x in bad:
+        raise TaskError(f"item {x} failed")
+    return x
+
+
+def raise_system_exit(code: int) -> int:
+    raise SystemExit(code)
+
+
+def raise_keyboard_interrupt(_: object = None) -> int:
+    raise KeyboardInterrupt
+
+
+def exit_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise SystemExit(3)
+    return x * x
+
+
+class LockHoldingError(Exception):
+    """Pickling fails: its ``__dict__`` holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class TwoArgError(Exception):
+    """Pickles, but cannot be rebuilt: ``__init__`` needs two arguments, ``.args`` holds one."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_lock_holding_error(_: object = None) -> int:
+    raise LockHoldingError("holds a lock")
+
+
+def raise_two_arg_error(_: object = None) -> int:
+    raise TwoArgError("left", "right")
+
+
+def _refuse_to_load() -> None:
+    raise ValueError("this object cannot be rebuilt")
+
+
+class Unloadable:
+    """Pickles fine, but unpickling it raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ())
+
+
+def unloadable_on(x: int, bad: int) -> Any:
+    """Return a value that pickles but cannot be unpickled for ``x == bad``."""
+    if x == bad:
+        return Unloadable()
+    return x * x
+
+
+def return_lock(_: object = None) -> Any:
+    return threading.Lock()
+
+
+def return_lambda(_: object = None) -> Any:
+    return lambda: 1
+
+
+def lock_on(x: int, bad: int) -> Any:
+    """Return an unpicklable value for ``x == bad``, ``x * x`` otherwise."""
+    if x == bad:
+        return threading.Lock()
+    return x * x
+
+
+# ── worker death ─────────────────────────────────────────────────────────────────────────────
+
+
+def exit_now(code: int) -> int:
+    os._exit(code)
+
+
+def sigkill_self(_: object = None) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable: SIGKILL was sent")  # pragma: no cover
+
+
+def die_on(x: int, bad: int) -> int:
+    if x == bad:
+        os._exit(7)
+    return x * x
+
+
+# ── initializer ──────────────────────────────────────────────────────────────────────────────
+
+_initialized: Any = None
+
+
+def set_global(value: Any) -> None:
+    global _initialized
+    _initialized = value
+
+
+def read_global(_: object = None) -> Any:
+    return _initialized
+
+
+class InitError(Exception):
+    pass
+
+
+def failing_initializer(directory: str, go: str) -> None:
+    """Leave one trace per call (so the test can count worker starts), wait until ``go``
+    exists (so the test can queue tasks first), then raise."""
+    touch(os.path.join(directory, f"init-{os.getpid()}"))
+    wait_for_path(go)
+    raise InitError("the initializer failed on purpose")
+
+
+def dying_initializer(directory: str) -> None:
+    touch(os.path.join(directory, f"init-{os.getpid()}"))
+    os._exit(5)
+
+
+# ── payloads ─────────────────────────────────────────────────────────────────────────────────
+
+MiB = 1 << 20
+
+
+def make_blob(size: int, seed: int) -> bytes:
+    """``size`` bytes that are cheap to make, differ everywhere and show any reordering: each
+    1 MiB block starts with its own index and continues with seeded random bytes."""
+    body = random.Random(seed).randbytes(MiB)
+    blocks = [i.to_bytes(8, "little") + body[8:] for i in range(size // MiB + 1)]
+    return b"".join(blocks)[:size]
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def blob(size: int, seed: int) -> bytes:
+    return make_blob(size, seed)
+
+
+def blob_digest(data: bytes) -> tuple[int, str]:
+    """What the worker received: its length and hash."""
+    return len(data), digest(data)
+
+
+def echo(data: bytes) -> bytes:
+    return data
+
+
+# ── helpers for the tests (not tasks) ─────────────────────────────────────────────────────────
+
+
+def collect(results: Iterator[Any]) -> list[Any]:
+    """Drain a ``map`` iterator, keeping each task's exception in its place: cleanbreak's
+    iterators can be resumed past a failed task."""
+    out: list[Any] = []
+    while True:
+        try:
+            out.append(next(results))
+        except StopIteration:
+            return out
+        except Exception as exc:
+            out.append(exc)
+
+
+@contextlib.contextmanager
+def unraisable_ignored() -> Iterator[list[Any]]:
+    """Collect, instead of reporting, errors raised in ``__del__`` and the like inside the block
+    (and in the garbage it leaves). Yields the list they are collected in."""
+    seen: list[Any] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        yield seen
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous

@@ -1,0 +1,297 @@
+"""The ``concurrent.futures.Executor`` contract, under every start method."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+
+import psutil
+import pytest
+
+import cleanbreak
+from tests import tasks
+from tests.tasks import GUARD
+
+# ── on the shared pool ───────────────────────────────────────────────────────────────────────
+
+
+def test_submit_returns_a_future_with_the_result(pool: cleanbreak.Pool) -> None:
+    fut = pool.submit(tasks.square, 7)
+    assert isinstance(fut, Future)
+    assert fut.result(timeout=GUARD) == 49
+    assert fut.done()
+    assert not fut.cancelled()
+    assert fut.exception() is None
+
+
+def test_submit_passes_positional_and_keyword_arguments(pool: cleanbreak.Pool) -> None:
+    assert pool.submit(tasks.combine, 1, 2, scale=10).result(timeout=GUARD) == 30
+    assert pool.submit(tasks.combine, 1, b=5).result(timeout=GUARD) == 6
+    assert pool.submit(tasks.combine, a=4).result(timeout=GUARD) == 4
+
+
+def test_map_yields_in_input_order_even_when_completion_order_differs(
+    pool: cleanbreak.Pool, tmp_path: Path
+) -> None:
+    # Item 0 cannot finish before item 1 has run: item 1 creates the file item 0 waits for.
+    flag = str(tmp_path / "item1-done")
+    results = pool.map(
+        tasks.wait_then_return, [flag, None], [None, flag], [0, 1], chunksize=1, timeout=GUARD
+    )
+    assert list(results) == [0, 1]
+
+
+def test_map_returns_a_lazy_iterator(pool: cleanbreak.Pool) -> None:
+    results = pool.map(tasks.square, range(5), timeout=GUARD)
+    assert iter(results) is results
+    assert next(results) == 0
+    assert list(results) == [1, 4, 9, 16]
+
+
+Inputs = Callable[[], tuple[Iterable[int], Iterable[int]]]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ([1, 2, 3], [10, 20, 30]),
+        lambda: ([1, 2, 3], [10, 20]),
+        lambda: ([1], [10, 20, 30]),
+        lambda: ([], [1, 2]),
+        lambda: (range(5), itertools.count(100)),  # an infinite one: the shortest still wins
+        lambda: (iter([1, 2, 3, 4]), (x for x in [5, 6, 7])),  # no len()
+    ],
+    ids=["equal", "second-shorter", "first-shorter", "empty", "infinite", "generators"],
+)
+def test_map_zips_several_iterables_like_builtin_map(pool: cleanbreak.Pool, make: Inputs) -> None:
+    expected = list(map(tasks.add, *make()))
+    assert list(pool.map(tasks.add, *make(), timeout=GUARD)) == expected
+
+
+def test_map_three_iterables(pool: cleanbreak.Pool) -> None:
+    assert list(pool.map(tasks.add3, [1, 2], [10, 20], [100, 200, 300], timeout=GUARD)) == [
+        111,
+        222,
+    ]
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 3, 7, 1000])
+def test_map_chunksize_does_not_change_results(
+    pool: cleanbreak.Pool, chunksize: int | None
+) -> None:
+    expected = [x * x for x in range(101)]
+    assert list(pool.map(tasks.square, range(101), chunksize=chunksize, timeout=GUARD)) == expected
+
+
+def test_map_of_nothing_is_empty(pool: cleanbreak.Pool) -> None:
+    assert list(pool.map(tasks.square, [], timeout=GUARD)) == []
+    assert list(pool.map(tasks.square, iter([]), timeout=GUARD)) == []
+
+
+def test_map_timeout_raises_timeout_error(pool: cleanbreak.Pool, tmp_path: Path) -> None:
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    results = pool.map(tasks.release_after, [started], [release], [1], timeout=0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            next(results)
+        assert concurrent.futures.TimeoutError is TimeoutError
+    finally:
+        tasks.touch(release)  # let the task end, so the shared pool is free again
+    assert pool.submit(tasks.square, 4).result(timeout=GUARD) == 16
+
+
+def test_map_iterator_resumes_past_a_failed_task(pool: cleanbreak.Pool) -> None:
+    results = pool.map(tasks.fail_on, range(6), itertools.repeat({2, 4}), timeout=GUARD)
+    outcomes = tasks.collect(results)
+    assert [o for i, o in enumerate(outcomes) if i not in (2, 4)] == [0, 1, 9, 25]
+    assert isinstance(outcomes[2], tasks.TaskError)
+    assert isinstance(outcomes[4], tasks.TaskError)
+    assert str(outcomes[2]) == "item 2 failed"
+
+
+def test_wait_and_as_completed_work_with_the_futures(pool: cleanbreak.Pool) -> None:
+    futures = [pool.submit(tasks.square, i) for i in range(20)]
+    done, not_done = concurrent.futures.wait(futures, timeout=GUARD)
+    assert done == set(futures)
+    assert not not_done
+    more = {pool.submit(tasks.square, i): i for i in range(20)}
+    seen = {more[f]: f.result() for f in concurrent.futures.as_completed(more, timeout=GUARD)}
+    assert seen == {i: i * i for i in range(20)}
+    first = [pool.submit(tasks.fail_on, i, {3}) for i in range(5)]
+    done, _ = concurrent.futures.wait(
+        first, timeout=GUARD, return_when=concurrent.futures.FIRST_EXCEPTION
+    )
+    assert first[3] in done
+
+
+def test_asyncio_run_in_executor(pool: cleanbreak.Pool) -> None:
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        calls = [loop.run_in_executor(pool, tasks.square, i) for i in range(5)]
+        return await asyncio.wait_for(asyncio.gather(*calls), GUARD)
+
+    assert asyncio.run(main()) == [0, 1, 4, 9, 16]
+
+
+def test_asyncio_sees_task_errors(pool: cleanbreak.Pool) -> None:
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(pool, tasks.raise_task_error, 1), GUARD)
+
+    with pytest.raises(tasks.TaskError, match="bad input 1"):
+        asyncio.run(main())
+
+
+def test_submit_from_many_threads(pool: cleanbreak.Pool) -> None:
+    results: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def client(base: int) -> None:
+        futures = [pool.submit(tasks.square, base + i) for i in range(10)]
+        values = [f.result(timeout=GUARD) for f in futures]
+        with lock:
+            results.update(zip(range(base, base + 10), values, strict=True))
+
+    threads = [threading.Thread(target=client, args=(100 * k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(GUARD)
+    assert results == {100 * k + i: (100 * k + i) ** 2 for k in range(4) for i in range(10)}
+
+
+# ── lifecycle: each test has a pool of its own ────────────────────────────────────────────────
+
+
+def test_shutdown_waits_for_every_task(start_method: str, tmp_path: Path) -> None:
+    pool = cleanbreak.Pool(2, mp_context=start_method)
+    futures = [
+        pool.submit(tasks.touch_and_return, str(tmp_path / f"ran-{i}"), i) for i in range(10)
+    ]
+    pool.shutdown(wait=True, cancel_futures=False)
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == list(range(10))
+    assert len(list(tmp_path.glob("ran-*"))) == 10
+
+
+def test_shutdown_without_wait_still_finishes_the_queue(start_method: str) -> None:
+    pool = cleanbreak.Pool(2, mp_context=start_method)
+    futures = [pool.submit(tasks.square, i) for i in range(10)]
+    pool.shutdown(wait=False)
+    assert [f.result(timeout=GUARD) for f in futures] == [i * i for i in range(10)]
+    pool.shutdown(wait=True)  # a second shutdown is harmless
+
+
+def test_submit_and_map_after_shutdown_raise_runtime_error(start_method: str) -> None:
+    pool = cleanbreak.Pool(1, mp_context=start_method)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(tasks.square, 1)
+    # (test_bad_input.py checks that a refused map call leaves no stray error behind.)
+    with tasks.unraisable_ignored():
+        with pytest.raises(RuntimeError, match="shutdown"):
+            pool.map(tasks.square, [1])
+        with pytest.raises(RuntimeError, match="shutdown"):
+            pool.imap_unordered(tasks.square, [1])
+
+
+class _ShutdownSpy(cleanbreak.Pool):
+    """A pool that says when its shutdown begins."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.shutting_down = threading.Event()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.shutting_down.set()
+        super().shutdown(wait, cancel_futures=cancel_futures)
+
+
+def test_with_block_waits_for_all_futures(start_method: str, tmp_path: Path) -> None:
+    release = str(tmp_path / "release")
+    pending_at_exit: list[bool] = []
+
+    def release_once_the_block_exits(pool: _ShutdownSpy, futures: list[Future[int]]) -> None:
+        assert pool.shutting_down.wait(GUARD)
+        pending_at_exit.extend(not f.done() for f in futures)
+        tasks.touch(release)
+
+    with _ShutdownSpy(1, mp_context=start_method) as pool:
+        futures = [pool.submit(tasks.wait_then_return, release, None, 0)]
+        futures += [pool.submit(tasks.square, i) for i in range(1, 6)]
+        helper = threading.Thread(target=release_once_the_block_exits, args=(pool, futures))
+        helper.start()
+    helper.join(GUARD)
+    assert pending_at_exit and all(pending_at_exit), "the tasks had finished before the exit"
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == [0, 1, 4, 9, 16, 25]
+
+
+def test_shutdown_cancel_futures_cancels_the_queued_tasks(
+    start_method: str, tmp_path: Path
+) -> None:
+    pool = cleanbreak.Pool(1, mp_context=start_method)
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    first = pool.submit(tasks.release_after, started, release, 100)
+    queued = [
+        pool.submit(tasks.touch_and_return, str(tmp_path / f"ran-{i}"), i) for i in range(1, 11)
+    ]
+    assert tasks.wait_for_path(started), "the first task never started"
+
+    def release_once_cancelled() -> None:
+        # The last task cannot have left the parent yet: once it shows as cancelled, the
+        # shutdown has done its cancelling and the running task may finish.
+        deadline = threading.Event()
+        while not queued[-1].cancelled() and not deadline.wait(0.002):
+            pass
+        tasks.touch(release)
+
+    helper = threading.Thread(target=release_once_cancelled, daemon=True)
+    helper.start()
+    pool.shutdown(wait=True, cancel_futures=True)
+    helper.join(GUARD)
+
+    assert first.result() == 100  # a running task is not cancelled
+    cancelled = [f.cancelled() for f in queued]
+    # Only the few tasks a worker may hold ahead (prefetch) can have escaped.
+    assert sum(cancelled) >= len(queued) - 3, cancelled
+    assert cancelled[-1]
+    for i, f in enumerate(queued, start=1):
+        ran = (tmp_path / f"ran-{i}").exists()
+        if f.cancelled():
+            assert not ran, f"task {i} was cancelled but ran"
+        else:
+            assert f.result() == i
+
+
+def test_future_cancel_of_a_queued_task(start_method: str, tmp_path: Path) -> None:
+    with cleanbreak.Pool(1, mp_context=start_method) as pool:
+        started, release = str(tmp_path / "started"), str(tmp_path / "release")
+        first = pool.submit(tasks.release_after, started, release, 1)
+        queued = [
+            pool.submit(tasks.touch_and_return, str(tmp_path / f"ran-{i}"), i) for i in range(8)
+        ]
+        assert tasks.wait_for_path(started)
+        assert not first.cancel(), "a running task cannot be cancelled"
+        assert queued[-1].cancel()
+        tasks.touch(release)
+    assert first.result() == 1
+    assert queued[-1].cancelled()
+    assert not (tmp_path / "ran-7").exists()
+    assert [f.result() for f in queued[:-1]] == list(range(7))
+
+
+def test_workers_are_gone_after_shutdown(start_method: str, tmp_path: Path) -> None:
+    with cleanbreak.Pool(2, mp_context=start_method) as pool:
+        a, b = str(tmp_path / "a"), str(tmp_path / "b")
+        meet = [pool.submit(tasks.rendezvous, a, b), pool.submit(tasks.rendezvous, b, a)]
+        assert all(f.result(timeout=GUARD) for f in meet)
+        pids = set(pool.map(tasks.getpid_of_worker, range(50), chunksize=1, timeout=GUARD))
+    assert pids
+    alive = [pid for pid in pids if psutil.pid_exists(pid)]
+    assert not alive, f"workers still there after shutdown: {alive}"

@@ -1,0 +1,138 @@
+"""The public surface: names, types, the exception hierarchy, typing marker."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import os
+import pickle
+import signal
+import tomllib
+from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cleanbreak
+
+EXPECTED_ALL = {
+    "BrokenPool",
+    "CleanbreakError",
+    "Interrupted",
+    "Pool",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskAborted",
+    "WorkerDied",
+    "__version__",
+    "default_workers",
+    "map",
+}
+
+
+def test_all_is_exactly_the_public_api() -> None:
+    assert set(cleanbreak.__all__) == EXPECTED_ALL
+    assert len(cleanbreak.__all__) == len(EXPECTED_ALL), "duplicates in __all__"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ALL))
+def test_every_public_name_is_importable(name: str) -> None:
+    namespace: dict[str, Any] = {}
+    exec(f"from cleanbreak import {name}", namespace)
+    assert namespace[name] is getattr(cleanbreak, name)
+
+
+def test_star_import_gives_the_public_api() -> None:
+    namespace: dict[str, Any] = {}
+    exec("from cleanbreak import *", namespace)
+    assert namespace.keys() >= EXPECTED_ALL
+
+
+def test_pool_is_an_executor() -> None:
+    assert issubclass(cleanbreak.Pool, Executor)
+
+
+@pytest.mark.parametrize(
+    ("cls", "base"),
+    [
+        (cleanbreak.Interrupted, KeyboardInterrupt),
+        (cleanbreak.WorkerDied, BrokenProcessPool),
+        (cleanbreak.WorkerDied, cleanbreak.CleanbreakError),
+        (cleanbreak.BrokenPool, BrokenProcessPool),
+        (cleanbreak.BrokenPool, cleanbreak.CleanbreakError),
+        (cleanbreak.SerializationError, pickle.PicklingError),
+        (cleanbreak.SerializationError, cleanbreak.CleanbreakError),
+        (cleanbreak.TaskAborted, cleanbreak.CleanbreakError),
+        (cleanbreak.CleanbreakError, Exception),
+        (cleanbreak.RemoteTraceback, Exception),
+    ],
+)
+def test_exception_hierarchy(cls: type[BaseException], base: type[BaseException]) -> None:
+    assert issubclass(cls, base)
+
+
+def test_interrupted_is_not_an_exception() -> None:
+    # ``except Exception`` around a map must not swallow Ctrl-C.
+    assert not issubclass(cleanbreak.Interrupted, Exception)
+    assert not issubclass(cleanbreak.TaskAborted, KeyboardInterrupt)
+
+
+def test_py_typed_ships() -> None:
+    assert importlib.resources.files("cleanbreak").joinpath("py.typed").is_file()
+    # ... and the build puts it in the wheel.
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["cleanbreak"]
+
+
+def test_version_matches_the_distribution() -> None:
+    assert cleanbreak.__version__ == importlib.metadata.version("cleanbreak")
+
+
+def test_default_workers_is_the_usable_cpu_count() -> None:
+    n = cleanbreak.default_workers()
+    assert isinstance(n, int)
+    assert n >= 1
+    assert n == len(os.sched_getaffinity(0))
+
+
+def test_pool_defaults_to_default_workers() -> None:
+    with cleanbreak.Pool() as pool:
+        assert pool.workers == cleanbreak.default_workers()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_pool_reports_its_worker_count(workers: int) -> None:
+    with cleanbreak.Pool(workers, mp_context="fork") as pool:
+        assert pool.workers == workers
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        cleanbreak.WorkerDied(-signal.SIGKILL, 1234, 5),
+        cleanbreak.WorkerDied(3, 1234, None),
+        cleanbreak.TaskAborted("SystemExit", "3"),
+        cleanbreak.SerializationError("result", "no"),
+        cleanbreak.Interrupted(signal.SIGTERM, {0: "a"}, total=3),
+        cleanbreak.RemoteTraceback("Traceback ..."),
+    ],
+    ids=repr,
+)
+def test_errors_survive_pickling(exc: BaseException) -> None:
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is type(exc)
+    assert str(copy) == str(exc)
+    assert vars(copy) == vars(exc)
+
+
+def test_worker_died_names_the_exit_code_or_signal() -> None:
+    by_signal = cleanbreak.WorkerDied(-signal.SIGKILL, 1234, 5)
+    assert by_signal.signal == signal.SIGKILL
+    assert by_signal.exitcode == -signal.SIGKILL
+    assert "SIGKILL" in str(by_signal)
+    assert "1234" in str(by_signal)
+    by_code = cleanbreak.WorkerDied(3, 1234)
+    assert by_code.signal is None
+    assert "code 3" in str(by_code)
