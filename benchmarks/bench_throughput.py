@@ -24,14 +24,20 @@ from common import (
     rotated,
     run_child,
 )
-from libs import DEFAULT_VARIANTS, MAP_VARIANTS, VARIANTS, available, mapper, pool_chunksize
+from libs import (
+    DEFAULT_VARIANTS,
+    MAP_VARIANTS,
+    VARIANTS,
+    Variant,
+    available,
+    mapper,
+    pool_chunksize,
+)
 from reporter import Reporter
 
 TINY_CALLS = 2_000_000
 TINY_CALLS_QUICK = 200_000
-# Variants that cost tens of microseconds per call are timed on fewer calls and extrapolated.
-SLOW_CALLS = 40_000
-SLOW_CALLS_QUICK = 10_000
+QUICK_DIVISOR = 5  # --quick times the slow variants on a fifth of their usual calls
 MS_TASKS = 2_000
 MS_TASKS_QUICK = 600
 
@@ -74,12 +80,17 @@ def _measure(
     return rates
 
 
+def _tiny_calls(variant: Variant, n: int, quick: bool) -> int:
+    if variant.tiny_calls is None:
+        return n
+    return min(n, variant.tiny_calls // QUICK_DIVISOR if quick else variant.tiny_calls)
+
+
 def run_tiny(settings: Settings) -> Section:
     n = TINY_CALLS_QUICK if settings.quick else TINY_CALLS
-    slow_n = SLOW_CALLS_QUICK if settings.quick else SLOW_CALLS
     reps = settings.repetitions(3, 1)
     keys = [v.key for v in MAP_VARIANTS if available(v.lib)]
-    counts = {v.key: (slow_n if v.slow else n) for v in MAP_VARIANTS}
+    counts = {v.key: _tiny_calls(v, n, settings.quick) for v in MAP_VARIANTS}
     rates = _measure(settings, keys, "inc", counts, reps, "tiny")
     section = Section(
         "tiny",
@@ -107,8 +118,8 @@ def run_tiny(settings: Settings) -> Section:
             ]
         )
     section.notes.append(
-        f"Variants with chunksize=1 and joblib cost tens of µs per call: they were timed on "
-        f"{slow_n:,} calls and the time for {n:,} extrapolated linearly."
+        f"Where \"calls timed\" is under {n:,}, the variant costs so much per call that it was "
+        f"timed on fewer calls and the time for {n:,} extrapolated linearly."
     )
     section.notes.append(
         f"\"chunksize as Pool.map\" = ceil(n / (4 × workers)) = {n // (4 * settings.workers):,}, "

@@ -55,20 +55,28 @@ class Variant:
     lib: str
     label: str
     chunked: bool = False  # passes the chunksize Pool.map would pick (the peer's default is 1)
-    slow: bool = False  # too slow per task to run the full tiny-task count: measured on fewer
     fresh: bool = False  # the timed call starts (and stops) the workers itself
+    # Too slow per call to run the full tiny-task count in the time budget: timed on this many
+    # calls instead, and extrapolated.
+    tiny_calls: int | None = None
 
 
 MAP_VARIANTS: tuple[Variant, ...] = (
     Variant("mp", MP, "multiprocessing.Pool.map"),
-    Variant("cf", CF, "ProcessPoolExecutor.map (chunksize=1, default)", slow=True),
+    Variant("cf", CF, "ProcessPoolExecutor.map (chunksize=1, default)", tiny_calls=10_000),
     Variant("cf-chunk", CF, "ProcessPoolExecutor.map (chunksize as Pool.map)", chunked=True),
-    Variant("loky", LOKY, "loky get_reusable_executor().map (chunksize=1, default)", slow=True),
-    Variant("loky-chunk", LOKY, "loky get_reusable_executor().map (chunksize as Pool.map)", True),
-    Variant("pebble", PEBBLE, "pebble ProcessPool.map (chunksize=1, default)", slow=True),
-    Variant("pebble-chunk", PEBBLE, "pebble ProcessPool.map (chunksize as Pool.map)", True),
-    Variant("mpire", MPIRE, "mpire WorkerPool.map", fresh=True),
-    Variant("joblib", JOBLIB, "joblib Parallel(n_jobs)(delayed(f)(x) …)", slow=True),
+    Variant("loky", LOKY, "loky executor.map (chunksize=1, default)", tiny_calls=10_000),
+    Variant("loky-chunk", LOKY, "loky executor.map (chunksize as Pool.map)", chunked=True),
+    Variant("pebble", PEBBLE, "pebble ProcessPool.map (chunksize=1, default)", tiny_calls=20_000),
+    Variant(
+        "pebble-chunk",
+        PEBBLE,
+        "pebble ProcessPool.map (chunksize as Pool.map)",
+        chunked=True,
+        tiny_calls=400_000,
+    ),
+    Variant("mpire", MPIRE, "mpire WorkerPool.map", fresh=True, tiny_calls=400_000),
+    Variant("joblib", JOBLIB, "joblib Parallel(n_jobs)(delayed(f)(x) …)", tiny_calls=400_000),
     Variant("cb", CB, "cleanbreak Pool.map"),
     Variant("cb-imap", CB, "cleanbreak Pool.imap_unordered"),
     Variant("cb-fn", CB, "cleanbreak.map", fresh=True),

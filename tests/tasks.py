@@ -263,9 +263,12 @@ MiB = 1 << 20
 def make_blob(size: int, seed: int) -> bytes:
     """``size`` bytes that are cheap to make, differ everywhere and show any reordering: each
     1 MiB block starts with its own index and continues with seeded random bytes."""
-    body = random.Random(seed).randbytes(MiB)
-    blocks = [i.to_bytes(8, "little") + body[8:] for i in range(size // MiB + 1)]
-    return b"".join(blocks)[:size]
+    blocks = -(-size // MiB)
+    buf = bytearray(random.Random(seed).randbytes(MiB)) * blocks
+    for i in range(blocks):
+        buf[i * MiB : i * MiB + 8] = i.to_bytes(8, "little")
+    del buf[size:]
+    return bytes(buf)
 
 
 def digest(data: bytes | bytearray | memoryview) -> str:
@@ -313,3 +316,21 @@ def unraisable_ignored() -> Iterator[list[Any]]:
         gc.collect()
     finally:
         sys.unraisablehook = previous
+
+
+def ordered_failure(spec: tuple[str, int, frozenset[int]]) -> int:
+    """For ``cleanbreak.map``: leave a trace, and fail for the items in ``bad``. The first bad
+    item waits (bounded) until the last one has left its trace, so that the failures happen in
+    the reverse of their input order."""
+    directory, x, bad = spec
+    if bad and x == min(bad):
+        wait_for_path(os.path.join(directory, f"ran-{max(bad)}"))
+    return record_and_fail_on(directory, x, bad)
+
+
+def exit_on_each(spec: tuple[int, set[int]]) -> int:
+    """For one-argument APIs: the worker exits for the items in the set."""
+    x, bad = spec
+    if x in bad:
+        os._exit(9)
+    return x * x

@@ -260,9 +260,9 @@ class LocalBackend:
         self.wake()
 
     def wake(self) -> None:
-        # One byte in the pipe is enough: skip the write while one is already waiting. The
-        # manager clears the flag before it reads the pipe, so no wake-up is lost. Under the
-        # lock, so that the fd cannot be closed (and its number reused) between check and write.
+        # One byte in the pipe is enough: skip the write while one is already waiting (see
+        # _drain_wake for why no wake-up is lost). Under the lock, so that the fd cannot be
+        # closed (and its number reused) between the check and the write.
         if self._wake_pending:
             return
         with self._lock:
@@ -359,10 +359,14 @@ class LocalBackend:
         return max(0.0, min(deadlines) - time.monotonic())
 
     def _drain_wake(self) -> None:
-        self._wake_pending = False
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
+        # Cleared only after the read: a caller that still sees it set skipped its write, but
+        # had queued its unit before looking, and the loop goes on to dispatch after this. Had
+        # it been cleared before the read, a byte written in between would be read with it and
+        # leave the flag set over an empty pipe: a lost wake-up.
+        self._wake_pending = False
 
     # ── stopping ─────────────────────────────────────────────────────────────────────────
 

@@ -130,6 +130,19 @@ class Child:
     def stderr(self) -> str:
         return (self.tmp / "stderr").read_text(errors="replace")
 
+    def dump_stacks(self) -> str:
+        """Ask a hung child for every thread's stack (faulthandler on SIGUSR1) and return
+        its stderr with them."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGUSR1)
+            time.sleep(0.5)  # diagnostics only: let faulthandler write the stacks
+        return self.stderr()
+
+    def output(self) -> str:
+        """stdout and stderr, for assertion messages."""
+        out = (self.tmp / "stdout").read_text(errors="replace")
+        return f"stdout:\n{out}\nstderr:\n{self.stderr()}"
+
     def _read(self, timeout: float) -> None:
         readable, _, _ = select.select([self._fd, self.pidfd], [], [], max(0.0, timeout))
         if self._fd in readable:
@@ -188,19 +201,17 @@ class Child:
 
     def drain_events(self) -> None:
         """Read every event already written (call once the child and its tasks are gone)."""
-        while True:
-            readable, _, _ = select.select([self._fd], [], [], 0)
-            if not readable:
-                return
-            before = len(self.events)
+        while select.select([self._fd], [], [], 0)[0]:
+            before = (len(self.events), len(self._buf))
             self._read(0)
-            if len(self.events) == before and not readable:
-                return
-            if len(self.events) == before:
+            if (len(self.events), len(self._buf)) == before:
                 return
 
-    def release(self, n: int) -> None:
+    def release(self, n: int) -> int:
+        """Let ``n`` waiting ``d`` tasks return; returns CLOCK_MONOTONIC just before."""
+        t = time.monotonic_ns()
         os.write(self._release, b"x" * n)
+        return t
 
     # ── what the events say ────────────────────────────────────────────────────────────
 
@@ -252,7 +263,7 @@ class Child:
             if left <= 0:
                 raise AssertionError(
                     f"the child did not exit within {timeout} s; events {self.kinds()}\n"
-                    f"{self.stderr()}"
+                    f"{self.dump_stacks()}"
                 )
             self._read(left)
         assert self.proc is not None
@@ -348,3 +359,19 @@ class Child:
 
 def ms(t0_ns: int, t1_ns: int) -> float:
     return (t1_ns - t0_ns) / 1e6
+
+
+def assert_cleaned_up(child: Child, label: str) -> None:
+    """After the child exited: its workers are gone already, the workers' children die with
+    them, and nothing it started is left in its session."""
+    assert child.exited_ns is not None
+    workers = child.still_running("worker")
+    assert not workers, f"workers still running after the parent exited: {workers}"
+    grandchildren = [w for w in child.watched.values() if w.what == "grandchild"]
+    running = child.still_running("grandchild")
+    record(f"{label}: grandchildren still running at parent exit (count)", len(running))
+    late = child.wait_gone(grandchildren, EXIT_GUARD)
+    assert not late, f"the tasks' own children survived: {late}"
+    leftovers, took = child.wait_session_empty(ORPHAN_GUARD)
+    assert not leftovers, f"processes left behind: {leftovers}"
+    record(f"{label}: session empty after parent exit (ms)", took * 1000)

@@ -31,6 +31,7 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         wait: str = "results",
         user_handler: bool = False,
         watch_level: bool = False,
+        stop_grace: float | None = None,
     ) -> Child:
         tmp = tmp_path / f"child{len(children)}"
         tmp.mkdir()
@@ -46,6 +47,8 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             argv.append("--user-handler")
         if watch_level:
             argv.append("--watch-level")
+        if stop_grace is not None:
+            argv.append(f"--stop-grace={stop_grace}")
         child = Child(tmp, argv)
         children.append(child)
         child.start()

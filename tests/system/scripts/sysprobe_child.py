@@ -16,6 +16,7 @@ finished, 1 with a traceback on anything else.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 import cleanbreak
+import cleanbreak._manager
 from sysprobe_tasks import Receipt, Spec, emit, task
 
 
@@ -80,7 +82,20 @@ def main() -> int:
     parser.add_argument("--release", required=True)
     parser.add_argument("--user-handler", action="store_true")
     parser.add_argument("--watch-level", action="store_true")
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=None,
+        help="seconds a stopped worker has before it is killed (default: cleanbreak's own)",
+    )
     args = parser.parse_args()
+    # The test sends SIGUSR1 to a child that hangs, to see where every thread is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    if args.stop_grace is not None:
+        # Test instrumentation: a long grace makes "the second Ctrl-C leaves a task that
+        # ignores SIGTERM running, the third kills it" deterministic.
+        cleanbreak._manager.STOP_GRACE = args.stop_grace
 
     if args.user_handler:
         signal.signal(signal.SIGINT, _user_handler)

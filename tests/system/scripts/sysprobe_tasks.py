@@ -13,6 +13,8 @@ A spec is ``(kind, index, events_fifo, release_fifo)``. Kinds:
 - ``d`` blocks until the test releases it (one byte on the release FIFO), then returns.
 - ``s`` survives SIGTERM: reports ``term`` on each one and keeps blocking. Only SIGKILL ends it.
 - ``t`` returns normally when SIGTERM arrives (a task that catches it and finishes).
+- ``k`` returns at once, and its result sends SIGINT to the pool's parent as it arrives there:
+  a Ctrl-C that comes at the very moment a result does (see ``received_with_sigint``).
 
 Every value a task returns is wrapped in a ``Receipt``: unpickling it in the pool's parent writes
 ``recv <index>``. That line means the parent holds the result, so it is an exact handshake for
@@ -22,6 +24,7 @@ Every value a task returns is wrapped in a ``Receipt``: unpickling it in the poo
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -48,16 +51,31 @@ def received(events: str, index: int, value: int) -> int:
     return value
 
 
+def received_with_sigint(events: str, index: int, value: int) -> int:
+    """``received``, and then a Ctrl-C to this process (the pool's parent).
+
+    The kernel hands a process-directed signal to any thread that does not block it; this
+    picks the thread that is unpickling the result (the pool's manager thread), as a
+    terminal's Ctrl-C may. The main thread then learns of the signal only when it next runs
+    Python code: when this result wakes it.
+    """
+    emit(events, "recv", index, time.monotonic_ns())
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    return value
+
+
 class Receipt:
     """A result that announces its arrival in the parent (see the module docstring)."""
 
-    def __init__(self, events: str, index: int, value: int) -> None:
+    def __init__(self, events: str, index: int, value: int, interrupt: bool = False) -> None:
         self.events = events
         self.index = index
         self.value = value
+        self.interrupt = interrupt
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (received, (self.events, self.index, self.value))
+        arrive = received_with_sigint if self.interrupt else received
+        return (arrive, (self.events, self.index, self.value))
 
 
 class _Stopped(Exception):
@@ -68,9 +86,26 @@ def _block() -> None:
     threading.Event().wait()
 
 
+def _block_for_signals() -> None:
+    """Block, but run this process's Python signal handlers as soon as a signal arrives.
+
+    A process-directed signal may be delivered to any thread, for instance the worker's
+    watchdog thread, and then a main thread blocked in a lock or ``pause()`` is never woken to
+    run the handler. The wakeup fd is written by whichever thread takes the signal, and wakes
+    the ``select`` below.
+    """
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+    while True:
+        select.select([r], [], [])
+        os.read(r, 512)
+
+
 def task(spec: Spec) -> Receipt:
     kind, index, events, release = spec
-    value = index * 10
+    if kind == "t":
+        return _catch_sigterm(index, events)
     pid = os.getpid()
     if kind == "s":
 
@@ -78,17 +113,15 @@ def task(spec: Spec) -> Receipt:
             emit(events, "term", index, pid, time.monotonic_ns())
 
         signal.signal(signal.SIGTERM, on_term)
-    elif kind == "t":
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            raise _Stopped
-
-        signal.signal(signal.SIGTERM, stop)
     emit(events, "start", index, pid, time.monotonic_ns())
     if kind == "q":
-        return Receipt(events, index, value)
-    if kind == "b" or kind == "s":
+        return Receipt(events, index, index * 10)
+    if kind == "k":
+        return Receipt(events, index, index * 10, interrupt=True)
+    if kind == "b":
         _block()
+    elif kind == "s":
+        _block_for_signals()
     elif kind == "g":
         child = subprocess.Popen(["sleep", "1000"])
         emit(events, "grandchild", index, child.pid)
@@ -99,11 +132,22 @@ def task(spec: Spec) -> Receipt:
             os.read(fd, 1)
         finally:
             os.close(fd)
-        return Receipt(events, index, value)
-    elif kind == "t":
-        try:
-            _block()
-        except _Stopped:
-            emit(events, "term", index, pid, time.monotonic_ns())
-            return Receipt(events, index, value)
+        return Receipt(events, index, index * 10)
     raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _catch_sigterm(index: int, events: str) -> Receipt:
+    pid = os.getpid()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        # The signal may come as soon as the start line is out, even before it is.
+        emit(events, "start", index, pid, time.monotonic_ns())
+        _block_for_signals()
+    except _Stopped:
+        pass
+    emit(events, "term", index, pid, time.monotonic_ns())
+    return Receipt(events, index, index * 10)
