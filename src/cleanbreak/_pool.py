@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import multiprocessing
 import os
-import queue
 import signal
 import sys
 import threading
-import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
@@ -35,8 +31,9 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from . import _signals
 from ._errors import BrokenPool, Interrupted
 from ._manager import DRAINING, KILLING, STOPPING, LocalBackend, default_context
+from ._map import MapRun, collect, iterate, positive
 from ._units import TaskOptions, Unit
-from ._wire import CALL_KW, CALL_ONE, CALL_STAR
+from ._wire import CALL_KW
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -79,14 +76,6 @@ def _context(mp_context: BaseContext | str | None) -> BaseContext:
     )
 
 
-def _positive(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1 (or None), got {value!r}")
-    return value
-
-
 class _Unset:
     """The default of ``Pool.options()`` arguments: keep the pool's value."""
 
@@ -125,13 +114,13 @@ class Pool(Executor):
                 f"cleanbreak needs a POSIX system (Linux or macOS), not {sys.platform}: it relies "
                 "on process groups and POSIX signals"
             )
-        n = _positive("workers", workers) or default_workers()
+        n = positive("workers", workers) or default_workers()
         if on_interrupt not in _ESCALATION:
             raise ValueError(f"on_interrupt must be 'terminate' or 'drain', got {on_interrupt!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
         self._opts = TaskOptions.make(task_timeout, retries, retry_on)
-        max_tasks = _positive("max_tasks_per_worker", max_tasks_per_worker)
+        max_tasks = positive("max_tasks_per_worker", max_tasks_per_worker)
         self._mode: OnInterrupt = on_interrupt
         self._lock = threading.Lock()
         self._closed = False
@@ -139,7 +128,8 @@ class Pool(Executor):
         self._signals_seen = 0
         self._index = itertools.count()
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
-        self._runs: weakref.WeakSet[_MapRun[Any]] = weakref.WeakSet()
+        self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
+        self._last_run: MapRun[Any] | None = None
         self._backend = LocalBackend(
             n, _context(mp_context), initializer, tuple(initargs), max_tasks
         )
@@ -237,7 +227,7 @@ class Pool(Executor):
     ) -> Iterator[T]:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        return _MapRun(
+        run = MapRun(
             self,
             opts,
             fn,
@@ -247,6 +237,7 @@ class Pool(Executor):
             chunksize=chunksize,
             buffersize=buffersize,
         )
+        return iterate(run)
 
     def imap_unordered(
         self,
@@ -267,7 +258,7 @@ class Pool(Executor):
         chunksize: int | None,
         buffersize: int | None,
     ) -> Iterator[T]:
-        return _MapRun(
+        run = MapRun(
             self,
             opts,
             fn,
@@ -277,6 +268,7 @@ class Pool(Executor):
             chunksize=chunksize,
             buffersize=buffersize,
         )
+        return iterate(run)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more tasks, and release the workers once the queued ones are done.
@@ -308,6 +300,11 @@ class Pool(Executor):
             self._stop(exc)
             if isinstance(exc, Interrupted) and exc._filled:
                 return None  # a pool call inside the block already gathered its results
+            run = self._last_run
+            if run is not None and not any(True for _ in self._futures.values()):
+                # Ctrl-C came while the loop body ran, outside the pool: the map it was
+                # iterating was closed on the way out, and its results are the ones to keep.
+                raise self._interrupted(exc, run.gather(), run.total) from None
             raise self._interrupted(exc, self._completed()) from None
         self.shutdown(wait=True)
         return None
@@ -470,241 +467,6 @@ class _FutureSink:
         self.fut._cancel_running()
 
 
-_OK, _FAIL, _CANCEL = 0, 1, 2
-
-
-class _MapSink:
-    """Outcomes of one ``map`` call: onto a queue its iterator reads.
-
-    Kept apart from the iterator so that queued units do not keep the iterator alive: when the
-    caller drops it (a ``break`` out of the loop), ``finished`` is set and the units that have
-    not left the parent are dropped.
-    """
-
-    __slots__ = ("events", "finished")
-
-    def __init__(self) -> None:
-        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self.finished = False
-
-    def start(self, unit: Unit) -> bool:
-        return not self.finished
-
-    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
-        self.events.put((_OK, start, values, errors))
-
-    def fail(self, start: int, count: int, exc: BaseException) -> None:
-        self.events.put((_FAIL, start, count, exc))
-
-    def cancel(self, start: int, count: int) -> None:
-        self.events.put((_CANCEL, start, count, None))
-
-
-class _MapRun(Iterator[T]):
-    """One ``map`` or ``imap_unordered`` call: feeds input lazily, yields results.
-
-    The caller's thread reads the input, a chunk at a time, while fewer than ``window`` items
-    are out (read but not yet yielded). The manager thread reports outcomes through the sink's
-    queue. A task's exception is raised in its turn and the iterator stays usable after it.
-    """
-
-    def __init__(
-        self,
-        pool: Pool,
-        opts: TaskOptions,
-        fn: Callable[..., T],
-        iterables: tuple[Iterable[Any], ...],
-        *,
-        ordered: bool,
-        timeout: float | None,
-        chunksize: int | None,
-        buffersize: int | None,
-        keep_all: bool | None = None,
-    ) -> None:
-        chunk = _positive("chunksize", chunksize)
-        window = _positive("buffersize", buffersize)
-        if timeout is not None and not timeout >= 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
-        if not callable(fn):
-            raise TypeError(f"the function to map must be callable, got {fn!r}")
-        pool._check_open()
-        sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
-        self.total = min(sizes) if len(sizes) == len(iterables) else None
-        workers = pool.workers
-        if chunk is None:
-            if self.total is not None:
-                chunk = max(1, min(math.ceil(self.total / (workers * 8)), 1024))
-            else:
-                chunk = max(1, 64 // (workers * 4))
-        if window is None:
-            window = max(chunk * workers * 4, workers * 32)
-        self._pool = pool
-        self._backend = pool._backend
-        self._sink = _MapSink()
-        self._opts = opts
-        self._fn = fn
-        self._kind = CALL_ONE if len(iterables) == 1 else CALL_STAR
-        self._it: Iterator[Any] = (
-            iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
-        )
-        self._chunk = chunk
-        self._window = window
-        self._ordered = ordered
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        # Sized input is in memory already, so results that were yielded are kept too, for
-        # Interrupted.completed. For lazy input only results not yet yielded are: keeping the
-        # others would make memory grow without bound on an endless generator.
-        keep = self.total is not None if keep_all is None else keep_all
-        self._kept: dict[int, Any] | None = {} if keep else None
-        self._done: dict[int, Any] = {}  # ordered: finished, not yet yielded
-        self._errors: dict[int, BaseException] = {}
-        self._ready: deque[tuple[int, Any, BaseException | None]] = deque()  # unordered
-        self._pulled = 0
-        self._yielded = 0
-        self._next = 0
-        self._cancelled = False
-        self._exhausted = False
-        pool._runs.add(self)
-        self._guarded(self._top_up)
-
-    @property
-    def finished(self) -> bool:
-        return self._sink.finished
-
-    def __iter__(self) -> _MapRun[T]:
-        return self
-
-    def __next__(self) -> T:
-        if self._sink.finished:
-            raise StopIteration
-        return self._guarded(self._next_ordered if self._ordered else self._next_unordered)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        """Stop reading input; tasks that have not left the parent are dropped."""
-        self._sink.finished = True
-
-    def __del__(self) -> None:
-        self._sink.finished = True
-
-    def _guarded(self, step: Callable[[], Any]) -> Any:
-        try:
-            return step()
-        except KeyboardInterrupt as exc:
-            self._sink.finished = True
-            self._pool._stop(exc)
-            raise self._pool._interrupted(exc, self._gather(), self.total) from None
-        except StopIteration:
-            self._sink.finished = True
-            raise
-
-    def _gather(self) -> dict[int, Any]:
-        """Every result that finished. Called once the pool has stopped and sent everything."""
-        while True:
-            try:
-                event = self._sink.events.get_nowait()
-            except queue.Empty:
-                break
-            self._apply(event)
-        out = dict(self._kept) if self._kept is not None else {}
-        out.update(self._done)
-        out.update((i, v) for i, v, err in self._ready if err is None)
-        return dict(sorted(out.items()))
-
-    def _top_up(self) -> None:
-        while not self._exhausted and self._pulled - self._yielded < self._window:
-            try:
-                items = list(itertools.islice(self._it, self._chunk))
-            except Exception:
-                self._sink.finished = True
-                raise
-            if len(items) < self._chunk:
-                self._exhausted = True
-            if not items:
-                break
-            unit = self._backend.new_unit(
-                self._kind, self._fn, items, self._sink, self._pulled, self._opts
-            )
-            self._pulled += len(items)
-            self._backend.put(unit)
-
-    def _next_ordered(self) -> T:
-        while True:
-            i = self._next
-            if i in self._done:
-                value = self._done.pop(i)
-                self._taken(i, value)
-                return value  # type: ignore[no-any-return]
-            if i in self._errors:
-                exc = self._errors.pop(i)
-                self._taken(i, None, kept=False)
-                raise exc
-            if self._exhausted and i >= self._pulled:
-                raise StopIteration
-            self._wait_event()
-
-    def _next_unordered(self) -> T:
-        while True:
-            if self._ready:
-                i, value, exc = self._ready.popleft()
-                self._taken(i, value, kept=exc is None)
-                if exc is not None:
-                    raise exc
-                return value  # type: ignore[no-any-return]
-            if self._exhausted and self._yielded >= self._pulled:
-                raise StopIteration
-            self._wait_event()
-
-    def _taken(self, i: int, value: Any, kept: bool = True) -> None:
-        self._next = i + 1
-        self._yielded += 1
-        if self._kept is not None and kept:
-            self._kept[i] = value
-        self._top_up()
-
-    def _wait_event(self) -> None:
-        timeout = None
-        if self._deadline is not None:
-            timeout = self._deadline - time.monotonic()
-        try:
-            if timeout is not None and timeout <= 0:
-                raise queue.Empty
-            event = self._sink.events.get(timeout=timeout)
-        except queue.Empty:
-            self._sink.finished = True
-            raise TimeoutError("map() timed out before the next result was ready") from None
-        self._apply(event)
-        if self._cancelled:
-            if self._pool._signal is not None:
-                # The pool was interrupted: go and gather what finished. The signal was
-                # counted already, so mark it as such.
-                stop = Interrupted(self._pool._signal)
-                stop._counted = True
-                raise stop
-            self._sink.finished = True
-            raise CancelledError("map() was cancelled: the pool was shut down")
-
-    def _apply(self, event: tuple[Any, ...]) -> None:
-        kind, start = event[0], event[1]
-        if kind == _OK:
-            values, errors = event[2], event[3]
-            for k, value in enumerate(values):
-                self._store(start + k, value, errors.get(k) if errors else None)
-        elif kind == _FAIL:
-            for i in range(start, start + event[2]):
-                self._store(i, None, event[3])
-        else:
-            self._cancelled = True
-
-    def _store(self, i: int, value: Any, exc: BaseException | None) -> None:
-        if self._ordered:
-            if exc is None:
-                self._done[i] = value
-            else:
-                self._errors[i] = exc
-        else:
-            self._ready.append((i, value, exc))
-
-
 def map(
     fn: Callable[[Any], T],
     iterable: Iterable[Any],
@@ -737,7 +499,7 @@ def map(
         retry_on=retry_on,
         max_tasks_per_worker=max_tasks_per_worker,
     ) as pool:
-        run: _MapRun[T] = _MapRun(
+        run: MapRun[T] = MapRun(
             pool,
             pool._opts,
             fn,
@@ -748,20 +510,4 @@ def map(
             buffersize=None,
             keep_all=True,
         )
-        results: list[T] = []
-        failures: list[BaseException] = []
-        while True:
-            try:
-                results.append(next(run))
-            except StopIteration:
-                break
-            except Exception as exc:
-                failures.append(exc)
-        if failures:
-            first = failures[0]
-            first.add_note(
-                f"{len(failures)} of {len(results) + len(failures)} tasks failed; this is the "
-                "first in input order"
-            )
-            raise first
-        return results
+        return collect(run)

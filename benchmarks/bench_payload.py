@@ -1,0 +1,155 @@
+"""Measurement 3: large payloads, both ways, with the parent's peak memory.
+
+Results: ``count`` tasks each return ``size`` bytes, built in the worker. Arguments: ``count``
+distinct ``size``-byte objects, built in the parent after the pool is open (so forked workers do
+not inherit them), are mapped to a task that returns their length.
+
+Each (variant, direction, repetition) runs in a fresh child process. The pool is opened and
+warmed up first; then the parent's current RSS is read (``/proc/self/statm``), the ``map`` is
+timed, and the peak RSS comes from ``getrusage(RUSAGE_SELF).ru_maxrss``, which the kernel keeps
+exactly. A fresh process per measurement makes that peak belong to this measurement alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import resource
+import time
+from typing import Any
+
+import tasks
+from common import Section, Settings, fmt_rate, fmt_ratio, median, progress, rotated, run_child
+from libs import CB, DEFAULT_VARIANTS, VARIANTS, available, mapper
+from reporter import Reporter
+
+MB = 1_000_000
+COUNT, COUNT_QUICK = 20, 8
+SIZE = 50 * MB
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def child_payload(params: dict[str, Any], report: Reporter) -> None:
+    count: int = params["count"]
+    size: int = params["size"]
+    workers: int = params["workers"]
+    with mapper(params["variant"], workers, 1) as run:
+        run(tasks.inc, list(range(workers * 4)))  # warm-up
+        fn: Any
+        if params["direction"] == "args":
+            items: list[Any] = [tasks.make_bytes(i, size) for i in range(count)]
+            fn = tasks.length
+        else:
+            items = list(range(count))
+            fn = functools.partial(tasks.make_bytes, size=size)
+        gc.collect()
+        start_rss = current_rss()
+        peak_before = peak_rss()
+        start = time.perf_counter()
+        out = run(fn, items)
+        seconds = time.perf_counter() - start
+        peak = peak_rss()
+    if params["direction"] == "args":
+        ok = out == [size] * count
+    else:
+        ok = [len(r) for r in out] == [size] * count and all(
+            r[:1] == bytes((i % 256,)) for i, r in enumerate(out)
+        )
+    if not ok:
+        raise AssertionError(f"{params['variant']}: wrong results")
+    report(
+        {
+            "seconds": seconds,
+            "bytes": count * size,
+            "peak_over_start": peak - start_rss,
+            "peak_set_before": peak == peak_before,
+        }
+    )
+
+
+def run_payload(settings: Settings) -> Section:
+    count = COUNT_QUICK if settings.quick else COUNT
+    reps = settings.repetitions(3, 1)
+    keys = [k for k in DEFAULT_VARIANTS if available(VARIANTS[k].lib)]
+    directions = ("results", "args")
+    rates: dict[tuple[str, str], list[float]] = {}
+    peaks: dict[tuple[str, str], list[float]] = {}
+    for rep in range(reps):
+        for direction in directions:
+            for key in rotated(keys, rep):
+                params = {
+                    "variant": key,
+                    "direction": direction,
+                    "count": count,
+                    "size": SIZE,
+                    "workers": settings.workers,
+                }
+                result, why = run_child("payload", params, 180)
+                tag = f"  payload {direction} rep {rep + 1}/{reps} {key}"
+                if result is None:
+                    progress(f"{tag}: FAILED ({why})")
+                    continue
+                rate = result["bytes"] / MB / result["seconds"]
+                peak = result["peak_over_start"] / MB
+                rates.setdefault((key, direction), []).append(rate)
+                peaks.setdefault((key, direction), []).append(peak)
+                progress(f"{tag}: {rate:,.0f} MB/s, peak RSS +{peak:,.0f} MB")
+
+    total = count * SIZE // MB
+    section = Section(
+        "payload",
+        f"3. Large payloads: {count} × {SIZE // MB} MB",
+        f"`bytes` of {SIZE // MB} MB each ({total:,} MB in all), each library's `map` with its "
+        f"default chunking, {settings.workers} workers, warm pool, median of {reps} alternating "
+        "run(s), a fresh process per run. Peak RSS: the parent's peak (`ru_maxrss`) minus its "
+        "RSS just before the `map`.",
+        ["API", "direction", "MB/s", "vs best peer", "parent peak RSS above start"],
+    )
+    for direction in directions:
+        peer_rates = {
+            k: median(rates[(k, direction)])
+            for k in keys
+            if VARIANTS[k].lib != CB and rates.get((k, direction))
+        }
+        best = max(peer_rates, key=lambda k: peer_rates[k]) if peer_rates else None
+        label = "results returned" if direction == "results" else "arguments sent"
+        for key in keys:
+            v = VARIANTS[key]
+            got = rates.get((key, direction))
+            if not got:
+                section.rows.append([v.label, label, "not measured", "—", "—"])
+                continue
+            rate = median(got)
+            ratio = fmt_ratio(rate / peer_rates[best]) if best else "—"
+            if key == best:
+                ratio = "best peer"
+            section.rows.append(
+                [
+                    v.label,
+                    label,
+                    fmt_rate(rate),
+                    ratio,
+                    f"{median(peaks[(key, direction)]):,.0f} MB",
+                ]
+            )
+        if best is not None and rates.get(("cb", direction)):
+            cb_rate = median(rates[("cb", direction)])
+            section.notes.append(
+                f"{label}: best peer {VARIANTS[best].label} at {fmt_rate(peer_rates[best])} MB/s; "
+                f"cleanbreak Pool.map {fmt_rate(cb_rate)} MB/s = "
+                f"{fmt_ratio(cb_rate / peer_rates[best])} of it."
+            )
+    section.notes.append(
+        f"Results returned: the parent ends up holding all {total:,} MB of results, so that is "
+        "the floor for its peak; anything above it is the library's transient copies."
+    )
+    return section

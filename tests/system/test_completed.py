@@ -1,0 +1,80 @@
+"""``Interrupted.completed`` holds every result that finished, whichever API produced it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ._harness import METHODS, TIMEOUT, assert_cleaned_up
+from .conftest import StartChild
+
+
+@pytest.mark.parametrize("api", ["map", "submit"])
+@pytest.mark.parametrize("method", METHODS)
+def test_results_behind_a_blocked_one_are_kept(
+    start_child: StartChild, method: str, api: str
+) -> None:
+    """Task 0 blocks for ever, tasks 1-3 finish. An ordered ``map`` never yielded them (task 0
+    comes first), yet ``completed`` has them; with ``submit`` the keys are submission indices
+    and the futures keep their results.
+
+    Four workers, so that each task has a worker to itself: a worker takes a second task only
+    once every worker has one, and task 0 never lets go of its worker.
+    """
+    child = start_child(method=method, layout="bqqq", workers=4, api=api)
+    child.wait_for(
+        lambda c: 0 in c.indices("start") and c.indices("recv") == {1, 2, 3},
+        "task 0 to block and tasks 1-3 to reach the parent",
+    )
+
+    child.send("sigint-group")
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    report = child.report()
+    assert child.completed() == {1: 10, 2: 20, 3: 30}
+    if api == "map":
+        assert report["total"] == 4
+    else:
+        assert report["futures"][1:] == ["result:10", "result:20", "result:30"]
+        assert not report["futures"][0].startswith("result")
+    assert_cleaned_up(child, f"completed, {api}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_module_map_keeps_every_finished_result(start_child: StartChild, method: str) -> None:
+    """``cleanbreak.map``: results it had yielded to itself and results still buffered are
+    all in ``completed``. Four quick tasks, then two blocking tasks per worker, then more."""
+    child = start_child(method=method, layout="qqqq" + "bbbb" + "qq", api="cbmap")
+    child.wait_for(
+        lambda c: c.indices("recv") == {0, 1, 2, 3} and len(c.indices("start") & {4, 5, 6, 7}) == 2,
+        "the quick results and both workers to block",
+    )
+
+    sent = child.send("sigint-group")
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    report = child.report()
+    assert report["signal"] == "SIGINT"
+    assert child.completed() == {0: 0, 1: 10, 2: 20, 3: 30}
+    assert report["total"] == 10
+    child.drain_events()
+    assert child.started_after(sent) == []
+    assert_cleaned_up(child, "completed, cleanbreak.map")
+
+
+@pytest.mark.parametrize("api", ["map", "cbmap", "submit"])
+@pytest.mark.parametrize("method", METHODS)
+def test_result_that_arrives_with_the_signal_is_kept(
+    start_child: StartChild, method: str, api: str
+) -> None:
+    """Task 1's result sends SIGINT to the parent from inside the unpickling of that result,
+    so the Ctrl-C lands at the very moment the result reaches the parent: the result must
+    still be in ``completed``. Task 0 blocks for ever, so an ordered map is waiting for it."""
+    child = start_child(method=method, layout="bk", api=api)
+    status = child.wait_exit(timeout=TIMEOUT)
+
+    assert status == 130, child.output()
+    assert child.report()["signal"] == "SIGINT"
+    assert child.completed() == {1: 10}
+    assert_cleaned_up(child, f"completed, result arriving with the signal, {api}")

@@ -1,0 +1,59 @@
+"""Payload size never deadlocks, and large payloads arrive intact (contract 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import cleanbreak
+from tests import tasks
+from tests.tasks import GUARD, MiB
+
+
+@pytest.fixture(scope="module")
+def one_worker() -> Iterator[cleanbreak.Pool]:
+    with cleanbreak.Pool(1, mp_context="forkserver") as pool:
+        yield pool
+
+
+def test_a_200_mb_result(fs_pool: cleanbreak.Pool) -> None:
+    size = 200 * MiB
+    result = fs_pool.submit(tasks.blob, size, 1).result(timeout=GUARD)
+    assert len(result) == size
+    assert tasks.digest(result) == tasks.digest(tasks.make_blob(size, 1))
+
+
+def test_a_200_mb_argument(fs_pool: cleanbreak.Pool) -> None:
+    data = tasks.make_blob(200 * MiB, 2)
+    got = fs_pool.submit(tasks.blob_digest, data).result(timeout=GUARD)
+    assert got == (len(data), tasks.digest(data))
+
+
+def test_large_results_from_several_workers_at_once(fs_pool: cleanbreak.Pool) -> None:
+    size = 60 * MiB
+    results = fs_pool.map(tasks.blob, [size] * 4, range(10, 14), chunksize=1, timeout=GUARD)
+    for seed, result in zip(range(10, 14), results, strict=True):
+        assert len(result) == size
+        assert tasks.digest(result) == tasks.digest(tasks.make_blob(size, seed))
+
+
+def test_large_arguments_and_results_cross_in_both_directions(one_worker: cleanbreak.Pool) -> None:
+    # One worker holds two units (prefetch): it writes a large result while the parent is still
+    # writing it the next large argument. Neither side may wait for the other.
+    blobs = [tasks.make_blob(64 * MiB, seed) for seed in (20, 21, 22)]
+    futures = [one_worker.submit(tasks.echo, b) for b in blobs]
+    for b, fut in zip(blobs, futures, strict=True):
+        assert tasks.digest(fut.result(timeout=GUARD)) == tasks.digest(b)
+
+
+def test_a_large_map_chunk_of_medium_items(fs_pool: cleanbreak.Pool) -> None:
+    # 40 items of 2 MiB in one unit: 80 MiB in one frame each way.
+    items = [tasks.make_blob(2 * MiB, seed) for seed in range(40)]
+    results = list(fs_pool.map(tasks.echo, items, chunksize=40, timeout=GUARD))
+    assert [tasks.digest(r) for r in results] == [tasks.digest(b) for b in items]
+
+
+def test_many_small_results_in_one_chunk(fs_pool: cleanbreak.Pool) -> None:
+    results = list(fs_pool.map(tasks.square, range(100_000), chunksize=20_000, timeout=GUARD))
+    assert results == [x * x for x in range(100_000)]

@@ -1,0 +1,150 @@
+"""A worker that dies fails the one task it was running (contract 2); a broken start-up stops
+the pool instead of looping."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cleanbreak
+from tests import tasks
+from tests.tasks import GUARD
+
+
+def _two_workers_run_at_once(pool: cleanbreak.Pool, where: Path, tag: str) -> None:
+    """Two tasks that each wait for the other: only two live workers can finish them."""
+    a, b = str(where / f"{tag}-a"), str(where / f"{tag}-b")
+    meet = [pool.submit(tasks.rendezvous, a, b), pool.submit(tasks.rendezvous, b, a)]
+    assert [f.result(timeout=2 * GUARD) for f in meet] == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("killer", "arg", "exitcode", "sig"),
+    [
+        (tasks.exit_now, 3, 3, None),
+        (tasks.sigkill_self, None, -signal.SIGKILL, signal.SIGKILL),
+    ],
+    ids=["os._exit(3)", "SIGKILL"],
+)
+def test_a_dying_worker_fails_only_its_task(
+    start_method: str,
+    tmp_path: Path,
+    killer: Callable[[Any], int],
+    arg: Any,
+    exitcode: int,
+    sig: signal.Signals | None,
+) -> None:
+    with cleanbreak.Pool(2, mp_context=start_method) as pool:
+        before = [pool.submit(tasks.square, i) for i in range(5)]
+        doomed = pool.submit(killer, arg)
+        after = [pool.submit(tasks.square, i) for i in range(5, 10)]
+
+        exc = doomed.exception(timeout=GUARD)
+        assert isinstance(exc, cleanbreak.WorkerDied), repr(exc)
+        assert exc.exitcode == exitcode
+        assert exc.signal == sig
+        assert exc.pid > 0
+        text = str(exc)
+        assert (sig.name if sig else f"code {exitcode}") in text, text
+        assert [f.result(timeout=GUARD) for f in before + after] == [i * i for i in range(10)]
+
+        # A new worker replaced the dead one: two tasks can still run side by side.
+        _two_workers_run_at_once(pool, tmp_path, "after")
+        assert list(pool.map(tasks.square, range(20), timeout=GUARD)) == [
+            i * i for i in range(20)
+        ]
+
+
+def test_tasks_queued_on_the_dead_worker_still_run(start_method: str) -> None:
+    # One worker: the tasks behind the fatal one may already sit in its pipe when it dies.
+    with cleanbreak.Pool(1, mp_context=start_method) as pool:
+        doomed = pool.submit(tasks.exit_now, 4)
+        behind = [pool.submit(tasks.square, i) for i in range(6)]
+        assert isinstance(doomed.exception(timeout=GUARD), cleanbreak.WorkerDied)
+        assert [f.result(timeout=GUARD) for f in behind] == [i * i for i in range(6)]
+
+
+def test_a_death_in_a_map_chunk_fails_only_that_item(start_method: str) -> None:
+    with cleanbreak.Pool(2, mp_context=start_method) as pool:
+        outcomes = tasks.collect(
+            pool.map(tasks.die_on, range(10), itertools.repeat(7), chunksize=5, timeout=GUARD)
+        )
+    assert len(outcomes) == 10
+    died = outcomes[7]
+    assert isinstance(died, cleanbreak.WorkerDied), outcomes
+    assert died.exitcode == 7
+    assert died.task == 7
+    assert outcomes[:7] + outcomes[8:] == [i * i for i in range(10) if i != 7], outcomes
+
+
+def test_deaths_in_imap_unordered_fail_only_their_items() -> None:
+    with cleanbreak.Pool(2, mp_context="forkserver") as pool:
+        outcomes = tasks.collect(
+            pool.imap_unordered(tasks.exit_on_each, [(x, {2, 11}) for x in range(16)], chunksize=4)
+        )
+    died = [o for o in outcomes if isinstance(o, cleanbreak.WorkerDied)]
+    assert sorted(d.task for d in died if d.task is not None) == [2, 11]
+    assert len(died) == 2
+    assert sorted(o for o in outcomes if isinstance(o, int)) == [
+        x * x for x in range(16) if x not in (2, 11)
+    ]
+
+
+def test_initializer_and_initargs(start_method: str) -> None:
+    with cleanbreak.Pool(
+        2, mp_context=start_method, initializer=tasks.set_global, initargs=("configured",)
+    ) as pool:
+        assert list(pool.map(tasks.read_global, range(6), chunksize=1, timeout=GUARD)) == [
+            "configured"
+        ] * 6
+    # Only the workers ran it.
+    assert tasks.read_global() is None
+
+
+def test_a_failing_initializer_breaks_the_pool(start_method: str, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    pool = cleanbreak.Pool(
+        2,
+        mp_context=start_method,
+        initializer=tasks.failing_initializer,
+        initargs=(str(tmp_path), str(go)),
+    )
+    try:
+        # The initializer holds until the tasks are queued, then raises.
+        futures = [pool.submit(tasks.square, i) for i in range(6)]
+        tasks.touch(go)
+        for fut in futures:
+            exc = fut.exception(timeout=GUARD)
+            assert isinstance(exc, cleanbreak.BrokenPool), repr(exc)
+            assert isinstance(exc.__cause__, tasks.InitError)
+            assert "initializer" in str(exc)
+            assert isinstance(exc.__cause__.__cause__, cleanbreak.RemoteTraceback)
+            assert "failing_initializer" in str(exc.__cause__.__cause__)
+        with pytest.raises(cleanbreak.BrokenPool):
+            pool.submit(tasks.square, 1)
+    finally:
+        pool.shutdown(wait=True)
+    # No crash loop: about one start per worker, not an ever-growing number.
+    starts = len(list(tmp_path.glob("init-*")))
+    assert 1 <= starts <= 6, starts
+
+
+def test_workers_that_die_while_starting_break_the_pool(tmp_path: Path) -> None:
+    pool = cleanbreak.Pool(
+        2, mp_context="forkserver", initializer=tasks.dying_initializer, initargs=(str(tmp_path),)
+    )
+    try:
+        with pytest.raises(cleanbreak.BrokenPool) as info:
+            pool.submit(tasks.square, 1).result(timeout=GUARD)
+        assert "5" in str(info.value) or "5" in str(info.value.__cause__)
+        with pytest.raises(cleanbreak.BrokenPool):
+            pool.submit(tasks.square, 1).result(timeout=GUARD)
+    finally:
+        pool.shutdown(wait=True)
+    starts = len(list(tmp_path.glob("init-*")))
+    assert 1 <= starts <= 8, starts
