@@ -14,28 +14,28 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
-import resource
 import time
 from typing import Any
 
 import tasks
-from common import Section, Settings, fmt_rate, fmt_ratio, median, progress, rotated, run_child
+from common import (
+    Section,
+    Settings,
+    current_rss,
+    fmt_rate,
+    fmt_ratio,
+    median,
+    peak_rss,
+    progress,
+    rotated,
+    run_child,
+)
 from libs import CB, DEFAULT_VARIANTS, VARIANTS, available, mapper
 from reporter import Reporter
 
 MB = 1_000_000
 COUNT, COUNT_QUICK = 20, 8
 SIZE = 50 * MB
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def child_payload(params: dict[str, Any], report: Reporter) -> None:
@@ -107,7 +107,7 @@ def run_payload(settings: Settings) -> Section:
     total = count * SIZE // MB
     section = Section(
         "payload",
-        f"3. Large payloads: {count} × {SIZE // MB} MB",
+        f"3. Large payloads: {count} x {SIZE // MB} MB",
         f"`bytes` of {SIZE // MB} MB each ({total:,} MB in all), each library's `map` with its "
         f"default chunking, {settings.workers} workers, warm pool, median of {reps} alternating "
         "run(s), a fresh process per run. Peak RSS: the parent's peak (`ru_maxrss`) minus its "

@@ -118,13 +118,13 @@ def run_tiny(settings: Settings) -> Section:
             ]
         )
     section.notes.append(
-        f"Where \"calls timed\" is under {n:,}, the variant costs so much per call that it was "
+        f'Where "calls timed" is under {n:,}, the variant costs so much per call that it was '
         f"timed on fewer calls and the time for {n:,} extrapolated linearly."
     )
     section.notes.append(
-        f"\"chunksize as Pool.map\" = ceil(n / (4 × workers)) = {n // (4 * settings.workers):,}, "
+        f'"chunksize as Pool.map" = ceil(n / (4 x workers)) = {n // (4 * settings.workers):,}, '
         "what multiprocessing.Pool.map picks by default; the concurrent.futures docs recommend a "
-        "large chunksize for long iterables. cleanbreak picks its own (here min(n/(8×workers), "
+        "large chunksize for long iterables. cleanbreak picks its own (here min(n/(8 x workers), "
         "1024))."
     )
     section.notes.append(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import psutil
-
 from tasks import LOG_ENV
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -47,7 +47,6 @@ class Settings:
     workers: int
     quick: bool
     reps: int | None  # None: each measurement's own default
-    verbose: bool
 
     def repetitions(self, full: int, quick: int) -> int:
         if self.reps is not None:
@@ -79,7 +78,9 @@ class Section:
         lines.append(
             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.header))) + "|"
         )
-        lines.extend("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows)
+        lines.extend(
+            "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in self.rows
+        )
         if self.notes:
             lines.append("")
             lines.extend(f"- {note}" for note in self.notes)
@@ -100,7 +101,7 @@ def fmt_rate(value: float) -> str:
 
 
 def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}×"
+    return f"{value:.2f}x"
 
 
 def fmt_seconds(value: float) -> str:
@@ -259,7 +260,7 @@ class Child:
 def alive(proc: psutil.Process) -> bool:
     """Running and not a zombie (the same process: psutil checks the start time too)."""
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
@@ -294,6 +295,17 @@ def describe_exit(returncode: int | None) -> str:
     if returncode < 0:
         return f"killed by {signal.Signals(-returncode).name}"
     return f"exit {returncode}"
+
+
+def current_rss() -> int:
+    """This process's resident set size now, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (exact: the kernel keeps it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ── the machine ──────────────────────────────────────────────────────────────────────────────

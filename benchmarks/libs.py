@@ -24,7 +24,13 @@ JOBLIB = "joblib"
 CB = "cleanbreak"
 
 LIBRARIES: tuple[str, ...] = (MP, CF, LOKY, PEBBLE, MPIRE, JOBLIB, CB)
-_DISTRIBUTIONS = {LOKY: "loky", PEBBLE: "Pebble", MPIRE: "mpire", JOBLIB: "joblib", CB: "cleanbreak"}
+_DISTRIBUTIONS = {
+    LOKY: "loky",
+    PEBBLE: "Pebble",
+    MPIRE: "mpire",
+    JOBLIB: "joblib",
+    CB: "cleanbreak",
+}
 
 MapFn = Callable[[Callable[[Any], Any], list[Any]], list[Any]]
 
@@ -100,7 +106,7 @@ def mapper(key: str, workers: int, chunksize: int) -> Iterator[MapFn]:
         import multiprocessing
 
         with multiprocessing.Pool(workers) as mp_pool:
-            yield lambda fn, items: mp_pool.map(fn, items)
+            yield mp_pool.map
     elif key in ("cf", "cf-chunk"):
         from concurrent.futures import ProcessPoolExecutor
 
@@ -117,7 +123,7 @@ def mapper(key: str, workers: int, chunksize: int) -> Iterator[MapFn]:
         with ProcessPool(max_workers=workers) as pebble_pool:
             yield lambda fn, items: list(pebble_pool.map(fn, items, chunksize=cs).result())
     elif key == "mpire":
-        from mpire import WorkerPool
+        from mpire.pool import WorkerPool
 
         with WorkerPool(n_jobs=workers) as mpire_pool:
             yield lambda fn, items: list(mpire_pool.map(fn, items))

@@ -496,7 +496,7 @@ class LocalBackend:
             return
         unit = w.inflight[0]
         try:
-            _uid, offset, values, errors, status = pickle.loads(frame)
+            _uid, offset, values, errors, status, seconds = pickle.loads(frame)
         except Exception as exc:
             self._next_head(w)
             reason = f"it was sent but could not be unpickled here: {exc!r}"
@@ -508,7 +508,7 @@ class LocalBackend:
             return
         if values:
             unit.received = offset + len(values)
-            self._deliver(unit, unit.start + offset, values, _rebuild(errors))
+            self._deliver(unit, unit.start + offset, values, _rebuild(errors), seconds)
             w.head_since = time.monotonic()
         if status == DONE:
             self._next_head(w)
@@ -539,23 +539,29 @@ class LocalBackend:
             self._kill(w, _CANCEL)
 
     def _deliver(
-        self, unit: Unit, start: int, values: list[Any], errors: dict[int, BaseException]
+        self,
+        unit: Unit,
+        start: int,
+        values: list[Any],
+        errors: dict[int, BaseException],
+        seconds: float,
     ) -> None:
         """Hand outcomes to the sink, holding back errors that are to be retried."""
         retry = [k for k, exc in errors.items() if self._retryable(unit, exc)]
         if not retry:
-            unit.sink.deliver(start, values, errors)
+            unit.sink.deliver(start, values, errors, seconds)
             return
+        each = seconds / len(values)
         begin = 0
         for k in sorted(retry):
             if k > begin:
                 part = {i - begin: e for i, e in errors.items() if begin <= i < k}
-                unit.sink.deliver(start + begin, values[begin:k], part)
+                unit.sink.deliver(start + begin, values[begin:k], part, each * (k - begin))
             self._requeue_single(unit, start - unit.start + k, errors[k])
             begin = k + 1
         if begin < len(values):
             part = {i - begin: e for i, e in errors.items() if i >= begin}
-            unit.sink.deliver(start + begin, values[begin:], part)
+            unit.sink.deliver(start + begin, values[begin:], part, each * (len(values) - begin))
 
     # ── deaths, timeouts, retries ────────────────────────────────────────────────────────
 

@@ -33,6 +33,17 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _OK, _FAIL, _CANCEL = 0, 1, 2
+
+# Chunks are sized from the measured time per item, so that each takes about this long: long
+# enough that the cost of sending it is small beside the work, short enough that the last
+# chunks do not leave a worker idle for long. Until a first result says how long an item takes,
+# chunks hold one item.
+CHUNK_SECONDS = 0.05
+# With lazy input, a chunk holds at most this many items, so that the window (the items read
+# ahead) stays bounded whatever the task costs.
+LAZY_MAX_CHUNK = 4096
+# The window before anything is known, and its floor: this many items per worker.
+WINDOW_PER_WORKER = 32
 Piece = tuple[int, list[Any], dict[int, BaseException]]
 
 
@@ -60,8 +71,10 @@ class MapSink:
     def start(self, unit: Unit) -> bool:
         return not self.finished
 
-    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
-        self.events.put((_OK, start, values, errors))
+    def deliver(
+        self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float
+    ) -> None:
+        self.events.put((_OK, start, values, errors, seconds))
 
     def fail(self, start: int, count: int, exc: BaseException) -> None:
         self.events.put((_FAIL, start, count, exc))
@@ -95,14 +108,18 @@ class MapRun(Generic[T]):
         pool._check_open()
         sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
         self.total = min(sizes) if len(sizes) == len(iterables) else None
-        workers = pool.workers
-        if chunk is None:
-            if self.total is not None:
-                chunk = max(1, min(math.ceil(self.total / (workers * 8)), 1024))
-            else:
-                chunk = max(1, 64 // (workers * 4))
-        if window is None:
-            window = max(chunk * workers * 4, workers * 32)
+        self._workers = pool.workers
+        self._fixed_chunk = chunk
+        self._fixed_window = window
+        if self.total is not None:
+            # Like multiprocessing.Pool.map: at least four chunks per worker, for balance.
+            self._max_chunk = max(1, math.ceil(self.total / (self._workers * 4)))
+        else:
+            self._max_chunk = LAZY_MAX_CHUNK
+        if window is not None:
+            self._max_chunk = min(self._max_chunk, window)
+        self._item_seconds = 0.0  # measured: seconds of work, over
+        self._item_count = 0  # ... this many items
         self._pool = pool
         self._backend = pool._backend
         self._sink = MapSink()
@@ -112,8 +129,6 @@ class MapRun(Generic[T]):
         self._source: Iterator[Any] = (
             iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
         )
-        self._chunk = chunk
-        self._window = window
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
         keep = self.total is not None if keep_all is None else keep_all
@@ -198,14 +213,28 @@ class MapRun(Generic[T]):
         self._top_up()
         return piece
 
+    def _chunk_size(self) -> int:
+        if self._fixed_chunk is not None:
+            return self._fixed_chunk
+        if not self._item_count:
+            return 1
+        per_item = max(self._item_seconds / self._item_count, 1e-9)
+        return max(1, min(int(CHUNK_SECONDS / per_item), self._max_chunk))
+
     def _top_up(self) -> None:
-        while not self._exhausted and self._pulled - self._handed < self._window:
+        while not self._exhausted:
+            chunk = self._chunk_size()
+            window = self._fixed_window or max(
+                self._workers * WINDOW_PER_WORKER, chunk * self._workers * 4
+            )
+            if self._pulled - self._handed >= window:
+                break
             try:
-                items = list(itertools.islice(self._source, self._chunk))
+                items = list(itertools.islice(self._source, chunk))
             except Exception:
                 self._sink.finished = True
                 raise
-            if len(items) < self._chunk:
+            if len(items) < chunk:
                 self._exhausted = True
             if not items:
                 break
@@ -241,6 +270,8 @@ class MapRun(Generic[T]):
         kind, start = event[0], event[1]
         if kind == _OK:
             piece: Piece = (start, event[2], event[3])
+            self._item_seconds += event[4]
+            self._item_count += len(event[2])
         elif kind == _FAIL:
             count, exc = event[2], event[3]
             piece = (start, [None] * count, dict.fromkeys(range(count), exc))

@@ -457,7 +457,9 @@ class _FutureSink:
             return True
         return self.fut.set_running_or_notify_cancel()
 
-    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+    def deliver(
+        self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float
+    ) -> None:
         _settle(self.fut, values[0], errors.get(0))
 
     def fail(self, start: int, count: int, exc: BaseException) -> None:

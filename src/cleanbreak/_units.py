@@ -61,8 +61,11 @@ class Sink(Protocol):
     def start(self, unit: Unit) -> bool:
         """The unit is about to be sent. False: it was cancelled, drop it."""
 
-    def deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
-        """Items ``start ..`` finished: ``values[k]``, or ``errors[k]`` where present."""
+    def deliver(
+        self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float
+    ) -> None:
+        """Items ``start ..`` finished: ``values[k]``, or ``errors[k]`` where present. They
+        took ``seconds`` to run, all together."""
 
     def fail(self, start: int, count: int, exc: BaseException) -> None:
         """Items ``start .. start + count`` failed with ``exc``."""

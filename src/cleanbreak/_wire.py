@@ -16,11 +16,13 @@ payloads of any size safe. A worker can be blocked writing a 200 MB result while
 is part-way through writing it the next task, and neither waits for the other.
 
 Messages, parent to worker: ``Unit`` tuples ``(uid, kind, fn, items)``, or ``None`` to exit.
-Messages, worker to parent: ``(uid, offset, values, errors, status)``. ``values`` holds the
-results of items ``offset ..`` of the unit, ``errors`` maps a position in ``values`` to a
-``CapturedError``, and ``status`` says whether more of the unit follows (``PARTIAL``), it is
+Messages, worker to parent: ``(uid, offset, values, errors, status, seconds)``. ``values``
+holds the results of items ``offset ..`` of the unit, ``errors`` maps a position in ``values``
+to a ``CapturedError``, ``status`` says whether more of the unit follows (``PARTIAL``), it is
 done (``DONE``) or the worker stopped before the next item because the pool is draining
-(``SKIPPED``).
+(``SKIPPED``), and ``seconds`` is how long those items took (which sizes the next chunks). The
+first message of a worker is different: ``None`` once it is ready, or the ``CapturedError`` of
+its initializer.
 """
 
 from __future__ import annotations

@@ -152,10 +152,11 @@ def _run_unit(
     values: list[Any] = []
     errors: dict[int, CapturedError] | None = None
     batch = 1
-    flush_at = time.monotonic() + flush_every
+    since = time.monotonic()  # when the items in `values` began
+    flush_at = since + flush_every
     while (pos := offset + len(values)) < n:
         if stop.value:
-            _send(out, (uid, offset, values, errors, SKIPPED))
+            _send(out, (uid, offset, values, errors, SKIPPED, time.monotonic() - since))
             return
         end = min(n, pos + batch)
         started = time.monotonic()
@@ -174,12 +175,13 @@ def _run_unit(
         elif took > _SLOW and batch > 1:
             batch //= 2
         if end < n and now >= flush_at:
-            _send(out, (uid, offset, values, errors, PARTIAL))
+            _send(out, (uid, offset, values, errors, PARTIAL, now - since))
+            since = now
             offset = end
             values = []
             errors = None
             flush_at = now + flush_every
-    _send(out, (uid, offset, values, errors, DONE))
+    _send(out, (uid, offset, values, errors, DONE, time.monotonic() - since))
 
 
 def _send_ready(out: int, error: CapturedError | None) -> None:
@@ -200,7 +202,7 @@ def _send(out: int, message: tuple[Any, ...]) -> None:
 
 def _picklable(message: tuple[Any, ...]) -> tuple[Any, ...]:
     """Find the values that would not pickle and replace each with a SerializationError."""
-    uid, offset, values, errors, status = message
+    uid, offset, values, errors, status, seconds = message
     errors = dict(errors or {})
     clean: list[Any] = []
     for i, value in enumerate(values):
@@ -212,4 +214,4 @@ def _picklable(message: tuple[Any, ...]) -> tuple[Any, ...]:
             clean.append(None)
         else:
             clean.append(value)
-    return (uid, offset, clean, errors or None, status)
+    return (uid, offset, clean, errors or None, status, seconds)

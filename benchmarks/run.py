@@ -1,0 +1,137 @@
+"""Run the cleanbreak benchmark suite and print (and save) the results as markdown.
+
+    python benchmarks/run.py                 # everything, about 10 minutes on 2 cores
+    python benchmarks/run.py --quick         # a short run, about 2 minutes
+    python benchmarks/run.py --only tiny,lazy --workers 4
+
+Every measurement and how it is taken is described in benchmarks/README.md. Results go to
+stdout and to benchmarks/results.md (or --output); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_failures
+import bench_interrupt
+import bench_lazy
+import bench_payload
+import bench_throughput
+from common import BENCH_DIR, Section, Settings, machine, progress
+from libs import LIBRARIES, available, version
+
+MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]]] = {
+    "tiny": ("1. tiny tasks: per-call overhead", bench_throughput.run_tiny),
+    "ms": ("2. 1 ms tasks: throughput and efficiency", bench_throughput.run_ms),
+    "payload": ("3. 50 MB results and arguments: MB/s, peak RSS", bench_payload.run_payload),
+    "lazy": ("4. endless generator: items pulled ahead", bench_lazy.run_lazy),
+    "interrupt": ("5. Ctrl-C and SIGTERM", bench_interrupt.run_interrupt),
+    "crash": ("6. a worker SIGKILLed", bench_failures.run_crash),
+    "orphans": ("7. the parent SIGKILLed", bench_failures.run_orphans),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    names = ", ".join(f"{k} ({v[0]})" for k, v in MEASUREMENTS.items())
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/run.py",
+        description="Benchmark cleanbreak against multiprocessing, concurrent.futures, loky, "
+        "pebble, mpire and joblib.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help=f"comma-separated measurements to run: {names}",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, metavar="N", help="worker processes (default: 2)"
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        metavar="N",
+        help="repetitions of the timed measurements (default: 3, or 1 with --quick)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=BENCH_DIR / "results.md",
+        metavar="PATH",
+        help="where to write the markdown (default: benchmarks/results.md)",
+    )
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.reps is not None and args.reps < 1:
+        parser.error("--reps must be at least 1")
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in MEASUREMENTS]
+        if unknown or not wanted:
+            parser.error(
+                f"--only: unknown measurement {', '.join(unknown) or '(none)'}; choose from "
+                + ", ".join(MEASUREMENTS)
+            )
+        args.only = wanted
+    else:
+        args.only = list(MEASUREMENTS)
+    return args
+
+
+def header(
+    settings: Settings, started: datetime.datetime, elapsed: float, load: tuple[float, ...]
+) -> str:
+    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    libraries = ", ".join(
+        f"{lib} {version(lib)}" for lib in LIBRARIES if lib != "concurrent.futures"
+    )
+    missing = [lib for lib in LIBRARIES if not available(lib)]
+    lines = [
+        "# cleanbreak benchmarks",
+        "",
+        f"- Date: {started:%Y-%m-%d %H:%M:%S %Z} (took {elapsed / 60:.1f} min)",
+        f"- Machine: {machine()}",
+        f"- Load average at start: {', '.join(f'{x:.2f}' for x in load)}",
+        f"- Command: `{command}` (run from `{os.getcwd()}`)",
+        f"- Workers: {settings.workers}; mode: {'quick' if settings.quick else 'full'}",
+        f"- Libraries: {libraries}",
+    ]
+    if missing:
+        lines.append(f"- Not installed (rows left empty): {', '.join(missing)}")
+    lines.append("- How each figure is taken: see benchmarks/README.md")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings(workers=args.workers, quick=args.quick, reps=args.reps)
+    started = datetime.datetime.now().astimezone()
+    load = os.getloadavg()
+    t0 = time.monotonic()
+    sections: list[Section] = []
+    for name in args.only:
+        title, run = MEASUREMENTS[name]
+        progress(f"[{time.monotonic() - t0:5.0f} s] {title}")
+        result = run(settings)
+        sections.extend(result if isinstance(result, list) else [result])
+    elapsed = time.monotonic() - t0
+    text = header(settings, started, elapsed, load)
+    text += "".join("\n" + section.markdown() for section in sections)
+    print(text)
+    args.output.write_text(text)
+    progress(f"[{elapsed:5.0f} s] written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
