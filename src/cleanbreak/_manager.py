@@ -31,8 +31,10 @@ Actors:
   them without blocking, reads results as they arrive, notices deaths through each worker's
   pidfd, enforces task deadlines, and runs the stop sequence. Nothing here sleeps to poll: every
   wake-up is an event or a deadline (the select's timeout).
-- *Workers* run units in order (see ``_worker``). Each holds at most ``PREFETCH`` units, so a
-  unit the caller cancels has usually not left the parent yet.
+- *Workers* run units in order (see ``_worker``). A worker holds at most ``PREFETCH`` map
+  chunks, so that it never waits for the next one. A ``submit`` task is sent only to an idle
+  worker, which starts it on arrival: until then it is in the parent, where
+  ``Future.cancel()`` can still stop it.
 
 A worker runs its units in the order they were sent, so the head of its ``inflight`` queue is
 the unit it is running, and ``head_since`` is when its current item started: when the previous
@@ -74,6 +76,7 @@ from ._wire import (
     FrameWriter,
     dumps,
     make_pipe,
+    split,
 )
 from ._worker import UNREADABLE, worker_main
 
@@ -302,10 +305,16 @@ class LocalBackend:
 
     def _run(self) -> None:
         try:
-            while not self._done():
+            while True:
                 self._apply_level()
                 self._apply_commands()
+                if self._closing and self._cancel_pending:
+                    self._cancel_all_pending()
                 self._dispatch()
+                # After dispatch, which may have dropped the last (cancelled) units: deciding
+                # before it could leave the loop blocked in select with nothing left to wake it.
+                if self._done():
+                    break
                 for key, mask in self._sel.select(self._timeout()):
                     worker = key.data
                     if worker is None:
@@ -339,11 +348,8 @@ class LocalBackend:
             if self.level >= DRAINING or self._broken is not None:
                 if not busy:
                     self._retire_all()
-            elif self._closing:
-                if self._cancel_pending:
-                    self._cancel_all_pending()
-                if not self.pending and not busy:
-                    self._retire_all()
+            elif self._closing and not self.pending and not busy:
+                self._retire_all()
             return False
         if self.level >= DRAINING or self._broken is not None or self._closing:
             self._cancel_all_pending()
@@ -443,6 +449,8 @@ class LocalBackend:
         for depth in range(1, PREFETCH + 1):
             for w in live:
                 while len(w.inflight) < depth and self.pending and not w.retiring:
+                    if depth > 1 and not self.pending[0].sink.prefetch:
+                        return  # in order: what follows waits behind it
                     self._send(w, self.pending.popleft())
                 if not self.pending:
                     return
@@ -457,15 +465,25 @@ class LocalBackend:
                 unit = unit.part(unit.uid, 0, budget)
         exact = unit.opts.task_timeout is not None
         try:
-            payload = dumps((unit.uid, unit.kind, unit.fn, unit.items, exact))
+            fn_bytes = dumps(unit.fn)
         except Exception as exc:
-            unit.sink.fail(unit.current, unit.left, _pickling_error(unit, exc))
+            reason = f"{unit.fn!r}: {type(exc).__name__}: {exc}"
+            unit.sink.fail(unit.current, unit.left, SerializationError("function", reason))
             return
+        try:
+            items_bytes = dumps(unit.items)
+        except Exception as exc:
+            if self._split(unit):
+                return
+            reason = f"{type(exc).__name__}: {exc}"
+            unit.sink.fail(unit.current, unit.left, SerializationError("arguments", reason))
+            return
+
         if not w.inflight:
             w.head_since = time.monotonic()
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
-        w.writer.put(payload)
+        w.writer.put(dumps((unit.uid, unit.kind, exact)), fn_bytes, items_bytes)
         if self._max_tasks is not None and w.dispatched >= self._max_tasks:
             w.recycle = True
             self._retire(w)
@@ -491,20 +509,31 @@ class LocalBackend:
             self._on_result(w, frame)
 
     def _on_result(self, w: _Worker, frame: bytearray) -> None:
+        parts = split(frame)
         if not w.ready:
-            self._on_ready(w, frame)
+            self._on_ready(w, parts[0])
             return
         unit = w.inflight[0]
+        _uid, offset, count, status, seconds = pickle.loads(parts[0])
         try:
-            _uid, offset, values, errors, status, seconds = pickle.loads(frame)
+            values, errors = pickle.loads(parts[1])
         except Exception as exc:
-            self._next_head(w)
-            reason = f"it was sent but could not be unpickled here: {exc!r}"
-            unit.sink.fail(unit.current, unit.left, SerializationError("result", reason))
-            return
+            # The results were computed but one of them does not unpickle here. Which one is
+            # not known: with several, each item runs again alone and the bad one fails alone.
+            unit.received = offset + count
+            if count == 1:
+                reason = f"it was pickled in the worker but does not unpickle here: {exc!r}"
+                self._fail_item(unit, offset, SerializationError("result", reason))
+            else:
+                for k in reversed(range(offset, offset + count)):
+                    self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+            values, errors = [], None
+        del parts, frame
         if status == UNREADABLE:
             self._next_head(w)
-            unit.sink.fail(unit.current, unit.left, errors[0].rebuild())
+            error = errors[0].rebuild()
+            if not (getattr(error, "part", None) == "arguments" and self._split(unit)):
+                unit.sink.fail(unit.current, unit.left, error)
             return
         if values:
             unit.received = offset + len(values)
@@ -518,11 +547,11 @@ class LocalBackend:
         elif status == PARTIAL and unit.cancelled:
             self._kill(w, _CANCEL)
 
-    def _on_ready(self, w: _Worker, frame: bytearray) -> None:
+    def _on_ready(self, w: _Worker, part: memoryview) -> None:
         w.ready = True
         w.head_since = time.monotonic()
         self._barren_deaths = 0
-        failure = pickle.loads(frame)
+        failure = pickle.loads(part)
         if failure is not None:
             self._break(
                 BrokenPool("the pool's initializer raised, so no task can run"),
@@ -548,6 +577,10 @@ class LocalBackend:
     ) -> None:
         """Hand outcomes to the sink, holding back errors that are to be retried."""
         retry = [k for k, exc in errors.items() if self._retryable(unit, exc)]
+        if unit.history and errors and not retry:
+            # A retried item failed for the last time: its error lists every attempt.
+            for exc in errors.values():
+                _record_attempts(exc, [*unit.history, exc])
         if not retry:
             unit.sink.deliver(start, values, errors, seconds)
             return
@@ -631,11 +664,19 @@ class LocalBackend:
         else:
             # Some item without an outcome killed the worker, and the others may have finished
             # since the last report. Each is retried alone; the one at fault then fails alone.
-            for k in reversed(range(unit.received, len(unit.items))):
-                self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+            self._split(unit)
             return
         if unit.left > 1:
             self.pending.appendleft(unit.part(next(self._uids), unit.received + 1))
+
+    def _split(self, unit: Unit) -> bool:
+        """Requeue each item of a unit alone, so that one bad item fails by itself. False if
+        the unit holds one item only: then that item is the bad one."""
+        if unit.left <= 1:
+            return False
+        for k in reversed(range(unit.received, len(unit.items))):
+            self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+        return True
 
     def _retryable(self, unit: Unit, exc: BaseException) -> bool:
         opts = unit.opts
@@ -751,14 +792,6 @@ def _record_attempts(exc: BaseException, attempts: list[BaseException]) -> None:
     for n, earlier in enumerate(attempts[:-1], 1):
         exc.add_note(f"attempt {n} of {len(attempts)} failed: {type(earlier).__name__}: {earlier}")
     exc.add_note(f"attempt {len(attempts)} of {len(attempts)} failed: this error")
-
-
-def _pickling_error(unit: Unit, exc: Exception) -> SerializationError:
-    try:
-        dumps(unit.fn)
-    except Exception as fn_exc:
-        return SerializationError("function", f"{unit.fn!r}: {fn_exc}")
-    return SerializationError("arguments", str(exc))
 
 
 def _how(exitcode: int | None) -> str:

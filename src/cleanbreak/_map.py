@@ -2,7 +2,7 @@
 
 The caller's thread reads the input a chunk at a time, while fewer than ``window`` items are
 out (read but not yet handed to the caller), and queues each chunk as one unit. The manager
-thread puts outcomes on the sink's queue as *pieces*: a run of consecutive items, with their
+thread puts outcomes into the sink's store as *pieces*: a run of consecutive items, with their
 values and any errors. The caller takes whole pieces, so the per-item cost in the parent is a
 ``yield`` (or, for ``cleanbreak.map``, a ``list.extend``), not a queue operation.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-_OK, _FAIL, _CANCEL = 0, 1, 2
 
 # Chunks are sized from the measured time per item, so that each takes about this long: long
 # enough that the cost of sending it is small beside the work, short enough that the last
@@ -56,17 +55,24 @@ def positive(name: str, value: object) -> int | None:
 
 
 class MapSink:
-    """Outcomes of one ``map`` call, onto a queue its iterator reads.
+    """Outcomes of one ``map`` call, put straight into the store its run takes them from.
 
     Kept apart from the run so that queued units do not keep the run alive; ``finished`` set
-    means units that have not left the parent are dropped.
+    means units that have not left the parent are dropped. Everything here is guarded by
+    ``cond``: the manager thread writes, the caller's thread reads.
     """
 
-    __slots__ = ("events", "finished")
+    __slots__ = ("arrivals", "cancelled", "cond", "finished", "item_count", "item_seconds", "store")
+    prefetch = True
 
     def __init__(self) -> None:
-        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.cond = threading.Condition(threading.Lock())
+        self.store: dict[int, Piece] = {}  # pieces not yet taken, by their first index
+        self.arrivals: deque[int] = deque()  # their first indices, in order of arrival
+        self.cancelled = False
         self.finished = False
+        self.item_seconds = 0.0  # measured: seconds of work, over
+        self.item_count = 0  # ... this many items
 
     def start(self, unit: Unit) -> bool:
         return not self.finished
@@ -74,17 +80,34 @@ class MapSink:
     def deliver(
         self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float
     ) -> None:
-        self.events.put((_OK, start, values, errors, seconds))
+        with self.cond:
+            self.item_seconds += seconds
+            self.item_count += len(values)
+            self._put((start, values, errors))
 
     def fail(self, start: int, count: int, exc: BaseException) -> None:
-        self.events.put((_FAIL, start, count, exc))
+        with self.cond:
+            self._put((start, [None] * count, dict.fromkeys(range(count), exc)))
 
     def cancel(self, start: int, count: int) -> None:
-        self.events.put((_CANCEL, start, count, None))
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify()
+
+    def _put(self, piece: Piece) -> None:
+        self.store[piece[0]] = piece
+        self.arrivals.append(piece[0])
+        self.cond.notify()
 
 
 class MapRun(Generic[T]):
-    """The state of one ``map`` or ``imap_unordered`` call."""
+    """The state of one ``map`` or ``imap_unordered`` call.
+
+    Ctrl-C can raise in the caller's thread between any two bytecodes, so taking a piece is
+    ordered to lose nothing: it is first recorded as taken (in ``kept``, or as ``current``),
+    and only then removed from the sink's store. ``gather`` merges all of them by index, so a
+    piece caught in both places counts once.
+    """
 
     def __init__(
         self,
@@ -118,8 +141,6 @@ class MapRun(Generic[T]):
             self._max_chunk = LAZY_MAX_CHUNK
         if window is not None:
             self._max_chunk = min(self._max_chunk, window)
-        self._item_seconds = 0.0  # measured: seconds of work, over
-        self._item_count = 0  # ... this many items
         self._pool = pool
         self._backend = pool._backend
         self._sink = MapSink()
@@ -132,14 +153,11 @@ class MapRun(Generic[T]):
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
         keep = self.total is not None if keep_all is None else keep_all
-        self._kept: list[Piece] | None = [] if keep else None  # pieces handed over
-        self._pieces: dict[int, Piece] = {}  # ordered: arrived, keyed by start
-        self._arrived: deque[Piece] = deque()  # unordered: arrived, in order of arrival
-        self.current: tuple[Piece, Iterator[Any]] | None = None  # piece being yielded
+        self._kept: list[Piece] | None = [] if keep else None  # pieces taken
+        self.current: tuple[Piece, Iterator[Any]] | None = None  # the piece being handed out
         self._pulled = 0  # items read from the input
-        self._handed = 0  # items handed to the caller
+        self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next
-        self._cancelled = False
         self._exhausted = False
         pool._runs.add(self)
         self._guarded(self._top_up)
@@ -155,12 +173,13 @@ class MapRun(Generic[T]):
             if not (self._exhausted and self._handed >= self._pulled):
                 self._pool._last_run = self  # for the with-block's Interrupted
 
-    def next_piece(self) -> Piece | None:
-        """The next piece of results, waiting for it; None when every item was handed over."""
+    def next_piece(self) -> tuple[Piece, Iterator[Any]] | None:
+        """The next piece of results and an iterator over its values, waiting for it; None
+        when every item was handed over."""
         if self._sink.finished:
             return None
-        piece: Piece | None = self._guarded(self._next_piece)
-        return piece
+        taken: tuple[Piece, Iterator[Any]] | None = self._guarded(self._next_piece)
+        return taken
 
     # ── internals ────────────────────────────────────────────────────────────────────────
 
@@ -174,51 +193,69 @@ class MapRun(Generic[T]):
 
     def gather(self) -> dict[int, Any]:
         """Every finished result this call is to report. The pool must have stopped."""
-        while True:
-            try:
-                event = self._sink.events.get_nowait()
-            except queue.Empty:
-                break
-            self._apply(event)
         out: dict[int, Any] = {}
-        if self._kept is not None:
-            for piece in self._kept:
-                _add(out, piece, 0)
-        elif self.current is not None:
-            (start, values, errors), rest = self.current
-            # The list iterator knows how many items it has not handed out yet.
-            _add(out, (start, values, errors), len(values) - operator.length_hint(rest))
-        for piece in itertools.chain(self._pieces.values(), self._arrived):
+        for piece in self._kept or ():
             _add(out, piece, 0)
+        if self._kept is None and self.current is not None:
+            # The list iterator knows how many values it has not handed out yet.
+            piece, rest = self.current
+            _add(out, piece, len(piece[1]) - operator.length_hint(rest))
+        with self._sink.cond:
+            for piece in self._sink.store.values():
+                _add(out, piece, 0)
         return dict(sorted(out.items()))
 
-    def _next_piece(self) -> Piece | None:
-        while True:
-            if self._ordered:
-                piece = self._pieces.pop(self._next, None)
+    def _next_piece(self) -> tuple[Piece, Iterator[Any]] | None:
+        sink = self._sink
+        with sink.cond:
+            while True:
+                start = self._next if self._ordered else (sink.arrivals[0] if sink.arrivals else -1)
+                piece = sink.store.get(start)
                 if piece is not None:
-                    self._next += len(piece[1])
-                    return self._hand(piece)
-            elif self._arrived:
-                return self._hand(self._arrived.popleft())
-            if self._exhausted and self._handed >= self._pulled:
-                self._sink.finished = True
-                return None
-            self._wait_event()
-
-    def _hand(self, piece: Piece) -> Piece:
-        self._handed += len(piece[1])
+                    break
+                if self._exhausted and self._handed >= self._pulled:
+                    sink.finished = True
+                    return None
+                if sink.cancelled:
+                    sink.finished = True
+                    if self._pool._signal is not None:
+                        # The pool was interrupted: go and gather what finished. The signal was
+                        # counted already, so the Interrupted says so.
+                        stop = Interrupted(self._pool._signal)
+                        stop._counted = True
+                        raise stop
+                    raise CancelledError("map() was cancelled: the pool was shut down")
+                self._wait(sink.cond)
+        # Record the piece as taken, then remove it from the store (see the class docstring).
+        rest = iter(piece[1])
         if self._kept is not None:
             self._kept.append(piece)
+        self.current = (piece, rest)
+        with sink.cond:
+            del sink.store[start]
+            if not self._ordered:
+                sink.arrivals.popleft()
+        self._next = start + len(piece[1])
+        self._handed += len(piece[1])
         self._top_up()
-        return piece
+        return piece, rest
+
+    def _wait(self, cond: threading.Condition) -> None:
+        if self._deadline is None:
+            cond.wait()
+            return
+        left = self._deadline - time.monotonic()
+        if left <= 0 or not cond.wait(left):
+            self._sink.finished = True
+            raise TimeoutError("map() timed out before the next result was ready")
 
     def _chunk_size(self) -> int:
         if self._fixed_chunk is not None:
             return self._fixed_chunk
-        if not self._item_count:
+        sink = self._sink
+        if not sink.item_count:
             return 1
-        per_item = max(self._item_seconds / self._item_count, 1e-9)
+        per_item = max(sink.item_seconds / sink.item_count, 1e-9)
         return max(1, min(int(CHUNK_SECONDS / per_item), self._max_chunk))
 
     def _top_up(self) -> None:
@@ -244,45 +281,6 @@ class MapRun(Generic[T]):
             self._pulled += len(items)
             self._backend.put(unit)
 
-    def _wait_event(self) -> None:
-        timeout = None
-        if self._deadline is not None:
-            timeout = self._deadline - time.monotonic()
-        try:
-            if timeout is not None and timeout <= 0:
-                raise queue.Empty
-            event = self._sink.events.get(timeout=timeout)
-        except queue.Empty:
-            self._sink.finished = True
-            raise TimeoutError("map() timed out before the next result was ready") from None
-        self._apply(event)
-        if self._cancelled:
-            if self._pool._signal is not None:
-                # The pool was interrupted: go and gather what finished. The signal was counted
-                # already, so the Interrupted says so.
-                stop = Interrupted(self._pool._signal)
-                stop._counted = True
-                raise stop
-            self._sink.finished = True
-            raise CancelledError("map() was cancelled: the pool was shut down")
-
-    def _apply(self, event: tuple[Any, ...]) -> None:
-        kind, start = event[0], event[1]
-        if kind == _OK:
-            piece: Piece = (start, event[2], event[3])
-            self._item_seconds += event[4]
-            self._item_count += len(event[2])
-        elif kind == _FAIL:
-            count, exc = event[2], event[3]
-            piece = (start, [None] * count, dict.fromkeys(range(count), exc))
-        else:
-            self._cancelled = True
-            return
-        if self._ordered:
-            self._pieces[start] = piece
-        else:
-            self._arrived.append(piece)
-
 
 def _add(out: dict[int, Any], piece: Piece, skip: int) -> None:
     start, values, errors = piece
@@ -298,10 +296,8 @@ def iterate(run: MapRun[T]) -> Iterator[T]:
     """The results, one by one. A task's exception is raised in its turn and ends the
     iteration, as in ``concurrent.futures``; closing the iterator drops the tasks not started."""
     try:
-        while (piece := run.next_piece()) is not None:
-            _start, values, errors = piece
-            rest = iter(values)
-            run.current = (piece, rest)
+        while (taken := run.next_piece()) is not None:
+            (_start, _values, errors), rest = taken
             if not errors:
                 yield from rest
                 continue
@@ -319,8 +315,8 @@ def collect(run: MapRun[T]) -> list[T]:
     results: list[T] = []
     failures: list[BaseException] = []
     try:
-        while (piece := run.next_piece()) is not None:
-            _start, values, errors = piece
+        while (taken := run.next_piece()) is not None:
+            (_start, values, errors), _rest = taken
             results.extend(values)
             failures.extend(errors[k] for k in sorted(errors))
     finally:

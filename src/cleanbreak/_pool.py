@@ -126,6 +126,7 @@ class Pool(Executor):
         self._closed = False
         self._signal: signal.Signals | None = None
         self._signals_seen = 0
+        self._reported = False  # an Interrupted was raised for this pool
         self._index = itertools.count()
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
@@ -209,10 +210,12 @@ class Pool(Executor):
     ) -> Iterator[T]:
         """Like the built-in ``map``, run in the workers; results come in input order.
 
-        Input is read lazily, at most ``buffersize`` items ahead of the results the caller has
-        taken. Items travel in chunks of ``chunksize`` (chosen for you by default). A task's
-        exception is raised when its turn comes; the iterator can be resumed past it and the
-        other tasks are not stopped.
+        Input is read lazily, a bounded window ahead of the results the caller has taken
+        (``buffersize`` items, or a window sized from the measured task time). Items travel in
+        chunks of ``chunksize``, by default sized so that each chunk is about 50 ms of work. As
+        in ``concurrent.futures``, a task's exception is raised in its turn and ends the
+        iteration; leaving the loop drops the tasks that have not started. To run every task
+        whatever fails, use ``cleanbreak.map`` or ``submit``.
         """
         return self._map(self._opts, fn, iterables, timeout, chunksize, buffersize)
 
@@ -285,6 +288,10 @@ class Pool(Executor):
             except KeyboardInterrupt as exc:
                 self._stop(exc)
                 raise self._interrupted(exc, self._completed()) from None
+            if self._signal is not None and not self._reported:
+                # Ctrl-C in drain mode while we waited: the running tasks were let finish.
+                _signals.detach(self)
+                raise self._interrupted(None, self._completed())
         _signals.detach(self)
 
     def __enter__(self) -> Pool:
@@ -296,7 +303,7 @@ class Pool(Executor):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        if isinstance(exc, KeyboardInterrupt) or self._signal is not None:
+        if isinstance(exc, KeyboardInterrupt) or (self._signal is not None and not self._reported):
             self._stop(exc)
             if isinstance(exc, Interrupted) and exc._filled:
                 return None  # a pool call inside the block already gathered its results
@@ -351,6 +358,7 @@ class Pool(Executor):
         self, exc: BaseException | None, completed: dict[int, Any], total: int | None = None
     ) -> Interrupted:
         """The Interrupted to raise once the pool has stopped (see ``_stop``)."""
+        self._reported = True
         if isinstance(exc, Interrupted) and exc._filled:
             return exc
         result = Interrupted(self._signal or signal.SIGINT, completed, total=total)
@@ -448,6 +456,7 @@ class _FutureSink:
     """Outcomes of one ``submit``: onto its Future."""
 
     __slots__ = ("fut",)
+    prefetch = False
 
     def __init__(self, fut: _TaskFuture[Any]) -> None:
         self.fut = fut

@@ -56,7 +56,14 @@ class TaskOptions:
 
 
 class Sink(Protocol):
-    """Where a unit's outcomes go. Every method is called from the backend's thread."""
+    """Where a unit's outcomes go. Every method is called from the backend's thread.
+
+    ``prefetch`` says whether the unit may wait in a busy worker's queue. A unit behind a
+    future may not: until it starts, ``Future.cancel()`` must be able to stop it, so it is sent
+    only to an idle worker, which starts it on arrival.
+    """
+
+    prefetch: bool
 
     def start(self, unit: Unit) -> bool:
         """The unit is about to be sent. False: it was cancelled, drop it."""

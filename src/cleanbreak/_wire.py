@@ -1,7 +1,11 @@
 """What crosses the process boundary, and how.
 
-Every message is one *frame*: an 8-byte little-endian length, then that many bytes of pickle
-(protocol 5). Each worker has two pipes of its own::
+Every message is one *frame*: an 8-byte little-endian length, then a body made of *parts*, each
+pickled apart (protocol 5), after a small table of their lengths. Parts are written one after
+the other, never joined into one buffer, and read back as views of the received body: a large
+payload is not copied on its way through. Pickling the parts apart lets each side say exactly
+what failed (the function or the arguments; one result in a chunk) and keep the rest. Each
+worker has two pipes of its own::
 
     parent (manager thread)                          worker (its main thread)
     ───────────────────────                          ────────────────────────
@@ -15,14 +19,15 @@ pipe accepts and reads whatever has arrived, both from its single ``select``. Th
 payloads of any size safe. A worker can be blocked writing a 200 MB result while the manager
 is part-way through writing it the next task, and neither waits for the other.
 
-Messages, parent to worker: ``Unit`` tuples ``(uid, kind, fn, items)``, or ``None`` to exit.
-Messages, worker to parent: ``(uid, offset, values, errors, status, seconds)``. ``values``
-holds the results of items ``offset ..`` of the unit, ``errors`` maps a position in ``values``
-to a ``CapturedError``, ``status`` says whether more of the unit follows (``PARTIAL``), it is
-done (``DONE``) or the worker stopped before the next item because the pool is draining
-(``SKIPPED``), and ``seconds`` is how long those items took (which sizes the next chunks). The
-first message of a worker is different: ``None`` once it is ready, or the ``CapturedError`` of
-its initializer.
+Messages, parent to worker: parts ``(uid, kind, exact)``, ``fn``, ``items``; or the single part
+``None``, to exit. Messages, worker to parent: parts ``(uid, offset, count, status, seconds)``
+and ``(values, errors)``. ``values`` holds the results of ``count`` items from ``offset`` in
+the unit, ``errors`` maps a position in ``values`` to a ``CapturedError``, ``status`` says
+whether more of the unit follows (``PARTIAL``), it is done (``DONE``), the worker stopped before
+the next item because the pool is draining (``SKIPPED``), or the unit could not be unpickled
+(``UNREADABLE``), and ``seconds`` is how long those items took (which sizes the next chunks).
+The first message of a worker is one part: ``None`` once it is ready, or the ``CapturedError``
+of its initializer.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ except ImportError:  # pragma: no cover - not POSIX; Pool() refuses to start the
 from ._errors import RemoteTraceback, SerializationError, TaskAborted
 
 HEADER: Final = struct.Struct("<Q")
+_PART_LENGTH: Final = struct.Struct("<Q")
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 
 # How a worker calls the unit's function on each item.
@@ -75,13 +81,31 @@ def dumps(obj: object) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
 
 
+def frame(*parts: bytes) -> list[bytes]:
+    """What to write, in order, for one frame holding these parts (they are not copied)."""
+    table = bytes([len(parts)]) + b"".join(_PART_LENGTH.pack(len(p)) for p in parts)
+    return [HEADER.pack(len(table) + sum(len(p) for p in parts)) + table, *parts]
+
+
+def split(body: bytearray) -> list[memoryview]:
+    """The parts of a received frame body, as views of it."""
+    view = memoryview(body)
+    count = view[0]
+    pos = 1 + count * _PART_LENGTH.size
+    out = []
+    for (length,) in _PART_LENGTH.iter_unpack(view[1:pos]):
+        out.append(view[pos : pos + length])
+        pos += length
+    return out
+
+
 # ── worker side: blocking ────────────────────────────────────────────────────────────────────
 
 
-def send_frame(fd: int, payload: bytes) -> None:
+def send_frame(fd: int, *parts: bytes) -> None:
     """Write one frame, blocking until the manager has taken it all."""
-    _write_all(fd, HEADER.pack(len(payload)))
-    _write_all(fd, payload)
+    for piece in frame(*parts):
+        _write_all(fd, piece)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -171,9 +195,8 @@ class FrameWriter:
         self.fd = fd
         self._queue: deque[memoryview] = deque()
 
-    def put(self, payload: bytes) -> None:
-        self._queue.append(memoryview(HEADER.pack(len(payload))))
-        self._queue.append(memoryview(payload))
+    def put(self, *parts: bytes) -> None:
+        self._queue.extend(memoryview(piece) for piece in frame(*parts) if piece)
 
     @property
     def pending(self) -> bool:

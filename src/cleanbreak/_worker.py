@@ -42,6 +42,7 @@ from ._wire import (
     dumps,
     recv_frame,
     send_frame,
+    split,
 )
 
 # A unit that runs long reports what it has every FLUSH_EVERY seconds, so that a crash or an
@@ -54,7 +55,7 @@ _FAST = 0.001
 _SLOW = 0.004
 _MAX_BATCH = 4096
 
-UNREADABLE = 3  # status: the unit itself could not be unpickled here
+UNREADABLE = 3  # status: the unit's function or items could not be unpickled here
 
 
 class _Flag(Protocol):
@@ -90,16 +91,24 @@ def worker_main(
         frame = recv_frame(task_fd)
         if frame is None:
             return
-        try:
-            unit = pickle.loads(frame)
-        except BaseException as exc:
-            _send(result_fd, (-1, 0, [], {0: CapturedError.capture(exc)}, UNREADABLE))
-            continue
-        del frame
-        if unit is None:
+        parts = split(frame)
+        meta = pickle.loads(parts[0])
+        if meta is None:
             return
-        uid, kind, fn, items, each = unit
-        del unit
+        uid, kind, each = meta
+        # The function and the items are pickled apart, so that a failure says which it was.
+        part = "function"
+        try:
+            fn = pickle.loads(parts[1])
+            part = "arguments"
+            items = pickle.loads(parts[2])
+        except BaseException as exc:
+            reason = f"it could not be unpickled in the worker: {type(exc).__name__}: {exc}"
+            error = CapturedError(SerializationError(part, reason), "")
+            _send(result_fd, (uid, 0, [], {0: error}, UNREADABLE, 0.0))
+            continue
+        finally:
+            del parts, frame
         _run_unit(result_fd, stop, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY)
 
 
@@ -193,16 +202,18 @@ def _send_ready(out: int, error: CapturedError | None) -> None:
 
 
 def _send(out: int, message: tuple[Any, ...]) -> None:
-    try:
-        payload = dumps(message)
-    except Exception:
-        payload = dumps(_picklable(message))
-    send_frame(out, payload)
-
-
-def _picklable(message: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Find the values that would not pickle and replace each with a SerializationError."""
     uid, offset, values, errors, status, seconds = message
+    try:
+        payload = dumps((values, errors))
+    except Exception:
+        payload = dumps(_picklable(values, errors))
+    send_frame(out, dumps((uid, offset, len(values), status, seconds)), payload)
+
+
+def _picklable(
+    values: list[Any], errors: dict[int, CapturedError] | None
+) -> tuple[list[Any], dict[int, CapturedError] | None]:
+    """Find the values that would not pickle and replace each with a SerializationError."""
     errors = dict(errors or {})
     clean: list[Any] = []
     for i, value in enumerate(values):
@@ -214,4 +225,4 @@ def _picklable(message: tuple[Any, ...]) -> tuple[Any, ...]:
             clean.append(None)
         else:
             clean.append(value)
-    return (uid, offset, clean, errors or None, status, seconds)
+    return clean, errors or None
