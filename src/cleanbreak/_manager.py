@@ -304,6 +304,11 @@ class LocalBackend:
     # ── the manager thread: the loop ─────────────────────────────────────────────────────
 
     def _run(self) -> None:
+        # A signal sent to the process goes to a thread that does not block it. Were it to land
+        # here, the main thread, perhaps asleep in a lock, would not be woken to run the Python
+        # handler, and Ctrl-C would wait for that lock. Blocked here, it goes to the main thread.
+        # (Workers forked from this thread inherit the mask; worker_main unblocks it.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             while True:
                 self._apply_level()

@@ -40,7 +40,7 @@ T = TypeVar("T")
 CHUNK_SECONDS = 0.05
 # With lazy input, a chunk holds at most this many items, so that the window (the items read
 # ahead) stays bounded whatever the task costs.
-LAZY_MAX_CHUNK = 4096
+LAZY_MAX_CHUNK = 1024
 # The window before anything is known, and its floor: this many items per worker.
 WINDOW_PER_WORKER = 32
 Piece = tuple[int, list[Any], dict[int, BaseException]]

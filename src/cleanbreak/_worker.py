@@ -72,6 +72,8 @@ def worker_main(
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Started from the manager thread, which blocks both (see LocalBackend._run).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     with contextlib.suppress(OSError):  # pragma: no cover - already a group leader
         os.setpgid(0, 0)
     task_fd = _take_fd(tasks)
