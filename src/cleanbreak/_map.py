@@ -13,6 +13,7 @@ keeping the others would grow memory without bound on an endless generator.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
@@ -41,8 +42,10 @@ CHUNK_SECONDS = 0.05
 # With lazy input, a chunk holds at most this many items, so that the window (the items read
 # ahead) stays bounded whatever the task costs.
 LAZY_MAX_CHUNK = 1024
-# The window before anything is known, and its floor: this many items per worker.
-WINDOW_PER_WORKER = 32
+# The window starts at this many items per worker and at most doubles each time the caller
+# takes a piece, up to about four chunks per worker: the input is not read far ahead before the
+# caller has shown that it keeps up, and tiny tasks still reach full speed after a few pieces.
+WINDOW_PER_WORKER = 16
 Piece = tuple[int, list[Any], dict[int, BaseException]]
 
 
@@ -155,6 +158,7 @@ class MapRun(Generic[T]):
         keep = self.total is not None if keep_all is None else keep_all
         self._kept: list[Piece] | None = [] if keep else None  # pieces taken
         self.current: tuple[Piece, Iterator[Any]] | None = None  # the piece being handed out
+        self._window = self._workers * WINDOW_PER_WORKER
         self._pulled = 0  # items read from the input
         self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next
@@ -237,6 +241,7 @@ class MapRun(Generic[T]):
                 sink.arrivals.popleft()
         self._next = start + len(piece[1])
         self._handed += len(piece[1])
+        self._window *= 2
         self._top_up()
         return piece, rest
 
@@ -261,9 +266,12 @@ class MapRun(Generic[T]):
     def _top_up(self) -> None:
         while not self._exhausted:
             chunk = self._chunk_size()
-            window = self._fixed_window or max(
-                self._workers * WINDOW_PER_WORKER, chunk * self._workers * 4
-            )
+            if self._fixed_window is not None:
+                window = self._fixed_window
+            else:
+                target = max(self._workers * WINDOW_PER_WORKER, chunk * self._workers * 4)
+                self._window = window = min(self._window, target)
+                chunk = max(1, min(chunk, window // (self._workers * 2)))
             if self._pulled - self._handed >= window:
                 break
             try:
@@ -309,22 +317,33 @@ def iterate(run: MapRun[T]) -> Iterator[T]:
         run.close()
 
 
-def collect(run: MapRun[T]) -> list[T]:
-    """Every result in input order (for ``cleanbreak.map``). Every task runs; the first failure
-    is then raised, with a note that counts the failures."""
-    results: list[T] = []
-    failures: list[BaseException] = []
+def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
+    """Every result in input order (for ``cleanbreak.map``). Every task runs. A failed task's
+    exception takes its place in the list if ``return_exceptions``; otherwise the first
+    failure is raised once all have run, with a note that counts the failures and the other
+    results as its ``completed`` attribute ({index: result})."""
+    results: list[Any] = []
+    failures: dict[int, BaseException] = {}
     try:
         while (taken := run.next_piece()) is not None:
-            (_start, values, errors), _rest = taken
+            (start, values, errors), _rest = taken
+            for k in sorted(errors):
+                failures[start + k] = errors[k]
+                if return_exceptions:
+                    values[k] = errors[k]
             results.extend(values)
-            failures.extend(errors[k] for k in sorted(errors))
     finally:
         run.close()
-    if failures:
-        first = failures[0]
+    if failures and not return_exceptions:
+        index, first = min(failures.items())
         first.add_note(
-            f"{len(failures)} of {len(results)} tasks failed; this is the first in input order"
+            f"{len(failures)} of {len(results)} tasks failed; this is task {index}, the first in "
+            "input order. The other results are in this exception's .completed, or pass "
+            "return_exceptions=True to get them all in the list."
         )
+        with contextlib.suppress(AttributeError, TypeError):
+            first.completed = {  # type: ignore[attr-defined]
+                i: value for i, value in enumerate(results) if i not in failures
+            }
         raise first
     return results

@@ -492,11 +492,14 @@ def map(
     retries: int = 0,
     retry_on: Sequence[type[BaseException]] = (),
     max_tasks_per_worker: int | None = None,
+    return_exceptions: bool = False,
 ) -> list[T]:
     """Run ``fn`` over ``iterable`` in a fresh pool and return the results in input order.
 
-    Every task runs even if some fail; the first failure (in input order) is then raised, with
-    a note saying how many failed. On Ctrl-C, ``Interrupted.completed`` holds every result that
+    Every task runs even if some fail. Then the first failure (in input order) is raised, with
+    a note saying how many failed and the other results in its ``completed`` attribute
+    (``{index: result}``); with ``return_exceptions=True``, each failed task's exception takes
+    its place in the list instead. On Ctrl-C, ``Interrupted.completed`` holds every result that
     had finished.
     """
     with Pool(
@@ -521,4 +524,4 @@ def map(
             buffersize=None,
             keep_all=True,
         )
-        return collect(run)
+        return collect(run, return_exceptions)
