@@ -11,6 +11,7 @@ from typing import cast
 import pytest
 
 import cleanbreak
+from tests import tasks
 
 START_METHODS = ("forkserver", "spawn", "fork")
 
@@ -25,12 +26,10 @@ def start_method(request: pytest.FixtureRequest) -> str:
 def pool(start_method: str) -> Iterator[cleanbreak.Pool]:
     """A two-worker pool of the current start method, shared by the tests that leave it
     healthy."""
-    with cleanbreak.Pool(2, mp_context=start_method) as p:
-        yield p
+    yield from tasks.shared_pool(2, start_method)
 
 
 @pytest.fixture(scope="session")
 def fs_pool() -> Iterator[cleanbreak.Pool]:
     """A two-worker forkserver pool, for behaviour that does not depend on the start method."""
-    with cleanbreak.Pool(2, mp_context="forkserver") as p:
-        yield p
+    yield from tasks.shared_pool(2, "forkserver")

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Upper bound on any handshake: only ever reached when something is broken.
@@ -68,6 +68,12 @@ def combine(a: int, b: int = 0, *, scale: int = 1) -> int:
 
 def identity(x: Any) -> Any:
     return x
+
+
+def star(spec: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+    """``fn(*args)`` for one-argument APIs such as ``cleanbreak.map``."""
+    fn, args = spec
+    return fn(*args)
 
 
 def getpid_of_worker(_: object = None) -> int:
@@ -328,9 +334,36 @@ def ordered_failure(spec: tuple[str, int, frozenset[int]]) -> int:
     return record_and_fail_on(directory, x, bad)
 
 
-def exit_on_each(spec: tuple[int, set[int]]) -> int:
-    """For one-argument APIs: the worker exits for the items in the set."""
-    x, bad = spec
-    if x in bad:
-        os._exit(9)
-    return x * x
+def shutdown_within(pool: Any, seconds: float, *, cancel_futures: bool = False) -> bool:
+    """``pool.shutdown(wait=True, cancel_futures=...)``, but give up after ``seconds``: False
+    if it hung.
+
+    ``Pool.shutdown`` has no timeout of its own, so this waits on the backend's private
+    ``finished`` event. After a hang it kills the workers (private API too) so that the test run
+    can go on and exit; the test has failed by then anyway.
+    """
+    pool.shutdown(wait=False, cancel_futures=cancel_futures)
+    backend = pool._backend
+    if backend.wait(seconds):
+        pool.shutdown(wait=True)  # returns at once; restores the signal handlers
+        return True
+    backend.raise_level(3)  # KILLING: SIGKILL every worker, cancel what is left
+    if not backend.wait(seconds):
+        # The manager thread itself is stuck (say, in a blocking write to a worker): kill the
+        # workers from here, which breaks their pipes and frees it.
+        for pid in backend.pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        backend.wait(seconds)
+    pool.shutdown(wait=True)
+    return False
+
+
+def shared_pool(workers: int, start_method: str) -> Iterator[Any]:
+    """For fixtures: a pool that many tests use. Its shutdown is bounded, so that a pool a test
+    left stuck fails the run instead of hanging it."""
+    import cleanbreak  # here, not at the top: the workers import this module too
+
+    pool = cleanbreak.Pool(workers, mp_context=start_method)
+    yield pool
+    assert shutdown_within(pool, GUARD), "the shared pool did not shut down"

@@ -36,6 +36,11 @@ def _check_message(exc: BaseException, *words: str) -> None:
         ({"mp_context": "bogus"}, ValueError, ("mp_context", "'bogus'", "spawn", "forkserver")),
         ({"mp_context": 3}, TypeError, ("mp_context", "int")),
         ({"initializer": 5}, TypeError, ("initializer", "callable")),
+        ({"task_timeout": 0}, ValueError, ("task_timeout", "above 0")),
+        ({"task_timeout": "5"}, (TypeError, ValueError), ("task_timeout", "'5'")),
+        ({"retries": -1}, ValueError, ("retries", "at least 0")),
+        ({"retry_on": (5,)}, TypeError, ("retry_on", "exception classes")),
+        ({"max_tasks_per_worker": 0}, ValueError, ("max_tasks_per_worker", "at least 1")),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else "",
 )
@@ -73,7 +78,7 @@ MapCall = Callable[[cleanbreak.Pool], Iterator[Any]]
             ("buffersize", "-1"),
         ),
         (lambda p: p.map(tasks.square), TypeError, ("iterable",)),
-        (lambda p: p.map(42, [1]), TypeError, ("callable", "42")),  # type: ignore[arg-type]
+        (lambda p: p.map(42, [1]), TypeError, ("callable", "42")),
     ],
     ids=[
         "map-chunksize-0",

@@ -37,10 +37,9 @@ def test_yields_in_completion_order(pool: cleanbreak.Pool, tmp_path: Path) -> No
         next(results)
 
 
-def test_a_failed_task_is_raised_in_its_turn_and_the_rest_follow(pool: cleanbreak.Pool) -> None:
+def test_a_failed_task_is_raised_and_ends_the_iteration(pool: cleanbreak.Pool) -> None:
     outcomes = tasks.collect(pool.imap_unordered(tasks.raise_task_error, [-1, -2, 3, -4]))
-    errors = [o for o in outcomes if isinstance(o, Exception)]
-    assert len(outcomes) == 4
-    assert len(errors) == 1
-    assert isinstance(errors[0], tasks.TaskError)
-    assert sorted(o for o in outcomes if not isinstance(o, Exception)) == [-4, -2, -1]
+    assert isinstance(outcomes[-1], tasks.TaskError), outcomes
+    assert str(outcomes[-1]) == "bad input 3"
+    assert all(o in (-1, -2, -4) for o in outcomes[:-1]), outcomes
+    assert pool.submit(tasks.square, 5).result(timeout=tasks.GUARD) == 25

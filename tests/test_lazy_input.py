@@ -14,67 +14,93 @@ from tests import tasks
 from tests.tasks import GUARD
 
 
-class Counting:
-    """An endless generator of 0, 1, 2, ... that counts how many items it produced."""
+class ReadTooFar(Exception):
+    pass
 
-    def __init__(self) -> None:
+
+class Counting:
+    """An endless generator of 0, 1, 2, ... that counts how many items it produced, and fails
+    (instead of hanging the test) if it is read more than ``limit`` items."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
         self.produced = 0
+        self.limit = limit
 
     def __iter__(self) -> Iterator[int]:
         for i in itertools.count():
+            if self.produced >= self.limit:
+                raise ReadTooFar(f"the input was read {self.limit} items ahead")
             self.produced += 1
             yield i
 
 
-Mapper = Callable[[cleanbreak.Pool, Iterator[int]], Iterator[Any]]
-MAPPERS: dict[str, Mapper] = {
-    "map": lambda pool, items: pool.map(tasks.square, items, timeout=GUARD),
-    "imap_unordered": lambda pool, items: pool.imap_unordered(tasks.square, items),
-}
+Mapper = Callable[..., Iterator[Any]]
 
 
-@pytest.mark.parametrize("name", MAPPERS)
-def test_endless_input_yields_results_and_reads_a_bounded_way_ahead(
-    fs_pool: cleanbreak.Pool, name: str
-) -> None:
-    source = Counting()
-    results = MAPPERS[name](fs_pool, iter(source))
-    first = [next(results) for _ in range(10)]
+def _mapper(pool: cleanbreak.Pool, name: str) -> Mapper:
+    return pool.map if name == "map" else pool.imap_unordered
+
+
+def _check_squares(name: str, got: list[int], start: int = 0) -> None:
     if name == "map":
-        assert first == [x * x for x in range(10)]
+        assert got == [x * x for x in range(start, start + len(got))]
     else:
-        assert len(set(first)) == 10
-        assert all(int(v**0.5) ** 2 == v for v in first)
-    assert 10 <= source.produced < 200, source.produced
-    # Taking many more results keeps the read-ahead bounded: it does not grow with the input.
-    for _ in range(1000):
-        next(results)
-    assert source.produced < 1010 + 200, source.produced
+        assert len(set(got)) == len(got)
+        assert all(int(v**0.5) ** 2 == v for v in got)
 
 
 @pytest.mark.parametrize("name", ["map", "imap_unordered"])
-def test_buffersize_bounds_the_read_ahead(fs_pool: cleanbreak.Pool, name: str) -> None:
+def test_endless_input_with_a_buffersize_reads_at_most_that_far_ahead(
+    fs_pool: cleanbreak.Pool, name: str
+) -> None:
     source = Counting()
-    method = fs_pool.map if name == "map" else fs_pool.imap_unordered
-    results = method(tasks.square, iter(source), chunksize=1, buffersize=8)
-    for taken in range(1, 31):
-        next(results)
+    results = _mapper(fs_pool, name)(tasks.square, iter(source), chunksize=1, buffersize=8)
+    got = []
+    for taken in range(1, 101):
+        got.append(next(results))
         assert source.produced <= taken + 8, (taken, source.produced)
+    _check_squares(name, got)
 
 
-@pytest.mark.parametrize("name", MAPPERS)
+@pytest.mark.parametrize("name", ["map", "imap_unordered"])
+def test_buffersize_with_automatic_chunks(fs_pool: cleanbreak.Pool, name: str) -> None:
+    # Chunks are sized automatically, but never past the window.
+    source = Counting()
+    results = _mapper(fs_pool, name)(tasks.square, iter(source), buffersize=100)
+    for taken in range(1, 2001):
+        next(results)
+        assert source.produced <= taken + 2 * 100, (taken, source.produced)
+
+
+@pytest.mark.parametrize("name", ["map", "imap_unordered"])
+def test_endless_input_by_default_yields_results_and_reads_a_bounded_way_ahead(
+    fs_pool: cleanbreak.Pool, name: str
+) -> None:
+    # The default window follows the measured task time; it is bounded, though not small for
+    # tasks this quick. Counting fails the test if the input is read a million items ahead.
+    source = Counting()
+    results = _mapper(fs_pool, name)(tasks.square, iter(source))
+    first = [next(results) for _ in range(10)]
+    _check_squares(name, first)
+    ahead_at_10 = source.produced - 10
+    for _ in range(200_000):
+        next(results)
+    ahead_later = source.produced - 200_010
+    # Taking 200,000 more results does not make the read-ahead grow with them.
+    assert ahead_later < 100_000, (ahead_at_10, ahead_later)
+
+
+@pytest.mark.parametrize("name", ["map", "imap_unordered"])
 def test_breaking_out_stops_reading_the_input(fs_pool: cleanbreak.Pool, name: str) -> None:
     source = Counting()
-    for k, _ in enumerate(MAPPERS[name](fs_pool, iter(source))):
+    for k, _ in enumerate(_mapper(fs_pool, name)(tasks.square, iter(source))):
         if k == 9:
             break
     gc.collect()
     at_break = source.produced
     # The pool goes on, and nothing reads the abandoned input any more.
     assert fs_pool.submit(tasks.square, 3).result(timeout=GUARD) == 9
-    assert list(fs_pool.map(tasks.square, range(100), timeout=GUARD)) == [
-        x * x for x in range(100)
-    ]
+    assert list(fs_pool.map(tasks.square, range(100), timeout=GUARD)) == [x * x for x in range(100)]
     assert source.produced == at_break
 
 

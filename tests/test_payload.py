@@ -13,8 +13,7 @@ from tests.tasks import GUARD, MiB
 
 @pytest.fixture(scope="module")
 def one_worker() -> Iterator[cleanbreak.Pool]:
-    with cleanbreak.Pool(1, mp_context="forkserver") as pool:
-        yield pool
+    yield from tasks.shared_pool(1, "forkserver")
 
 
 def test_a_200_mb_result(fs_pool: cleanbreak.Pool) -> None:
@@ -41,16 +40,16 @@ def test_large_results_from_several_workers_at_once(fs_pool: cleanbreak.Pool) ->
 def test_large_arguments_and_results_cross_in_both_directions(one_worker: cleanbreak.Pool) -> None:
     # One worker holds two units (prefetch): it writes a large result while the parent is still
     # writing it the next large argument. Neither side may wait for the other.
-    blobs = [tasks.make_blob(64 * MiB, seed) for seed in (20, 21, 22)]
+    blobs = [tasks.make_blob(32 * MiB, seed) for seed in (20, 21, 22)]
     futures = [one_worker.submit(tasks.echo, b) for b in blobs]
     for b, fut in zip(blobs, futures, strict=True):
         assert tasks.digest(fut.result(timeout=GUARD)) == tasks.digest(b)
 
 
 def test_a_large_map_chunk_of_medium_items(fs_pool: cleanbreak.Pool) -> None:
-    # 40 items of 2 MiB in one unit: 80 MiB in one frame each way.
-    items = [tasks.make_blob(2 * MiB, seed) for seed in range(40)]
-    results = list(fs_pool.map(tasks.echo, items, chunksize=40, timeout=GUARD))
+    # 32 items of 1 MiB in one unit: 32 MiB in one frame each way.
+    items = [tasks.make_blob(MiB, seed) for seed in range(32)]
+    results = list(fs_pool.map(tasks.echo, items, chunksize=32, timeout=GUARD))
     assert [tasks.digest(r) for r in results] == [tasks.digest(b) for b in items]
 
 

@@ -98,16 +98,31 @@ def test_system_exit_and_keyboard_interrupt_fail_only_that_task(
     _pool_still_works(pool)
 
 
+def _only_failure(exc: BaseException, total: int) -> None:
+    """``cleanbreak.map`` ran every task and says that this one failure was the only one."""
+    notes = getattr(exc, "__notes__", [])
+    assert any(f"1 of {total} tasks failed" in note for note in notes), (exc, notes)
+
+
 def test_system_exit_in_a_map_chunk_fails_only_that_item(pool: cleanbreak.Pool) -> None:
     pids_before = set(pool.map(tasks.getpid_of_worker, range(20), chunksize=1, timeout=GUARD))
-    outcomes = tasks.collect(
-        pool.map(tasks.exit_on, range(8), itertools.repeat(5), chunksize=8, timeout=GUARD)
-    )
-    assert isinstance(outcomes[5], cleanbreak.TaskAborted)
-    assert outcomes[:5] + outcomes[6:] == [x * x for x in range(8) if x != 5]
+    results = pool.map(tasks.exit_on, range(8), itertools.repeat(5), chunksize=8, timeout=GUARD)
+    assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
+    with pytest.raises(cleanbreak.TaskAborted):
+        next(results)
     # No worker died over it.
     pids_after = set(pool.map(tasks.getpid_of_worker, range(20), chunksize=1, timeout=GUARD))
     assert pids_after <= pids_before
+    # And the items after it in the chunk ran too.
+    with pytest.raises(cleanbreak.TaskAborted) as info:
+        cleanbreak.map(
+            tasks.star,
+            [(tasks.exit_on, (x, 5)) for x in range(8)],
+            workers=1,
+            chunksize=8,
+            mp_context="fork",
+        )
+    _only_failure(info.value, 8)
 
 
 # ── things that do not pickle ────────────────────────────────────────────────────────────────
@@ -124,7 +139,7 @@ def test_system_exit_in_a_map_chunk_fails_only_that_item(pool: cleanbreak.Pool) 
 def test_an_exception_that_does_not_pickle_arrives_as_serialization_error(
     pool: cleanbreak.Pool, fn: Callable[[Any], int], name: str
 ) -> None:
-    exc = pool.submit(fn).exception(timeout=GUARD)
+    exc = pool.submit(fn, None).exception(timeout=GUARD)
     assert isinstance(exc, cleanbreak.SerializationError)
     assert isinstance(exc, pickle.PicklingError)
     assert exc.part == "exception"
@@ -138,7 +153,7 @@ def test_an_exception_that_does_not_pickle_arrives_as_serialization_error(
 def test_a_result_that_does_not_pickle_fails_that_task(
     pool: cleanbreak.Pool, fn: Callable[[Any], Any]
 ) -> None:
-    exc = pool.submit(fn).exception(timeout=GUARD)
+    exc = pool.submit(fn, None).exception(timeout=GUARD)
     assert isinstance(exc, cleanbreak.SerializationError)
     assert exc.part == "result"
     assert "result" in str(exc)
@@ -151,14 +166,19 @@ def test_a_result_that_does_not_pickle_fails_that_task(
 def test_a_bad_result_in_a_map_chunk_fails_only_that_item(
     fs_pool: cleanbreak.Pool, fn: Callable[[int, int], Any]
 ) -> None:
-    # Pickling does not depend on the start method: one pool is enough.
-    outcomes = tasks.collect(
-        fs_pool.map(fn, range(6), itertools.repeat(2), chunksize=6, timeout=GUARD)
-    )
-    assert isinstance(outcomes[2], cleanbreak.SerializationError), outcomes
-    assert outcomes[2].part == "result"
-    assert outcomes[:2] + outcomes[3:] == [0, 1, 9, 16, 25], outcomes
+    # Pickling does not depend on the start method: one pool is enough. Item 2 of the chunk
+    # returns something that will not cross; the items before and after it are fine.
+    results = fs_pool.map(fn, range(6), itertools.repeat(2), chunksize=6, timeout=GUARD)
+    assert [next(results) for _ in range(2)] == [0, 1]
+    with pytest.raises(cleanbreak.SerializationError) as info:
+        next(results)
+    assert info.value.part == "result"
     _pool_still_works(fs_pool)
+    with pytest.raises(cleanbreak.SerializationError) as info:
+        cleanbreak.map(
+            tasks.star, [(fn, (x, 2)) for x in range(6)], workers=1, chunksize=6, mp_context="fork"
+        )
+    _only_failure(info.value, 6)
 
 
 def test_an_argument_that_does_not_pickle_fails_that_submit(pool: cleanbreak.Pool) -> None:
@@ -178,17 +198,21 @@ def test_a_bad_argument_in_a_map_fails_only_that_item(
     fs_pool: cleanbreak.Pool, bad: object, chunksize: int
 ) -> None:
     items: list[object] = [0, 1, bad, 3, 4]
-    outcomes = tasks.collect(
-        fs_pool.map(tasks.identity, items, chunksize=chunksize, timeout=GUARD)
-    )
-    assert outcomes[:2] + outcomes[3:] == [0, 1, 3, 4], outcomes
+    results = fs_pool.map(tasks.identity, items, chunksize=chunksize, timeout=GUARD)
+    assert [next(results) for _ in range(2)] == [0, 1]
+    with pytest.raises(Exception) as info:
+        next(results)
     if isinstance(bad, tasks.Unloadable):
-        # It pickled; the worker could not rebuild it. Which error says so is not pinned down.
-        assert isinstance(outcomes[2], Exception), outcomes
+        # It pickled, but the worker could not rebuild it. Which error type says so is not
+        # pinned down; it must not blame the result, though.
+        assert getattr(info.value, "part", "arguments") == "arguments", repr(info.value)
     else:
-        assert isinstance(outcomes[2], cleanbreak.SerializationError), outcomes
-        assert outcomes[2].part == "arguments"
+        assert isinstance(info.value, cleanbreak.SerializationError), repr(info.value)
+        assert info.value.part == "arguments"
     _pool_still_works(fs_pool)
+    with pytest.raises(Exception) as info:
+        cleanbreak.map(tasks.identity, items, workers=1, chunksize=chunksize, mp_context="fork")
+    _only_failure(info.value, 5)
 
 
 def test_a_function_that_does_not_pickle_fails_with_serialization_error(

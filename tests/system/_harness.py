@@ -1,10 +1,12 @@
 """Run ``scripts/sysprobe_child.py`` as a real process, talk to it, signal it, clean up after it.
 
-Synchronisation is by handshake only: the child and its tasks write event lines to a FIFO that
-the test reads with ``select`` (see ``scripts/sysprobe_tasks.py`` for the protocol); tasks that
-must wait for the test read a byte from a second FIFO. Process exits are watched through pidfds,
-which become readable the moment a process exits, so the times recorded here are exact and no
-loop sleeps to let things happen. Every timeout is a deadlock guard, not a speed requirement.
+Synchronisation is by handshake: the child and its tasks write event lines to a FIFO that the
+test reads with ``select`` (see ``scripts/sysprobe_tasks.py`` for the protocol); tasks that must
+wait for the test read a byte from a second FIFO. Process exits are watched through pidfds,
+which become readable the moment a process exits, so the times recorded here are exact. Two
+conditions have no event to wait on and are polled every few milliseconds: the parent's main
+thread being asleep (``Child.wait_parent_asleep``) and the child's session emptying. Every
+timeout is a deadlock guard, not a speed requirement.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Event:
 def _alive(proc: psutil.Process) -> bool:
     """Running, and not a zombie (a zombie has exited; it only waits to be reaped)."""
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -175,8 +177,9 @@ class Child:
             return
         try:
             fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            raise AssertionError(f"{what} {pid} was gone before the test could watch it") from None
+        except ProcessLookupError:  # gone already (its line was read late): it has exited
+            self.watched[pid] = Watched(pid, what, -1, time.monotonic_ns())
+            return
         self.watched[pid] = Watched(pid, what, fd)
 
     def wait_for(self, done: Callable[[Child], bool], what: str, timeout: float = TIMEOUT) -> None:
@@ -195,7 +198,7 @@ class Child:
             if left <= 0:
                 raise AssertionError(
                     f"timed out after {timeout} s waiting for {what}; events {self.kinds()}\n"
-                    f"{self.stderr()}"
+                    f"{self.dump_stacks()}"
                 )
             self._read(left)
 
@@ -236,12 +239,60 @@ class Child:
 
     # ── signals and exits ──────────────────────────────────────────────────────────────
 
-    def send(self, how: str) -> int:
+    def _main_thread_sample(self) -> tuple[str, int] | None:
+        try:
+            stat = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text()
+            status = Path(f"/proc/{self.pid}/task/{self.pid}/status").read_text()
+        except OSError:
+            return None
+        state = stat.rsplit(")", 1)[1].split()[0]
+        switches = next(
+            int(line.split()[1])
+            for line in status.splitlines()
+            if line.startswith("voluntary_ctxt_switches:")
+        )
+        return state, switches
+
+    def wait_parent_asleep(self, timeout: float = TIMEOUT) -> None:
+        """Wait until the parent's main thread has been asleep, without waking, for 5 ms.
+
+        CPython runs a Python signal handler only in the main thread, when it next runs
+        bytecode or when a blocking call returns EINTR. A signal that lands while the main
+        thread is on its way into a blocking wait (a lock, after the last check and before the
+        futex sleeps) is not acted on until that wait ends, which may be never. That window
+        is microseconds wide and a person at a terminal does not hit it, but a test that
+        signals just as a handshake arrives can, under load. So tests signal a parent that
+        is asleep in its wait (see the report for the same window as a core robustness
+        issue).
+        """
+        deadline = time.monotonic() + timeout
+        quiet: list[tuple[str, int]] = []
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise AssertionError(
+                    f"the child exited (status {self.proc.wait() if self.proc else None}) "
+                    f"before the test could signal it; events {self.kinds()}\n{self.output()}"
+                )
+            sample = self._main_thread_sample()
+            if sample is None or sample[0] != "S" or (quiet and sample != quiet[-1]):
+                quiet = []
+            if sample is not None and sample[0] == "S":
+                quiet.append(sample)
+            if len(quiet) >= 5:
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"the parent's main thread never went to sleep\n{self.stderr()}")
+
+    def send(self, how: str, *, asleep: bool = True) -> int:
         """Deliver a signal as ``how`` says; returns CLOCK_MONOTONIC just before sending it.
 
         ``sigint-group`` is Ctrl-C as a terminal sends it (to the whole foreground process
-        group), ``sigint-parent`` and ``sigterm-parent`` go to the parent alone.
+        group), ``sigint-parent`` and ``sigterm-parent`` go to the parent alone. With
+        ``asleep`` (the default) it first waits for the parent's main thread to be asleep in
+        its wait (see ``wait_parent_asleep``).
         """
+        if asleep and how != "sigkill-parent":
+            self.wait_parent_asleep()
         t = time.monotonic_ns()
         if how == "sigint-group":
             os.killpg(self.pid, signal.SIGINT)
@@ -254,6 +305,12 @@ class Child:
         else:
             raise ValueError(how)
         return t
+
+    def running(self) -> bool:
+        """Whether the child has not exited, checked right now."""
+        if self.exited_ns is None and _pidfd_exited(self.pidfd):
+            self.exited_ns = time.monotonic_ns()
+        return self.exited_ns is None
 
     def wait_exit(self, timeout: float = EXIT_GUARD) -> int:
         """Wait for the child to exit; returns its status. Fails after ``timeout`` seconds."""
@@ -281,9 +338,7 @@ class Child:
     def still_running(self, what: str | None = None) -> list[Watched]:
         """Watched processes (of one kind, or all) that have not exited, checked right now."""
         return [
-            w
-            for w in self.watched.values()
-            if (what is None or w.what == what) and not w.exited()
+            w for w in self.watched.values() if (what is None or w.what == what) and not w.exited()
         ]
 
     def wait_gone(self, watched: Iterable[Watched], timeout: float) -> list[Watched]:
@@ -339,7 +394,7 @@ class Child:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
             for w in self.watched.values():
-                if not w.exited():
+                if not w.exited():  # so w.fd is open
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(w.pid, signal.SIGKILL)
                     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -349,12 +404,22 @@ class Child:
                     proc.kill()
             self.proc.wait()
         for w in self.watched.values():
-            with contextlib.suppress(OSError):
-                os.close(w.fd)
+            if w.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(w.fd)
         for fd in (self.pidfd, self._fd, self._keep, self._release):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def ignored_signals(pid: int) -> set[signal.Signals]:
+    """The signals process ``pid`` ignores (SIG_IGN), from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(
+        next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16
+    )
+    return {sig for sig in signal.Signals if mask & (1 << (sig - 1))}
 
 
 def ms(t0_ns: int, t1_ns: int) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ._harness import METHODS, TIMEOUT, assert_cleaned_up
+from ._harness import METHODS, assert_cleaned_up
 from .conftest import StartChild
 
 
@@ -63,16 +63,22 @@ def test_module_map_keeps_every_finished_result(start_child: StartChild, method:
     assert_cleaned_up(child, "completed, cleanbreak.map")
 
 
-@pytest.mark.parametrize("api", ["map", "cbmap", "submit"])
+@pytest.mark.parametrize("api", ["map", "cbmap"])
 @pytest.mark.parametrize("method", METHODS)
 def test_result_that_arrives_with_the_signal_is_kept(
     start_child: StartChild, method: str, api: str
 ) -> None:
-    """Task 1's result sends SIGINT to the parent from inside the unpickling of that result,
-    so the Ctrl-C lands at the very moment the result reaches the parent: the result must
-    still be in ``completed``. Task 0 blocks for ever, so an ordered map is waiting for it."""
+    """The Ctrl-C lands at the very moment a result reaches the parent: task 1's result, as it
+    is unpickled there, sends SIGINT (see ``received_with_sigint``). Task 0 blocks for ever,
+    so the map's caller is waiting, and it is this result that wakes it. The result had
+    arrived before the signal, so it must be in ``completed``.
+
+    (A terminal's Ctrl-C a few microseconds after a result arrives hits the same moment by
+    chance. ``test_results_behind_a_blocked_one_are_kept[map]`` did, about one run in two,
+    until it learnt to signal only a parent that is asleep.)
+    """
     child = start_child(method=method, layout="bk", api=api)
-    status = child.wait_exit(timeout=TIMEOUT)
+    status = child.wait_exit()
 
     assert status == 130, child.output()
     assert child.report()["signal"] == "SIGINT"

@@ -9,9 +9,12 @@ tasks are running, and nothing else may start.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
-from ._harness import METHODS, Child, assert_cleaned_up, ms, record
+from ._harness import METHODS, Child, assert_cleaned_up, ignored_signals, ms, record
 from .conftest import StartChild
 
 LAYOUT = "qqq" + "gggg" + "qq"
@@ -41,6 +44,9 @@ def test_signal_stops_everything_and_keeps_results(
 ) -> None:
     child = start_child(method=method, layout=LAYOUT)
     child.wait_for(_settled, "the quick results and both blocking tasks")
+    for pid in child.pids_of("worker"):
+        assert os.getpgid(pid) == pid, "a worker must lead a process group of its own"
+        assert signal.SIGINT in ignored_signals(pid), "a worker must ignore SIGINT"
 
     sent = child.send(how)
     status = child.wait_exit()
@@ -70,8 +76,9 @@ def test_task_that_survives_sigterm_does_not_let_the_next_one_start(
     start_child: StartChild, method: str
 ) -> None:
     """A running task that catches SIGTERM and returns: its worker must not go on to the task
-    queued behind it (the shared stop flag, read between tasks)."""
-    child = start_child(method=method, layout="tt" + "qqqq")
+    queued behind it (the shared stop flag, read between tasks). Through ``map``, which sends
+    each worker its next task ahead of time, so that the next one is already in the worker."""
+    child = start_child(method=method, layout="tt" + "qqqq", api="map")
     child.wait_for(lambda c: c.indices("start") == {0, 1}, "both SIGTERM-catching tasks")
 
     sent = child.send("sigint-group")
@@ -79,7 +86,9 @@ def test_task_that_survives_sigterm_does_not_let_the_next_one_start(
 
     assert status == 130, child.output()
     child.drain_events()
-    assert child.indices("term") == {0, 1}, [(e.kind, e.args, ms(sent, e.received_ns)) for e in child.events]
+    assert child.indices("term") == {0, 1}, [
+        (e.kind, e.args, ms(sent, e.received_ns)) for e in child.events
+    ]
     late = child.started_after(sent)
     assert late == [], f"tasks started after the signal: {late}"
     # Results that finished after the signal may be kept, but nothing else.
@@ -96,7 +105,7 @@ def test_sigterm_while_pool_idle_and_main_thread_in_user_code(
     child = start_child(method=method, layout="qq", wait="busy")
     child.wait_for(lambda c: bool(c.of("busy")), "the main thread to be busy in user code")
 
-    sent = child.send("sigterm-parent")
+    sent = child.send("sigterm-parent", asleep=False)  # it never sleeps: it spins
     status = child.wait_exit()
     assert child.exited_ns is not None
 
@@ -106,5 +115,7 @@ def test_sigterm_while_pool_idle_and_main_thread_in_user_code(
     assert child.completed() == {0: 0, 1: 10}
     assert report["futures"] == ["result:0", "result:10"]
     assert_cleaned_up(child, "idle pool, SIGTERM")
-    record("idle pool, busy main thread: SIGTERM to Interrupted (ms)", ms(sent, report["caught_ns"]))
+    record(
+        "idle pool, busy main thread: SIGTERM to Interrupted (ms)", ms(sent, report["caught_ns"])
+    )
     record("idle pool, busy main thread: SIGTERM to parent exit (ms)", ms(sent, child.exited_ns))

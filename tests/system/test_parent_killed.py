@@ -32,4 +32,7 @@ def test_workers_and_their_children_exit_when_the_parent_is_killed(
         record(f"parent SIGKILLed: last {what} exited after (ms)", ms(killed, slowest))
     leftovers, took = child.wait_session_empty(ORPHAN_GUARD)
     assert leftovers == [], f"processes left behind: {leftovers}"
-    record("parent SIGKILLed: session empty after the kill (ms)", ms(killed, child.exited_ns or 0) + took * 1000)
+    record(
+        "parent SIGKILLed: session empty after the kill (ms)",
+        ms(killed, child.exited_ns or 0) + took * 1000,
+    )

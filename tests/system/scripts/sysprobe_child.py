@@ -18,18 +18,21 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import os
 import signal
 import sys
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+# The repository root, so that the tasks import (here and in the workers) by their full name.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
 import cleanbreak
 import cleanbreak._manager
-from sysprobe_tasks import Receipt, Spec, emit, task
+from tests.system.scripts.sysprobe_tasks import Receipt, Spec, emit, task
 
 
 def _user_handler(signum: int, frame: FrameType | None) -> None:
@@ -38,6 +41,7 @@ def _user_handler(signum: int, frame: FrameType | None) -> None:
 
 def _watch_level(pool: cleanbreak.Pool, events: str) -> None:
     # Test instrumentation: the stop level is private, and the pool has no hook to report it.
+    # This thread must not take the signals the test sends (see _start_watcher).
     seen = 0
     while True:
         level = pool._backend.level
@@ -45,6 +49,21 @@ def _watch_level(pool: cleanbreak.Pool, events: str) -> None:
             seen = level
             emit(events, "level", level, time.monotonic_ns())
         time.sleep(0.0005)
+
+
+def _start_watcher(pool: cleanbreak.Pool, events: str) -> None:
+    """Start ``_watch_level`` in a thread that blocks SIGINT and SIGTERM.
+
+    The kernel may hand a process-directed signal to any thread that does not block it; a
+    thread of the test's own must not be the one that takes the test's Ctrl-C. (A thread
+    inherits the signal mask of the thread that starts it.)
+    """
+    stop = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        threading.Thread(target=_watch_level, args=(pool, events), daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _spin() -> None:
@@ -118,9 +137,7 @@ def main() -> int:
             ) as pool:
                 emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
                 if args.watch_level:
-                    threading.Thread(
-                        target=_watch_level, args=(pool, args.events), daemon=True
-                    ).start()
+                    _start_watcher(pool, args.events)
                 if args.api == "map":
                     results = list(pool.map(task, specs, chunksize=1))
                 else:

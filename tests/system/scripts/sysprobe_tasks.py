@@ -54,13 +54,17 @@ def received(events: str, index: int, value: int) -> int:
 def received_with_sigint(events: str, index: int, value: int) -> int:
     """``received``, and then a Ctrl-C to this process (the pool's parent).
 
-    The kernel hands a process-directed signal to any thread that does not block it; this
-    picks the thread that is unpickling the result (the pool's manager thread), as a
-    terminal's Ctrl-C may. The main thread then learns of the signal only when it next runs
-    Python code: when this result wakes it.
+    The kernel hands a process-directed signal to any thread that does not block it. This
+    picks the thread that is unpickling the result (the pool's manager thread), so that the
+    main thread, blocked waiting for results, does not see the signal until this very result
+    wakes it. Should the pool block SIGINT in that thread, the signal goes to the process and
+    so, on Linux, to the main thread.
     """
     emit(events, "recv", index, time.monotonic_ns())
-    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        os.kill(os.getpid(), signal.SIGINT)
+    else:
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
     return value
 
 
