@@ -1,12 +1,13 @@
 """Measurements 6 and 7: a worker killed, and the parent killed.
 
 6. Ten tasks; task ``CRASH_INDEX`` SIGKILLs its own worker (logging the time first), the others
-   work 0.2 s. Libraries with futures are used through ``submit`` and each future's ``result()``
-   (a failed future does not stop the loop); map-only libraries through a ``for`` loop over
-   their lazy map, which ends at the first exception. The child reports after every outcome, so
-   a run that hangs still shows what it had. The runner gives it ``DEADLINE`` seconds to exit.
+   work 0.2 s. Libraries with futures are used through ``submit`` and ``as_completed`` (a
+   failed future does not stop the loop, and an error shows as soon as it is set); map-only
+   libraries through a ``for`` loop over their lazy map, which ends at the first exception.
+   The child reports after every outcome, so a run that hangs still shows what it had. The
+   runner gives it ``DEADLINE`` seconds to exit.
 
-7. The Ctrl-C workload (``bench_interrupt``); once three tasks have started the runner
+7. The Ctrl-C workload (``bench_interrupt``); when the signal would be sent, the runner
    snapshots the child's descendants and SIGKILLs the child alone. Two seconds later it counts
    the descendants still alive (snapshot plus a scan of the child's session) and the tasks that
    started after the kill, then kills what is left.
@@ -21,22 +22,34 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import tasks
-from bench_interrupt import NATURAL, STARTED_BEFORE_SIGNAL, TASKS
-from common import Child, Section, Settings, alive, describe_exit, fmt_seconds, progress
+from bench_interrupt import NATURAL, SIGNAL_DELAY, STARTED_BEFORE_SIGNAL, TASKS
+from common import (
+    Child,
+    Section,
+    Settings,
+    alive,
+    describe_exit,
+    describe_processes,
+    fmt_seconds,
+    progress,
+    started_after,
+)
 from libs import CB, CF, JOBLIB, LIBRARIES, LOKY, MP, MPIRE, PEBBLE, available
 from reporter import Reporter
 
 CRASH_TASKS = 10
-DEADLINE, DEADLINE_QUICK = 20.0, 10.0
+DEADLINE, DEADLINE_QUICK = 20.0, 5.0
 ORPHAN_WAIT = 2.0
 
-# Each yields the outcomes, in task order, as ("ok", value) or ("error", exception); a map-style
-# API stops at its first error.
+# Each yields the outcomes as ("ok", value) or ("error", exception); a map-style API stops at
+# its first error.
 Outcomes = Iterator[tuple[str, Any]]
 
 
-def _futures(results: Callable[[], list[Any]]) -> Outcomes:
-    for fut in results():
+def _futures(submit: Callable[[], list[Any]]) -> Outcomes:
+    from concurrent.futures import as_completed
+
+    for fut in as_completed(submit()):
         try:
             yield "ok", fut.result()
         except Exception as exc:
@@ -98,19 +111,28 @@ def _cleanbreak(n: int, workers: int) -> Outcomes:
 def _cleanbreak_map(n: int, workers: int) -> Outcomes:
     import cleanbreak
 
-    for r in cleanbreak.map(tasks.die_or_work, range(n), workers=workers):
+    try:
+        results = cleanbreak.map(tasks.die_or_work, range(n), workers=workers)
+    except Exception as exc:
+        # cleanbreak.map runs every task, then raises the first failure with the other
+        # results in .completed (where this version of cleanbreak provides it).
+        for value in getattr(exc, "completed", {}).values():
+            yield "ok", value
+        yield "error", exc
+        return
+    for r in results:
         yield "ok", r
 
 
 CRASH_APIS: dict[str, tuple[str, Callable[[int, int], Outcomes], str]] = {
     "mp": (MP, _mp, "Pool.imap loop"),
-    "cf": (CF, _cf, "submit + result()"),
-    "loky": (LOKY, _loky, "submit + result()"),
-    "pebble": (PEBBLE, _pebble, "schedule + result()"),
+    "cf": (CF, _cf, "submit + as_completed"),
+    "loky": (LOKY, _loky, "submit + as_completed"),
+    "pebble": (PEBBLE, _pebble, "schedule + as_completed"),
     "mpire": (MPIRE, _mpire, "WorkerPool.imap loop"),
     "joblib": (JOBLIB, _joblib, 'Parallel(return_as="generator") loop'),
-    "cb": (CB, _cleanbreak, "Pool.submit + result()"),
-    "cb-fn": (CB, _cleanbreak_map, "cleanbreak.map"),
+    "cb": (CB, _cleanbreak, "Pool.submit + as_completed"),
+    "cb-fn": (CB, _cleanbreak_map, "cleanbreak.map; exc.completed"),
 }
 
 
@@ -134,7 +156,9 @@ def child_crash(params: dict[str, Any], report: Reporter) -> None:
 
 def _error(exc: BaseException) -> dict[str, Any]:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return {"t": time.monotonic(), "type": type(exc).__name__, "message": text[:110]}
+    if len(text) > 80:
+        text = text[:79] + "…"
+    return {"t": time.monotonic(), "type": type(exc).__name__, "message": text}
 
 
 def run_crash(settings: Settings) -> Section:
@@ -193,8 +217,9 @@ def run_orphans(settings: Settings) -> Section:
         "orphans",
         "7. The parent is SIGKILLed",
         f"{TASKS} tasks of {tasks.SLOW_TASK_SECONDS} s on {settings.workers} workers (the Ctrl-C "
-        f"workload); once {STARTED_BEFORE_SIGNAL} tasks have started the parent alone gets "
-        f"SIGKILL. Orphans: its descendants still alive {ORPHAN_WAIT:.0f} s later.",
+        f"workload); {SIGNAL_DELAY} s after {STARTED_BEFORE_SIGNAL} tasks had started, the "
+        "parent alone gets SIGKILL. Orphans: its descendants still alive "
+        f"{ORPHAN_WAIT:.0f} s later.",
         [
             "library: API",
             "descendants at the kill",
@@ -211,7 +236,10 @@ def run_orphans(settings: Settings) -> Section:
         row = _orphans_one(lib, settings.workers)
         progress(f"  orphans {lib}: {' | '.join(row)}")
         section.rows.append([label, *row])
-    section.notes.append("The runner kills the orphans after counting them.")
+    section.notes.append(
+        "Workers are pids that ran a task; helpers are the fork server, resource tracker and "
+        "the like. The runner kills the orphans after counting them."
+    )
     return section
 
 
@@ -220,6 +248,7 @@ def _orphans_one(lib: str, workers: int) -> list[str]:
     with Child("interrupt", params) as child:
         if not child.wait_for_events("start", STARTED_BEFORE_SIGNAL, timeout=60):
             return [f"tasks never started: {child.output_tail(1)}", "—", "—", "—"]
+        time.sleep(SIGNAL_DELAY)
         before = child.descendants()
         t_kill = time.monotonic()
         os.kill(child.pid, signal.SIGKILL)
@@ -229,8 +258,11 @@ def _orphans_one(lib: str, workers: int) -> list[str]:
             if gone_at is None and not any(alive(p) for p in before) and not child.session():
                 gone_at = time.monotonic()
             time.sleep(0.01)
-        left = {p.pid for p in before if alive(p)} | {p.pid for p in child.session()}
-        started_after = sum(1 for e in child.events() if e.what == "start" and e.t > t_kill)
-    orphans = f"**{len(left)}**" if left else "0"
+        left = {p.pid: p for p in before if alive(p)}
+        for p in child.session():
+            left.setdefault(p.pid, p)
+        events = child.events()
+        late = started_after(events, t_kill)
+    orphans = describe_processes(list(left.values()), {e.pid for e in events})
     gone = fmt_seconds(gone_at - t_kill) if gone_at is not None else f"> {ORPHAN_WAIT:.0f} s"
-    return [str(len(before)), orphans, gone, str(started_after)]
+    return [str(len(before)), orphans, gone, late]

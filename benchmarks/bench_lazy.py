@@ -32,9 +32,9 @@ from libs import CB, CF, JOBLIB, LOKY, MP, MPIRE, PEBBLE, available
 from reporter import Reporter
 
 IDLE = 2.0
-DEADLINE, DEADLINE_QUICK = 10.0, 5.0
+DEADLINE, DEADLINE_QUICK = 10.0, 3.0
 RSS_LIMIT = 2 * 2**30
-COUNTER = struct.Struct("<Q")
+COUNTER = struct.Struct("<QQ")  # items pulled, the child's RSS before the lazy call
 
 LazyMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 
@@ -106,17 +106,20 @@ def child_lazy(params: dict[str, Any], report: Reporter) -> None:
     fd = os.open(params["counter"], os.O_RDWR)
     shared = mmap.mmap(fd, COUNTER.size)
     pulled = 0
+    rss0 = 0
 
     def counting() -> Iterator[int]:
         nonlocal pulled
         for x in itertools.count():
             pulled += 1
-            COUNTER.pack_into(shared, 0, pulled)
+            COUNTER.pack_into(shared, 0, pulled, rss0)
             yield x
 
     with lazy_mapper(params["key"], params["workers"]) as lazy:
-        lazy(tasks.inc, range(params["workers"] * 2))  # warm-up: start the workers
+        for _ in lazy(tasks.inc, range(params["workers"] * 2)):  # warm-up: start the workers
+            pass
         rss0 = current_rss()
+        COUNTER.pack_into(shared, 0, 0, rss0)
         start = time.monotonic()
         results = lazy(tasks.inc, counting())
         first = next(results)
@@ -137,9 +140,13 @@ def child_lazy(params: dict[str, Any], report: Reporter) -> None:
         os._exit(0)
 
 
-def read_counter(path: Path) -> int:
+def read_counter(path: Path) -> tuple[int, int]:
+    """Items pulled so far, and the child's RSS before the lazy call (0 until it is known)."""
     data = path.read_bytes()
-    return COUNTER.unpack(data[: COUNTER.size])[0] if len(data) >= COUNTER.size else 0
+    if len(data) < COUNTER.size:
+        return 0, 0
+    pulled, rss0 = COUNTER.unpack(data[: COUNTER.size])
+    return pulled, rss0
 
 
 def run_lazy(settings: Settings) -> Section:
@@ -189,7 +196,7 @@ def _run_one(api: LazyApi, workers: int, deadline: float) -> list[str]:
                     break
                 with contextlib.suppress(psutil.Error):
                     peak = max(peak, psutil.Process(child.pid).memory_info().rss)
-                pulled = read_counter(counter)
+                pulled, _ = read_counter(counter)
                 if pulled and first_by is None:
                     first_by = time.monotonic() + deadline  # the clock starts at the first pull
                 if peak > RSS_LIMIT or (first_by and time.monotonic() > first_by):
@@ -197,7 +204,7 @@ def _run_one(api: LazyApi, workers: int, deadline: float) -> list[str]:
                 if time.monotonic() > limit:
                     break
             result = child.result()
-            pulled = read_counter(counter)
+            pulled, rss0 = read_counter(counter)
             if result is not None:
                 return [
                     api.label,
@@ -214,7 +221,7 @@ def _run_one(api: LazyApi, workers: int, deadline: float) -> list[str]:
                 f"no result ({why})",
                 f"> {pulled:,} (still pulling)",
                 "—",
-                f"{peak / 2**20:,.0f} MiB RSS",
+                f"{(peak - rss0) / 2**20:,.0f} MiB when stopped",
             ]
     finally:
         counter.unlink(missing_ok=True)

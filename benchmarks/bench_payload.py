@@ -34,7 +34,7 @@ from libs import CB, DEFAULT_VARIANTS, VARIANTS, available, mapper
 from reporter import Reporter
 
 MB = 1_000_000
-COUNT, COUNT_QUICK = 20, 8
+COUNT, COUNT_QUICK = 20, 5
 SIZE = 50 * MB
 
 
@@ -78,8 +78,9 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
 
 def run_payload(settings: Settings) -> Section:
     count = COUNT_QUICK if settings.quick else COUNT
-    reps = settings.repetitions(3, 1)
-    keys = [k for k in DEFAULT_VARIANTS if available(VARIANTS[k].lib)]
+    reps = settings.repetitions(2, 1)  # a 1 GB run takes seconds: two keep the suite short
+    # cleanbreak.map moves data exactly as Pool.map does; leaving it out saves a sixth of the time.
+    keys = [k for k in DEFAULT_VARIANTS if k != "cb-fn" and available(VARIANTS[k].lib)]
     directions = ("results", "args")
     rates: dict[tuple[str, str], list[float]] = {}
     peaks: dict[tuple[str, str], list[float]] = {}

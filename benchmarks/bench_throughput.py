@@ -9,6 +9,7 @@ one call of them does.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -124,8 +125,8 @@ def run_tiny(settings: Settings) -> Section:
     section.notes.append(
         f'"chunksize as Pool.map" = ceil(n / (4 x workers)) = {n // (4 * settings.workers):,}, '
         "what multiprocessing.Pool.map picks by default; the concurrent.futures docs recommend a "
-        "large chunksize for long iterables. cleanbreak picks its own (here min(n/(8 x workers), "
-        "1024))."
+        "large chunksize for long iterables. cleanbreak is called with chunksize=None: it picks "
+        "its own."
     )
     section.notes.append(
         "¹ The timed call starts and stops its workers (one-shot API: cleanbreak.map; mpire "
@@ -162,8 +163,11 @@ def run_ms(settings: Settings) -> Section:
                 fmt_ratio(rate / base) if base else "—",
             ]
         )
-    section.notes.append(
-        "¹ The timed call starts and stops its workers. The parent and the pool's own threads "
-        f"share the {settings.workers} cores with the workers, so 100% is out of reach."
-    )
+    section.notes.append("¹ The timed call starts and stops its workers.")
+    cores = len(os.sched_getaffinity(0))
+    if settings.workers >= cores:
+        section.notes.append(
+            f"With {settings.workers} workers on {cores} cores, the parent and the pool's own "
+            "threads compete with the workers for CPU, so 100% is out of reach."
+        )
     return section

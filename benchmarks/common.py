@@ -101,13 +101,15 @@ def fmt_rate(value: float) -> str:
 
 
 def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}x"
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
 
 
 def fmt_seconds(value: float) -> str:
     if value < 1:
         return f"{value * 1000:.0f} ms"
-    return f"{value:.2f} s"
+    if value < 100:
+        return f"{value:.2f} s"
+    return f"{value:,.0f} s"
 
 
 def rotated(items: Sequence[Any], rep: int) -> list[Any]:
@@ -287,6 +289,30 @@ def run_child(scenario: str, params: Params, timeout: float) -> tuple[Params | N
         if result is None:
             return None, f"exit status {child.returncode}: {child.output_tail(4)}"
         return result, ""
+
+
+def started_after(events: Iterable[Event], t0: float) -> str:
+    """How many tasks started after ``t0``, and when the first and last of them did."""
+    late = sorted(e.t - t0 for e in events if e.what == "start" and e.t > t0)
+    if not late:
+        return "0"
+    if len(late) == 1:
+        return f"{len(late)} (at +{fmt_seconds(late[0])})"
+    return f"{len(late)} (+{fmt_seconds(late[0])} to +{fmt_seconds(late[-1])})"
+
+
+def describe_processes(procs: Sequence[psutil.Process], worker_pids: set[int]) -> str:
+    """``"0"``, or the count in bold split into workers (pids that ran a task) and helpers."""
+    if not procs:
+        return "0"
+    workers = sum(1 for p in procs if p.pid in worker_pids)
+    helpers = len(procs) - workers
+    parts = []
+    if workers:
+        parts.append(f"{workers} worker{'s' if workers > 1 else ''}")
+    if helpers:
+        parts.append(f"{helpers} helper{'s' if helpers > 1 else ''}")
+    return f"**{len(procs)}** ({', '.join(parts)})"
 
 
 def describe_exit(returncode: int | None) -> str:

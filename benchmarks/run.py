@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reps",
         type=int,
         metavar="N",
-        help="repetitions of the timed measurements (default: 3, or 1 with --quick)",
+        help="repetitions of the timed measurements (default: 3, 2 for payloads, 1 with --quick)",
     )
     parser.add_argument(
         "--output",
@@ -88,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def busy_warning(load: tuple[float, ...]) -> str:
+    """A warning when something else was using the CPUs as the run started, else ''."""
+    if load[0] > 0.5 * len(os.sched_getaffinity(0)):
+        return "**the machine was busy: timings are less reliable**"
+    return ""
+
+
 def header(
     settings: Settings, started: datetime.datetime, elapsed: float, load: tuple[float, ...]
 ) -> str:
@@ -101,7 +108,8 @@ def header(
         "",
         f"- Date: {started:%Y-%m-%d %H:%M:%S %Z} (took {elapsed / 60:.1f} min)",
         f"- Machine: {machine()}",
-        f"- Load average at start: {', '.join(f'{x:.2f}' for x in load)}",
+        f"- Load average at start: {', '.join(f'{x:.2f}' for x in load)}"
+        + (busy_warning(load) and f" ({busy_warning(load)})"),
         f"- Command: `{command}` (run from `{os.getcwd()}`)",
         f"- Workers: {settings.workers}; mode: {'quick' if settings.quick else 'full'}",
         f"- Libraries: {libraries}",
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(workers=args.workers, quick=args.quick, reps=args.reps)
     started = datetime.datetime.now().astimezone()
     load = os.getloadavg()
+    if busy_warning(load):
+        progress(f"warning: load average {load[0]:.2f}: other work on this machine skews timings")
     t0 = time.monotonic()
     sections: list[Section] = []
     for name in args.only:

@@ -81,6 +81,9 @@ from ._wire import (
 from ._worker import UNREADABLE, worker_main
 
 PREFETCH = 2
+# A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
+# moment that prefetching saves, and each queued copy would sit in the parent's memory.
+PREFETCH_MAX_BYTES = 1 << 20
 # After SIGTERM, a worker (or a process it started) that is still alive this long is killed.
 STOP_GRACE = 0.5
 # Workers that die this many times in a row before they are ready mean something in their
@@ -145,6 +148,7 @@ class _Worker:
         "has_pidfd",
         "head_since",
         "inflight",
+        "last_bytes",
         "pid",
         "proc",
         "reader",
@@ -163,6 +167,7 @@ class _Worker:
         self.ready = False  # has sent its first frame: started, initializer done
         self.head_since = 0.0  # when the current item of inflight[0] started
         self.dispatched = 0  # items sent, for max_tasks_per_worker
+        self.last_bytes = 0  # size of the last unit sent
         self.retiring = False  # has been sent the message to exit
         self.recycle = False  # ...because it reached max_tasks_per_worker: replace it
         # Why the manager killed it, if it did, and the unit and item it was running then.
@@ -456,6 +461,8 @@ class LocalBackend:
                 while len(w.inflight) < depth and self.pending and not w.retiring:
                     if depth > 1 and not self.pending[0].sink.prefetch:
                         return  # in order: what follows waits behind it
+                    if depth > 1 and w.last_bytes >= PREFETCH_MAX_BYTES:
+                        break
                     self._send(w, self.pending.popleft())
                 if not self.pending:
                     return
@@ -484,6 +491,7 @@ class LocalBackend:
             unit.sink.fail(unit.current, unit.left, SerializationError("arguments", reason))
             return
 
+        w.last_bytes = len(fn_bytes) + len(items_bytes)
         if not w.inflight:
             w.head_since = time.monotonic()
         w.inflight.append(unit)
