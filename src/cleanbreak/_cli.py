@@ -85,10 +85,14 @@ class _RichProgress:
 
 
 def _progress(total: int) -> _Progress:
-    try:
-        return _RichProgress(total)
-    except ImportError:
-        return _PlainProgress(total)
+    """A rich progress bar on a terminal, when the cli extra is installed; else plain lines
+    on stderr (every tenth of the way when not on a terminal, which suits logs)."""
+    if sys.stdout.isatty():
+        try:
+            return _RichProgress(total)
+        except ImportError:
+            pass
+    return _PlainProgress(total)
 
 
 def demo(workers: int, blocks: int, on_interrupt: str) -> int:
