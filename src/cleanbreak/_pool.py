@@ -94,6 +94,13 @@ class Pool(Executor):
     ``"terminate"`` (stop running tasks at once) or ``"drain"`` (let them finish; a second
     Ctrl-C stops them, a third kills them). ``mp_context`` picks the start method: a context,
     or ``"forkserver"`` (the default where available), ``"spawn"`` or ``"fork"``.
+
+    ``initializer(*initargs)`` runs in each worker as it starts; if it raises, the pool fails
+    fast with ``BrokenPool``. ``task_timeout`` kills the worker of a task still running after
+    that many seconds (``TaskTimeout``). ``retries`` retries a task after ``WorkerDied`` or
+    ``TaskTimeout``, and after the exception classes in ``retry_on``. ``max_tasks_per_worker``
+    replaces a worker after that many tasks. ``options()`` changes the task options for the
+    tasks submitted through it.
     """
 
     def __init__(
