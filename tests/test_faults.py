@@ -64,11 +64,22 @@ def open_pool(tmp_path: Path, workers: int, method: str, **kw: Any) -> Iterator[
     in the folder it watches; it is created first, so that a failed test leaves no task
     blocked."""
     pool = cleanbreak.Pool(workers, mp_context=method, **kw)
+    failed = True
     try:
         yield pool
+        failed = False
     finally:
         ft.write_atomic(release(tmp_path), "")
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=False, cancel_futures=failed)
+        # Bounded, so that a broken build fails the test instead of hanging the run.
+        if not pool._backend.wait(TIMEOUT):
+            for pid in live_pids(pool):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not failed:
+                raise AssertionError("the pool did not shut down")
+        else:
+            pool.shutdown(wait=True)  # returns at once; puts the signal handlers back
 
 
 def release(tmp_path: Path) -> str:
@@ -229,7 +240,7 @@ def test_a_death_in_a_map_chunk_fails_only_that_item(method: str, tmp_path: Path
         with pytest.raises(cleanbreak.WorkerDied) as info:
             next(results)
         assert (info.value.task, info.value.exitcode) == (7, 7)
-        # The map's last chunks may still be running.
+        # The map's last chunks may still be running: new tasks must not wait behind them.
         assert_pool_goes_on(pool, tmp_path, [info.value.pid])
 
     # cleanbreak.map runs every item even when one fails: 8 and 9, after the fatal item in its
@@ -298,7 +309,9 @@ def test_a_task_past_its_deadline_fails_with_task_timeout(method: str, tmp_path:
         assert "0.5" in str(exc)
         assert_roundtrip(exc, "timeout", "pid", "task")
         late = settled[0] - (info["t"] + 0.5)
-        _figure(f"deadline -> TaskTimeout {method:10} {'pool option':16} {1000 * late:7.1f} ms")
+        _figure(
+            f"start+timeout -> TaskTimeout {method:10} {'pool option':16} {1000 * late:7.1f} ms"
+        )
 
         # The tasks that finish in time are unaffected, those queued behind the slow one too.
         assert [f.result(timeout=TIMEOUT) for f in quick] == [
@@ -322,7 +335,9 @@ def test_options_override_the_pool_task_timeout(tmp_path: Path) -> None:
         assert isinstance(exc, cleanbreak.TaskTimeout), repr(exc)
         assert (exc.timeout, exc.task, exc.pid) == (0.5, 1, b_info["pid"])
         late = settled[0] - (b_info["t"] + 0.5)
-        _figure(f"deadline -> TaskTimeout {'forkserver':10} {'options()':16} {1000 * late:7.1f} ms")
+        _figure(
+            f"start+timeout -> TaskTimeout {'forkserver':10} {'options()':16} {1000 * late:7.1f} ms"
+        )
         # ``free`` started before ``slow``, so it has now run for more than 0.5 s, unharmed.
         assert not free.done()
         ft.write_atomic(a_release, "")
@@ -366,20 +381,22 @@ def test_a_timeout_in_a_map_chunk_fails_only_that_item(tmp_path: Path) -> None:
 
 
 def test_cancelling_a_queued_task_keeps_it_from_running(tmp_path: Path) -> None:
-    """One worker, busy with a blocking task; one task queued behind it. ``Future.cancel()``
-    returns True and the task never runs (it would leave a file)."""
+    """One worker, busy with a blocking task; tasks queued behind it. ``Future.cancel()`` and
+    ``pool.cancel()`` return True and the tasks never run (each would leave a file)."""
     start, go = str(tmp_path / "start"), str(tmp_path / "go")
     mark, other_mark = tmp_path / "ran", tmp_path / "ran-other"
     with open_pool(tmp_path, 1, "forkserver") as pool:
         busy = pool.submit(ft.block, start, go, 1)
-        pids = [wait_start(start)["pid"]]
         queued = pool.submit(ft.touch_and_return, str(mark), 2)
+        other = pool.submit(ft.touch_and_return, str(other_mark), 3)
+        # By the time the busy task has started, the pool has long had the chance to hand the
+        # queued ones to its (busy) worker: it must not have.
+        pids = [wait_start(start)["pid"]]
         assert queued.cancel() is True, "a task that has not started must be cancellable"
         assert queued.cancelled()
         with pytest.raises(CancelledError):
             queued.result(timeout=0)
         # pool.cancel() does the same for a task that has not started, and kills no worker.
-        other = pool.submit(ft.touch_and_return, str(other_mark), 3)
         assert pool.cancel(other) is True
         assert other.cancelled()
         assert live_pids(pool) == pids
@@ -392,27 +409,23 @@ def test_cancelling_a_queued_task_keeps_it_from_running(tmp_path: Path) -> None:
 
 
 def test_cancelling_tasks_queued_deeper_keeps_them_from_running(tmp_path: Path) -> None:
-    """Several tasks queued behind a busy worker: every one whose cancel() says True never
-    runs, every other one does, and the last ones (still in the parent) can be cancelled."""
+    """Several tasks queued behind a busy worker: each can be cancelled, and none runs."""
     start, go = str(tmp_path / "start"), str(tmp_path / "go")
     marks = [tmp_path / f"ran-{i}" for i in range(5)]
     with open_pool(tmp_path, 1, "forkserver") as pool:
         busy = pool.submit(ft.block, start, go, 1)
-        wait_start(start)
         queued = [pool.submit(ft.touch_and_return, str(m), i) for i, m in enumerate(marks)]
+        wait_start(start)
         said = [f.cancel() for f in reversed(queued)][::-1]
-        assert said[-1] is True
+        assert said == [True] * 5, "tasks that have not started must be cancellable"
         ft.write_atomic(go, "")
         assert busy.result(timeout=TIMEOUT) == 1
-        for i, (fut, cancelled) in enumerate(zip(queued, said, strict=True)):
-            if cancelled:
-                assert fut.cancelled()
-                with pytest.raises(CancelledError):
-                    fut.result(timeout=TIMEOUT)
-            else:
-                assert fut.result(timeout=TIMEOUT) == i
-    for mark, cancelled in zip(marks, said, strict=True):
-        assert mark.exists() is not cancelled, (mark.name, said)
+        for fut in queued:
+            assert fut.cancelled()
+            with pytest.raises(CancelledError):
+                fut.result(timeout=0)
+        assert pool.submit(ft.square, 2).result(timeout=TIMEOUT) == 4
+    assert [m.name for m in marks if m.exists()] == [], "cancelled tasks ran"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -782,6 +795,36 @@ def test_an_unpicklable_argument_in_a_map_chunk_fails_only_its_item(
 
 
 # ── 8. the error hierarchy ───────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cleanbreak.WorkerDied(5, 101, 3),
+        lambda: cleanbreak.TaskTimeout(0.5, 102, 4),
+        lambda: cleanbreak.SerializationError("result", "cannot pickle '_thread.lock' object"),
+        lambda: cleanbreak.TaskAborted("SystemExit", "3"),
+        lambda: cleanbreak.BrokenPool("3 workers in a row died while starting"),
+    ],
+    ids=["WorkerDied", "TaskTimeout", "SerializationError", "TaskAborted", "BrokenPool"],
+)
+def test_errors_keep_their_notes_and_attempts_through_pickle(
+    make: Callable[[], BaseException],
+) -> None:
+    """A retried task's error carries its attempts, in ``.attempts`` and in its notes. Like a
+    built-in exception's notes, they survive a trip through pickle (to another process, a log
+    queue, a Dask client)."""
+    error = make()
+    earlier = cleanbreak.WorkerDied(-signal.SIGKILL, 100, 3)
+    error.add_note("attempt 1 of 2 failed: WorkerDied: ...")
+    error.add_note("attempt 2 of 2 failed: this error")
+    cast(Any, error).attempts = [earlier, error]
+    clone = pickle.loads(pickle.dumps(error))
+    assert getattr(clone, "__notes__", None) == error.__notes__
+    attempts = getattr(clone, "attempts", None)
+    assert attempts is not None, "the attempts were lost"
+    assert [type(a) for a in attempts] == [cleanbreak.WorkerDied, type(error)]
+    assert attempts[0].pid == 100
 
 
 def test_errors_subclass_the_standard_types_and_pickle_intact() -> None:

@@ -18,6 +18,9 @@ for ``concurrent.futures`` keeps working::
         │       └── SerializationError   a function, argument, result or exception would not pickle
         └── RemoteTraceback          set as __cause__ of a task's own exception
 
+Each carries its details as attributes; they survive pickling, as do notes and a retried
+task's ``.attempts`` (``__reduce__`` passes the instance's ``__dict__`` along).
+
 ``Interrupted`` derives from ``KeyboardInterrupt`` and so from ``BaseException``: an
 ``except Exception`` written around a ``map`` cannot swallow Ctrl-C by accident (the same
 reasoning as trio's ``Cancelled``).
@@ -79,7 +82,7 @@ class Interrupted(KeyboardInterrupt):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_interrupted, (int(self.signal), self.completed, self.total))
+        return (_rebuild_interrupted, (int(self.signal), self.completed, self.total), self.__dict__)
 
     def __str__(self) -> str:
         return self._message()
@@ -122,7 +125,7 @@ class WorkerDied(CleanbreakError, BrokenProcessPool):
         return f"the worker (pid {self.pid}) running {what} {how}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (WorkerDied, (self.exitcode, self.pid, self.task))
+        return (WorkerDied, (self.exitcode, self.pid, self.task), self.__dict__)
 
     def __str__(self) -> str:
         return self._message()
@@ -158,7 +161,7 @@ class TaskTimeout(CleanbreakError, TimeoutError):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TaskTimeout, (self.timeout, self.pid, self.task))
+        return (TaskTimeout, (self.timeout, self.pid, self.task), self.__dict__)
 
     def __str__(self) -> str:
         return self._message()
@@ -177,7 +180,7 @@ class TaskAborted(CleanbreakError):
         super().__init__(f"task raised {kind}({detail}); only this task failed")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TaskAborted, (self.kind, self.detail))
+        return (TaskAborted, (self.kind, self.detail), self.__dict__)
 
 
 class SerializationError(CleanbreakError, pickle.PicklingError):
@@ -193,7 +196,7 @@ class SerializationError(CleanbreakError, pickle.PicklingError):
         super().__init__(f"the task's {part} could not be pickled: {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (SerializationError, (self.part, self.reason))
+        return (SerializationError, (self.part, self.reason), self.__dict__)
 
 
 class RemoteTraceback(Exception):
