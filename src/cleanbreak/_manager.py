@@ -285,14 +285,12 @@ class LocalBackend:
             if level >= DRAINING:
                 self.stop_flag.value = 1
             self.level = level
-            self._wake_pending = False
             self.wake()
 
     def close(self, cancel_pending: bool) -> None:
         """No more units will come: finish what is queued (or cancel it), then exit."""
         self._cancel_pending = self._cancel_pending or cancel_pending
         self._closing = True
-        self._wake_pending = False
         self.wake()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -538,8 +536,7 @@ class LocalBackend:
                 reason = f"it was pickled in the worker but does not unpickle here: {exc!r}"
                 self._fail_item(unit, offset, SerializationError("result", reason))
             else:
-                for k in reversed(range(offset, offset + count)):
-                    self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+                self._requeue_alone(unit, offset, offset + count)
             values, errors = [], None
         del parts, frame
         if status == UNREADABLE:
@@ -687,9 +684,13 @@ class LocalBackend:
         the unit holds one item only: then that item is the bad one."""
         if unit.left <= 1:
             return False
-        for k in reversed(range(unit.received, len(unit.items))):
-            self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+        self._requeue_alone(unit, unit.received, len(unit.items))
         return True
+
+    def _requeue_alone(self, unit: Unit, begin: int, end: int) -> None:
+        """Put items ``begin .. end`` of the unit back at the front of the queue, one unit each."""
+        for k in reversed(range(begin, end)):
+            self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
 
     def _retryable(self, unit: Unit, exc: BaseException) -> bool:
         opts = unit.opts

@@ -79,10 +79,6 @@ def detach(listener: Listener) -> None:
             _restore()
 
 
-def installed() -> bool:
-    return signal.getsignal(signal.SIGINT) is _handler
-
-
 def _restore() -> None:
     for sig, previous in list(_saved.items()):
         if signal.getsignal(sig) is _handler:
