@@ -4,14 +4,17 @@ the pool instead of looping."""
 from __future__ import annotations
 
 import itertools
+import select
+import selectors
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import cleanbreak
+import cleanbreak._manager
 from tests import tasks
 from tests.tasks import GUARD
 
@@ -144,3 +147,39 @@ def test_workers_that_die_while_starting_break_the_pool(tmp_path: Path) -> None:
         assert tasks.shutdown_within(pool, GUARD), "shutdown hung"
     starts = len(list(tmp_path.glob("init-*")))
     assert 1 <= starts <= 8, starts
+
+
+class _DeathFirstSelector(selectors.DefaultSelector):
+    """The kernel may report a worker's exit before the end of file on its result pipe, in one
+    batch. This selector always does, and holds the stale pipe event back until the fd is
+    readable again: by then its number belongs to the replacement worker, which has written
+    its first frame there."""
+
+    def select(self, timeout: float | None = None) -> Any:  # type: ignore[override]
+        events = super().select(timeout)
+        deaths = [(k, m) for k, m in events if k.data is not None and k.fd == k.data.deathfd]
+        if not deaths:
+            return events
+        rest = [(k, m) for k, m in events if (k, m) not in deaths]
+        stale = [self.get_map()[k.data.reader.fd] for k, _ in deaths]
+        rest = [(k, m) for k, m in rest if k not in stale]
+
+        def batch() -> Iterator[tuple[selectors.SelectorKey, int]]:
+            yield from deaths  # the manager handles these first: a replacement starts
+            yield from rest
+            for key in stale:
+                select.select([key.fd], [], [], GUARD)
+                yield key, selectors.EVENT_READ
+
+        return batch()
+
+
+def test_events_of_a_dead_worker_are_not_taken_for_its_replacement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cleanbreak._manager.selectors, "DefaultSelector", _DeathFirstSelector)
+    with cleanbreak.Pool(1, mp_context="fork") as pool:
+        for _ in range(3):
+            with pytest.raises(cleanbreak.WorkerDied):
+                pool.submit(tasks.exit_now, 3).result(timeout=GUARD)
+            assert pool.submit(tasks.square, 7).result(timeout=GUARD) == 49

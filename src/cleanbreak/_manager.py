@@ -145,6 +145,7 @@ class _Worker:
         "dispatched",
         "doom",
         "exitcode",
+        "gone",
         "has_pidfd",
         "head_since",
         "inflight",
@@ -173,6 +174,7 @@ class _Worker:
         # Why the manager killed it, if it did, and the unit and item it was running then.
         self.doom: tuple[str, int, int] | None = None
         self.exitcode: int | None = None
+        self.gone = False  # reaped and forgotten: its descriptors are closed
         # A pidfd becomes readable when the process exits. The multiprocessing sentinel is a
         # pipe that a process forked by the task inherits, so it would not fire while that
         # grandchild lives on.
@@ -327,6 +329,12 @@ class LocalBackend:
                     worker = key.data
                     if worker is None:
                         self._drain_wake()
+                    elif worker.gone:
+                        # It died earlier in this batch and its descriptors were closed, so
+                        # their numbers may already belong to its replacement: an event
+                        # reported for them before the death is stale. The replacement's
+                        # own events come with the next select.
+                        continue
                     elif key.fd == worker.deathfd:
                         self._on_death(worker)
                     elif mask & selectors.EVENT_WRITE:
@@ -761,6 +769,7 @@ class LocalBackend:
         self._sel.register(worker.deathfd, selectors.EVENT_READ, worker)
 
     def _forget(self, w: _Worker) -> None:
+        w.gone = True
         for fd in (w.reader.fd, w.writer.fd):
             if fd in self._sel.get_map():
                 self._sel.unregister(fd)
