@@ -3,6 +3,7 @@ the pool instead of looping."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import select
 import selectors
@@ -14,7 +15,6 @@ from typing import Any
 import pytest
 
 import cleanbreak
-import cleanbreak._manager
 from tests import tasks
 from tests.tasks import GUARD
 
@@ -155,7 +155,7 @@ class _DeathFirstSelector(selectors.DefaultSelector):
     readable again: by then its number belongs to the replacement worker, which has written
     its first frame there."""
 
-    def select(self, timeout: float | None = None) -> Any:  # type: ignore[override]
+    def select(self, timeout: float | None = None) -> Any:
         events = super().select(timeout)
         deaths = [(k, m) for k, m in events if k.data is not None and k.fd == k.data.deathfd]
         if not deaths:
@@ -168,7 +168,8 @@ class _DeathFirstSelector(selectors.DefaultSelector):
             yield from deaths  # the manager handles these first: a replacement starts
             yield from rest
             for key in stale:
-                select.select([key.fd], [], [], GUARD)
+                with contextlib.suppress(OSError):  # closed, and not reused: no replacement
+                    select.select([key.fd], [], [], GUARD)
                 yield key, selectors.EVENT_READ
 
         return batch()
@@ -177,7 +178,7 @@ class _DeathFirstSelector(selectors.DefaultSelector):
 def test_events_of_a_dead_worker_are_not_taken_for_its_replacement(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cleanbreak._manager.selectors, "DefaultSelector", _DeathFirstSelector)
+    monkeypatch.setattr(selectors, "DefaultSelector", _DeathFirstSelector)
     with cleanbreak.Pool(1, mp_context="fork") as pool:
         for _ in range(3):
             with pytest.raises(cleanbreak.WorkerDied):
