@@ -298,8 +298,8 @@ def echo(data: bytes) -> bytes:
 
 
 def collect(results: Iterator[Any]) -> list[Any]:
-    """Drain a ``map`` iterator, keeping each task's exception in its place: cleanbreak's
-    iterators can be resumed past a failed task."""
+    """Drain a ``map`` iterator. A task's exception ends the iteration; it is kept as the last
+    item."""
     out: list[Any] = []
     while True:
         try:
@@ -367,3 +367,86 @@ def shared_pool(workers: int, start_method: str) -> Iterator[Any]:
     pool = cleanbreak.Pool(workers, mp_context=start_method)
     yield pool
     assert shutdown_within(pool, GUARD), "the shared pool did not shut down"
+
+
+# ── shared-memory segments ────────────────────────────────────────────────────────────────────
+
+
+def array(n: int, seed: int, order: str = "C") -> Any:
+    """A numpy array of ``n`` int64 (shaped 2-D when ``order`` is "F")."""
+    import numpy as np
+
+    data = np.random.default_rng(seed).integers(0, 1 << 40, size=n, dtype=np.int64)
+    return np.asfortranarray(data.reshape(-1, 8)) if order == "F" else data
+
+
+def array_digest(a: Any) -> tuple[str, tuple[int, ...], str, bool, bool]:
+    """What identifies an array and how it was laid out."""
+    import numpy as np
+
+    c = np.ascontiguousarray(a)
+    return (
+        digest(c.tobytes()),
+        tuple(a.shape),
+        str(a.dtype),
+        bool(a.flags.f_contiguous and not a.flags.c_contiguous),
+        bool(a.flags.writeable),
+    )
+
+
+def kind_and_digest(x: Any) -> tuple[str, str]:
+    if isinstance(x, str):
+        return "str", digest(x.encode())
+    return type(x).__name__, digest(x)
+
+
+def hold_or_len(item: Any) -> int:
+    """An item ``("hold", started)`` says it started and waits (bounded) for ever; any other
+    item is measured."""
+    if isinstance(item, tuple):
+        touch(item[1])
+        wait_for_path(item[1] + ".never", 4 * GUARD)
+        return -1
+    return len(item)
+
+
+def die_after_making_a_segment(started: str) -> int:
+    """Make a segment the way a worker does for a large result, then die before sending it."""
+    from cleanbreak import _worker
+
+    _name, fd = _worker._segments.create()
+    os.write(fd, b"x" * 4096)
+    touch(started)
+    os._exit(9)
+
+
+class BigBuffer:
+    """An object that pickles its data as a protocol 5 PickleBuffer, as numpy arrays do."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        import pickle
+
+        return BigBuffer, (pickle.PickleBuffer(self.data),)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BigBuffer) and bytes(self.data) == bytes(other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def big_buffer(size: int, seed: int) -> BigBuffer:
+    return BigBuffer(bytearray(make_blob(size, seed)))
+
+
+def wait_for_condition(check: Callable[[], bool], timeout: float = GUARD) -> bool:
+    """Wait until ``check()`` holds, for conditions that have no event to wait on. False if it
+    did not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+    return True

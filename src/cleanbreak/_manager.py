@@ -66,6 +66,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
+from ._shm import Packer, Segments, load, unlink_all
 from ._units import Sink, TaskOptions, Unit
 from ._wire import (
     DONE,
@@ -74,6 +75,7 @@ from ._wire import (
     CapturedError,
     FrameReader,
     FrameWriter,
+    discard,
     dumps,
     make_pipe,
     split,
@@ -156,6 +158,7 @@ class _Worker:
         "ready",
         "recycle",
         "retiring",
+        "segments",
         "writer",
     )
 
@@ -174,6 +177,7 @@ class _Worker:
         # Why the manager killed it, if it did, and the unit and item it was running then.
         self.doom: tuple[str, int, int] | None = None
         self.exitcode: int | None = None
+        self.segments: dict[int, list[str]] = {}  # uid -> the segments its task frame names
         self.gone = False  # reaped and forgotten: its descriptors are closed
         # A pidfd becomes readable when the process exits. The multiprocessing sentinel is a
         # pipe that a process forked by the task inherits, so it would not fire while that
@@ -234,6 +238,7 @@ class LocalBackend:
         self._lifeline_r = lifeline_r  # handed to every worker; the parent's copy stays open
         self._lifeline_w = _own(lifeline_w)
         os.set_blocking(lifeline_r, True)
+        self._segments = Segments.new_pool()
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._workers: dict[int, _Worker] = {}
@@ -483,26 +488,29 @@ class LocalBackend:
                 unit = unit.part(unit.uid, 0, budget)
         exact = unit.opts.task_timeout is not None
         try:
-            fn_bytes = dumps(unit.fn)
+            fn_part = Packer(self._segments).pack(unit.fn)
         except Exception as exc:
             reason = f"{unit.fn!r}: {type(exc).__name__}: {exc}"
             unit.sink.fail(unit.current, unit.left, SerializationError("function", reason))
             return
         try:
-            items_bytes = dumps(unit.items)
+            items_part = Packer(self._segments).pack(unit.items)
         except Exception as exc:
+            unlink_all(fn_part.names)
             if self._split(unit):
                 return
             reason = f"{type(exc).__name__}: {exc}"
             unit.sink.fail(unit.current, unit.left, SerializationError("arguments", reason))
             return
 
-        w.last_bytes = len(fn_bytes) + len(items_bytes)
+        w.last_bytes = fn_part.total + items_part.total
+        if fn_part.names or items_part.names:
+            w.segments[unit.uid] = fn_part.names + items_part.names
         if not w.inflight:
             w.head_since = time.monotonic()
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
-        w.writer.put(dumps((unit.uid, unit.kind, exact)), fn_bytes, items_bytes)
+        w.writer.put(dumps((unit.uid, unit.kind, exact)), fn_part, items_part)
         if self._max_tasks is not None and w.dispatched >= self._max_tasks:
             w.recycle = True
             self._retire(w)
@@ -528,14 +536,17 @@ class LocalBackend:
             self._on_result(w, frame)
 
     def _on_result(self, w: _Worker, frame: bytearray) -> None:
-        parts = split(frame)
+        parts, layouts = split(frame, 2)
         if not w.ready:
             self._on_ready(w, parts[0])
+            return
+        if not w.inflight:  # its units were failed already (the pool broke): nobody waits
+            discard(layouts)
             return
         unit = w.inflight[0]
         _uid, offset, count, status, seconds = pickle.loads(parts[0])
         try:
-            values, errors = pickle.loads(parts[1])
+            values, errors = load(parts[1], layouts.get(1))
         except Exception as exc:
             # The results were computed but one of them does not unpickle here. Which one is
             # not known: with several, each item runs again alone and the bad one fails alone.
@@ -580,7 +591,7 @@ class LocalBackend:
 
     def _next_head(self, w: _Worker) -> None:
         """The head unit is done: the next one starts now."""
-        w.inflight.popleft()
+        w.segments.pop(w.inflight.popleft().uid, None)
         w.head_since = time.monotonic()
         if w.inflight and w.inflight[0].cancelled:
             self._kill(w, _CANCEL)
@@ -630,6 +641,11 @@ class LocalBackend:
             os.killpg(w.pid, signal.SIGKILL)
         w.proc.join()
         w.exitcode = w.proc.exitcode
+        # Segments it made that no frame announced, and those sent to it that it may not have
+        # opened, would be left behind.
+        self._segments.purge(w.pid)
+        for names in w.segments.values():
+            unlink_all(names)
         self._forget(w)
         if self.level >= DRAINING:
             for unit in w.inflight:
@@ -754,6 +770,7 @@ class LocalBackend:
                 self.stop_flag,
                 self._initializer,
                 self._initargs,
+                self._segments.prefix,
             ),
             name="cleanbreak-worker",
         )
@@ -791,6 +808,7 @@ class LocalBackend:
         self._fail_all_pending(err)
 
     def _teardown(self) -> None:
+        self._segments.purge()  # every worker is gone: whatever is left will never be read
         self._sel.close()
         with self._lock:
             _close(self._wake_r)

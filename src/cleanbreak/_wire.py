@@ -46,7 +46,9 @@ try:
 except ImportError:  # pragma: no cover - not POSIX; Pool() refuses to start there
     fcntl = None  # type: ignore[assignment]
 
+from . import _shm
 from ._errors import RemoteTraceback, SerializationError, TaskAborted
+from ._shm import Layout, Packer
 
 HEADER: Final = struct.Struct("<Q")
 _PART_LENGTH: Final = struct.Struct("<Q")
@@ -81,28 +83,52 @@ def dumps(obj: object) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
 
 
-def frame(*parts: bytes) -> list[bytes]:
-    """What to write, in order, for one frame holding these parts (they are not copied)."""
-    table = bytes([len(parts)]) + b"".join(_PART_LENGTH.pack(len(p)) for p in parts)
-    return [HEADER.pack(len(table) + sum(len(p) for p in parts)) + table, *parts]
+def frame(*parts: bytes | Packer) -> list[Any]:
+    """What to write, in order, for one frame holding these parts (they are not copied).
+
+    A part packed with segments (see ``_shm``) adds one last part: the layouts, by part index.
+    """
+    layouts = {
+        i: p.layout for i, p in enumerate(parts) if isinstance(p, Packer) and p.layout is not None
+    }
+    if layouts:
+        parts = (*parts, dumps(layouts))
+    sizes = [p.size if isinstance(p, Packer) else len(p) for p in parts]
+    table = bytes([len(parts)]) + b"".join(_PART_LENGTH.pack(n) for n in sizes)
+    out: list[Any] = [HEADER.pack(len(table) + sum(sizes)) + table]
+    for p in parts:
+        if isinstance(p, Packer):
+            out.extend(p.chunks)
+        else:
+            out.append(p)
+    return out
 
 
-def split(body: bytearray) -> list[memoryview]:
-    """The parts of a received frame body, as views of it."""
+def split(body: bytearray, count: int = 0) -> tuple[list[memoryview], dict[int, Layout]]:
+    """The parts of a received frame body, as views of it, and the layouts of those that have
+    segments. ``count`` is how many parts the message has without its layouts."""
     view = memoryview(body)
-    count = view[0]
-    pos = 1 + count * _PART_LENGTH.size
+    n = view[0]
+    pos = 1 + n * _PART_LENGTH.size
     out = []
     for (length,) in _PART_LENGTH.iter_unpack(view[1:pos]):
         out.append(view[pos : pos + length])
         pos += length
-    return out
+    if count and len(out) > count:
+        return out[:count], pickle.loads(out[count])
+    return out, {}
+
+
+def discard(layouts: dict[int, Layout]) -> None:
+    """Remove the segments of parts that will not be loaded."""
+    for layout in layouts.values():
+        _shm.discard(layout)
 
 
 # ── worker side: blocking ────────────────────────────────────────────────────────────────────
 
 
-def send_frame(fd: int, *parts: bytes) -> None:
+def send_frame(fd: int, *parts: bytes | Packer) -> None:
     """Write one frame, blocking until the manager has taken it all."""
     for piece in frame(*parts):
         _write_all(fd, piece)
@@ -195,7 +221,7 @@ class FrameWriter:
         self.fd = fd
         self._queue: deque[memoryview] = deque()
 
-    def put(self, *parts: bytes) -> None:
+    def put(self, *parts: bytes | Packer) -> None:
         self._queue.extend(memoryview(piece) for piece in frame(*parts) if piece)
 
     @property

@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from ._errors import SerializationError
+from ._shm import Packer, Segments, load
 from ._wire import (
     CALL_ONE,
     CALL_STAR,
@@ -39,6 +40,7 @@ from ._wire import (
     PARTIAL,
     SKIPPED,
     CapturedError,
+    discard,
     dumps,
     recv_frame,
     send_frame,
@@ -57,6 +59,9 @@ _MAX_BATCH = 4096
 
 UNREADABLE = 3  # status: the unit's function or items could not be unpickled here
 
+# Where this worker puts large payloads; set by worker_main.
+_segments = Segments(None)
+
 
 class _Flag(Protocol):
     value: int
@@ -69,7 +74,10 @@ def worker_main(
     stop: _Flag,
     initializer: Callable[..., object] | None,
     initargs: Sequence[Any],
+    shm_prefix: str | None = None,
 ) -> None:
+    global _segments
+    _segments = Segments(shm_prefix)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Started from the manager thread, which blocks both (see LocalBackend._run).
@@ -93,7 +101,7 @@ def worker_main(
         frame = recv_frame(task_fd)
         if frame is None:
             return
-        parts = split(frame)
+        parts, layouts = split(frame, 3)
         meta = pickle.loads(parts[0])
         if meta is None:
             return
@@ -101,10 +109,11 @@ def worker_main(
         # The function and the items are pickled apart, so that a failure says which it was.
         part = "function"
         try:
-            fn = pickle.loads(parts[1])
+            fn = load(parts[1], layouts.pop(1, None))
             part = "arguments"
-            items = pickle.loads(parts[2])
+            items = load(parts[2], layouts.pop(2, None))
         except BaseException as exc:
+            discard(layouts)
             reason = f"it could not be unpickled in the worker: {type(exc).__name__}: {exc}"
             error = CapturedError(SerializationError(part, reason), "")
             _send(result_fd, (uid, 0, [], {0: error}, UNREADABLE, 0.0))
@@ -125,6 +134,8 @@ def _start_watchdog(fd: int) -> None:
         try:
             os.read(fd, 1)
         finally:
+            # Nobody will read what is in the pool's segments now (see _shm).
+            _segments.purge_for_good()
             if os.getpgid(0) == os.getpid():
                 os.killpg(0, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -206,9 +217,9 @@ def _send_ready(out: int, error: CapturedError | None) -> None:
 def _send(out: int, message: tuple[Any, ...]) -> None:
     uid, offset, values, errors, status, seconds = message
     try:
-        payload = dumps((values, errors))
+        payload = Packer(_segments).pack((values, errors))
     except Exception:
-        payload = dumps(_picklable(values, errors))
+        payload = Packer(_segments).pack(_picklable(values, errors))
     send_frame(out, dumps((uid, offset, len(values), status, seconds)), payload)
 
 

@@ -1,0 +1,422 @@
+"""Large buffers out of band, through shared memory; everything else through the pipe.
+
+A message part is pickled (protocol 5) into a ``Packer``, a file-like object, instead of into
+one ``bytes``. CPython's pickler hands any payload of 64 KiB or more to ``write()`` as the
+object itself (the ``bytes``, the ``bytearray``, the ``PickleBuffer``), without copying it into
+the pickle. The packer writes each one of at least ``THRESHOLD`` bytes straight into a
+segment, a file in ``/dev/shm`` (memory, not disk), and leaves a *hole* in the stream that goes
+through the pipe. Buffers that pickle protocol 5 hands out of band (numpy arrays, anything that
+pickles as a ``PickleBuffer``) go into a segment of their own::
+
+    sender                                  receiver
+    ──────                                  ────────
+    Pickler(Packer).dump(obj)               load(pipe_part, layout)
+      small pieces ──── pipe ─────────────▶   Unpickler(_Stream): reads the pipe part, and
+      large in-band payload ── segment ──▶      each hole straight from its segment into the
+        (bytes, bytearray, str)                 new object (one copy: os.preadv)
+      out-of-band buffer ── segment ──────▶   buffers= mmap of each segment (no copy: the
+        (numpy, PickleBuffer)                   array lives in the shared pages)
+
+The sender copies each large payload once (``pwrite`` into the segment), the receiver once for
+``bytes`` and ``bytearray`` (it needs an object of its own) and not at all for out-of-band
+buffers. Neither side maps a segment it writes or holds a second copy in its own memory.
+
+Segments never outlive the pool:
+
+- The receiver opens and unlinks each segment before it unpickles anything, so a segment
+  that was received is gone from ``/dev/shm`` whatever happens next. Its memory is freed when
+  the last mapping of it goes.
+- Names are ``cb-<pid namespace>-<pool pid>-<token>-<creator>-<n>``. When a worker dies, the
+  parent removes the segments that worker made and those it had sent it. When the pool stops,
+  for whatever reason, the parent removes every segment of the pool.
+- When the parent dies, even by SIGKILL, each worker's watchdog removes every segment of the
+  pool before it kills its process group. It takes the creation lock first, so that its own
+  worker cannot make one after it looked.
+- A pool that starts removes the segments of pools whose parent is gone from this pid
+  namespace (all their processes were killed at once: an OOM kill of the whole group).
+
+Where ``/dev/shm`` is missing or not writable (macOS), or a segment cannot be written (the
+tmpfs is full), that payload simply stays in the pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import pickle
+import secrets
+import threading
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Final
+
+SHM_DIR: Final = "/dev/shm"
+# Payloads at least this large go into a segment. Below it, the pipe is as fast: a segment
+# costs about six system calls and fresh pages on each side.
+THRESHOLD: Final = 1 << 20
+PROTOCOL: Final = 5
+
+# Where a part's large payloads are: (stream segment, [(pipe offset, length), ...]) for the
+# holes in its stream, and [(segment, length, readonly), ...] for its out-of-band buffers.
+Layout = tuple[str | None, list[tuple[int, int]], list[tuple[str, int, bool]]]
+
+
+def _namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def available() -> bool:
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK | os.X_OK)
+
+
+class Segments:
+    """Makes and removes the segments of one pool, from one process (the parent or a worker).
+
+    ``prefix`` names the pool; every segment name starts with it. ``None`` means segments are
+    not used: everything goes through the pipe.
+    """
+
+    def __init__(self, prefix: str | None) -> None:
+        self.prefix = prefix
+        self._creator = f"{os.getpid()}-"
+        self._count = 0
+        # Held while a segment is created, and for good by a watchdog that purges (see the top).
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def new_pool() -> Segments:
+        if not available():
+            return Segments(None)
+        _reap_dead_pools()
+        prefix = f"cb-{_namespace()}-{os.getpid()}-{secrets.token_hex(4)}-"
+        return Segments(prefix)
+
+    def create(self) -> tuple[str, int]:
+        """A new, empty segment: its name and a descriptor open for writing."""
+        assert self.prefix is not None
+        with self.lock:
+            self._count += 1
+            name = f"{self.prefix}{self._creator}{self._count}"
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            return name, os.open(os.path.join(SHM_DIR, name), flags, 0o600)
+
+    def purge(self, creator: int | None = None) -> None:
+        """Remove the pool's segments: all of them, or those made by process ``creator``."""
+        if self.prefix is None:
+            return
+        start = self.prefix if creator is None else f"{self.prefix}{creator}-"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(SHM_DIR):
+                if name.startswith(start):
+                    unlink(name)
+
+    def purge_for_good(self) -> None:
+        """The parent is gone: remove every segment of the pool, and make no more."""
+        self.lock.acquire()
+        self.purge()
+
+
+def unlink(name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
+def unlink_all(names: Sequence[str]) -> None:
+    for name in names:
+        unlink(name)
+
+
+def _reap_dead_pools() -> None:
+    """Remove the segments of pools in this pid namespace whose parent no longer exists."""
+    ours = f"cb-{_namespace()}-"
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(ours)]
+    except OSError:
+        return
+    dead: dict[str, bool] = {}
+    for name in names:
+        pid = name[len(ours) :].split("-", 1)[0]
+        if pid not in dead:
+            dead[pid] = not pid.isdigit() or not _alive(int(pid))
+        if dead[pid]:
+            unlink(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _bytes_of(obj: Any) -> memoryview:
+    """A flat byte view of what the pickler passed to ``write``."""
+    if isinstance(obj, pickle.PickleBuffer):
+        return obj.raw()
+    view = memoryview(obj)
+    return view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
+
+
+class Packer:
+    """The file a part is pickled into: see the top of this module.
+
+    After ``pack()``, ``chunks`` is what goes through the pipe and ``size`` its length;
+    ``layout`` says where the rest is (``None``: all of it is in the pipe), ``names`` lists the
+    segments made, and ``total`` counts every byte of the part.
+    """
+
+    __slots__ = (
+        "_stream",
+        "_stream_end",
+        "_stream_fd",
+        "chunks",
+        "holes",
+        "names",
+        "oob",
+        "segments",
+        "size",
+    )
+
+    def __init__(self, segments: Segments) -> None:
+        self.segments = segments
+        self.chunks: list[Any] = []
+        self.size = 0
+        self.holes: list[tuple[int, int]] = []
+        self.oob: list[tuple[str, int, bool]] = []
+        self.names: list[str] = []
+        self._stream: str | None = None
+        self._stream_fd = -1
+        self._stream_end = 0
+
+    def pack(self, obj: object) -> Packer:
+        try:
+            if self.segments.prefix is None:
+                pickle.Pickler(self, PROTOCOL).dump(obj)
+            else:
+                pickle.Pickler(self, PROTOCOL, buffer_callback=self._buffer).dump(obj)
+        except BaseException:
+            unlink_all(self.names)
+            raise
+        finally:
+            if self._stream_fd >= 0:
+                os.close(self._stream_fd)
+                self._stream_fd = -1
+        if self._stream is not None and not self.holes:  # made, but nothing went into it
+            unlink(self._stream)
+            self.names.remove(self._stream)
+            self._stream = None
+        return self
+
+    @property
+    def layout(self) -> Layout | None:
+        if not self.holes and not self.oob:
+            return None
+        return (self._stream if self.holes else None, self.holes, self.oob)
+
+    @property
+    def total(self) -> int:
+        return self.size + sum(n for _, n in self.holes) + sum(n for _, n, _ in self.oob)
+
+    def write(self, data: Any) -> int:
+        view = _bytes_of(data)
+        n = view.nbytes
+        if n >= THRESHOLD and self.segments.prefix is not None and self._hole(view):
+            return n
+        self.chunks.append(data if isinstance(data, bytes) else view)
+        self.size += n
+        return n
+
+    def _hole(self, view: memoryview) -> bool:
+        try:
+            if self._stream_fd < 0:
+                self._stream, self._stream_fd = self.segments.create()
+                self.names.append(self._stream)
+            _write_all(self._stream_fd, view, self._stream_end)
+        except OSError:  # the tmpfs is full, or /dev/shm went away: keep it in the pipe
+            if self._stream_fd >= 0:
+                with contextlib.suppress(OSError):  # give back what was written of it
+                    os.ftruncate(self._stream_fd, self._stream_end)
+            return False
+        self.holes.append((self.size, view.nbytes))
+        self._stream_end += view.nbytes
+        return True
+
+    def _buffer(self, buf: pickle.PickleBuffer) -> bool:
+        """pickle's buffer_callback: False sends the buffer out of band."""
+        try:
+            view = buf.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if view.nbytes < THRESHOLD:
+            return True
+        try:
+            name, fd = self.segments.create()
+        except OSError:
+            return True
+        self.names.append(name)
+        try:
+            _write_all(fd, view, 0)
+        except OSError:
+            unlink(name)
+            return True
+        finally:
+            os.close(fd)
+        self.oob.append((name, view.nbytes, view.readonly))
+        return False
+
+
+def load(data: memoryview, layout: Layout | None) -> Any:
+    """Unpickle a part: its pipe bytes, and the segments its layout names."""
+    if layout is None:
+        return pickle.loads(data)
+    stream, holes, oob = layout
+    names = ([stream] if stream else []) + [name for name, _, _ in oob]
+    # Open and unlink every segment first: whatever fails next, none is left behind.
+    fds: list[int] = []
+    try:
+        try:
+            for name in names:
+                flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+                fds.append(os.open(os.path.join(SHM_DIR, name), flags))
+        finally:
+            unlink_all(names)
+        first = 1 if stream else 0
+        buffers = [_map(fd, n, ro) for fd, (_, n, ro) in zip(fds[first:], oob, strict=True)]
+        if not stream:
+            return pickle.loads(data, buffers=buffers)
+        return pickle.Unpickler(_Stream(data, holes, fds[0]), buffers=buffers).load()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def discard(layout: Layout | None) -> None:
+    """Remove the segments of a part that will not be loaded."""
+    if layout is not None:
+        stream, _, oob = layout
+        unlink_all(([stream] if stream else []) + [name for name, _, _ in oob])
+
+
+def _map(fd: int, length: int, readonly: bool) -> mmap.mmap:
+    """The segment's pages, mapped without a copy. Private: a write (to a writable array)
+    copies the page it touches, so the object behaves as memory of this process alone, also
+    in a child forked later."""
+    prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+    return mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=prot)
+
+
+_HUGE_PAGE: Final = 2 << 20
+_madvise: Any = None
+
+
+def _advise_huge(view: memoryview) -> None:
+    """Ask for transparent huge pages for a large, fresh destination buffer (as numpy does for
+    its large arrays): filling it then takes one page fault per 2 MiB instead of per 4 KiB,
+    which makes the copy into it about a third faster. Linux only; a no-op elsewhere."""
+    global _madvise
+    if view.nbytes < 2 * _HUGE_PAGE or _madvise is False:
+        return
+    if _madvise is None:
+        try:
+            import ctypes
+
+            advice = mmap.MADV_HUGEPAGE  # Linux only
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = (ctypes, fn, advice)
+        except (ImportError, AttributeError, OSError):
+            _madvise = False
+            return
+    ctypes, fn, advice = _madvise
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    start = (addr + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    end = (addr + view.nbytes) & ~(_HUGE_PAGE - 1)
+    fn(start, end - start, advice)  # advice only: a failure changes nothing
+
+
+class _Stream:
+    """The pickle stream of a part, for ``pickle.Unpickler``: the pipe bytes, with each hole
+    read from the stream segment when the unpickler reaches it."""
+
+    __slots__ = ("_data", "_fd", "_file_pos", "_hole_left", "_holes", "_pos")
+
+    def __init__(self, data: memoryview, holes: list[tuple[int, int]], fd: int) -> None:
+        self._data = data
+        self._pos = 0  # in data
+        self._holes = deque(holes)
+        self._hole_left = 0  # bytes of the current hole not read yet
+        self._file_pos = 0
+        self._fd = fd
+
+    def _span(self, n: int) -> tuple[bool, int]:
+        """Where the next read comes from (the segment?), and how much of it is contiguous."""
+        if not self._hole_left and self._holes and self._holes[0][0] == self._pos:
+            self._hole_left = self._holes.popleft()[1]
+        if self._hole_left:
+            return True, min(n, self._hole_left)
+        end = self._holes[0][0] if self._holes else len(self._data)
+        return False, min(n, end - self._pos)
+
+    def _from_file(self, n: int) -> None:
+        self._file_pos += n
+        self._hole_left -= n
+        if n == 0:
+            raise pickle.UnpicklingError("a shared-memory segment was cut short")
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        got = 0
+        while got < len(view):
+            from_file, k = self._span(len(view) - got)
+            if k <= 0:
+                break
+            if from_file:
+                _advise_huge(view[got : got + k])
+                k = os.preadv(self._fd, [view[got : got + k]], self._file_pos)
+                self._from_file(k)
+            else:
+                view[got : got + k] = self._data[self._pos : self._pos + k]
+                self._pos += k
+            got += k
+        return got
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = len(self._data) + self._hole_left + sum(k for _, k in self._holes)
+        pieces: list[bytes] = []
+        while n > 0:
+            from_file, k = self._span(n)
+            if k <= 0:
+                break
+            if from_file:
+                piece = os.pread(self._fd, k, self._file_pos)
+                self._from_file(len(piece))
+            else:
+                piece = bytes(self._data[self._pos : self._pos + k])
+                self._pos += k
+            pieces.append(piece)
+            n -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def readline(self) -> bytes:
+        from_file, k = self._span(len(self._data))
+        if from_file:  # pragma: no cover - protocol 5 writes no line inside a payload
+            return self.read(k)
+        end = bytes(self._data[self._pos : self._pos + k]).find(b"\n")
+        return self.read(k if end < 0 else end + 1)

@@ -1,0 +1,286 @@
+"""Large buffers travel out of band through shared memory, intact, and no segment is left
+behind (issue 4, part 3). The leak checks after Ctrl-C and after the parent is SIGKILLed are in
+``tests/system/test_shm_cleanup.py``."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import cleanbreak
+from cleanbreak import _manager, _shm
+from tests import tasks
+from tests.tasks import GUARD, MiB
+
+BIG = 2 * _shm.THRESHOLD  # above the threshold: out of band
+
+
+def segments(prefix: str | None) -> list[str]:
+    assert prefix is not None
+    return sorted(n for n in os.listdir(_shm.SHM_DIR) if n.startswith(prefix))
+
+
+def prefix_of(pool: cleanbreak.Pool) -> str:
+    prefix = pool._backend._segments.prefix
+    assert prefix is not None, "shared memory is not in use"
+    return prefix
+
+
+def wait_until(check: Any, what: str) -> None:
+    """A bounded wait for a condition that has no event to wait on (a file appearing)."""
+    assert tasks.wait_for_condition(check, GUARD), f"timed out waiting for {what}"
+
+
+@pytest.fixture
+def layouts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The layout of every result part the parent loads: where its large payloads were."""
+    seen: list[Any] = []
+    real = _shm.load
+
+    def spy(data: memoryview, layout: Any) -> Any:
+        seen.append(layout)
+        return real(data, layout)
+
+    monkeypatch.setattr(_manager, "load", spy)
+    yield seen
+
+
+# ── round trips ──────────────────────────────────────────────────────────────────────────────
+
+
+def test_large_bytes_bytearray_and_str_arrive_intact_both_ways(
+    pool: cleanbreak.Pool, layouts: list[Any]
+) -> None:
+    blob = tasks.make_blob(BIG + 123, 1)
+    values: list[Any] = [blob, bytearray(blob), blob.decode("latin-1")]
+    for value in values:
+        back = pool.submit(tasks.echo, value).result(timeout=GUARD)
+        assert type(back) is type(value)
+        assert back == value
+        got = pool.submit(tasks.kind_and_digest, value).result(timeout=GUARD)
+        assert got == tasks.kind_and_digest(value)
+    # Each large result came as a hole in the pipe stream, read from a segment.
+    holes = [layout[1] for layout in layouts if layout is not None]
+    assert len(holes) == 3
+    assert all(len(h) == 1 and h[0][1] >= BIG for h in holes), holes
+    assert segments(prefix_of(pool)) == []
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_numpy_arrays_arrive_intact_both_ways(
+    fs_pool: cleanbreak.Pool, order: str, layouts: list[Any]
+) -> None:
+    a = tasks.array(BIG // 8, 2, order)
+    assert fs_pool.submit(tasks.array_digest, a).result(timeout=GUARD) == tasks.array_digest(a)
+    back = fs_pool.submit(tasks.array, BIG // 8, 3, order).result(timeout=GUARD)
+    assert tasks.array_digest(back) == tasks.array_digest(tasks.array(BIG // 8, 3, order))
+    # The array's buffer came out of band, in a segment of its own.
+    oob = [layout[2] for layout in layouts if layout is not None]
+    assert len(oob) == 1 and len(oob[0]) == 1 and oob[0][0][1] == a.nbytes, oob
+
+
+def test_a_non_contiguous_array_and_a_read_only_one(fs_pool: cleanbreak.Pool) -> None:
+    a = tasks.array(BIG // 4, 4)[::2]
+    assert not a.flags.c_contiguous
+    assert fs_pool.submit(tasks.array_digest, a).result(timeout=GUARD) == tasks.array_digest(a)
+    ro = np.frombuffer(tasks.make_blob(BIG, 5), dtype=np.uint8)
+    assert not ro.flags.writeable
+    back = fs_pool.submit(tasks.identity, ro).result(timeout=GUARD)
+    assert tasks.array_digest(back) == tasks.array_digest(ro)
+
+
+def test_nested_payloads_and_pickle_buffers(fs_pool: cleanbreak.Pool) -> None:
+    blob = tasks.make_blob(BIG, 6)
+    value = {
+        "name": "sample",
+        "raw": [blob, b"small", {"deep": (bytearray(blob), tasks.array(BIG // 8, 7))}],
+        "buffer": tasks.big_buffer(BIG, 8),
+        "many": [tasks.make_blob(_shm.THRESHOLD, s) for s in range(5)],
+    }
+    back = fs_pool.submit(tasks.identity, value).result(timeout=GUARD)
+    assert back["name"] == "sample"
+    assert back["raw"][0] == blob and type(back["raw"][0]) is bytes
+    assert back["raw"][1] == b"small"
+    assert back["raw"][2]["deep"][0] == bytearray(blob)
+    assert tasks.array_digest(back["raw"][2]["deep"][1]) == tasks.array_digest(
+        tasks.array(BIG // 8, 7)
+    )
+    assert back["buffer"] == tasks.big_buffer(BIG, 8)
+    assert back["many"] == value["many"]
+    assert segments(prefix_of(fs_pool)) == []
+
+
+def test_a_large_map_with_chunks_of_large_items(fs_pool: cleanbreak.Pool) -> None:
+    items = [tasks.make_blob(BIG, seed) for seed in range(12)]
+    got = list(fs_pool.map(tasks.echo, items, chunksize=4, timeout=GUARD))
+    assert [tasks.digest(g) for g in got] == [tasks.digest(i) for i in items]
+    assert segments(prefix_of(fs_pool)) == []
+
+
+# ── no copy, held once ───────────────────────────────────────────────────────────────────────
+
+
+def _mapping_of(address: int) -> str:
+    """The line of /proc/self/maps that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span = line.split()[0]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return line.strip()
+    raise AssertionError(f"{address:#x} is in no mapping")
+
+
+def test_a_large_array_result_is_not_copied_in_the_parent(fs_pool: cleanbreak.Pool) -> None:
+    a = fs_pool.submit(tasks.array, BIG // 8, 9).result(timeout=GUARD)
+    # Its memory is the worker's segment itself, mapped (and already unlinked: "(deleted)").
+    line = _mapping_of(a.ctypes.data)
+    assert f"{_shm.SHM_DIR}/{prefix_of(fs_pool)}" in line and "(deleted)" in line, line
+    assert line.split()[1].endswith("p"), f"not a private mapping: {line}"
+    assert a.flags.writeable
+    a[0] = 42  # a private mapping: the write stays in this process
+    assert a[0] == 42
+    assert segments(prefix_of(fs_pool)) == []
+
+
+def test_a_large_bytes_result_is_read_straight_into_its_object(
+    fs_pool: cleanbreak.Pool, layouts: list[Any]
+) -> None:
+    size = 32 * MiB
+    got = fs_pool.submit(tasks.blob, size, 10).result(timeout=GUARD)
+    assert tasks.digest(got) == tasks.digest(tasks.make_blob(size, 10))
+    # The pipe carried a few hundred bytes of pickle; the 32 MiB were a hole, read from the
+    # segment into the new bytes object and nowhere else.
+    [layout] = [layout for layout in layouts if layout is not None]
+    stream, holes, oob = layout
+    assert stream is not None and holes == [(holes[0][0], size)] and oob == []
+    assert holes[0][0] < 1024
+
+
+# ── falling back to the pipe ─────────────────────────────────────────────────────────────────
+
+
+def test_without_dev_shm_everything_goes_through_the_pipe(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(_shm, "SHM_DIR", str(tmp_path / "missing"))
+    with cleanbreak.Pool(1, mp_context="fork") as pool:
+        assert pool._backend._segments.prefix is None
+        blob = tasks.make_blob(BIG, 11)
+        assert pool.submit(tasks.echo, blob).result(timeout=GUARD) == blob
+        a = tasks.array(BIG // 8, 12)
+        back = pool.submit(tasks.identity, a).result(timeout=GUARD)
+        assert tasks.array_digest(back) == tasks.array_digest(a)
+
+
+def test_a_full_tmpfs_keeps_the_payload_in_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: memoryview, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with cleanbreak.Pool(1, mp_context="forkserver") as pool:
+        prefix = prefix_of(pool)
+        # The parent's writes fail (the worker's, in its own process, do not).
+        monkeypatch.setattr(_shm, "_write_all", full)
+        blob = tasks.make_blob(BIG, 13)
+        a = tasks.array(BIG // 8, 14)
+        assert pool.submit(tasks.kind_and_digest, blob).result(timeout=GUARD) == (
+            "bytes",
+            tasks.digest(blob),
+        )
+        assert pool.submit(tasks.array_digest, a).result(timeout=GUARD) == tasks.array_digest(a)
+        assert segments(prefix) == []
+
+
+def test_a_failed_pickle_leaves_no_segment() -> None:
+    segs = _shm.Segments.new_pool()
+    value = [tasks.make_blob(BIG, 15), tasks.array(BIG // 8, 16), lambda: None]
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        _shm.Packer(segs).pack(value)
+    assert segments(segs.prefix) == []
+
+
+# ── no segment left behind ───────────────────────────────────────────────────────────────────
+
+
+def test_no_segment_is_left_after_a_normal_finish(start_method: str) -> None:
+    with cleanbreak.Pool(2, mp_context=start_method) as pool:
+        prefix = prefix_of(pool)
+        items = [tasks.make_blob(BIG, seed) for seed in range(6)]
+        for item, back in zip(items, pool.map(tasks.echo, items, chunksize=1), strict=True):
+            assert back == item
+            # Received means unlinked: the result's segment went as it arrived.
+        futures = [pool.submit(tasks.array, BIG // 8, seed) for seed in range(4)]
+        assert [tasks.array_digest(f.result(timeout=GUARD)) for f in futures] == [
+            tasks.array_digest(tasks.array(BIG // 8, seed)) for seed in range(4)
+        ]
+    assert segments(prefix) == []
+
+
+def test_a_dead_worker_leaves_no_segment_it_was_sent(tmp_path: Path) -> None:
+    started = str(tmp_path / "started")
+    big = tasks.make_blob(BIG, 17)
+    with cleanbreak.Pool(1, mp_context="forkserver") as pool:
+        prefix = prefix_of(pool)
+        parent = f"{prefix}{os.getpid()}-"
+        results = pool.imap_unordered(tasks.hold_or_len, [("hold", started), big], chunksize=1)
+        # The worker runs the first item; the second, sent ahead to it, waits in its pipe and
+        # its payload in a segment.
+        assert tasks.wait_for_path(started)
+        wait_until(lambda: any(n.startswith(parent) for n in segments(prefix)), "the segment")
+        [sent] = segments(prefix)
+        os.kill(pool._backend.pids[0], 9)
+        with pytest.raises(cleanbreak.WorkerDied):
+            next(results)
+        # Handled before the task failed: the segment its worker never read is gone.
+        assert sent not in segments(prefix)
+        assert pool.submit(tasks.hold_or_len, big).result(timeout=GUARD) == len(big)
+        assert segments(prefix) == []
+
+
+def test_a_dead_worker_leaves_no_segment_it_made(tmp_path: Path) -> None:
+    started = str(tmp_path / "started")
+    with cleanbreak.Pool(1, mp_context="forkserver") as pool:
+        prefix = prefix_of(pool)
+        fut = pool.submit(tasks.die_after_making_a_segment, started)
+        with pytest.raises(cleanbreak.WorkerDied):
+            fut.result(timeout=GUARD)
+        assert os.path.exists(started)
+        # Handled before the future failed: the worker's segment went with it.
+        assert segments(prefix) == []
+        assert pool.submit(tasks.square, 3).result(timeout=GUARD) == 9
+
+
+def test_a_new_pool_removes_the_segments_of_a_dead_one() -> None:
+    ns = _shm._namespace()
+    dead_pid = _a_dead_pid()
+    stale = os.path.join(_shm.SHM_DIR, f"cb-{ns}-{dead_pid}-0badc0de-{dead_pid}-1")
+    live = os.path.join(_shm.SHM_DIR, f"cb-{ns}-{os.getpid()}-0badc0de-{os.getpid()}-1")
+    other_ns = os.path.join(_shm.SHM_DIR, f"cb-1-{dead_pid}-0badc0de-{dead_pid}-1")
+    for path in (stale, live, other_ns):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    try:
+        with cleanbreak.Pool(1, mp_context="fork"):
+            pass
+        assert not os.path.exists(stale)
+        assert os.path.exists(live)  # its pool's parent (this process) is alive
+        assert os.path.exists(other_ns)  # another pid namespace: not ours to judge
+    finally:
+        for path in (stale, live, other_ns):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _a_dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
