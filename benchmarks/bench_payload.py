@@ -2,18 +2,22 @@
 
 Results: ``count`` tasks each return ``size`` bytes, built in the worker. Arguments: ``count``
 distinct ``size``-byte objects, built in the parent after the pool is open (so forked workers do
-not inherit them), are mapped to a task that returns their length.
+not inherit them), are mapped to a task that returns their length. Each is done with ``bytes``
+and with numpy arrays (``uint8``), when numpy is installed.
 
 Each (variant, direction, repetition) runs in a fresh child process. The pool is opened and
 warmed up first; then the parent's current RSS is read (``/proc/self/statm``), the ``map`` is
-timed, and the peak RSS comes from ``getrusage(RUSAGE_SELF).ru_maxrss``, which the kernel keeps
-exactly. A fresh process per measurement makes that peak belong to this measurement alone.
+timed, every byte of the results is read (a result held in shared memory that was never touched
+would not count in the RSS yet), and the peak RSS comes from ``getrusage(RUSAGE_SELF).ru_maxrss``,
+which the kernel keeps exactly. A fresh process per measurement makes that peak belong to this
+measurement alone.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import time
 from typing import Any
 
@@ -42,28 +46,31 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
     count: int = params["count"]
     size: int = params["size"]
     workers: int = params["workers"]
+    make = tasks.make_array if params["kind"] == "numpy" else tasks.make_bytes
     with mapper(params["variant"], workers, 1) as run:
         run(tasks.inc, list(range(workers * 4)))  # warm-up
         fn: Any
         if params["direction"] == "args":
-            items: list[Any] = [tasks.make_bytes(i, size) for i in range(count)]
+            items: list[Any] = [make(i, size) for i in range(count)]
             fn = tasks.length
         else:
             items = list(range(count))
-            fn = functools.partial(tasks.make_bytes, size=size)
+            fn = functools.partial(make, size=size)
         gc.collect()
         start_rss = current_rss()
         peak_before = peak_rss()
         start = time.perf_counter()
         out = run(fn, items)
         seconds = time.perf_counter() - start
+        # Every byte is read before the peak is taken: a result in shared memory that nobody
+        # touched would not be in the RSS yet.
+        if params["direction"] == "args":
+            ok = out == [size] * count
+        else:
+            ok = [len(r) for r in out] == [size] * count and all(
+                _every_byte_is(r, i % 256) for i, r in enumerate(out)
+            )
         peak = peak_rss()
-    if params["direction"] == "args":
-        ok = out == [size] * count
-    else:
-        ok = [len(r) for r in out] == [size] * count and all(
-            r[:1] == bytes((i % 256,)) for i, r in enumerate(out)
-        )
     if not ok:
         raise AssertionError(f"{params['variant']}: wrong results")
     report(
@@ -76,26 +83,35 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
     )
 
 
+def _every_byte_is(data: Any, value: int) -> bool:
+    """Read all of ``data`` without allocating a copy of it."""
+    if isinstance(data, bytes):
+        return data.count(bytes((value,))) == len(data)
+    return bool(data.min() == value == data.max())
+
+
 def run_payload(settings: Settings) -> Section:
     count = COUNT_QUICK if settings.quick else COUNT
     reps = settings.repetitions(2, 1)  # a 1 GB run takes seconds: two keep the suite short
     # cleanbreak.map moves data exactly as Pool.map does; leaving it out saves a sixth of the time.
     keys = [k for k in DEFAULT_VARIANTS if k != "cb-fn" and available(VARIANTS[k].lib)]
-    directions = ("results", "args")
-    rates: dict[tuple[str, str], list[float]] = {}
-    peaks: dict[tuple[str, str], list[float]] = {}
+    kinds = ("bytes", "numpy") if importlib.util.find_spec("numpy") else ("bytes",)
+    directions = [(kind, d) for kind in kinds for d in ("results", "args")]
+    rates: dict[tuple[str, tuple[str, str]], list[float]] = {}
+    peaks: dict[tuple[str, tuple[str, str]], list[float]] = {}
     for rep in range(reps):
         for direction in directions:
             for key in rotated(keys, rep):
                 params = {
                     "variant": key,
-                    "direction": direction,
+                    "kind": direction[0],
+                    "direction": direction[1],
                     "count": count,
                     "size": SIZE,
                     "workers": settings.workers,
                 }
                 result, why = run_child("payload", params, 180)
-                tag = f"  payload {direction} rep {rep + 1}/{reps} {key}"
+                tag = f"  payload {' '.join(direction)} rep {rep + 1}/{reps} {key}"
                 if result is None:
                     progress(f"{tag}: FAILED ({why})")
                     continue
@@ -109,11 +125,12 @@ def run_payload(settings: Settings) -> Section:
     section = Section(
         "payload",
         f"3. Large payloads: {count} x {SIZE // MB} MB",
-        f"`bytes` of {SIZE // MB} MB each ({total:,} MB in all), each library's `map` with its "
+        f"`bytes` and numpy `uint8` arrays of {SIZE // MB} MB each ({total:,} MB in all), each "
+        "library's `map` with its "
         f"default chunking, {settings.workers} workers, warm pool, median of {reps} alternating "
         "run(s), a fresh process per run. Peak RSS: the parent's peak (`ru_maxrss`) minus its "
         "RSS just before the `map`.",
-        ["API", "direction", "MB/s", "vs best peer", "parent peak RSS above start"],
+        ["API", "payload", "direction", "MB/s", "vs best peer", "parent peak RSS above start"],
     )
     for direction in directions:
         peer_rates = {
@@ -122,12 +139,14 @@ def run_payload(settings: Settings) -> Section:
             if VARIANTS[k].lib != CB and rates.get((k, direction))
         }
         best = max(peer_rates, key=lambda k: peer_rates[k]) if peer_rates else None
-        label = "results returned" if direction == "results" else "arguments sent"
+        kind, way = direction
+        way = "results returned" if way == "results" else "arguments sent"
+        label = f"{kind} {way}"
         for key in keys:
             v = VARIANTS[key]
             got = rates.get((key, direction))
             if not got:
-                section.rows.append([v.label, label, "not measured", "—", "—"])
+                section.rows.append([v.label, kind, way, "not measured", "—", "—"])
                 continue
             rate = median(got)
             ratio = fmt_ratio(rate / peer_rates[best]) if best else "—"
@@ -136,7 +155,8 @@ def run_payload(settings: Settings) -> Section:
             section.rows.append(
                 [
                     v.label,
-                    label,
+                    kind,
+                    way,
                     fmt_rate(rate),
                     ratio,
                     f"{median(peaks[(key, direction)]):,.0f} MB",

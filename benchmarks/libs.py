@@ -126,7 +126,8 @@ def mapper(key: str, workers: int, chunksize: int) -> Iterator[MapFn]:
         from mpire.pool import WorkerPool
 
         with WorkerPool(n_jobs=workers) as mpire_pool:
-            yield lambda fn, items: list(mpire_pool.map(fn, items))
+            # Its default joins numpy results into one array; every other library returns a list.
+            yield lambda fn, items: list(mpire_pool.map(fn, items, concatenate_numpy_output=False))
     elif key == "joblib":
         from joblib import Parallel, delayed
 

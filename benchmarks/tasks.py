@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 LOG_ENV = "CB_BENCH_LOG"
 SLOW_TASK_SECONDS = 0.5  # the length of one task in the Ctrl-C and orphan measurements
@@ -43,7 +44,16 @@ def make_bytes(i: int, size: int) -> bytes:
     return bytes((i % 256,)) * size
 
 
-def length(data: bytes) -> int:
+def make_array(i: int, size: int) -> Any:
+    """A numpy array of ``size`` bytes (uint8), built without a transient copy."""
+    import numpy as np
+
+    a = np.empty(size, dtype=np.uint8)
+    a.fill(i % 256)
+    return a
+
+
+def length(data: Any) -> int:
     return len(data)
 
 
