@@ -6,11 +6,16 @@ not inherit them), are mapped to a task that returns their length. Each is done 
 and with numpy arrays (``uint8``), when numpy is installed.
 
 Each (variant, direction, repetition) runs in a fresh child process. The pool is opened and
-warmed up first; then the parent's current RSS is read (``/proc/self/statm``), the ``map`` is
-timed, every byte of the results is read (a result held in shared memory that was never touched
-would not count in the RSS yet), and the peak RSS comes from ``getrusage(RUSAGE_SELF).ru_maxrss``,
-which the kernel keeps exactly. A fresh process per measurement makes that peak belong to this
-measurement alone.
+warmed up first, and on Linux the whole ``map`` runs once untimed: on a virtual machine whose
+host takes back the memory its guest frees (virtio-balloon free page reporting, as on this
+development machine), the first pass over a gigabyte of fresh memory pays a host page fault per
+page, which made one library's figure vary by up to 5x from run to run; the untimed pass leaves
+every library's timed pass on memory the kernel freed moments before, as in a long job. Then
+the parent's peak RSS is started afresh (``/proc/self/clear_refs``), its current RSS is read
+(``/proc/self/statm``), the ``map`` is timed, every byte of the results is read (a result held
+in shared memory that was never touched would not count in the RSS yet), and the peak RSS comes
+from ``getrusage(RUSAGE_SELF).ru_maxrss``, which the kernel keeps exactly. A fresh process per
+measurement makes that peak belong to this measurement alone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from common import (
     median,
     peak_rss,
     progress,
+    reset_peak_rss,
     rotated,
     run_child,
 )
@@ -56,6 +62,11 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
         else:
             items = list(range(count))
             fn = functools.partial(make, size=size)
+        warm = reset_peak_rss()  # where the peak can be started afresh after it:
+        if warm:
+            run(fn, items)  # one untimed pass first (see the top of this module)
+            gc.collect()
+            reset_peak_rss()
         gc.collect()
         start_rss = current_rss()
         peak_before = peak_rss()
@@ -79,6 +90,7 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
             "bytes": count * size,
             "peak_over_start": peak - start_rss,
             "peak_set_before": peak == peak_before,
+            "warm": warm,
         }
     )
 
@@ -127,7 +139,8 @@ def run_payload(settings: Settings) -> Section:
         f"3. Large payloads: {count} x {SIZE // MB} MB",
         f"`bytes` and numpy `uint8` arrays of {SIZE // MB} MB each ({total:,} MB in all), each "
         "library's `map` with its "
-        f"default chunking, {settings.workers} workers, warm pool, median of {reps} alternating "
+        f"default chunking, {settings.workers} workers, warm pool (and one untimed pass first, "
+        f"see benchmarks/README.md), median of {reps} alternating "
         "run(s), a fresh process per run. Peak RSS: the parent's peak (`ru_maxrss`) minus its "
         "RSS just before the `map`.",
         ["API", "payload", "direction", "MB/s", "vs best peer", "parent peak RSS above start"],

@@ -329,6 +329,17 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident set size afresh from its current size (Linux:
+    ``/proc/self/clear_refs``). False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss() -> int:
     """This process's peak resident set size so far, in bytes (exact: the kernel keeps it)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -27,6 +27,19 @@ def segments(prefix: str | None) -> list[str]:
     return sorted(n for n in os.listdir(_shm.SHM_DIR) if n.startswith(prefix))
 
 
+def busy(prefix: str | None) -> list[str]:
+    """The pool's segments, but the spares that were read and wait to be written again."""
+    assert prefix is not None
+    return [n for n in segments(prefix) if not _is_free_spare(n[len(prefix) :], n)]
+
+
+def _is_free_spare(tail: str, name: str) -> bool:
+    if not tail.split("-", 1)[1].startswith("s"):
+        return False
+    with open(os.path.join(_shm.SHM_DIR, name), "rb") as f:
+        return f.read(8) in (bytes(8), b"")
+
+
 def prefix_of(pool: cleanbreak.Pool) -> str:
     prefix = pool._backend._segments.prefix
     assert prefix is not None, "shared memory is not in use"
@@ -67,10 +80,10 @@ def test_large_bytes_bytearray_and_str_arrive_intact_both_ways(
         got = pool.submit(tasks.kind_and_digest, value).result(timeout=GUARD)
         assert got == tasks.kind_and_digest(value)
     # Each large result came as a hole in the pipe stream, read from a segment.
-    holes = [layout[1] for layout in layouts if layout is not None]
+    holes = [layout[2] for layout in layouts if layout is not None]
     assert len(holes) == 3
     assert all(len(h) == 1 and h[0][1] >= BIG for h in holes), holes
-    assert segments(prefix_of(pool)) == []
+    assert busy(prefix_of(pool)) == []
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
@@ -82,7 +95,7 @@ def test_numpy_arrays_arrive_intact_both_ways(
     back = fs_pool.submit(tasks.array, BIG // 8, 3, order).result(timeout=GUARD)
     assert tasks.array_digest(back) == tasks.array_digest(tasks.array(BIG // 8, 3, order))
     # The array's buffer came out of band, in a segment of its own.
-    oob = [layout[2] for layout in layouts if layout is not None]
+    oob = [layout[3] for layout in layouts if layout is not None]
     assert len(oob) == 1 and len(oob[0]) == 1 and oob[0][0][1] == a.nbytes, oob
 
 
@@ -114,14 +127,14 @@ def test_nested_payloads_and_pickle_buffers(fs_pool: cleanbreak.Pool) -> None:
     )
     assert back["buffer"] == tasks.big_buffer(BIG, 8)
     assert back["many"] == value["many"]
-    assert segments(prefix_of(fs_pool)) == []
+    assert busy(prefix_of(fs_pool)) == []
 
 
 def test_a_large_map_with_chunks_of_large_items(fs_pool: cleanbreak.Pool) -> None:
     items = [tasks.make_blob(BIG, seed) for seed in range(12)]
     got = list(fs_pool.map(tasks.echo, items, chunksize=4, timeout=GUARD))
     assert [tasks.digest(g) for g in got] == [tasks.digest(i) for i in items]
-    assert segments(prefix_of(fs_pool)) == []
+    assert busy(prefix_of(fs_pool)) == []
 
 
 # ── no copy, held once ───────────────────────────────────────────────────────────────────────
@@ -147,7 +160,7 @@ def test_a_large_array_result_is_not_copied_in_the_parent(fs_pool: cleanbreak.Po
     assert a.flags.writeable
     a[0] = 42  # a private mapping: the write stays in this process
     assert a[0] == 42
-    assert segments(prefix_of(fs_pool)) == []
+    assert busy(prefix_of(fs_pool)) == []
 
 
 def test_a_large_bytes_result_is_read_straight_into_its_object(
@@ -159,9 +172,112 @@ def test_a_large_bytes_result_is_read_straight_into_its_object(
     # The pipe carried a few hundred bytes of pickle; the 32 MiB were a hole, read from the
     # segment into the new bytes object and nowhere else.
     [layout] = [layout for layout in layouts if layout is not None]
-    stream, holes, oob = layout
+    stream, _token, holes, oob = layout
     assert stream is not None and holes == [(holes[0][0], size)] and oob == []
     assert holes[0][0] < 1024
+
+
+# ── spares: stream segments written again ────────────────────────────────────────────────────
+
+
+def test_a_worker_writes_its_next_large_result_into_the_segment_it_freed(
+    layouts: list[Any],
+) -> None:
+    sizes = [BIG * 3, BIG, BIG * 2]  # longer, shorter, longer again than what the spare holds
+    with cleanbreak.Pool(1, mp_context="forkserver") as pool:
+        for seed, size in enumerate(sizes):
+            got = pool.submit(tasks.blob, size, seed).result(timeout=GUARD)
+            assert tasks.digest(got) == tasks.digest(tasks.make_blob(size, seed))
+            name = [layout for layout in layouts if layout is not None][-1][0]
+            # What was past the message just read was given back.
+            assert os.path.getsize(os.path.join(_shm.SHM_DIR, name)) <= _shm.HEADER + size + 4096
+    streams = [(layout[0], layout[1]) for layout in layouts if layout is not None]
+    assert len(streams) == 3
+    assert len({name for name, _ in streams}) == 1, streams  # one segment, three messages
+    assert len({token for _, token in streams}) == 3 and all(t for _, t in streams)
+
+
+def test_a_spare_that_was_not_freed_is_not_written_again() -> None:
+    segs = _shm.Segments.new_pool()
+    try:
+        taken = []
+        for _ in range(_shm.SPARES):
+            name, fd, token = segs.stream()
+            os.close(fd)
+            assert token
+            taken.append(name)
+        assert len(set(taken)) == _shm.SPARES  # none was free: each is a new one
+        extra, fd, token = segs.stream()
+        os.close(fd)
+        assert token == 0 and extra not in taken  # past the limit: a one-off segment
+        _shm.unlink(extra)
+        _shm.free(taken[2])
+        again, fd, token = segs.stream()
+        os.close(fd)
+        assert again == taken[2] and token
+    finally:
+        segs.purge()
+
+
+def test_a_dead_receiver_loses_only_the_message_it_held() -> None:
+    segs = _shm.Segments.new_pool()
+    try:
+        name, fd, first = segs.stream()
+        os.close(fd)
+        _shm.free(name)  # read by the worker that then died ...
+        same, fd, second = segs.stream()  # ... and written again, for another one
+        os.close(fd)
+        assert same == name
+        _shm.remove_unread([(name, first)])
+        assert segments(segs.prefix) == [name]  # it carries the second message now
+        _shm.remove_unread([(name, second)])
+        assert segments(segs.prefix) == []  # its receiver died before reading it
+    finally:
+        segs.purge()
+
+
+def test_a_recycled_worker_takes_its_spares_with_it() -> None:
+    with cleanbreak.Pool(1, mp_context="forkserver", max_tasks_per_worker=1) as pool:
+        prefix = prefix_of(pool)
+        for seed in range(4):
+            got = pool.submit(tasks.echo, tasks.make_blob(BIG, seed)).result(timeout=GUARD)
+            assert tasks.digest(got) == tasks.digest(tasks.make_blob(BIG, seed))
+
+        def only_live_makers() -> bool:
+            live = {str(os.getpid()), *(str(pid) for pid in pool._backend.pids)}
+            return {n[len(prefix) :].split("-")[0] for n in segments(prefix)} <= live
+
+        # Each worker ran one task and was replaced; the spares it wrote its result into went
+        # with it, and the parent's spare was written again for each new worker.
+        wait_until(only_live_makers, "the spares of replaced workers to go")
+        assert busy(prefix) == []
+        assert len(segments(prefix)) <= 2
+
+
+def test_a_full_tmpfs_sheds_the_spares(monkeypatch: pytest.MonkeyPatch) -> None:
+    segs = _shm.Segments.new_pool()
+    try:
+        blobs = [tasks.make_blob(BIG, seed) for seed in range(3)]
+        packers = [_shm.Packer(segs).pack(b) for b in blobs]  # three spares, none freed
+        assert len(segments(segs.prefix)) == 3
+        real = _shm._write_all
+
+        def full_past_header(fd: int, data: memoryview, offset: int) -> None:
+            if offset >= _shm.HEADER:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, data, offset)
+
+        monkeypatch.setattr(_shm, "_write_all", full_past_header)
+        packer = _shm.Packer(segs).pack(blobs[0])
+        assert packer.layout is None  # the payload stays in the pipe ...
+        assert pickle.loads(b"".join(bytes(c) for c in packer.chunks)) == blobs[0]
+        # ... and the spares that were waiting went, to make room; the one it tried is free.
+        left = segments(segs.prefix)
+        assert len(left) == 1 and busy(segs.prefix) == []
+        for p in packers:
+            _shm.discard(p.layout)
+    finally:
+        segs.purge()
 
 
 # ── falling back to the pipe ─────────────────────────────────────────────────────────────────
@@ -203,6 +319,9 @@ def test_a_failed_pickle_leaves_no_segment() -> None:
     value = [tasks.make_blob(BIG, 15), tasks.array(BIG // 8, 16), lambda: None]
     with pytest.raises((pickle.PicklingError, AttributeError)):
         _shm.Packer(segs).pack(value)
+    # The array's segment went; the spare the bytes went into is free to be written again.
+    assert busy(segs.prefix) == [] and len(segments(segs.prefix)) == 1
+    segs.purge()
     assert segments(segs.prefix) == []
 
 
@@ -215,7 +334,7 @@ def test_no_segment_is_left_after_a_normal_finish(start_method: str) -> None:
         items = [tasks.make_blob(BIG, seed) for seed in range(6)]
         for item, back in zip(items, pool.map(tasks.echo, items, chunksize=1), strict=True):
             assert back == item
-            # Received means unlinked: the result's segment went as it arrived.
+            # Received means unlinked, or freed for its sender to write again.
         futures = [pool.submit(tasks.array, BIG // 8, seed) for seed in range(4)]
         assert [tasks.array_digest(f.result(timeout=GUARD)) for f in futures] == [
             tasks.array_digest(tasks.array(BIG // 8, seed)) for seed in range(4)
@@ -241,7 +360,7 @@ def test_a_dead_worker_leaves_no_segment_it_was_sent(tmp_path: Path) -> None:
         # Handled before the task failed: the segment its worker never read is gone.
         assert sent not in segments(prefix)
         assert pool.submit(tasks.hold_or_len, big).result(timeout=GUARD) == len(big)
-        assert segments(prefix) == []
+        assert busy(prefix) == []
 
 
 def test_a_dead_worker_leaves_no_segment_it_made(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
-from ._shm import Packer, Segments, load, unlink_all
+from ._shm import Packer, Segments, load, remove_unread
 from ._units import Sink, TaskOptions, Unit
 from ._wire import (
     DONE,
@@ -177,7 +177,7 @@ class _Worker:
         # Why the manager killed it, if it did, and the unit and item it was running then.
         self.doom: tuple[str, int, int] | None = None
         self.exitcode: int | None = None
-        self.segments: dict[int, list[str]] = {}  # uid -> the segments its task frame names
+        self.segments: dict[int, list[tuple[str, int]]] = {}  # uid -> its frame's segments
         self.gone = False  # reaped and forgotten: its descriptors are closed
         # A pidfd becomes readable when the process exits. The multiprocessing sentinel is a
         # pipe that a process forked by the task inherits, so it would not fire while that
@@ -238,7 +238,8 @@ class LocalBackend:
         self._lifeline_r = lifeline_r  # handed to every worker; the parent's copy stays open
         self._lifeline_w = _own(lifeline_w)
         os.set_blocking(lifeline_r, True)
-        self._segments = Segments.new_pool()
+        # The parent sends large arguments to every worker at once: a spare for each.
+        self._segments = Segments.new_pool(spares=workers + 1)
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._workers: dict[int, _Worker] = {}
@@ -496,7 +497,7 @@ class LocalBackend:
         try:
             items_part = Packer(self._segments).pack(unit.items)
         except Exception as exc:
-            unlink_all(fn_part.names)
+            fn_part.release()
             if self._split(unit):
                 return
             reason = f"{type(exc).__name__}: {exc}"
@@ -504,8 +505,9 @@ class LocalBackend:
             return
 
         w.last_bytes = fn_part.total + items_part.total
-        if fn_part.names or items_part.names:
-            w.segments[unit.uid] = fn_part.names + items_part.names
+        sent = fn_part.sent + items_part.sent
+        if sent:
+            w.segments[unit.uid] = sent
         if not w.inflight:
             w.head_since = time.monotonic()
         w.inflight.append(unit)
@@ -644,8 +646,8 @@ class LocalBackend:
         # Segments it made that no frame announced, and those sent to it that it may not have
         # opened, would be left behind.
         self._segments.purge(w.pid)
-        for names in w.segments.values():
-            unlink_all(names)
+        for sent in w.segments.values():
+            remove_unread(sent)
         self._forget(w)
         if self.level >= DRAINING:
             for unit in w.inflight:

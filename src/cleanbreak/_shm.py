@@ -21,13 +21,25 @@ The sender copies each large payload once (``pwrite`` into the segment), the rec
 ``bytes`` and ``bytearray`` (it needs an object of its own) and not at all for out-of-band
 buffers. Neither side maps a segment it writes or holds a second copy in its own memory.
 
+Stream segments are written again. Filling a tmpfs file's fresh pages costs three times as
+much as writing over pages it has (24 ms against 7 ms for 50 MB here), so each process keeps a
+few stream segments, named with an ``s``: ``SPARES`` in a worker, and in the parent one more
+than the workers (at least ``SPARES``). The first page of one holds a token: the
+sender writes a new one before each message, the receiver writes zero once it has read the
+message (or given up on it), and a sender writes only into a spare that reads zero. A spare is
+cut to the length of its latest message. Out-of-band segments are not written again: the
+receiver's object lives in their pages.
+
 Segments never outlive the pool:
 
-- The receiver opens and unlinks each segment before it unpickles anything, so a segment
-  that was received is gone from ``/dev/shm`` whatever happens next. Its memory is freed when
-  the last mapping of it goes.
-- Names are ``cb-<pid namespace>-<pool pid>-<token>-<creator>-<n>``. When a worker dies, the
-  parent removes the segments that worker made and those it had sent it. When the pool stops,
+- The receiver opens and unlinks each one-off segment before it unpickles anything, so a
+  segment that was received is gone from ``/dev/shm`` whatever happens next. Its memory is
+  freed when the last mapping of it goes. A spare stays until its maker goes.
+- When the tmpfs is full, a process removes its spares but the one it is writing.
+- Names are ``cb-<pid namespace>-<pool pid>-<token>-<creator>-<n>``. When a worker exits, the
+  parent removes the segments that worker made (its spares too) and those it had sent it that
+  it had not read (a spare of the parent's only if it still holds that message's token: read,
+  it may carry another worker's message now). When the pool stops,
   for whatever reason, the parent removes every segment of the pool.
 - When the parent dies, even by SIGKILL, each worker's watchdog removes every segment of the
   pool before it kills its process group. It takes the creation lock first, so that its own
@@ -42,6 +54,7 @@ tmpfs is full), that payload simply stays in the pipe.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import pickle
@@ -57,9 +70,18 @@ SHM_DIR: Final = "/dev/shm"
 THRESHOLD: Final = 1 << 20
 PROTOCOL: Final = 5
 
-# Where a part's large payloads are: (stream segment, [(pipe offset, length), ...]) for the
-# holes in its stream, and [(segment, length, readonly), ...] for its out-of-band buffers.
-Layout = tuple[str | None, list[tuple[int, int]], list[tuple[str, int, bool]]]
+# A stream segment's first page holds its state: the token of the message it carries, or zero
+# once it was read (free to be written again). The holes start on the next page.
+HEADER: Final = 4096
+_FREE: Final = bytes(8)
+# Stream segments a process keeps to write again, rather than make new ones: writing into a
+# tmpfs file's existing pages costs a third of filling fresh ones (``benchmarks/``).
+SPARES: Final = 4
+
+# Where a part's large payloads are: (stream segment, its token, [(pipe offset, length), ...])
+# for the holes in its stream (token 0: the receiver removes the segment, else it frees it),
+# and [(segment, length, readonly), ...] for its out-of-band buffers.
+Layout = tuple[str | None, int, list[tuple[int, int]], list[tuple[str, int, bool]]]
 
 
 def _namespace() -> str:
@@ -80,29 +102,76 @@ class Segments:
     not used: everything goes through the pipe.
     """
 
-    def __init__(self, prefix: str | None) -> None:
+    def __init__(self, prefix: str | None, spares: int = SPARES) -> None:
         self.prefix = prefix
+        self.spares = max(spares, SPARES)
         self._creator = f"{os.getpid()}-"
         self._count = 0
+        self._spares: list[str] = []  # stream segments this process made, to write again
+        self._tokens = itertools.count(1)
         # Held while a segment is created, and for good by a watchdog that purges (see the top).
         self.lock = threading.Lock()
 
     @staticmethod
-    def new_pool() -> Segments:
+    def new_pool(spares: int = SPARES) -> Segments:
         if not available():
             return Segments(None)
         _reap_dead_pools()
         prefix = f"cb-{_namespace()}-{os.getpid()}-{secrets.token_hex(4)}-"
-        return Segments(prefix)
+        return Segments(prefix, spares)
 
-    def create(self) -> tuple[str, int]:
-        """A new, empty segment: its name and a descriptor open for writing."""
+    def create(self, spare: bool = False) -> tuple[str, int]:
+        """A new, empty segment: its name and a descriptor open for writing. A spare's name
+        has an ``s`` before its number."""
         assert self.prefix is not None
         with self.lock:
             self._count += 1
-            name = f"{self.prefix}{self._creator}{self._count}"
+            name = f"{self.prefix}{self._creator}{'s' if spare else ''}{self._count}"
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
             return name, os.open(os.path.join(SHM_DIR, name), flags, 0o600)
+
+    def stream(self) -> tuple[str, int, int]:
+        """A segment for a message's holes: its name, a descriptor open for writing, and the
+        token now in its header (0: a one-off segment, which its receiver removes).
+
+        A spare whose receiver freed it is taken first; a new segment becomes a spare while
+        there are fewer than ``self.spares``.
+        """
+        for name in list(self._spares):
+            try:
+                fd = _open(name, os.O_RDWR)
+            except OSError:  # removed: by a receiver that discarded it, or by a purge
+                self._spares.remove(name)
+                continue
+            try:
+                if os.pread(fd, len(_FREE), 0) in (_FREE, b""):
+                    return name, fd, self._claim(fd)
+            except OSError:
+                pass
+            os.close(fd)
+        if len(self._spares) >= self.spares:
+            return (*self.create(), 0)
+        name, fd = self.create(spare=True)
+        try:
+            token = self._claim(fd)
+        except OSError:
+            os.close(fd)
+            unlink(name)
+            raise
+        self._spares.append(name)
+        return name, fd, token
+
+    def _claim(self, fd: int) -> int:
+        token = next(self._tokens)
+        _write_all(fd, memoryview(token.to_bytes(len(_FREE), "little")), 0)
+        return token
+
+    def shed(self, keep: str | None) -> None:
+        """Remove the spares (but ``keep``): the tmpfs is full."""
+        for name in self._spares:
+            if name != keep:
+                unlink(name)
+        self._spares = [keep] if keep in self._spares else []
 
     def purge(self, creator: int | None = None) -> None:
         """Remove the pool's segments: all of them, or those made by process ``creator``."""
@@ -120,6 +189,10 @@ class Segments:
         self.purge()
 
 
+def _open(name: str, flags: int) -> int:
+    return os.open(os.path.join(SHM_DIR, name), flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+
 def unlink(name: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(SHM_DIR, name))
@@ -127,6 +200,26 @@ def unlink(name: str) -> None:
 
 def unlink_all(names: Sequence[str]) -> None:
     for name in names:
+        unlink(name)
+
+
+def remove_unread(sent: Sequence[tuple[str, int]]) -> None:
+    """Remove the segments of messages whose receiver died: each ``(name, token)``. A spare
+    whose header no longer holds the token was read, and may carry another message now."""
+    for name, token in sent:
+        if token:
+            try:
+                fd = _open(name, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                current = os.pread(fd, len(_FREE), 0)
+            except OSError:
+                current = b""
+            finally:
+                os.close(fd)
+            if current != token.to_bytes(len(_FREE), "little"):
+                continue
         unlink(name)
 
 
@@ -183,6 +276,7 @@ class Packer:
         "_stream",
         "_stream_end",
         "_stream_fd",
+        "_token",
         "chunks",
         "holes",
         "names",
@@ -200,7 +294,8 @@ class Packer:
         self.names: list[str] = []
         self._stream: str | None = None
         self._stream_fd = -1
-        self._stream_end = 0
+        self._stream_end = HEADER
+        self._token = 0
 
     def pack(self, obj: object) -> Packer:
         try:
@@ -208,24 +303,49 @@ class Packer:
                 pickle.Pickler(self, PROTOCOL).dump(obj)
             else:
                 pickle.Pickler(self, PROTOCOL, buffer_callback=self._buffer).dump(obj)
+            # A spare may hold a longer message from before: give back what is past this one.
+            if self._token and os.fstat(self._stream_fd).st_size > self._stream_end:
+                os.ftruncate(self._stream_fd, self._stream_end)
         except BaseException:
-            unlink_all(self.names)
+            self.release()
             raise
         finally:
             if self._stream_fd >= 0:
                 os.close(self._stream_fd)
                 self._stream_fd = -1
-        if self._stream is not None and not self.holes:  # made, but nothing went into it
+        if self._stream is not None and not self.holes:  # taken, but nothing went into it
+            self._drop_stream()
+        return self
+
+    def release(self) -> None:
+        """Give back the segments of a part that will not be sent."""
+        self._drop_stream()
+        unlink_all(self.names)
+
+    def _drop_stream(self) -> None:
+        if self._stream is None:
+            return
+        if self._token:  # a spare: free it for the next message
+            with contextlib.suppress(OSError):
+                free(self._stream)
+        else:
             unlink(self._stream)
             self.names.remove(self._stream)
-            self._stream = None
-        return self
+        self._stream = None
+        self._token = 0
+        self.holes = []
+
+    @property
+    def sent(self) -> list[tuple[str, int]]:
+        """Each segment this part names, with its token (0 where it has none)."""
+        stream = [(self._stream, self._token)] if self._stream and self._token else []
+        return stream + [(name, 0) for name in self.names]
 
     @property
     def layout(self) -> Layout | None:
         if not self.holes and not self.oob:
             return None
-        return (self._stream if self.holes else None, self.holes, self.oob)
+        return (self._stream if self.holes else None, self._token, self.holes, self.oob)
 
     @property
     def total(self) -> int:
@@ -243,13 +363,15 @@ class Packer:
     def _hole(self, view: memoryview) -> bool:
         try:
             if self._stream_fd < 0:
-                self._stream, self._stream_fd = self.segments.create()
-                self.names.append(self._stream)
+                self._stream, self._stream_fd, self._token = self.segments.stream()
+                if not self._token:
+                    self.names.append(self._stream)
             _write_all(self._stream_fd, view, self._stream_end)
         except OSError:  # the tmpfs is full, or /dev/shm went away: keep it in the pipe
             if self._stream_fd >= 0:
                 with contextlib.suppress(OSError):  # give back what was written of it
                     os.ftruncate(self._stream_fd, self._stream_end)
+                self.segments.shed(keep=self._stream)
             return False
         self.holes.append((self.size, view.nbytes))
         self._stream_end += view.nbytes
@@ -283,32 +405,51 @@ def load(data: memoryview, layout: Layout | None) -> Any:
     """Unpickle a part: its pipe bytes, and the segments its layout names."""
     if layout is None:
         return pickle.loads(data)
-    stream, holes, oob = layout
+    stream, token, holes, oob = layout
     names = ([stream] if stream else []) + [name for name, _, _ in oob]
-    # Open and unlink every segment first: whatever fails next, none is left behind.
+    # Open every segment and unlink it (free a spare) first: whatever fails next, none is
+    # left behind.
     fds: list[int] = []
     try:
         try:
             for name in names:
-                flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-                fds.append(os.open(os.path.join(SHM_DIR, name), flags))
+                fds.append(_open(name, os.O_RDONLY))
         finally:
-            unlink_all(names)
+            unlink_all(names[1:] if stream and token else names)
         first = 1 if stream else 0
         buffers = [_map(fd, n, ro) for fd, (_, n, ro) in zip(fds[first:], oob, strict=True)]
         if not stream:
             return pickle.loads(data, buffers=buffers)
-        return pickle.Unpickler(_Stream(data, holes, fds[0]), buffers=buffers).load()
+        try:
+            return pickle.Unpickler(_Stream(data, holes, fds[0]), buffers=buffers).load()
+        finally:
+            if token:  # read (or unreadable): its sender may write the next message into it
+                with contextlib.suppress(OSError):
+                    free(stream)
     finally:
         for fd in fds:
             os.close(fd)
 
 
+def free(name: str) -> None:
+    """Mark a spare stream segment free: its message was read."""
+    fd = _open(name, os.O_WRONLY)
+    try:
+        _write_all(fd, memoryview(_FREE), 0)
+    finally:
+        os.close(fd)
+
+
 def discard(layout: Layout | None) -> None:
-    """Remove the segments of a part that will not be loaded."""
+    """Remove the segments of a part that will not be loaded (a spare is only freed)."""
     if layout is not None:
-        stream, _, oob = layout
-        unlink_all(([stream] if stream else []) + [name for name, _, _ in oob])
+        stream, token, _, oob = layout
+        unlink_all([name for name, _, _ in oob])
+        if stream and token:
+            with contextlib.suppress(OSError):
+                free(stream)
+        elif stream:
+            unlink(stream)
 
 
 def _map(fd: int, length: int, readonly: bool) -> mmap.mmap:
@@ -362,7 +503,7 @@ class _Stream:
         self._pos = 0  # in data
         self._holes = deque(holes)
         self._hole_left = 0  # bytes of the current hole not read yet
-        self._file_pos = 0
+        self._file_pos = HEADER
         self._fd = fd
 
     def _span(self, n: int) -> tuple[bool, int]:
