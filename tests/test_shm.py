@@ -280,6 +280,53 @@ def test_a_full_tmpfs_sheds_the_spares(monkeypatch: pytest.MonkeyPatch) -> None:
         segs.purge()
 
 
+# ── huge pages, where they pay ───────────────────────────────────────────────────────────────
+
+
+def _run_advice(advice: Any, cost: dict[bool, int], copies: int) -> list[bool]:
+    """Choose for ``copies`` copies, each costing ``cost[huge]`` ns per byte."""
+    chosen = []
+    for _ in range(copies):
+        huge = advice.choose()
+        advice.record(huge, cost[huge] * 1000, 1000)
+        chosen.append(huge)
+    return chosen
+
+
+def test_huge_pages_are_asked_for_while_they_are_cheaper() -> None:
+    advice = _shm._Advice()
+    chosen = _run_advice(advice, {True: 1, False: 3}, 64)
+    # Each way is tried once; then huge pages, but for one copy in EXPLORE (16) that checks
+    # the other way still costs more.
+    assert [n for n, huge in enumerate(chosen, 1) if not huge] == [2, 16, 32, 48, 64]
+    # The host takes the memory back: huge pages now cost more than small ones.
+    later = _run_advice(advice, {True: 10, False: 4}, 64)
+    assert later[-32:].count(True) == 32 // _shm._Advice.EXPLORE
+    # And memory is at hand again.
+    again = _run_advice(advice, {True: 1, False: 3}, 64)
+    assert again[-32:].count(False) == 32 // _shm._Advice.EXPLORE
+
+
+def test_large_copies_are_timed_and_small_ones_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[bool, int]] = []
+
+    class Spy(_shm._Advice):
+        def record(self, huge: bool, ns: int, nbytes: int) -> None:
+            seen.append((huge, nbytes))
+
+    monkeypatch.setattr(_shm, "_ADVICE", Spy())
+    segs = _shm.Segments.new_pool()
+    try:
+        for size in (BIG, 8 * MiB):
+            value = tasks.make_blob(size, 3)
+            packer = _shm.Packer(segs).pack(value)
+            pipe = b"".join(bytes(c) for c in packer.chunks)
+            assert _shm.load(memoryview(pipe), packer.layout) == value
+    finally:
+        segs.purge()
+    assert seen == [(True, 8 * MiB)]
+
+
 # ── falling back to the pipe ─────────────────────────────────────────────────────────────────
 
 
