@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -122,6 +123,10 @@ def header(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started in the background by a shell without job control, which ignores SIGINT for
+        # it; every child would inherit that and shrug off the Ctrl-C measurements' signal.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = Settings(workers=args.workers, quick=args.quick, reps=args.reps)
     started = datetime.datetime.now().astimezone()
     load = os.getloadavg()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,11 @@ import pytest
 from ._harness import FIGURES, Child
 
 StartChild = Callable[..., Child]
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # pytest was started in the background by a shell without job control, which ignores
+    # SIGINT for it. The children these tests signal would inherit that: give them a terminal's.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
@@ -32,6 +38,7 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         user_handler: bool = False,
         watch_level: bool = False,
         stop_grace: float | None = None,
+        input: str = "list",
     ) -> Child:
         tmp = tmp_path / f"child{len(children)}"
         tmp.mkdir()
@@ -42,6 +49,7 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             f"--mode={mode}",
             f"--api={api}",
             f"--wait={wait}",
+            f"--input={input}",
         ]
         if user_handler:
             argv.append("--user-handler")

@@ -84,3 +84,31 @@ def test_result_that_arrives_with_the_signal_is_kept(
     assert child.report()["signal"] == "SIGINT"
     assert child.completed() == {1: 10}
     assert_cleaned_up(child, f"completed, result arriving with the signal, {api}")
+
+
+@pytest.mark.parametrize("api", ["map", "imap_unordered"])
+@pytest.mark.parametrize("method", METHODS)
+def test_ctrl_c_while_the_input_is_read_keeps_every_guarantee(
+    start_child: StartChild, method: str, api: str
+) -> None:
+    """The caller's thread is inside the user's generator, which waits for its next item,
+    when Ctrl-C comes. Tasks 0 and 1 finished, task 2 blocks for ever. The signal reaches the
+    pool from the generator's frame: the pool stops at once, task 2 is stopped, no task starts,
+    and every finished result is either yielded already or in ``completed``."""
+    child = start_child(method=method, layout="qqb", api=api, input="lazy")
+    child.wait_for(
+        lambda c: c.indices("recv") == {0, 1} and 2 in c.indices("start") and bool(c.of("reading")),
+        "tasks 0-1 to finish, task 2 to block and the generator to wait for its next item",
+    )
+
+    sent = child.send("sigint-group")
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    report = child.report()
+    assert report["signal"] == "SIGINT"
+    kept = sorted(report["yielded"] + list(child.completed().values()))
+    assert kept == [0, 10], report
+    child.drain_events()
+    assert child.started_after(sent) == []
+    assert_cleaned_up(child, f"Ctrl-C while the input is read, {api}")

@@ -8,6 +8,8 @@ signals it, and reads the one JSON object it prints on stdout at the end. Events
                          2 stopping, 3 killing), i.e. the pool has acted on a signal
 - ``busy <ns>``          with ``--wait busy``: the tasks are done and the main thread is now
                          spinning in user code inside the ``with`` block
+- ``reading <ns>``       with ``--input lazy``: the pool asked the input generator for the item
+                         after the last one, and the generator now waits (in ``time.sleep``)
 
 Exit status: 130 after ``cleanbreak.Interrupted`` (as the CLI does), 0 when everything
 finished, 1 with a traceback on anything else.
@@ -22,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType
@@ -66,6 +69,14 @@ def _start_watcher(pool: cleanbreak.Pool, events: str) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _waiting(specs: list[Spec], events: str) -> Iterator[Spec]:
+    """The specs, then a wait for ever: an input whose next item is slow to come."""
+    yield from specs
+    emit(events, "reading", time.monotonic_ns())
+    while True:
+        time.sleep(3600)
+
+
 def _spin() -> None:
     n = 0
     while True:
@@ -89,7 +100,16 @@ def main() -> int:
     parser.add_argument("--mode", default="terminate", choices=["terminate", "drain"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--layout", required=True, help="one task kind per character")
-    parser.add_argument("--api", default="submit", choices=["submit", "map", "cbmap"])
+    parser.add_argument(
+        "--api", default="submit", choices=["submit", "map", "imap_unordered", "cbmap"]
+    )
+    parser.add_argument(
+        "--input",
+        default="list",
+        choices=["list", "lazy"],
+        help="map and imap_unordered: a list, or a generator that waits for ever after the "
+        "last item",
+    )
     parser.add_argument(
         "--wait",
         default="results",
@@ -138,8 +158,13 @@ def main() -> int:
                 emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
                 if args.watch_level:
                     _start_watcher(pool, args.events)
-                if args.api == "map":
-                    results = list(pool.map(task, specs, chunksize=1))
+                if args.api in ("map", "imap_unordered"):
+                    mapper = pool.map if args.api == "map" else pool.imap_unordered
+                    source = specs if args.input == "list" else _waiting(specs, args.events)
+                    results = []
+                    report["yielded"] = results
+                    for result in mapper(task, source, chunksize=1):
+                        results.append(result)
                 else:
                     futures = [pool.submit(task, spec) for spec in specs]
                     if args.wait != "exit":
