@@ -197,6 +197,23 @@ def test_a_worker_writes_its_next_large_result_into_the_segment_it_freed(
     assert len({token for _, token in streams}) == 3 and all(t for _, t in streams)
 
 
+def test_a_spare_keeps_no_more_than_spare_max_once_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_shm, "SPARE_MAX", 3 * MiB)
+    segs = _shm.Segments.new_pool()
+    try:
+        for size, kept in ((2 * MiB, True), (4 * MiB, False)):
+            value = tasks.make_blob(size, size)
+            packer = _shm.Packer(segs).pack(value)
+            pipe = b"".join(bytes(c) for c in packer.chunks)
+            assert _shm.load(memoryview(pipe), packer.layout) == value
+            [name] = segments(segs.prefix)
+            held = os.path.getsize(os.path.join(_shm.SHM_DIR, name)) - _shm.HEADER
+            assert held == (size if kept else 0), (size, held)
+        assert busy(segs.prefix) == []
+    finally:
+        segs.purge()
+
+
 def test_a_spare_that_was_not_freed_is_not_written_again() -> None:
     segs = _shm.Segments.new_pool()
     try:

@@ -24,11 +24,11 @@ buffers. Neither side maps a segment it writes or holds a second copy in its own
 Stream segments are written again. Filling a tmpfs file's fresh pages costs three times as
 much as writing over pages it has (24 ms against 7 ms for 50 MB here), so each process keeps a
 few stream segments, named with an ``s``: ``SPARES`` in a worker, and in the parent one more
-than the workers (at least ``SPARES``). The first page of one holds a token: the
-sender writes a new one before each message, the receiver writes zero once it has read the
-message (or given up on it), and a sender writes only into a spare that reads zero. A spare is
-cut to the length of its latest message. Out-of-band segments are not written again: the
-receiver's object lives in their pages.
+than the workers (at least ``SPARES``). The first page of one holds a token: the sender writes
+a new one before each message, the receiver writes zero once it has read the message (or given
+up on it), and a sender writes only into a spare that reads zero. A spare is cut to the length
+of its latest message, and emptied once read if that was over ``SPARE_MAX``. Out-of-band
+segments are not written again: the receiver's object lives in their pages.
 
 Segments never outlive the pool:
 
@@ -78,6 +78,9 @@ _FREE: Final = bytes(8)
 # Stream segments a process keeps to write again, rather than make new ones: writing into a
 # tmpfs file's existing pages costs a third of filling fresh ones (``benchmarks/``).
 SPARES: Final = 4
+# A spare keeps no more pages than this once its message was read: a pool that once moved a
+# huge payload does not hold that much of /dev/shm for the rest of its life.
+SPARE_MAX = 64 << 20
 
 # Where a part's large payloads are: (stream segment, its token, [(pipe offset, length), ...])
 # for the holes in its stream (token 0: the receiver removes the segment, else it frees it),
@@ -433,9 +436,12 @@ def load(data: memoryview, layout: Layout | None) -> Any:
 
 
 def free(name: str) -> None:
-    """Mark a spare stream segment free: its message was read."""
+    """Mark a spare stream segment free: its message was read. A spare that holds more than
+    ``SPARE_MAX`` gives its pages back first."""
     fd = _open(name, os.O_WRONLY)
     try:
+        if os.fstat(fd).st_size > HEADER + SPARE_MAX:
+            os.ftruncate(fd, HEADER)
         _write_all(fd, memoryview(_FREE), 0)
     finally:
         os.close(fd)
