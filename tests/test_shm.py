@@ -36,8 +36,11 @@ def busy(prefix: str | None) -> list[str]:
 def _is_free_spare(tail: str, name: str) -> bool:
     if not tail.split("-", 1)[1].startswith("s"):
         return False
-    with open(os.path.join(_shm.SHM_DIR, name), "rb") as f:
-        return f.read(8) in (bytes(8), b"")
+    try:
+        with open(os.path.join(_shm.SHM_DIR, name), "rb") as f:
+            return f.read(8) in (bytes(8), b"")
+    except FileNotFoundError:  # removed since the listing: not busy either
+        return True
 
 
 def prefix_of(pool: cleanbreak.Pool) -> str:
@@ -228,10 +231,10 @@ def test_a_spare_that_was_not_freed_is_not_written_again() -> None:
         os.close(fd)
         assert token == 0 and extra not in taken  # past the limit: a one-off segment
         _shm.unlink(extra)
-        _shm.free(taken[2])
+        _shm.free(taken[-1])
         again, fd, token = segs.stream()
         os.close(fd)
-        assert again == taken[2] and token
+        assert again == taken[-1] and token
     finally:
         segs.purge()
 
@@ -271,12 +274,19 @@ def test_a_recycled_worker_takes_its_spares_with_it() -> None:
         assert len(segments(prefix)) <= 2
 
 
-def test_a_full_tmpfs_sheds_the_spares(monkeypatch: pytest.MonkeyPatch) -> None:
-    segs = _shm.Segments.new_pool()
+def test_a_full_tmpfs_sheds_the_free_spares_and_keeps_the_unread_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    segs = _shm.Segments.new_pool(spares=3)
     try:
         blobs = [tasks.make_blob(BIG, seed) for seed in range(3)]
-        packers = [_shm.Packer(segs).pack(b) for b in blobs]  # three spares, none freed
-        assert len(segments(segs.prefix)) == 3
+        read = _shm.Packer(segs).pack(blobs[0])
+        unread = _shm.Packer(segs).pack(blobs[1])  # its receiver has not got to it yet
+        pipe = b"".join(bytes(c) for c in read.chunks)
+        assert _shm.load(memoryview(pipe), read.layout) == blobs[0]  # free again
+        assert read.layout is not None and unread.layout is not None
+        assert len(segments(segs.prefix)) == 2
+
         real = _shm._write_all
 
         def full_past_header(fd: int, data: memoryview, offset: int) -> None:
@@ -285,14 +295,53 @@ def test_a_full_tmpfs_sheds_the_spares(monkeypatch: pytest.MonkeyPatch) -> None:
             real(fd, data, offset)
 
         monkeypatch.setattr(_shm, "_write_all", full_past_header)
-        packer = _shm.Packer(segs).pack(blobs[0])
+        packer = _shm.Packer(segs).pack(blobs[2])  # it takes the free spare, and fails
+        monkeypatch.setattr(_shm, "_write_all", real)
         assert packer.layout is None  # the payload stays in the pipe ...
-        assert pickle.loads(b"".join(bytes(c) for c in packer.chunks)) == blobs[0]
-        # ... and the spares that were waiting went, to make room; the one it tried is free.
-        left = segments(segs.prefix)
-        assert len(left) == 1 and busy(segs.prefix) == []
-        for p in packers:
-            _shm.discard(p.layout)
+        assert pickle.loads(b"".join(bytes(c) for c in packer.chunks)) == blobs[2]
+        # ... the unread message is intact, and the spare it tried is free again.
+        assert segments(segs.prefix) == sorted([str(read.layout[0]), str(unread.layout[0])])
+        pipe = b"".join(bytes(c) for c in unread.chunks)
+        assert _shm.load(memoryview(pipe), unread.layout) == blobs[1]
+        assert busy(segs.prefix) == []
+        # Made full again while both are free: both go.
+        monkeypatch.setattr(_shm, "_write_all", full_past_header)
+        third = _shm.Packer(segs).pack(blobs[2])
+        assert third.layout is None
+        assert len(segments(segs.prefix)) == 1  # only the one it tried, emptied and free
+        assert busy(segs.prefix) == []
+    finally:
+        segs.purge()
+
+
+def test_a_load_that_fails_still_frees_the_spare() -> None:
+    segs = _shm.Segments.new_pool()
+    try:
+        value = [tasks.make_blob(BIG, 4), tasks.array(BIG // 8, 5)]
+        packer = _shm.Packer(segs).pack(value)
+        assert packer.layout is not None
+        stream, _token, _holes, oob = packer.layout
+        _shm.unlink(oob[0][0])  # the array's segment is gone: the load fails before reading
+        pipe = b"".join(bytes(c) for c in packer.chunks)
+        with pytest.raises(FileNotFoundError):
+            _shm.load(memoryview(pipe), packer.layout)
+        assert stream is not None and busy(segs.prefix) == []
+    finally:
+        segs.purge()
+
+
+def test_a_receiver_never_reads_another_message_from_a_spare() -> None:
+    segs = _shm.Segments.new_pool()
+    try:
+        first = _shm.Packer(segs).pack(tasks.make_blob(BIG, 6))
+        assert first.layout is not None
+        _shm.free(str(first.layout[0]))  # wrongly freed before it was read ...
+        second = _shm.Packer(segs).pack(tasks.make_blob(BIG, 7))  # ... and written again
+        assert second.layout is not None and second.layout[0] == first.layout[0]
+        pipe = b"".join(bytes(c) for c in first.chunks)
+        with pytest.raises(pickle.UnpicklingError, match="holds another message"):
+            _shm.load(memoryview(pipe), first.layout)
+        assert busy(segs.prefix) == [first.layout[0]]  # left to the second message's reader
     finally:
         segs.purge()
 
@@ -381,11 +430,13 @@ def test_a_full_tmpfs_keeps_the_payload_in_the_pipe(monkeypatch: pytest.MonkeyPa
 def test_a_failed_pickle_leaves_no_segment() -> None:
     segs = _shm.Segments.new_pool()
     value = [tasks.make_blob(BIG, 15), tasks.array(BIG // 8, 16), lambda: None]
-    with pytest.raises((pickle.PicklingError, AttributeError)):
-        _shm.Packer(segs).pack(value)
-    # The array's segment went; the spare the bytes went into is free to be written again.
-    assert busy(segs.prefix) == [] and len(segments(segs.prefix)) == 1
-    segs.purge()
+    try:
+        with pytest.raises((pickle.PicklingError, AttributeError)):
+            _shm.Packer(segs).pack(value)
+        # The array's segment went; the spare the bytes went into is free to be written again.
+        assert busy(segs.prefix) == [] and len(segments(segs.prefix)) == 1
+    finally:
+        segs.purge()
     assert segments(segs.prefix) == []
 
 

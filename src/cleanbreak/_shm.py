@@ -77,7 +77,7 @@ HEADER: Final = 4096
 _FREE: Final = bytes(8)
 # Stream segments a process keeps to write again, rather than make new ones: writing into a
 # tmpfs file's existing pages costs a third of filling fresh ones (``benchmarks/``).
-SPARES: Final = 4
+SPARES: Final = 2
 # A spare keeps no more pages than this once its message was read: a pool that once moved a
 # huge payload does not hold that much of /dev/shm for the rest of its life.
 SPARE_MAX = 64 << 20
@@ -144,8 +144,10 @@ class Segments:
         for name in list(self._spares):
             try:
                 fd = _open(name, os.O_RDWR)
-            except OSError:  # removed: by a receiver that discarded it, or by a purge
+            except FileNotFoundError:  # removed by a purge
                 self._spares.remove(name)
+                continue
+            except OSError:  # out of descriptors, say: not this time
                 continue
             try:
                 if os.pread(fd, len(_FREE), 0) in (_FREE, b""):
@@ -167,15 +169,16 @@ class Segments:
 
     def _claim(self, fd: int) -> int:
         token = next(self._tokens)
-        _write_all(fd, memoryview(token.to_bytes(len(_FREE), "little")), 0)
+        _write_all(fd, memoryview(_token_bytes(token)), 0)
         return token
 
     def shed(self, keep: str | None) -> None:
-        """Remove the spares (but ``keep``): the tmpfs is full."""
-        for name in self._spares:
-            if name != keep:
+        """The tmpfs is full: remove the spares that are free (but ``keep``). One that holds
+        a message its receiver has not read yet stays."""
+        for name in list(self._spares):
+            if name != keep and _holds(name, _FREE):
                 unlink(name)
-        self._spares = [keep] if keep in self._spares else []
+                self._spares.remove(name)
 
     def purge(self, creator: int | None = None) -> None:
         """Remove the pool's segments: all of them, or those made by process ``creator``."""
@@ -211,20 +214,27 @@ def remove_unread(sent: Sequence[tuple[str, int]]) -> None:
     """Remove the segments of messages whose receiver died: each ``(name, token)``. A spare
     whose header no longer holds the token was read, and may carry another message now."""
     for name, token in sent:
-        if token:
-            try:
-                fd = _open(name, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                current = os.pread(fd, len(_FREE), 0)
-            except OSError:
-                current = b""
-            finally:
-                os.close(fd)
-            if current != token.to_bytes(len(_FREE), "little"):
-                continue
-        unlink(name)
+        if not token or _holds(name, _token_bytes(token)):
+            unlink(name)
+
+
+def _token_bytes(token: int) -> bytes:
+    return token.to_bytes(len(_FREE), "little")
+
+
+def _holds(name: str, header: bytes) -> bool:
+    """Whether spare ``name`` exists and its header reads ``header``."""
+    try:
+        fd = _open(name, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        got = os.pread(fd, len(header), 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return got == header or (header == _FREE and got == b"")
 
 
 def _reap_dead_pools() -> None:
@@ -307,9 +317,10 @@ class Packer:
                 pickle.Pickler(self, PROTOCOL).dump(obj)
             else:
                 pickle.Pickler(self, PROTOCOL, buffer_callback=self._buffer).dump(obj)
-            # A spare may hold a longer message from before: give back what is past this one.
-            if self._token and os.fstat(self._stream_fd).st_size > self._stream_end:
-                os.ftruncate(self._stream_fd, self._stream_end)
+            if self._token:  # a longer message was in it before: give back what is past this one
+                with contextlib.suppress(OSError):  # only memory kept longer if it fails
+                    if os.fstat(self._stream_fd).st_size > self._stream_end:
+                        os.ftruncate(self._stream_fd, self._stream_end)
         except BaseException:
             self.release()
             raise
@@ -421,18 +432,19 @@ def load(data: memoryview, layout: Layout | None) -> Any:
         finally:
             unlink_all(names[1:] if stream and token else names)
         first = 1 if stream else 0
+        if stream and token and os.pread(fds[0], len(_FREE), 0) != _token_bytes(token):
+            token = 0  # not this message's any more: leave it to whoever holds it now
+            raise pickle.UnpicklingError(f"shared-memory segment {stream} holds another message")
         buffers = [_map(fd, n, ro) for fd, (_, n, ro) in zip(fds[first:], oob, strict=True)]
         if not stream:
             return pickle.loads(data, buffers=buffers)
-        try:
-            return pickle.Unpickler(_Stream(data, holes, fds[0]), buffers=buffers).load()
-        finally:
-            if token:  # read (or unreadable): its sender may write the next message into it
-                with contextlib.suppress(OSError):
-                    free(stream)
+        return pickle.Unpickler(_Stream(data, holes, fds[0]), buffers=buffers).load()
     finally:
         for fd in fds:
             os.close(fd)
+        if stream and token:  # read, or unreadable: its sender may write the next message in it
+            with contextlib.suppress(OSError):
+                free(stream)
 
 
 def free(name: str) -> None:
