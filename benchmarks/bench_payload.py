@@ -62,8 +62,7 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
         else:
             items = list(range(count))
             fn = functools.partial(make, size=size)
-        warm = reset_peak_rss()  # where the peak can be started afresh after it:
-        if warm:
+        if reset_peak_rss():  # where the peak can be started afresh after it (Linux):
             run(fn, items)  # one untimed pass first (see the top of this module)
             gc.collect()
             reset_peak_rss()
@@ -90,7 +89,6 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
             "bytes": count * size,
             "peak_over_start": peak - start_rss,
             "peak_set_before": peak == peak_before,
-            "warm": warm,
         }
     )
 

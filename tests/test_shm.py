@@ -43,6 +43,11 @@ def _is_free_spare(tail: str, name: str) -> bool:
         return True
 
 
+def pipe_bytes(packer: _shm.Packer) -> memoryview:
+    """What a packed part sends through the pipe, as its receiver gets it."""
+    return memoryview(b"".join(bytes(c) for c in packer.chunks))
+
+
 def prefix_of(pool: cleanbreak.Pool) -> str:
     prefix = pool._backend._segments.prefix
     assert prefix is not None, "shared memory is not in use"
@@ -207,8 +212,8 @@ def test_a_spare_keeps_no_more_than_spare_max_once_read(monkeypatch: pytest.Monk
         for size, kept in ((2 * MiB, True), (4 * MiB, False)):
             value = tasks.make_blob(size, size)
             packer = _shm.Packer(segs).pack(value)
-            pipe = b"".join(bytes(c) for c in packer.chunks)
-            assert _shm.load(memoryview(pipe), packer.layout) == value
+            pipe = pipe_bytes(packer)
+            assert _shm.load(pipe, packer.layout) == value
             [name] = segments(segs.prefix)
             held = os.path.getsize(os.path.join(_shm.SHM_DIR, name)) - _shm.HEADER
             assert held == (size if kept else 0), (size, held)
@@ -282,8 +287,8 @@ def test_a_full_tmpfs_sheds_the_free_spares_and_keeps_the_unread_one(
         blobs = [tasks.make_blob(BIG, seed) for seed in range(3)]
         read = _shm.Packer(segs).pack(blobs[0])
         unread = _shm.Packer(segs).pack(blobs[1])  # its receiver has not got to it yet
-        pipe = b"".join(bytes(c) for c in read.chunks)
-        assert _shm.load(memoryview(pipe), read.layout) == blobs[0]  # free again
+        pipe = pipe_bytes(read)
+        assert _shm.load(pipe, read.layout) == blobs[0]  # free again
         assert read.layout is not None and unread.layout is not None
         assert len(segments(segs.prefix)) == 2
 
@@ -298,11 +303,11 @@ def test_a_full_tmpfs_sheds_the_free_spares_and_keeps_the_unread_one(
         packer = _shm.Packer(segs).pack(blobs[2])  # it takes the free spare, and fails
         monkeypatch.setattr(_shm, "_write_all", real)
         assert packer.layout is None  # the payload stays in the pipe ...
-        assert pickle.loads(b"".join(bytes(c) for c in packer.chunks)) == blobs[2]
+        assert pickle.loads(pipe_bytes(packer)) == blobs[2]
         # ... the unread message is intact, and the spare it tried is free again.
         assert segments(segs.prefix) == sorted([str(read.layout[0]), str(unread.layout[0])])
-        pipe = b"".join(bytes(c) for c in unread.chunks)
-        assert _shm.load(memoryview(pipe), unread.layout) == blobs[1]
+        pipe = pipe_bytes(unread)
+        assert _shm.load(pipe, unread.layout) == blobs[1]
         assert busy(segs.prefix) == []
         # Made full again while both are free: both go.
         monkeypatch.setattr(_shm, "_write_all", full_past_header)
@@ -322,9 +327,9 @@ def test_a_load_that_fails_still_frees_the_spare() -> None:
         assert packer.layout is not None
         stream, _token, _holes, oob = packer.layout
         _shm.unlink(oob[0][0])  # the array's segment is gone: the load fails before reading
-        pipe = b"".join(bytes(c) for c in packer.chunks)
+        pipe = pipe_bytes(packer)
         with pytest.raises(FileNotFoundError):
-            _shm.load(memoryview(pipe), packer.layout)
+            _shm.load(pipe, packer.layout)
         assert stream is not None and busy(segs.prefix) == []
     finally:
         segs.purge()
@@ -338,9 +343,9 @@ def test_a_receiver_never_reads_another_message_from_a_spare() -> None:
         _shm.free(str(first.layout[0]))  # wrongly freed before it was read ...
         second = _shm.Packer(segs).pack(tasks.make_blob(BIG, 7))  # ... and written again
         assert second.layout is not None and second.layout[0] == first.layout[0]
-        pipe = b"".join(bytes(c) for c in first.chunks)
+        pipe = pipe_bytes(first)
         with pytest.raises(pickle.UnpicklingError, match="holds another message"):
-            _shm.load(memoryview(pipe), first.layout)
+            _shm.load(pipe, first.layout)
         assert busy(segs.prefix) == [first.layout[0]]  # left to the second message's reader
     finally:
         segs.purge()
@@ -386,8 +391,8 @@ def test_large_copies_are_timed_and_small_ones_are_not(monkeypatch: pytest.Monke
         for size in (BIG, 8 * MiB):
             value = tasks.make_blob(size, 3)
             packer = _shm.Packer(segs).pack(value)
-            pipe = b"".join(bytes(c) for c in packer.chunks)
-            assert _shm.load(memoryview(pipe), packer.layout) == value
+            pipe = pipe_bytes(packer)
+            assert _shm.load(pipe, packer.layout) == value
     finally:
         segs.purge()
     assert seen == [(True, 8 * MiB)]

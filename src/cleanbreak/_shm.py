@@ -35,7 +35,7 @@ Segments never outlive the pool:
 - The receiver opens and unlinks each one-off segment before it unpickles anything, so a
   segment that was received is gone from ``/dev/shm`` whatever happens next. Its memory is
   freed when the last mapping of it goes. A spare stays until its maker goes.
-- When the tmpfs is full, a process removes its spares but the one it is writing.
+- When the tmpfs is full, a process removes its spares that are free (read by their receiver).
 - Names are ``cb-<pid namespace>-<pool pid>-<token>-<creator>-<n>``. When a worker exits, the
   parent removes the segments that worker made (its spares too) and those it had sent it that
   it had not read (a spare of the parent's only if it still holds that message's token: read,
@@ -131,8 +131,7 @@ class Segments:
         with self.lock:
             self._count += 1
             name = f"{self.prefix}{self._creator}{'s' if spare else ''}{self._count}"
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-            return name, os.open(os.path.join(SHM_DIR, name), flags, 0o600)
+            return name, _open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
 
     def stream(self) -> tuple[str, int, int]:
         """A segment for a message's holes: its name, a descriptor open for writing, and the
@@ -150,7 +149,7 @@ class Segments:
             except OSError:  # out of descriptors, say: not this time
                 continue
             try:
-                if os.pread(fd, len(_FREE), 0) in (_FREE, b""):
+                if _header(fd) == _FREE:
                     return name, fd, self._claim(fd)
             except OSError:
                 pass
@@ -197,7 +196,7 @@ class Segments:
 
 
 def _open(name: str, flags: int) -> int:
-    return os.open(os.path.join(SHM_DIR, name), flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+    return os.open(os.path.join(SHM_DIR, name), flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
 def unlink(name: str) -> None:
@@ -222,6 +221,11 @@ def _token_bytes(token: int) -> bytes:
     return token.to_bytes(len(_FREE), "little")
 
 
+def _header(fd: int) -> bytes:
+    """What a spare's header holds: a token, or ``_FREE``."""
+    return os.pread(fd, len(_FREE), 0) or _FREE  # empty: made, never written
+
+
 def _holds(name: str, header: bytes) -> bool:
     """Whether spare ``name`` exists and its header reads ``header``."""
     try:
@@ -229,12 +233,11 @@ def _holds(name: str, header: bytes) -> bool:
     except OSError:
         return False
     try:
-        got = os.pread(fd, len(header), 0)
+        return _header(fd) == header
     except OSError:
         return False
     finally:
         os.close(fd)
-    return got == header or (header == _FREE and got == b"")
 
 
 def _reap_dead_pools() -> None:
@@ -283,7 +286,8 @@ class Packer:
 
     After ``pack()``, ``chunks`` is what goes through the pipe and ``size`` its length;
     ``layout`` says where the rest is (``None``: all of it is in the pipe), ``names`` lists the
-    segments made, and ``total`` counts every byte of the part.
+    one-off segments made (not a spare, which is not removed), ``sent`` every segment with its
+    token, and ``total`` counts every byte of the part.
     """
 
     __slots__ = (
@@ -319,8 +323,7 @@ class Packer:
                 pickle.Pickler(self, PROTOCOL, buffer_callback=self._buffer).dump(obj)
             if self._token:  # a longer message was in it before: give back what is past this one
                 with contextlib.suppress(OSError):  # only memory kept longer if it fails
-                    if os.fstat(self._stream_fd).st_size > self._stream_end:
-                        os.ftruncate(self._stream_fd, self._stream_end)
+                    os.ftruncate(self._stream_fd, self._stream_end)
         except BaseException:
             self.release()
             raise
@@ -432,7 +435,7 @@ def load(data: memoryview, layout: Layout | None) -> Any:
         finally:
             unlink_all(names[1:] if stream and token else names)
         first = 1 if stream else 0
-        if stream and token and os.pread(fds[0], len(_FREE), 0) != _token_bytes(token):
+        if stream and token and _header(fds[0]) != _token_bytes(token):
             token = 0  # not this message's any more: leave it to whoever holds it now
             raise pickle.UnpicklingError(f"shared-memory segment {stream} holds another message")
         buffers = [_map(fd, n, ro) for fd, (_, n, ro) in zip(fds[first:], oob, strict=True)]
@@ -522,7 +525,7 @@ def _advise_huge(view: memoryview) -> None:
     Page faults are most of the cost of that copy (see ``_Advice``, which says when to).
     Linux only; a no-op elsewhere."""
     global _madvise
-    if view.nbytes < 2 * _HUGE_PAGE or _madvise is False:
+    if _madvise is False:
         return
     if _madvise is None:
         try:
@@ -545,7 +548,8 @@ def _advise_huge(view: memoryview) -> None:
 
 
 def _copy(fd: int, dest: memoryview, offset: int) -> int:
-    """Read from a segment into fresh memory; huge pages or not, as ``_Advice`` says."""
+    """Read from a segment into fresh memory; huge pages or not, as ``_Advice`` says (for a
+    copy that spans at least one whole huge page)."""
     if dest.nbytes < 2 * _HUGE_PAGE:
         return os.preadv(fd, [dest], offset)
     huge = _ADVICE.choose()
