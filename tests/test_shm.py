@@ -4,6 +4,7 @@ behind (issue 4, part 3). The leak checks after Ctrl-C and after the parent is S
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pickle
@@ -378,24 +379,39 @@ def test_huge_pages_are_asked_for_while_they_are_cheaper() -> None:
     assert again[-32:].count(False) == 32 // _shm._Advice.EXPLORE
 
 
-def test_large_copies_are_timed_and_small_ones_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[bool, int]] = []
+def test_large_copies_are_timed_slice_by_slice_and_small_ones_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: dict[int, list[int]] = {}
 
     class Spy(_shm._Advice):
         def record(self, huge: bool, ns: int, nbytes: int) -> None:
-            seen.append((huge, nbytes))
+            seen.setdefault(size, []).append(nbytes)
 
+    advised: list[tuple[int, int]] = []
+    if _shm._madvise_huge() is not None:  # Linux: see where huge pages are asked for
+        monkeypatch.setattr(_shm, "_madvise", (ctypes, lambda *span: advised.append(span)))
     monkeypatch.setattr(_shm, "_ADVICE", Spy())
     segs = _shm.Segments.new_pool()
     try:
-        for size in (BIG, 8 * MiB):
-            value = tasks.make_blob(size, 3)
+        for size in (BIG, 8 * MiB, 20 * MiB):
+            value = tasks.make_blob(size, size)
             packer = _shm.Packer(segs).pack(value)
             pipe = pipe_bytes(packer)
             assert _shm.load(pipe, packer.layout) == value
     finally:
         segs.purge()
-    assert seen == [(True, 8 * MiB)]
+    # Below two huge pages a copy is not timed. Above, the bytes up to the destination's first
+    # huge-page boundary are copied untimed, then each slice of up to _SLICE bytes is timed.
+    assert BIG not in seen
+    (one,) = seen[8 * MiB]
+    assert 6 * MiB < one <= 8 * MiB
+    first, second, last = seen[20 * MiB]
+    assert first == second == _shm._SLICE
+    assert 2 * MiB < last <= 4 * MiB
+    assert 20 * MiB - (first + second + last) < 2 * MiB  # the lead, below one huge page
+    # Huge pages are asked for in whole huge pages of the destination (Spy chose them each time).
+    assert advised and all(a % (2 * MiB) == 0 and n % (2 * MiB) == 0 for a, n in advised)
 
 
 # ── falling back to the pipe ─────────────────────────────────────────────────────────────────

@@ -483,19 +483,22 @@ def _map(fd: int, length: int, readonly: bool) -> mmap.mmap:
 
 
 _HUGE_PAGE: Final = 2 << 20
+# A large copy is timed, and huge pages chosen or not, for this many bytes at a time.
+_SLICE: Final = 4 * _HUGE_PAGE
 _madvise: Any = None
 
 
 class _Advice:
-    """Whether to ask for huge pages for the next large copy, from how fast earlier ones ran.
+    """Whether to ask for huge pages for the next slice of a large copy, from how fast earlier
+    slices ran.
 
     Into memory the kernel has at hand, a huge page is three times cheaper to fill than 512
     small ones (9 against 28 ms for 50 MB here). On a virtual machine whose host takes back
     the memory its guest frees (virtio-balloon free page reporting, in 2 MiB blocks), a huge
     page is one of those blocks, and filling it costs a host fault per page: 110 ms against
-    50 for small pages. So each copy is timed; the next one takes the way that was cheaper
-    the last time each was tried, and every ``EXPLORE``-th one the other way, since which is
-    cheaper changes as memory is freed and taken back.
+    50 for small pages. So each slice of a copy is timed; the next one takes the way that was
+    cheaper the last time each was tried, and every ``EXPLORE``-th one the other way, since
+    which is cheaper changes as memory is freed and taken back, even within one copy.
     """
 
     EXPLORE: Final = 16
@@ -519,46 +522,56 @@ class _Advice:
 _ADVICE: Final = _Advice()
 
 
-def _advise_huge(view: memoryview) -> None:
-    """Ask for transparent huge pages for a large, fresh destination buffer (as numpy does for
-    its large arrays): filling it then takes one page fault per 2 MiB instead of one per 4 KiB.
-    Page faults are most of the cost of that copy (see ``_Advice``, which says when to).
-    Linux only; a no-op elsewhere."""
+def _madvise_huge() -> Any:
+    """``(ctypes, madvise)`` with ``madvise(address, length)`` asking for transparent huge
+    pages (as numpy does for its large arrays): filling such memory then takes one page fault
+    per 2 MiB instead of one per 4 KiB. ``None`` where that cannot be asked (not Linux)."""
     global _madvise
-    if _madvise is False:
-        return
     if _madvise is None:
         try:
             import ctypes
 
             advice = mmap.MADV_HUGEPAGE  # Linux only
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.madvise
+            fn = ctypes.CDLL(None, use_errno=True).madvise
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             fn.restype = ctypes.c_int
-            _madvise = (ctypes, fn, advice)
+            _madvise = (ctypes, lambda address, length: fn(address, length, advice))
         except (ImportError, AttributeError, OSError):
             _madvise = False
-            return
-    ctypes, fn, advice = _madvise
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    start = (addr + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-    end = (addr + view.nbytes) & ~(_HUGE_PAGE - 1)
-    fn(start, end - start, advice)  # advice only: a failure changes nothing
+    return _madvise or None
 
 
 def _copy(fd: int, dest: memoryview, offset: int) -> int:
-    """Read from a segment into fresh memory; huge pages or not, as ``_Advice`` says (for a
-    copy that spans at least one whole huge page)."""
-    if dest.nbytes < 2 * _HUGE_PAGE:
+    """Read from a segment into fresh memory, in slices of ``_SLICE`` bytes that start on a
+    huge-page boundary of ``dest``; each slice with huge pages or not, as ``_Advice`` says.
+    Page faults are most of the cost of this copy, and which way is cheaper can change within
+    one copy, so each slice is timed. Returns the bytes read: fewer than asked only at the
+    segment's end."""
+    libc = _madvise_huge() if dest.nbytes >= 2 * _HUGE_PAGE else None
+    if libc is None:
         return os.preadv(fd, [dest], offset)
-    huge = _ADVICE.choose()
-    if huge:
-        _advise_huge(dest)
-    start = time.perf_counter_ns()
-    n = os.preadv(fd, [dest], offset)
-    _ADVICE.record(huge, time.perf_counter_ns() - start, n)
-    return n
+    ctypes, madvise = libc
+    address = ctypes.addressof(ctypes.c_char.from_buffer(dest))
+    lead = -address % _HUGE_PAGE  # up to the first huge-page boundary: small pages
+    pos = os.preadv(fd, [dest[:lead]], offset) if lead else 0
+    if pos < lead:
+        return pos
+    while pos < dest.nbytes:
+        piece = dest[pos : pos + _SLICE]
+        whole = piece.nbytes & -_HUGE_PAGE  # the huge pages in it
+        if whole:
+            huge = _ADVICE.choose()
+            if huge:
+                madvise(address + pos, whole)  # advice only: a failure changes nothing
+            start = time.thread_time_ns()  # CPU time: a wait for a core is not the memory's
+            got = os.preadv(fd, [piece], offset + pos)
+            _ADVICE.record(huge, time.thread_time_ns() - start, got)
+        else:
+            got = os.preadv(fd, [piece], offset + pos)
+        pos += got
+        if got < piece.nbytes:
+            break
+    return pos
 
 
 class _Stream:
