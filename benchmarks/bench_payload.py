@@ -102,7 +102,7 @@ def _every_byte_is(data: Any, value: int) -> bool:
 
 def run_payload(settings: Settings) -> Section:
     count = COUNT_QUICK if settings.quick else COUNT
-    reps = settings.repetitions(2, 1)  # a 1 GB run takes seconds: two keep the suite short
+    reps = settings.repetitions(3, 1)
     # cleanbreak.map moves data exactly as Pool.map does; leaving it out saves a sixth of the time.
     keys = [k for k in DEFAULT_VARIANTS if k != "cb-fn" and available(VARIANTS[k].lib)]
     kinds = ("bytes", "numpy") if importlib.util.find_spec("numpy") else ("bytes",)

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reps",
         type=int,
         metavar="N",
-        help="repetitions of the timed measurements (default: 3, 2 for payloads, 1 with --quick)",
+        help="repetitions of the timed measurements (default: 3, 1 with --quick)",
     )
     parser.add_argument(
         "--output",
