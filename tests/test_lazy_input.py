@@ -72,6 +72,17 @@ def test_buffersize_with_automatic_chunks(fs_pool: cleanbreak.Pool, name: str) -
         assert source.produced <= taken + 2 * 100, (taken, source.produced)
 
 
+def test_the_window_is_never_overrun_by_part_of_a_chunk(fs_pool: cleanbreak.Pool) -> None:
+    # Chunks of at most 60 in a window of 100. The items read ahead of those handed to the
+    # caller never pass the window: after the first chunk is handed, 40 more fit, not 60. Of
+    # a chunk handed, at least one result was taken, so at most 59 wait in the caller.
+    source = Counting()
+    results = fs_pool.map(tasks.square, iter(source), chunksize=60, buffersize=100)
+    for taken in range(1, 1001):
+        next(results)
+        assert source.produced <= taken + 59 + 100, (taken, source.produced)
+
+
 @pytest.mark.parametrize("name", ["map", "imap_unordered"])
 def test_endless_input_by_default_yields_results_and_reads_a_bounded_way_ahead(
     fs_pool: cleanbreak.Pool, name: str

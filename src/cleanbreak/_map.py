@@ -271,9 +271,15 @@ class MapRun(Generic[T]):
             else:
                 target = max(self._workers * WINDOW_PER_WORKER, chunk * self._workers * 4)
                 self._window = window = min(self._window, target)
+            if self._fixed_chunk is None:  # two chunks per worker fit in the window
                 chunk = max(1, min(chunk, window // (self._workers * 2)))
-            if self._pulled - self._handed >= window:
+            # Never past the window. A chunk that does not fit waits, rather than go cut to
+            # what fits: that piece, once taken, would make room for as little again, and the
+            # chunks would stay small for good. Only a chunk size the user set is cut.
+            room = window - (self._pulled - self._handed)
+            if room < chunk and (self._fixed_chunk is None or room <= 0):
                 break
+            chunk = min(chunk, room)
             try:
                 items = list(itertools.islice(self._source, chunk))
             except Exception:
