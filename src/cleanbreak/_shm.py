@@ -54,6 +54,7 @@ tmpfs is full), that payload simply stays in the pipe.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import mmap
 import os
@@ -61,6 +62,7 @@ import pickle
 import secrets
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
@@ -385,11 +387,12 @@ class Packer:
                 if not self._token:
                     self.names.append(self._stream)
             _write_all(self._stream_fd, view, self._stream_end)
-        except OSError:  # the tmpfs is full, or /dev/shm went away: keep it in the pipe
+        except OSError as exc:  # the tmpfs is full, or /dev/shm went away: keep it in the pipe
             if self._stream_fd >= 0:
                 with contextlib.suppress(OSError):  # give back what was written of it
                     os.ftruncate(self._stream_fd, self._stream_end)
                 self.segments.shed(keep=self._stream)
+            _say_full(exc, view.nbytes)
             return False
         self.holes.append((self.size, view.nbytes))
         self._stream_end += view.nbytes
@@ -405,18 +408,43 @@ class Packer:
             return True
         try:
             name, fd = self.segments.create()
-        except OSError:
+        except OSError as exc:
+            _say_full(exc, view.nbytes)
             return True
         self.names.append(name)
         try:
             _write_all(fd, view, 0)
-        except OSError:
+        except OSError as exc:
             unlink(name)
+            _say_full(exc, view.nbytes)
             return True
         finally:
             os.close(fd)
         self.oob.append((name, view.nbytes, view.readonly))
         return False
+
+
+_said_full = False
+
+
+def _say_full(exc: OSError, nbytes: int) -> None:
+    """Once per process: the tmpfs is full, so large payloads take the slow way. Containers
+    often get a small one (Docker: 64 MB)."""
+    global _said_full
+    if _said_full or exc.errno != errno.ENOSPC:
+        return
+    _said_full = True
+    try:
+        fs = os.statvfs(SHM_DIR)
+        room = f" ({fs.f_bavail * fs.f_frsize >> 20} of {fs.f_blocks * fs.f_frsize >> 20} MiB free)"
+    except OSError:
+        room = ""
+    message = (
+        f"cleanbreak: {SHM_DIR} is full{room}, so a {nbytes >> 20} MiB payload goes through a "
+        "pipe, which is slower; large payloads need room there (in Docker: --shm-size=2g)"
+    )
+    with contextlib.suppress(Exception):  # -W error must not fail the payload: it still goes
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def load(data: memoryview, layout: Layout | None) -> Any:
