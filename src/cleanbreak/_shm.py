@@ -48,7 +48,8 @@ Segments never outlive the pool:
   namespace (all their processes were killed at once: an OOM kill of the whole group).
 
 Where ``/dev/shm`` is missing or not writable (macOS), or a segment cannot be written (the
-tmpfs is full), that payload simply stays in the pipe.
+tmpfs is full), that payload simply stays in the pipe; a full tmpfs is reported once per
+process, with a ``RuntimeWarning``.
 """
 
 from __future__ import annotations
