@@ -64,12 +64,33 @@ def test_endless_input_with_a_buffersize_reads_at_most_that_far_ahead(
 
 @pytest.mark.parametrize("name", ["map", "imap_unordered"])
 def test_buffersize_with_automatic_chunks(fs_pool: cleanbreak.Pool, name: str) -> None:
-    # Chunks are sized automatically, but never past the window.
+    # Chunks are sized automatically, at most a quarter of the window on two workers, and
+    # never read past it: a chunk that does not fit waits. Of the chunk the caller is in, at
+    # least one result was taken.
+    assert fs_pool.workers == 2
     source = Counting()
     results = _mapper(fs_pool, name)(tasks.square, iter(source), buffersize=100)
     for taken in range(1, 2001):
         next(results)
-        assert source.produced <= taken + 2 * 100, (taken, source.produced)
+        assert source.produced <= taken + (100 // 4 - 1) + 100, (taken, source.produced)
+
+
+def test_a_chunk_size_larger_than_the_default_window_still_runs(
+    fs_pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default window starts small (16 items per worker) and grows; a chunk of 1000 the user
+    # asked for does not wait for it to grow, and is not cut into pieces either.
+    sizes: list[int] = []
+    real = fs_pool._backend.new_unit
+
+    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
+        sizes.append(len(items))
+        return real(kind, fn, items, *rest)
+
+    monkeypatch.setattr(fs_pool._backend, "new_unit", spy)
+    results = fs_pool.map(tasks.square, iter(Counting()), chunksize=1000, timeout=GUARD)
+    assert [next(results) for _ in range(5000)] == [i * i for i in range(5000)]
+    assert sizes and set(sizes) == {1000}, sizes
 
 
 def test_the_window_is_never_overrun_by_part_of_a_chunk(fs_pool: cleanbreak.Pool) -> None:

@@ -320,6 +320,22 @@ def test_a_full_tmpfs_sheds_the_free_spares_and_keeps_the_unread_one(
         segs.purge()
 
 
+@pytest.mark.parametrize("kept", [0, 3 * MiB, 9 * MiB])
+def test_a_segment_cut_short_fails_the_load_and_reads_nothing_past_it(kept: int) -> None:
+    # Cut inside the lead to the first huge-page boundary, or inside a later slice.
+    segs = _shm.Segments.new_pool()
+    try:
+        value = tasks.make_blob(20 * MiB, 6)
+        packer = _shm.Packer(segs).pack(value)
+        assert packer.layout is not None and packer.layout[0] is not None
+        os.truncate(os.path.join(_shm.SHM_DIR, packer.layout[0]), _shm.HEADER + kept)
+        with pytest.raises(pickle.UnpicklingError, match="cut short"):
+            _shm.load(pipe_bytes(packer), packer.layout)
+        assert busy(segs.prefix) == []
+    finally:
+        segs.purge()
+
+
 def test_a_load_that_fails_still_frees_the_spare() -> None:
     segs = _shm.Segments.new_pool()
     try:
@@ -442,7 +458,7 @@ def test_a_full_tmpfs_keeps_the_payload_in_the_pipe(monkeypatch: pytest.MonkeyPa
         blob = tasks.make_blob(BIG, 13)
         a = tasks.array(BIG // 8, 14)
         # The user hears of it once, with what to do; the payloads arrive all the same.
-        with pytest.warns(RuntimeWarning, match=r"/dev/shm is full .*--shm-size") as said:
+        with pytest.warns(RuntimeWarning, match=r"/dev/shm has no room .*--shm-size") as said:
             assert pool.submit(tasks.kind_and_digest, blob).result(timeout=GUARD) == (
                 "bytes",
                 tasks.digest(blob),
@@ -450,7 +466,7 @@ def test_a_full_tmpfs_keeps_the_payload_in_the_pipe(monkeypatch: pytest.MonkeyPa
             assert pool.submit(tasks.array_digest, a).result(timeout=GUARD) == (
                 tasks.array_digest(a)
             )
-        assert len([w for w in said if "is full" in str(w.message)]) == 1
+        assert len([w for w in said if "has no room" in str(w.message)]) == 1
         assert segments(prefix) == []
 
 

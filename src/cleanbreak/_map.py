@@ -271,13 +271,17 @@ class MapRun(Generic[T]):
             else:
                 target = max(self._workers * WINDOW_PER_WORKER, chunk * self._workers * 4)
                 self._window = window = min(self._window, target)
+                if self._fixed_chunk is not None:  # one chunk the user set per worker fits
+                    self._window = window = max(window, chunk * self._workers)
             if self._fixed_chunk is None:  # two chunks per worker fit in the window
                 chunk = max(1, min(chunk, window // (self._workers * 2)))
             # Never past the window. A chunk that does not fit waits, rather than go cut to
             # what fits: that piece, once taken, would make room for as little again, and the
-            # chunks would stay small for good. Only a chunk size the user set is cut.
+            # chunks would stay small for good. Only when the user set both the window and
+            # a chunk size that does not fit it is the chunk cut.
             room = window - (self._pulled - self._handed)
-            if room < chunk and (self._fixed_chunk is None or room <= 0):
+            cut = self._fixed_chunk is not None and self._fixed_window is not None
+            if room < chunk and not (cut and room > 0):
                 break
             chunk = min(chunk, room)
             try:

@@ -437,12 +437,13 @@ def _say_full(exc: OSError, nbytes: int) -> None:
     _said_full = True
     try:
         fs = os.statvfs(SHM_DIR)
-        room = f" ({fs.f_bavail * fs.f_frsize >> 20} of {fs.f_blocks * fs.f_frsize >> 20} MiB free)"
+        room = f"{fs.f_bavail * fs.f_frsize >> 20} of its {fs.f_blocks * fs.f_frsize >> 20} MiB"
     except OSError:
-        room = ""
+        room = "its space"
     message = (
-        f"cleanbreak: {SHM_DIR} is full{room}, so a {nbytes >> 20} MiB payload goes through a "
-        "pipe, which is slower; large payloads need room there (in Docker: --shm-size=2g)"
+        f"cleanbreak: {SHM_DIR} has no room for a {nbytes >> 20} MiB buffer ({room} free), "
+        "so large payloads go through a pipe, which is slower; give it more room (in Docker: "
+        "--shm-size=2g)"
     )
     with contextlib.suppress(Exception):  # -W error must not fail the payload: it still goes
         warnings.warn(message, RuntimeWarning, stacklevel=2)
