@@ -74,6 +74,14 @@ def layouts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     yield seen
 
 
+@pytest.fixture
+def segs() -> Iterator[_shm.Segments]:
+    """A pool's segments, made in this process; every one of them is removed afterwards."""
+    made = _shm.Segments.new_pool()
+    yield made
+    made.purge()
+
+
 # ── round trips ──────────────────────────────────────────────────────────────────────────────
 
 
@@ -206,60 +214,50 @@ def test_a_worker_writes_its_next_large_result_into_the_segment_it_freed(
     assert len({token for _, token in streams}) == 3 and all(t for _, t in streams)
 
 
-def test_a_spare_keeps_no_more_than_spare_max_once_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_spare_keeps_no_more_than_spare_max_once_read(
+    monkeypatch: pytest.MonkeyPatch, segs: _shm.Segments
+) -> None:
     monkeypatch.setattr(_shm, "SPARE_MAX", 3 * MiB)
-    segs = _shm.Segments.new_pool()
-    try:
-        for size, kept in ((2 * MiB, True), (4 * MiB, False)):
-            value = tasks.make_blob(size, size)
-            packer = _shm.Packer(segs).pack(value)
-            pipe = pipe_bytes(packer)
-            assert _shm.load(pipe, packer.layout) == value
-            [name] = segments(segs.prefix)
-            held = os.path.getsize(os.path.join(_shm.SHM_DIR, name)) - _shm.HEADER
-            assert held == (size if kept else 0), (size, held)
-        assert busy(segs.prefix) == []
-    finally:
-        segs.purge()
+    for size, kept in ((2 * MiB, True), (4 * MiB, False)):
+        value = tasks.make_blob(size, size)
+        packer = _shm.Packer(segs).pack(value)
+        pipe = pipe_bytes(packer)
+        assert _shm.load(pipe, packer.layout) == value
+        [name] = segments(segs.prefix)
+        held = os.path.getsize(os.path.join(_shm.SHM_DIR, name)) - _shm.HEADER
+        assert held == (size if kept else 0), (size, held)
+    assert busy(segs.prefix) == []
 
 
-def test_a_spare_that_was_not_freed_is_not_written_again() -> None:
-    segs = _shm.Segments.new_pool()
-    try:
-        taken = []
-        for _ in range(_shm.SPARES):
-            name, fd, token = segs.stream()
-            os.close(fd)
-            assert token
-            taken.append(name)
-        assert len(set(taken)) == _shm.SPARES  # none was free: each is a new one
-        extra, fd, token = segs.stream()
+def test_a_spare_that_was_not_freed_is_not_written_again(segs: _shm.Segments) -> None:
+    taken = []
+    for _ in range(_shm.SPARES):
+        name, fd, token = segs.stream()
         os.close(fd)
-        assert token == 0 and extra not in taken  # past the limit: a one-off segment
-        _shm.unlink(extra)
-        _shm.free(taken[-1])
-        again, fd, token = segs.stream()
-        os.close(fd)
-        assert again == taken[-1] and token
-    finally:
-        segs.purge()
+        assert token
+        taken.append(name)
+    assert len(set(taken)) == _shm.SPARES  # none was free: each is a new one
+    extra, fd, token = segs.stream()
+    os.close(fd)
+    assert token == 0 and extra not in taken  # past the limit: a one-off segment
+    _shm.unlink(extra)
+    _shm.free(taken[-1])
+    again, fd, token = segs.stream()
+    os.close(fd)
+    assert again == taken[-1] and token
 
 
-def test_a_dead_receiver_loses_only_the_message_it_held() -> None:
-    segs = _shm.Segments.new_pool()
-    try:
-        name, fd, first = segs.stream()
-        os.close(fd)
-        _shm.free(name)  # read by the worker that then died ...
-        same, fd, second = segs.stream()  # ... and written again, for another one
-        os.close(fd)
-        assert same == name
-        _shm.remove_unread([(name, first)])
-        assert segments(segs.prefix) == [name]  # it carries the second message now
-        _shm.remove_unread([(name, second)])
-        assert segments(segs.prefix) == []  # its receiver died before reading it
-    finally:
-        segs.purge()
+def test_a_dead_receiver_loses_only_the_message_it_held(segs: _shm.Segments) -> None:
+    name, fd, first = segs.stream()
+    os.close(fd)
+    _shm.free(name)  # read by the worker that then died ...
+    same, fd, second = segs.stream()  # ... and written again, for another one
+    os.close(fd)
+    assert same == name
+    _shm.remove_unread([(name, first)])
+    assert segments(segs.prefix) == [name]  # it carries the second message now
+    _shm.remove_unread([(name, second)])
+    assert segments(segs.prefix) == []  # its receiver died before reading it
 
 
 def test_a_recycled_worker_takes_its_spares_with_it() -> None:
@@ -321,51 +319,41 @@ def test_a_full_tmpfs_sheds_the_free_spares_and_keeps_the_unread_one(
 
 
 @pytest.mark.parametrize("kept", [0, 3 * MiB, 9 * MiB])
-def test_a_segment_cut_short_fails_the_load_and_reads_nothing_past_it(kept: int) -> None:
+def test_a_segment_cut_short_fails_the_load_and_reads_nothing_past_it(
+    kept: int, segs: _shm.Segments
+) -> None:
     # Cut inside the lead to the first huge-page boundary, or inside a later slice.
-    segs = _shm.Segments.new_pool()
-    try:
-        value = tasks.make_blob(20 * MiB, 6)
-        packer = _shm.Packer(segs).pack(value)
-        assert packer.layout is not None and packer.layout[0] is not None
-        os.truncate(os.path.join(_shm.SHM_DIR, packer.layout[0]), _shm.HEADER + kept)
-        with pytest.raises(pickle.UnpicklingError, match="cut short"):
-            _shm.load(pipe_bytes(packer), packer.layout)
-        assert busy(segs.prefix) == []
-    finally:
-        segs.purge()
+    value = tasks.make_blob(20 * MiB, 6)
+    packer = _shm.Packer(segs).pack(value)
+    assert packer.layout is not None and packer.layout[0] is not None
+    os.truncate(os.path.join(_shm.SHM_DIR, packer.layout[0]), _shm.HEADER + kept)
+    with pytest.raises(pickle.UnpicklingError, match="cut short"):
+        _shm.load(pipe_bytes(packer), packer.layout)
+    assert busy(segs.prefix) == []
 
 
-def test_a_load_that_fails_still_frees_the_spare() -> None:
-    segs = _shm.Segments.new_pool()
-    try:
-        value = [tasks.make_blob(BIG, 4), tasks.array(BIG // 8, 5)]
-        packer = _shm.Packer(segs).pack(value)
-        assert packer.layout is not None
-        stream, _token, _holes, oob = packer.layout
-        _shm.unlink(oob[0][0])  # the array's segment is gone: the load fails before reading
-        pipe = pipe_bytes(packer)
-        with pytest.raises(FileNotFoundError):
-            _shm.load(pipe, packer.layout)
-        assert stream is not None and busy(segs.prefix) == []
-    finally:
-        segs.purge()
+def test_a_load_that_fails_still_frees_the_spare(segs: _shm.Segments) -> None:
+    value = [tasks.make_blob(BIG, 4), tasks.array(BIG // 8, 5)]
+    packer = _shm.Packer(segs).pack(value)
+    assert packer.layout is not None
+    stream, _token, _holes, oob = packer.layout
+    _shm.unlink(oob[0][0])  # the array's segment is gone: the load fails before reading
+    pipe = pipe_bytes(packer)
+    with pytest.raises(FileNotFoundError):
+        _shm.load(pipe, packer.layout)
+    assert stream is not None and busy(segs.prefix) == []
 
 
-def test_a_receiver_never_reads_another_message_from_a_spare() -> None:
-    segs = _shm.Segments.new_pool()
-    try:
-        first = _shm.Packer(segs).pack(tasks.make_blob(BIG, 6))
-        assert first.layout is not None
-        _shm.free(str(first.layout[0]))  # wrongly freed before it was read ...
-        second = _shm.Packer(segs).pack(tasks.make_blob(BIG, 7))  # ... and written again
-        assert second.layout is not None and second.layout[0] == first.layout[0]
-        pipe = pipe_bytes(first)
-        with pytest.raises(pickle.UnpicklingError, match="holds another message"):
-            _shm.load(pipe, first.layout)
-        assert busy(segs.prefix) == [first.layout[0]]  # left to the second message's reader
-    finally:
-        segs.purge()
+def test_a_receiver_never_reads_another_message_from_a_spare(segs: _shm.Segments) -> None:
+    first = _shm.Packer(segs).pack(tasks.make_blob(BIG, 6))
+    assert first.layout is not None
+    _shm.free(str(first.layout[0]))  # wrongly freed before it was read ...
+    second = _shm.Packer(segs).pack(tasks.make_blob(BIG, 7))  # ... and written again
+    assert second.layout is not None and second.layout[0] == first.layout[0]
+    pipe = pipe_bytes(first)
+    with pytest.raises(pickle.UnpicklingError, match="holds another message"):
+        _shm.load(pipe, first.layout)
+    assert busy(segs.prefix) == [first.layout[0]]  # left to the second message's reader
 
 
 # ── huge pages, where they pay ───────────────────────────────────────────────────────────────
@@ -397,6 +385,7 @@ def test_huge_pages_are_asked_for_while_they_are_cheaper() -> None:
 
 def test_large_copies_are_timed_slice_by_slice_and_small_ones_are_not(
     monkeypatch: pytest.MonkeyPatch,
+    segs: _shm.Segments,
 ) -> None:
     seen: dict[int, list[int]] = {}
 
@@ -408,15 +397,11 @@ def test_large_copies_are_timed_slice_by_slice_and_small_ones_are_not(
     if _shm._madvise_huge() is not None:  # Linux: see where huge pages are asked for
         monkeypatch.setattr(_shm, "_madvise", (ctypes, lambda *span: advised.append(span)))
     monkeypatch.setattr(_shm, "_ADVICE", Spy())
-    segs = _shm.Segments.new_pool()
-    try:
-        for size in (BIG, 8 * MiB, 20 * MiB):
-            value = tasks.make_blob(size, size)
-            packer = _shm.Packer(segs).pack(value)
-            pipe = pipe_bytes(packer)
-            assert _shm.load(pipe, packer.layout) == value
-    finally:
-        segs.purge()
+    for size in (BIG, 8 * MiB, 20 * MiB):
+        value = tasks.make_blob(size, size)
+        packer = _shm.Packer(segs).pack(value)
+        pipe = pipe_bytes(packer)
+        assert _shm.load(pipe, packer.layout) == value
     # Below two huge pages a copy is not timed. Above, the bytes up to the destination's first
     # huge-page boundary are copied untimed, then each slice of up to _SLICE bytes is timed.
     assert BIG not in seen

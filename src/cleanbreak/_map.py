@@ -281,7 +281,7 @@ class MapRun(Generic[T]):
             # a chunk size that does not fit it is the chunk cut.
             room = window - (self._pulled - self._handed)
             cut = self._fixed_chunk is not None and self._fixed_window is not None
-            if room < chunk and not (cut and room > 0):
+            if room <= 0 or (room < chunk and not cut):
                 break
             chunk = min(chunk, room)
             try:

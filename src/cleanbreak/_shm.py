@@ -536,7 +536,7 @@ class _Advice:
     __slots__ = ("_cost", "_count")
 
     def __init__(self) -> None:
-        self._cost = {True: 0.0, False: 0.0}  # ns per byte of the latest copy each way; 0: none
+        self._cost = {True: 0.0, False: 0.0}  # ns per byte of the latest slice each way; 0: none
         self._count = 0
 
     def choose(self) -> bool:
@@ -582,13 +582,11 @@ def _copy(fd: int, dest: memoryview, offset: int) -> int:
         return os.preadv(fd, [dest], offset)
     ctypes, madvise = libc
     address = ctypes.addressof(ctypes.c_char.from_buffer(dest))
-    lead = -address % _HUGE_PAGE  # up to the first huge-page boundary: small pages
-    pos = os.preadv(fd, [dest[:lead]], offset) if lead else 0
-    if pos < lead:
-        return pos
+    lead = -address % _HUGE_PAGE  # the first piece ends on the first huge-page boundary
+    pos = 0
     while pos < dest.nbytes:
-        piece = dest[pos : pos + _SLICE]
-        whole = piece.nbytes & -_HUGE_PAGE  # the huge pages in it
+        piece = dest[pos : lead if pos < lead else pos + _SLICE]
+        whole = piece.nbytes & -_HUGE_PAGE  # the huge pages in it (none in the lead)
         if whole:
             huge = _ADVICE.choose()
             if huge:
