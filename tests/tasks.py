@@ -450,3 +450,52 @@ def wait_for_condition(check: Callable[[], bool], timeout: float = GUARD) -> boo
             return False
         time.sleep(0.002)
     return True
+
+
+# ── worker memory (tests/test_heap.py) ───────────────────────────────────────────────────────
+
+
+def heap_span() -> tuple[int, int]:
+    """Where this process's brk heap lies: ``[start, end)``, or (0, 0) if it has none. (It may
+    be several mappings: the kernel splits it where its pages differ, as after madvise.)"""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith("[heap]"):
+                start, end = line.split()[0].split("-")
+                spans.append((int(start, 16), int(end, 16)))
+    return (min(s for s, _ in spans), max(e for _, e in spans)) if spans else (0, 0)
+
+
+def rss() -> int:
+    """This process's resident memory, in bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def block_in_heap(size: int) -> bool:
+    """Whether a fresh block of ``size`` bytes comes from this process's brk heap (glibc maps
+    blocks of 32 MiB or more on their own, unless told not to)."""
+    block = bytes((1,)) * size
+    start, end = heap_span()
+    return start <= id(block) < end
+
+
+def rss_held_after_free(size: int) -> int:
+    """How much more memory this process holds after it built, then dropped, ``size`` bytes."""
+    before = rss()
+    block = bytes((1,)) * size  # written to, so that its pages are really there
+    del block
+    return rss() - before
+
+
+_pinned: list[bytes] = []
+
+
+def free_below_a_pinned_block(size: int) -> int:
+    """Build ``size`` bytes, then a small block above them that stays (a module global), then
+    drop the large one: it is free memory the heap's top cannot give back. Returns the RSS."""
+    block = bytes((1,)) * size
+    _pinned.append(bytes((2,)) * (1 << 20))
+    del block
+    return rss()

@@ -4,10 +4,13 @@ behind (issue 4, part 3). The leak checks after Ctrl-C and after the parent is S
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import errno
 import os
 import pickle
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,16 @@ def layouts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
     monkeypatch.setattr(_manager, "load", spy)
     yield seen
+
+
+@pytest.fixture
+def helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Three helper threads for large copies, whatever the CPUs of this machine."""
+    pool = concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="cleanbreak-copy")
+    monkeypatch.setattr(_shm, "_pool", (pool, 3))
+    monkeypatch.setattr(_shm, "_pool_pid", os.getpid())
+    yield pool
+    pool.shutdown()
 
 
 @pytest.fixture
@@ -318,11 +331,12 @@ def test_a_full_tmpfs_sheds_the_free_spares_and_keeps_the_unread_one(
         segs.purge()
 
 
-@pytest.mark.parametrize("kept", [0, 3 * MiB, 9 * MiB])
+@pytest.mark.parametrize("kept", [0, 3 * MiB, 9 * MiB, 15 * MiB])
 def test_a_segment_cut_short_fails_the_load_and_reads_nothing_past_it(
-    kept: int, segs: _shm.Segments
+    kept: int, segs: _shm.Segments, helpers: Any
 ) -> None:
-    # Cut inside the lead to the first huge-page boundary, or inside a later slice.
+    # Cut inside the lead to the first huge-page boundary, or inside a later slice, of the
+    # caller's part or of a helper's.
     value = tasks.make_blob(20 * MiB, 6)
     packer = _shm.Packer(segs).pack(value)
     assert packer.layout is not None and packer.layout[0] is not None
@@ -407,12 +421,113 @@ def test_large_copies_are_timed_slice_by_slice_and_small_ones_are_not(
     assert BIG not in seen
     (one,) = seen[8 * MiB]
     assert 6 * MiB < one <= 8 * MiB
-    first, second, last = seen[20 * MiB]
+    first, second, last = sorted(seen[20 * MiB], reverse=True)  # slices copied in parallel
     assert first == second == _shm._SLICE
     assert 2 * MiB < last <= 4 * MiB
     assert 20 * MiB - (first + second + last) < 2 * MiB  # the lead, below one huge page
     # Huge pages are asked for in whole huge pages of the destination (Spy chose them each time).
     assert advised and all(a % (2 * MiB) == 0 and n % (2 * MiB) == 0 for a, n in advised)
+
+
+# ── large copies shared out between threads ───────────────────────────────────────────────────
+
+
+def _memfd(size: int, seed: int) -> tuple[int, bytes]:
+    data = tasks.make_blob(size, seed)
+    fd = os.memfd_create("cleanbreak-test")
+    os.write(fd, data)
+    return fd, data
+
+
+@pytest.mark.parametrize("size", [50 * MiB, 50 * MiB + 12345, 16 * MiB - 1])
+@pytest.mark.parametrize("misalign", [0, 1, 4095, 1 << 20])
+def test_a_large_copy_is_shared_out_between_threads_and_lands_whole(
+    monkeypatch: pytest.MonkeyPatch, helpers: Any, size: int, misalign: int
+) -> None:
+    threads: set[str] = set()
+
+    class Spy(_shm._Advice):
+        def record(self, huge: bool, ns: int, nbytes: int) -> None:
+            threads.add(threading.current_thread().name)
+
+    monkeypatch.setattr(_shm, "_ADVICE", Spy())
+    fd, data = _memfd(size, size + misalign)
+    try:
+        room = bytearray(size + (4 << 20))
+        # A destination at every offset from a huge-page boundary (bytearray memory is not
+        # aligned: shift it by how far it is from one, then by `misalign`).
+        base = -ctypes.addressof(ctypes.c_char.from_buffer(room)) % (2 * MiB) + misalign
+        dest = memoryview(room)[base : base + size]
+        assert _shm._copy(fd, dest, 0) == size
+        assert dest == data
+        # Short of the end: what there is, and no more.
+        assert _shm._copy(fd, memoryview(bytearray(size)), 1000) == size - 1000
+    finally:
+        os.close(fd)
+    if size >= 50 * MiB:  # two slices or more for each thread, the caller's among them
+        assert len(threads) >= 3 and "MainThread" in threads
+    else:  # under PARALLEL_SLICES slices: the caller's thread alone
+        assert threads == {"MainThread"}
+
+
+def test_a_copy_waits_for_its_helpers_even_when_it_fails(
+    monkeypatch: pytest.MonkeyPatch, helpers: Any
+) -> None:
+    fd, _data = _memfd(32 * MiB, 1)
+    entered, gate = threading.Event(), threading.Event()
+    real = os.preadv
+
+    def preadv(f: int, buffers: Any, offset: int) -> int:
+        if f != fd:
+            return real(f, buffers, offset)
+        if threading.current_thread().name.startswith("cleanbreak-copy"):
+            entered.set()
+            assert gate.wait(GUARD)
+            return real(f, buffers, offset)
+        raise OSError(errno.EIO, "the caller's part fails")
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    failed: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            _shm._copy(fd, memoryview(bytearray(32 * MiB)), 0)
+        except OSError as exc:
+            failed.append(exc)
+
+    copier = threading.Thread(target=copy)
+    copier.start()
+    try:
+        assert entered.wait(GUARD)
+        # The caller's own part failed at once, but a helper still writes into the
+        # destination: the copy may neither return nor raise until it is done.
+        copier.join(0.5)
+        assert copier.is_alive() and not failed
+    finally:
+        gate.set()
+        copier.join(GUARD)
+        os.close(fd)
+    assert not copier.is_alive()
+    assert [e.errno for e in failed if isinstance(e, OSError)] == [errno.EIO]
+
+
+def test_a_forked_child_copies_with_helpers_of_its_own(helpers: Any) -> None:
+    parents = _shm._helpers()
+    fd, data = _memfd(32 * MiB, 2)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            signal.alarm(int(GUARD))  # the parent's helper threads are not here: a copy
+            mine = _shm._helpers()  # handed to them would wait for ever
+            dest = bytearray(len(data))
+            ok = _shm._copy(fd, memoryview(dest), 0) == len(data) and dest == data
+            code = 0 if ok and mine is not parents else 1
+        finally:
+            os._exit(code)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # ── falling back to the pipe ─────────────────────────────────────────────────────────────────

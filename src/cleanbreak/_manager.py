@@ -206,8 +206,10 @@ class LocalBackend:
         initializer: Callable[..., object] | None,
         initargs: Sequence[Any],
         max_tasks_per_worker: int | None = None,
+        reuse_memory: bool = True,
     ) -> None:
         self.size = workers
+        self._reuse_memory = reuse_memory
         self._ctx = ctx
         self._initializer = initializer
         self._initargs = tuple(initargs)
@@ -773,6 +775,7 @@ class LocalBackend:
                 self._initializer,
                 self._initargs,
                 self._segments.prefix,
+                self._reuse_memory,
             ),
             name="cleanbreak-worker",
         )

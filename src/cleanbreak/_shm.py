@@ -54,6 +54,7 @@ process, with a ``RuntimeWarning``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import itertools
@@ -516,6 +517,12 @@ _HUGE_PAGE: Final = 2 << 20
 # A large copy is timed, and huge pages chosen or not, for this many bytes at a time.
 _SLICE: Final = 4 * _HUGE_PAGE
 _madvise: Any = None
+# A copy of this many slices or more is shared out between threads, HELPERS at most besides the
+# caller's (each part at least two slices).
+PARALLEL_SLICES: Final = 4
+HELPERS = 3
+_pool: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
+_pool_pid = 0
 
 
 class _Advice:
@@ -571,35 +578,80 @@ def _madvise_huge() -> Any:
     return _madvise or None
 
 
+def _helpers() -> tuple[concurrent.futures.ThreadPoolExecutor, int] | None:
+    """Threads that copy parts of a large read, one fewer than the CPUs this process may use
+    (at most ``HELPERS``); ``None`` on one CPU. Made again in a forked child, which has none of
+    its parent's threads."""
+    global _pool, _pool_pid
+    if _pool_pid != os.getpid():
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        n = min(HELPERS, cpus - 1)
+        _pool = None
+        if n > 0:
+            pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="cleanbreak-copy")
+            _pool = (pool, n)
+        _pool_pid = os.getpid()
+    return _pool
+
+
 def _copy(fd: int, dest: memoryview, offset: int) -> int:
-    """Read from a segment into fresh memory, in slices of ``_SLICE`` bytes that start on a
-    huge-page boundary of ``dest``; each slice with huge pages or not, as ``_Advice`` says.
-    Page faults are most of the cost of this copy, and which way is cheaper can change within
-    one copy, so each slice is timed. Returns the bytes read: fewer than asked only at the
-    segment's end."""
+    """Read from a segment into fresh memory. Returns the bytes read: fewer than asked only at
+    the segment's end.
+
+    Page faults are most of the cost of this copy (fresh memory, several per 4 KiB page on a
+    virtual machine), and a core takes them only so fast. So a copy of ``PARALLEL_SLICES`` or
+    more is cut into parts, one per thread, this one and helpers, which take their faults at
+    once: ``os.preadv`` lets go of the GIL. Each part is read in slices of ``_SLICE`` bytes
+    that start on a huge-page boundary of ``dest``, each with huge pages or not, as
+    ``_Advice`` says: which way is cheaper can change within one copy, so each slice is timed.
+    """
     libc = _madvise_huge() if dest.nbytes >= 2 * _HUGE_PAGE else None
     if libc is None:
         return os.preadv(fd, [dest], offset)
     ctypes, madvise = libc
     address = ctypes.addressof(ctypes.c_char.from_buffer(dest))
-    lead = -address % _HUGE_PAGE  # the first piece ends on the first huge-page boundary
-    pos = 0
-    while pos < dest.nbytes:
-        piece = dest[pos : lead if pos < lead else pos + _SLICE]
-        whole = piece.nbytes & -_HUGE_PAGE  # the huge pages in it (none in the lead)
-        if whole:
-            huge = _ADVICE.choose()
-            if huge:
-                madvise(address + pos, whole)  # advice only: a failure changes nothing
-            start = time.thread_time_ns()  # CPU time: a wait for a core is not the memory's
-            got = os.preadv(fd, [piece], offset + pos)
-            _ADVICE.record(huge, time.thread_time_ns() - start, got)
-        else:
-            got = os.preadv(fd, [piece], offset + pos)
-        pos += got
-        if got < piece.nbytes:
+    lead = -address % _HUGE_PAGE  # the first slice ends on the first huge-page boundary
+    cuts = sorted({0, *range(lead, dest.nbytes, _SLICE), dest.nbytes})
+    slices = list(itertools.pairwise(cuts))
+    helpers = _helpers() if len(slices) >= PARALLEL_SLICES else None
+    n = 1 if helpers is None else min(helpers[1] + 1, len(slices) // 2)
+    parts = [slices[k * len(slices) // n : (k + 1) * len(slices) // n] for k in range(n)]
+
+    def run(part: list[tuple[int, int]]) -> int:
+        """Copy the slices of one part; return the bytes read."""
+        got = 0
+        for begin, end in part:
+            piece = dest[begin:end]
+            whole = piece.nbytes & -_HUGE_PAGE  # the huge pages in it (none in the lead)
+            if whole:
+                huge = _ADVICE.choose()
+                if huge:
+                    madvise(address + begin, whole)  # advice only: a failure changes nothing
+                start = time.thread_time_ns()  # CPU time: a wait for a core is not the memory's
+                k = os.preadv(fd, [piece], offset + begin)
+                _ADVICE.record(huge, time.thread_time_ns() - start, k)
+            else:
+                k = os.preadv(fd, [piece], offset + begin)
+            got += k
+            if k < piece.nbytes:  # the segment ends here: the parts after this one read none
+                break
+        return got
+
+    helped: dict[int, concurrent.futures.Future[int]] = {}
+    for k in range(1, n):
+        assert helpers is not None  # n > 1 only with helpers
+        try:
+            helped[k] = helpers[0].submit(run, parts[k])
+        except RuntimeError:  # the interpreter is exiting: no new threads
             break
-    return pos
+    try:
+        got = sum(run(part) for k, part in enumerate(parts) if k not in helped)
+    finally:
+        concurrent.futures.wait(helped.values())  # none may write into dest once we return
+    return got + sum(future.result() for future in helped.values())
 
 
 class _Stream:

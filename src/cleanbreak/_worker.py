@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from ._errors import SerializationError
+from ._heap import Heap
 from ._shm import Packer, Segments, load
 from ._wire import (
     CALL_ONE,
@@ -75,9 +76,11 @@ def worker_main(
     initializer: Callable[..., object] | None,
     initargs: Sequence[Any],
     shm_prefix: str | None = None,
+    reuse_memory: bool = True,
 ) -> None:
     global _segments
     _segments = Segments(shm_prefix)
+    heap = Heap.reuse() if reuse_memory else None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Started from the manager thread, which blocks both (see LocalBackend._run).
@@ -121,6 +124,9 @@ def worker_main(
         finally:
             del parts, frame
         _run_unit(result_fd, stop, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY)
+        del fn, items  # before the next unit's arguments come in, and before tidy() counts
+        if heap is not None:
+            heap.tidy()
 
 
 def _take_fd(conn: Connection) -> int:

@@ -1,0 +1,127 @@
+"""Workers reuse the memory their tasks free, and give back what piles up (``_heap``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import cleanbreak
+from cleanbreak import _heap
+from tests import tasks
+from tests.tasks import GUARD, MiB
+
+glibc = pytest.mark.skipif(
+    not _heap._glibc_at_least(2, 33), reason="the worker heap is tuned on glibc 2.33+ only"
+)
+
+
+@glibc
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn", "fork"])
+def test_large_blocks_come_from_the_heap_unless_told_otherwise(start_method: str) -> None:
+    for reuse, in_heap in ((True, True), (False, False)):
+        with cleanbreak.Pool(1, mp_context=start_method, reuse_memory=reuse) as pool:
+            future = pool.submit(tasks.block_in_heap, 40 * MiB)
+            assert future.result(timeout=GUARD) is in_heap, f"reuse_memory={reuse}"
+
+
+@glibc
+def test_a_worker_keeps_what_its_task_freed_for_the_next_one() -> None:
+    # 40 MiB: above glibc's own 32 MiB limit for blocks it keeps, below KEEP.
+    size = 40 * MiB
+    with cleanbreak.Pool(1, reuse_memory=True) as pool:
+        held = pool.submit(tasks.rss_held_after_free, size).result(timeout=GUARD)
+        assert held >= size * 0.9
+    with cleanbreak.Pool(1, reuse_memory=False) as pool:
+        held = pool.submit(tasks.rss_held_after_free, size).result(timeout=GUARD)
+        assert held < size * 0.1
+
+
+@glibc
+def test_memory_freed_below_a_block_in_use_goes_back_after_the_unit() -> None:
+    size = 300 * MiB
+    with cleanbreak.Pool(1) as pool:
+        stuck = pool.submit(tasks.free_below_a_pinned_block, size).result(timeout=GUARD)
+        after = pool.submit(tasks.rss).result(timeout=GUARD)
+    # The 300 MiB freed below the pinned block was still held when the task returned; the
+    # worker gave its pages back before the next unit.
+    assert stuck - after >= size - 2 * _heap.KEEP
+
+
+def test_reuse_memory_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="reuse_memory must be True or False, got 'no'"):
+        cleanbreak.Pool(1, reuse_memory="no")  # type: ignore[arg-type]
+
+
+# ── when the worker counts its free bytes ────────────────────────────────────────────────────
+
+
+class _FakeLibc:
+    """The four glibc calls ``Heap`` makes, with a heap top and free bytes the test sets."""
+
+    def __init__(self) -> None:
+        self.top = 1000 * MiB
+        self.free = 0
+        self.counted = 0
+        self.trims: list[int] = []
+        libc = self
+
+        class Call:
+            def __init__(self, fn: Any) -> None:
+                self.fn = fn
+
+            def __call__(self, *args: Any) -> Any:
+                return self.fn(*args)
+
+        class Info:
+            @property
+            def fordblks(self) -> int:
+                return libc.free
+
+        def mallinfo2() -> Info:
+            libc.counted += 1
+            return Info()
+
+        self.mallinfo2 = Call(mallinfo2)
+        self.sbrk = Call(lambda _n: libc.top)
+        self.malloc_trim = Call(libc.trims.append)
+
+
+def test_the_free_bytes_are_counted_when_the_heap_moved_or_a_second_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ctypes
+
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    libc = _FakeLibc()
+    keep = 64 * MiB
+    heap = _heap.Heap(libc, ctypes, keep)
+
+    heap.tidy()  # nothing moved, no time passed: not counted
+    libc.top += keep - 1
+    heap.tidy()  # moved by less than keep: not counted
+    assert libc.counted == 0
+    libc.top += 1
+    heap.tidy()  # moved by keep since the last count
+    assert libc.counted == 1
+    libc.top -= keep
+    heap.tidy()  # shrunk by keep
+    assert libc.counted == 2
+    now[0] += _heap.CHECK_EVERY - 0.001
+    heap.tidy()
+    assert libc.counted == 2
+    now[0] += 0.001
+    heap.tidy()  # a second since the last count
+    assert libc.counted == 3
+    assert libc.trims == []  # nothing free
+
+    libc.free = 2 * keep
+    now[0] += _heap.CHECK_EVERY
+    heap.tidy()
+    assert libc.trims == []  # up to 2 * keep is kept
+    libc.free = 2 * keep + 1
+    now[0] += _heap.CHECK_EVERY
+    heap.tidy()
+    assert libc.trims == [keep]  # above it, all but keep at the top goes back
