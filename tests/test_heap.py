@@ -17,31 +17,52 @@ glibc = pytest.mark.skipif(
 )
 
 
+def _move_a_large_payload(pool: cleanbreak.Pool, way: str) -> None:
+    """Send the worker a large argument, or have it return a large result."""
+    if way == "argument":
+        data = tasks.make_blob(_heap.LARGE, 1)
+        assert pool.submit(tasks.blob_digest, data).result(timeout=GUARD)[0] == len(data)
+    else:
+        assert len(pool.submit(tasks.blob, _heap.LARGE, 1).result(timeout=GUARD)) == _heap.LARGE
+
+
 @glibc
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn", "fork"])
-def test_large_blocks_come_from_the_heap_unless_told_otherwise(start_method: str) -> None:
-    for reuse, in_heap in ((True, True), (False, False)):
-        with cleanbreak.Pool(1, mp_context=start_method, reuse_memory=reuse) as pool:
+def test_large_blocks_come_from_the_heap_once_a_large_payload_moved(start_method: str) -> None:
+    with cleanbreak.Pool(1, mp_context=start_method) as pool:
+        # Payloads below LARGE, or none: glibc's defaults (large blocks mapped on their own).
+        assert len(pool.submit(tasks.blob, _heap.LARGE - 1, 1).result(timeout=GUARD)) > 0
+        assert pool.submit(tasks.block_in_heap, 40 * MiB).result(timeout=GUARD) is False
+        _move_a_large_payload(pool, "result")
+        assert pool.submit(tasks.block_in_heap, 40 * MiB).result(timeout=GUARD) is True
+
+
+@glibc
+@pytest.mark.parametrize("way", ["argument", "result"])
+def test_reuse_memory_false_leaves_the_allocator_alone(way: str) -> None:
+    for reuse in (True, False):
+        with cleanbreak.Pool(1, reuse_memory=reuse) as pool:
+            _move_a_large_payload(pool, way)
             future = pool.submit(tasks.block_in_heap, 40 * MiB)
-            assert future.result(timeout=GUARD) is in_heap, f"reuse_memory={reuse}"
+            assert future.result(timeout=GUARD) is reuse, f"reuse_memory={reuse}"
 
 
 @glibc
 def test_a_worker_keeps_what_its_task_freed_for_the_next_one() -> None:
     # 40 MiB: above glibc's own 32 MiB limit for blocks it keeps, below KEEP.
     size = 40 * MiB
-    with cleanbreak.Pool(1, reuse_memory=True) as pool:
-        held = pool.submit(tasks.rss_held_after_free, size).result(timeout=GUARD)
-        assert held >= size * 0.9
-    with cleanbreak.Pool(1, reuse_memory=False) as pool:
-        held = pool.submit(tasks.rss_held_after_free, size).result(timeout=GUARD)
-        assert held < size * 0.1
+    for reuse in (True, False):
+        with cleanbreak.Pool(1, reuse_memory=reuse) as pool:
+            _move_a_large_payload(pool, "argument")
+            held = pool.submit(tasks.rss_held_after_free, size).result(timeout=GUARD)
+            assert held >= size * 0.9 if reuse else held < size * 0.1, f"reuse_memory={reuse}"
 
 
 @glibc
 def test_memory_freed_below_a_block_in_use_goes_back_after_the_unit() -> None:
     size = 300 * MiB
     with cleanbreak.Pool(1) as pool:
+        _move_a_large_payload(pool, "result")
         stuck = pool.submit(tasks.free_below_a_pinned_block, size).result(timeout=GUARD)
         after = pool.submit(tasks.rss).result(timeout=GUARD)
     # The 300 MiB freed below the pinned block was still held when the task returned; the

@@ -481,6 +481,14 @@ def load(data: memoryview, layout: Layout | None) -> Any:
                 free(stream)
 
 
+def largest(layout: Layout | None) -> int:
+    """The size of the largest payload a part's layout names (0 for none)."""
+    if layout is None:
+        return 0
+    _stream, _token, holes, oob = layout
+    return max([n for _, n in holes] + [n for _, n, _ in oob], default=0)
+
+
 def free(name: str) -> None:
     """Mark a spare stream segment free: its message was read. A spare that holds more than
     ``SPARE_MAX`` gives its pages back first."""

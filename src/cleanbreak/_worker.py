@@ -32,8 +32,8 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from ._errors import SerializationError
-from ._heap import Heap
-from ._shm import Packer, Segments, load
+from ._heap import LARGE, Heap
+from ._shm import Packer, Segments, largest, load
 from ._wire import (
     CALL_ONE,
     CALL_STAR,
@@ -62,6 +62,7 @@ UNREADABLE = 3  # status: the unit's function or items could not be unpickled he
 
 # Where this worker puts large payloads; set by worker_main.
 _segments = Segments(None)
+_sent = 0  # the largest payload this worker has sent
 
 
 class _Flag(Protocol):
@@ -80,7 +81,8 @@ def worker_main(
 ) -> None:
     global _segments
     _segments = Segments(shm_prefix)
-    heap = Heap.reuse() if reuse_memory else None
+    # Set to reuse freed memory once this worker moves a large payload (see _heap).
+    heap: Heap | None = None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Started from the manager thread, which blocks both (see LocalBackend._run).
@@ -105,6 +107,7 @@ def worker_main(
         if frame is None:
             return
         parts, layouts = split(frame, 3)
+        received = max(map(largest, layouts.values()), default=0)
         meta = pickle.loads(parts[0])
         if meta is None:
             return
@@ -125,6 +128,9 @@ def worker_main(
             del parts, frame
         _run_unit(result_fd, stop, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY)
         del fn, items  # before the next unit's arguments come in, and before tidy() counts
+        if heap is None and reuse_memory and max(received, _sent) >= LARGE:
+            heap = Heap.reuse()
+            reuse_memory = heap is not None
         if heap is not None:
             heap.tidy()
 
@@ -227,6 +233,8 @@ def _send(out: int, message: tuple[Any, ...]) -> None:
     except Exception:
         payload = Packer(_segments).pack(_picklable(values, errors))
     send_frame(out, dumps((uid, offset, len(values), status, seconds)), payload)
+    global _sent
+    _sent = max(_sent, largest(payload.layout))
 
 
 def _picklable(
