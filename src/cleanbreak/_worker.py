@@ -16,6 +16,8 @@ result pipe, in order. It decides nothing about signals: the parent does.
   works with every start method. Linux's parent-death signal (PR_SET_PDEATHSIG) was rejected:
   it fires when the *thread* that forked the worker exits, and under forkserver the worker's
   parent is the fork server, not the pool.
+- Once the worker has moved a payload of 32 MiB or more, it keeps the memory its tasks free
+  for the next task's large blocks, and gives back what piles up after each unit (``_heap``).
 """
 
 from __future__ import annotations
