@@ -499,3 +499,17 @@ def free_below_a_pinned_block(size: int) -> int:
     _pinned.append(bytes((2,)) * (1 << 20))
     del block
     return rss()
+
+
+def refill_the_hole(size: int) -> int:
+    """After ``free_below_a_pinned_block(size)``: build and drop a block that fits the hole it
+    left, so that the hole's pages are back and the heap's top did not move. Returns the RSS."""
+    block = bytes((3,)) * (size - (1 << 20))
+    del block
+    return rss()
+
+
+def rss_of(pid: int) -> int:
+    """Another process's resident memory, in bytes."""
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

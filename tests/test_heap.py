@@ -70,6 +70,20 @@ def test_memory_freed_below_a_block_in_use_goes_back_after_the_unit() -> None:
     assert stuck - after >= size - 2 * _heap.KEEP
 
 
+@glibc
+def test_an_idle_worker_gives_back_what_a_put_off_count_would_have() -> None:
+    size = 300 * MiB
+    with cleanbreak.Pool(1) as pool:
+        _move_a_large_payload(pool, "result")
+        pid = pool.submit(tasks.getpid_of_worker).result(timeout=GUARD)
+        pool.submit(tasks.free_below_a_pinned_block, size).result(timeout=GUARD)  # counted
+        # Right after: the heap's top stays where it was, so the count after this unit is put
+        # off (for up to a second) while the hole's pages come back.
+        held = pool.submit(tasks.refill_the_hole, size).result(timeout=GUARD)
+        # Idle, the worker counts before long, and gives them back.
+        assert tasks.wait_for_condition(lambda: tasks.rss_of(pid) < held - size // 2)
+
+
 def test_reuse_memory_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="reuse_memory must be True or False, got 'no'"):
         cleanbreak.Pool(1, reuse_memory="no")  # type: ignore[arg-type]
@@ -130,12 +144,16 @@ def test_the_free_bytes_are_counted_when_the_heap_moved_or_a_second_passed(
     libc.top -= keep
     heap.tidy()  # shrunk by keep
     assert libc.counted == 2
-    now[0] += _heap.CHECK_EVERY - 0.001
+    assert heap.due() is None  # that tidy() counted: none is put off
+    now[0] += _heap.CHECK_EVERY - 0.25
     heap.tidy()
     assert libc.counted == 2
-    now[0] += 0.001
+    assert heap.due() == pytest.approx(0.25)  # put off: due a second after the last count
+    heap.tidy(now=True)  # the worker idled until then
+    assert libc.counted == 3 and heap.due() is None
+    now[0] += _heap.CHECK_EVERY
     heap.tidy()  # a second since the last count
-    assert libc.counted == 3
+    assert libc.counted == 4
     assert libc.trims == []  # nothing free
 
     libc.free = 2 * keep

@@ -4,13 +4,14 @@ behind (issue 4, part 3). The leak checks after Ctrl-C and after the parent is S
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import errno
 import os
 import pickle
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,11 @@ def layouts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
 
 @pytest.fixture
-def helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def helpers(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Three helper threads for large copies, whatever the CPUs of this machine."""
-    pool = concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="cleanbreak-copy")
-    monkeypatch.setattr(_shm, "_pool", (pool, 3))
-    monkeypatch.setattr(_shm, "_pool_pid", os.getpid())
-    yield pool
-    pool.shutdown()
+    made = _shm._Helpers(3)
+    monkeypatch.setattr(_shm, "_helpers_of", (os.getpid(), made))
+    return made
 
 
 @pytest.fixture
@@ -439,7 +438,7 @@ def _memfd(size: int, seed: int) -> tuple[int, bytes]:
     return fd, data
 
 
-@pytest.mark.parametrize("size", [50 * MiB, 50 * MiB + 12345, 16 * MiB - 1])
+@pytest.mark.parametrize("size", [50 * MiB, 50 * MiB + 12345, 2 * _shm.PART - 1])
 @pytest.mark.parametrize("misalign", [0, 1, 4095, 1 << 20])
 def test_a_large_copy_is_shared_out_between_threads_and_lands_whole(
     monkeypatch: pytest.MonkeyPatch, helpers: Any, size: int, misalign: int
@@ -464,9 +463,9 @@ def test_a_large_copy_is_shared_out_between_threads_and_lands_whole(
         assert _shm._copy(fd, memoryview(bytearray(size)), 1000) == size - 1000
     finally:
         os.close(fd)
-    if size >= 50 * MiB:  # two slices or more for each thread, the caller's among them
-        assert len(threads) >= 3 and "MainThread" in threads
-    else:  # under PARALLEL_SLICES slices: the caller's thread alone
+    if size >= 50 * MiB:  # the caller's thread and three helpers, 8 MiB or more each
+        assert len(threads) == 4 and "MainThread" in threads
+    else:  # under 2 * PART: two threads would have less than PART each
         assert threads == {"MainThread"}
 
 
@@ -511,8 +510,105 @@ def test_a_copy_waits_for_its_helpers_even_when_it_fails(
     assert [e.errno for e in failed if isinstance(e, OSError)] == [errno.EIO]
 
 
+def _main_thread_waits() -> bool:
+    """Whether the main thread is blocked in ``Event.wait`` (in ``_Helpers.wait``)."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return bool(names) and names[0] == "wait" and "_copy" in names
+
+
+def test_a_signal_handler_that_raises_does_not_cut_the_wait_for_helpers(
+    monkeypatch: pytest.MonkeyPatch, helpers: Any
+) -> None:
+    class Alarm(Exception):
+        pass
+
+    fd, _data = _memfd(32 * MiB, 3)
+    handled, gate = threading.Event(), threading.Event()
+    real = os.preadv
+    main = threading.main_thread().ident or 0
+
+    def preadv(f: int, buffers: Any, offset: int) -> int:
+        if f == fd and threading.current_thread().name.startswith("cleanbreak-copy"):
+            # Once the caller waits for this part, a signal handler raises in its thread.
+            assert tasks.wait_for_condition(_main_thread_waits)
+            signal.pthread_kill(main, signal.SIGUSR1)
+            assert gate.wait(GUARD)
+        return real(f, buffers, offset)
+
+    def handler(signum: int, frame: Any) -> None:
+        handled.set()
+        raise Alarm
+
+    def open_gate() -> None:
+        # The caller must still wait after the handler raised; then this helper goes on.
+        assert handled.wait(GUARD)
+        time.sleep(0.3)  # a window in which a caller that stopped waiting would return
+        gate.set()
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    previous = signal.signal(signal.SIGUSR1, handler)
+    opener = threading.Thread(target=open_gate)
+    opener.start()
+    try:
+        with pytest.raises(Alarm):
+            _shm._copy(fd, memoryview(bytearray(32 * MiB)), 0)
+        assert gate.is_set(), "the copy raised while a helper still wrote into its memory"
+    finally:
+        gate.set()
+        opener.join(GUARD)
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(fd)
+
+
+def test_bytes_after_a_short_part_do_not_count(
+    monkeypatch: pytest.MonkeyPatch, helpers: Any
+) -> None:
+    # Should the caller's part come up short while a helper's reads in full (the segment
+    # shrank and grew again meanwhile), the bytes read are only those up to the gap.
+    fd, _data = _memfd(32 * MiB, 4)
+    real = os.preadv
+
+    def preadv(f: int, buffers: Any, offset: int) -> int:
+        if f == fd and threading.current_thread() is threading.main_thread():
+            return real(f, [memoryview(buffers[0])[:1000]], offset)
+        return real(f, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    try:
+        assert _shm._copy(fd, memoryview(bytearray(32 * MiB)), 0) == 1000
+    finally:
+        os.close(fd)
+
+
+def test_without_threads_to_spare_a_copy_is_done_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+    real = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("cleanbreak-copy") and started:
+            raise RuntimeError("can't start new thread")
+        started.append(self.name)
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(_shm, "_helpers_of", (0, None))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert _shm._helpers() is None
+    fd, data = _memfd(32 * MiB, 5)
+    try:
+        dest = bytearray(32 * MiB)
+        assert _shm._copy(fd, memoryview(dest), 0) == len(data) and dest == data
+    finally:
+        os.close(fd)
+
+
 def test_a_forked_child_copies_with_helpers_of_its_own(helpers: Any) -> None:
     parents = _shm._helpers()
+    assert parents is helpers
     fd, data = _memfd(32 * MiB, 2)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child

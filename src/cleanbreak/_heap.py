@@ -12,12 +12,14 @@ A worker that never moves such a payload keeps glibc's defaults.
 
 What that costs is memory:
 
-- A worker holds up to ``KEEP`` while it idles, at the top of its heap. glibc keeps that much
-  by itself once blocks of 32 MiB have come and gone.
+- Up to ``KEEP`` at the top of its heap. glibc keeps that much by itself once blocks of 32
+  MiB have come and gone. (A larger free block there goes back at once, so blocks of up to
+  about ``KEEP`` gain.)
 - A block freed below one still in use stays inside the heap. So after a unit whose heap grew
-  or shrank by ``KEEP`` or more, and otherwise at most once a second, the worker counts the
-  heap's free bytes (``mallinfo2``), and above ``2 * KEEP`` it hands their pages back to the
-  kernel (``malloc_trim``).
+  or shrank by ``KEEP`` or more, and otherwise at most once a second (a worker that idles
+  until then does it then), the worker counts the heap's free bytes (``mallinfo2``), and above
+  ``2 * KEEP`` it hands their pages back to the kernel (``malloc_trim``), all but ``KEEP`` at
+  the top. So an idle worker holds at most ``2 * KEEP``.
 - Within one task, such a block is not handed back: a task that frees a large block while a
   later small one lives, then asks for a larger block, holds both. Measured on the development
   machine: a numpy pipeline over arrays of 40 to 240 MB peaked 8% higher (1,026 MB against
@@ -72,7 +74,7 @@ class Heap:
     """This process's glibc heap, set to keep freed memory for reuse; ``tidy()`` after each
     unit hands back what piles up below blocks still in use."""
 
-    __slots__ = ("_checked", "_info", "_keep", "_sbrk", "_top", "_trim")
+    __slots__ = ("_checked", "_info", "_keep", "_sbrk", "_skipped", "_top", "_trim")
 
     def __init__(self, libc: Any, ctypes: Any, keep: int) -> None:
         fields = [(name, ctypes.c_size_t) for name in _MALLINFO2]
@@ -88,6 +90,7 @@ class Heap:
         self._keep = keep
         self._top: int = self._sbrk(0) or 0
         self._checked = time.monotonic()
+        self._skipped = False
 
     @classmethod
     def reuse(cls, keep: int = KEEP) -> Heap | None:
@@ -109,13 +112,26 @@ class Heap:
         """Bytes free inside the heap, its top included (``mallinfo2().fordblks``)."""
         return int(self._info().fordblks)
 
-    def tidy(self) -> None:
-        """After a unit: hand back the free memory above ``2 * keep``, if there may be some."""
-        now = time.monotonic()
+    def tidy(self, now: bool = False) -> None:
+        """After a unit: hand back the free memory above ``2 * keep``, if there may be some.
+        Unless ``now``, that is counted only if the heap moved by ``keep`` since the last count,
+        or a second passed; else ``due()`` says when."""
+        clock = time.monotonic()
         top = self._sbrk(0) or 0
-        if abs(top - self._top) < self._keep and now - self._checked < CHECK_EVERY:
+        self._skipped = (
+            not now and abs(top - self._top) < self._keep and clock - self._checked < CHECK_EVERY
+        )
+        if self._skipped:
             return
-        self._checked = now
+        self._checked = clock
         if self.free_bytes() > 2 * self._keep:
             self._trim(self._keep)
         self._top = self._sbrk(0) or 0
+
+    def due(self) -> float | None:
+        """Seconds until the count that the last ``tidy()`` put off is due; ``None`` if it put
+        off none. A worker that idles that long tidies ``now``, so that an idle worker does not
+        hold memory for long."""
+        if not self._skipped:
+            return None
+        return max(0.0, self._checked + CHECK_EVERY - time.monotonic())

@@ -102,9 +102,10 @@ class Pool(Executor):
     replaces a worker after that many tasks. ``options()`` changes the task options for the
     tasks submitted through it.
 
-    ``reuse_memory`` (Linux with glibc): each worker keeps up to 64 MiB of the memory its tasks
-    freed, and the next task's large buffers reuse it instead of taking fresh pages from the
-    kernel. ``False`` leaves the C allocator of the workers as it is.
+    ``reuse_memory`` (Linux with glibc): a worker that has moved a payload of 32 MiB or more
+    keeps the memory its tasks free (up to 128 MiB while idle), and the next task's large blocks
+    reuse it instead of taking fresh pages from the kernel. ``False`` leaves the C allocator of
+    the workers as it is.
     """
 
     def __init__(

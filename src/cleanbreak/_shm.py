@@ -20,9 +20,9 @@ pickles as a ``PickleBuffer``) go into a segment of their own::
 The sender copies each large payload once (``pwrite`` into the segment), the receiver once for
 ``bytes`` and ``bytearray`` (it needs an object of its own) and not at all for out-of-band
 buffers. Neither side maps a segment it writes or holds a second copy in its own memory. The
-receiver's copy goes into fresh memory, so it is mostly page faults; one of four 8 MiB slices or
-more (from about 17 MiB) is shared out between the receiving thread and up to ``HELPERS``
-helper threads (one fewer than the CPUs), which take their faults at once.
+receiver's copy goes into fresh memory, so it is mostly page faults; one of 16 MiB or more is
+shared out between the receiving thread and up to ``HELPERS`` helper threads (one fewer than the
+CPUs), 8 MiB or more each, which take their faults at once.
 
 Stream segments are written again. Filling a tmpfs file's fresh pages costs three times as
 much as writing over pages it has (24 ms against 7 ms for 50 MB here), so each process keeps a
@@ -57,19 +57,20 @@ process, with a ``RuntimeWarning``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
+import functools
 import itertools
 import mmap
 import os
 import pickle
+import queue
 import secrets
 import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 SHM_DIR: Final = "/dev/shm"
@@ -528,12 +529,11 @@ _HUGE_PAGE: Final = 2 << 20
 # A large copy is timed, and huge pages chosen or not, for this many bytes at a time.
 _SLICE: Final = 4 * _HUGE_PAGE
 _madvise: Any = None
-# A copy of this many slices or more is shared out between threads, HELPERS at most besides the
-# caller's (each part at least two slices).
-PARALLEL_SLICES: Final = 4
+# A copy of 2 * PART bytes or more is shared out between threads, at least PART bytes each:
+# the caller's and up to HELPERS helpers (one fewer than the CPUs).
+PART: Final = _SLICE
 HELPERS = 3
-_pool: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
-_pool_pid = 0
+_helpers_of: tuple[int, _Helpers | None] = (0, None)  # (pid, its helpers)
 
 
 class _Advice:
@@ -589,23 +589,83 @@ def _madvise_huge() -> Any:
     return _madvise or None
 
 
-def _helpers() -> tuple[concurrent.futures.ThreadPoolExecutor, int] | None:
-    """Threads that copy parts of a large read, one fewer than the CPUs this process may use
-    (at most ``HELPERS``); ``None`` on one CPU. Made again in a forked child, which has none of
-    its parent's threads."""
-    global _pool, _pool_pid
-    if _pool_pid != os.getpid():
+class _Job:
+    """One part of a copy, for a helper thread; ``done`` is set once it ran, whatever happened."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[], tuple[int, bool]]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result = (0, False)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+class _Helpers:
+    """Threads that copy parts of large reads. All are started here, so that handing one a job
+    cannot fail later (``ThreadPoolExecutor`` starts its threads as jobs come, after it has
+    queued the job: a thread that then fails to start leaves the job queued, to run after its
+    caller gave up on it)."""
+
+    def __init__(self, n: int) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        for k in range(n):
+            name = f"cleanbreak-copy-{k}"
+            threading.Thread(target=self._serve, name=name, daemon=True).start()
+        self.count = n
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get().run()
+
+    def submit(self, fn: Callable[[], tuple[int, bool]]) -> _Job:
+        job = _Job(fn)
+        self._jobs.put(job)
+        return job
+
+    @staticmethod
+    def wait(jobs: Sequence[_Job]) -> None:
+        """Return once every job ran, even if a signal handler raises meanwhile (in a worker's
+        main thread): until then a helper may write into memory its caller would free. What
+        the handler raised is raised after."""
+        raised: BaseException | None = None
+        for job in jobs:
+            while not job.done.is_set():
+                try:
+                    job.done.wait()
+                except BaseException as exc:
+                    raised = raised or exc
+        if raised is not None:
+            raise raised
+
+
+def _helpers() -> _Helpers | None:
+    """This process's helper threads: one fewer than the CPUs it may use, at most ``HELPERS``;
+    ``None`` on one CPU, or where threads cannot be started. Made again in a forked child,
+    which has none of its parent's threads."""
+    global _helpers_of
+    pid, helpers = _helpers_of
+    if pid != os.getpid():
         try:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # pragma: no cover - not Linux
             cpus = os.cpu_count() or 1
-        n = min(HELPERS, cpus - 1)
-        _pool = None
-        if n > 0:
-            pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="cleanbreak-copy")
-            _pool = (pool, n)
-        _pool_pid = os.getpid()
-    return _pool
+        helpers = None
+        if min(HELPERS, cpus - 1) > 0:
+            try:
+                helpers = _Helpers(min(HELPERS, cpus - 1))
+            except RuntimeError:  # can't start new thread: the caller copies alone
+                helpers = None
+        _helpers_of = (os.getpid(), helpers)
+    return helpers
 
 
 def _copy(fd: int, dest: memoryview, offset: int) -> int:
@@ -613,11 +673,12 @@ def _copy(fd: int, dest: memoryview, offset: int) -> int:
     the segment's end.
 
     Page faults are most of the cost of this copy (fresh memory, several per 4 KiB page on a
-    virtual machine), and a core takes them only so fast. So a copy of ``PARALLEL_SLICES`` or
-    more is cut into parts, one per thread, this one and helpers, which take their faults at
-    once: ``os.preadv`` lets go of the GIL. Each part is read in slices of ``_SLICE`` bytes
-    that start on a huge-page boundary of ``dest``, each with huge pages or not, as
-    ``_Advice`` says: which way is cheaper can change within one copy, so each slice is timed.
+    virtual machine), and a core takes them only so fast. So a copy of ``2 * PART`` bytes or
+    more is cut into parts of at least ``PART`` bytes, one per thread, this one and helpers,
+    which take their faults at once: ``os.preadv`` lets go of the GIL. Each part is read in
+    slices of ``_SLICE`` bytes that start on a huge-page boundary of ``dest``, each with huge
+    pages or not, as ``_Advice`` says: which way is cheaper can change within one copy, so
+    each slice is timed.
     """
     libc = _madvise_huge() if dest.nbytes >= 2 * _HUGE_PAGE else None
     if libc is None:
@@ -627,12 +688,12 @@ def _copy(fd: int, dest: memoryview, offset: int) -> int:
     lead = -address % _HUGE_PAGE  # the first slice ends on the first huge-page boundary
     cuts = sorted({0, *range(lead, dest.nbytes, _SLICE), dest.nbytes})
     slices = list(itertools.pairwise(cuts))
-    helpers = _helpers() if len(slices) >= PARALLEL_SLICES else None
-    n = 1 if helpers is None else min(helpers[1] + 1, len(slices) // 2)
+    helpers = _helpers() if dest.nbytes >= 2 * PART else None
+    n = 1 if helpers is None else min(helpers.count + 1, dest.nbytes // PART)
     parts = [slices[k * len(slices) // n : (k + 1) * len(slices) // n] for k in range(n)]
 
-    def run(part: list[tuple[int, int]]) -> int:
-        """Copy the slices of one part; return the bytes read."""
+    def run(part: list[tuple[int, int]]) -> tuple[int, bool]:
+        """Copy the slices of one part: (bytes read, all of them?)."""
         got = 0
         for begin, end in part:
             piece = dest[begin:end]
@@ -647,22 +708,25 @@ def _copy(fd: int, dest: memoryview, offset: int) -> int:
             else:
                 k = os.preadv(fd, [piece], offset + begin)
             got += k
-            if k < piece.nbytes:  # the segment ends here: the parts after this one read none
-                break
-        return got
+            if k < piece.nbytes:
+                return got, False
+        return got, True
 
-    helped: dict[int, concurrent.futures.Future[int]] = {}
-    for k in range(1, n):
-        assert helpers is not None  # n > 1 only with helpers
-        try:
-            helped[k] = helpers[0].submit(run, parts[k])
-        except RuntimeError:  # the interpreter is exiting: no new threads
-            break
+    jobs = [] if helpers is None else [helpers.submit(functools.partial(run, p)) for p in parts[1:]]
     try:
-        got = sum(run(part) for k, part in enumerate(parts) if k not in helped)
+        done = [run(parts[0])]
     finally:
-        concurrent.futures.wait(helped.values())  # none may write into dest once we return
-    return got + sum(future.result() for future in helped.values())
+        _Helpers.wait(jobs)
+    for job in jobs:
+        if job.error is not None:
+            raise job.error
+        done.append(job.result)
+    total = 0
+    for got, whole in done:  # in order: what follows a short part is not contiguous with it
+        total += got
+        if not whole:
+            break
+    return total
 
 
 class _Stream:

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import os
 import pickle
+import select
 import signal
 import threading
 import time
@@ -105,6 +106,10 @@ def worker_main(
             raise SystemExit(1) from None
     _send_ready(result_fd, None)
     while True:
+        if heap is not None:
+            wait = heap.due()
+            if wait is not None and not select.select([task_fd], [], [], wait)[0]:
+                heap.tidy(now=True)  # idle until the count it put off was due
         frame = recv_frame(task_fd)
         if frame is None:
             return
