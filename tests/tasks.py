@@ -467,9 +467,9 @@ def heap_span() -> tuple[int, int]:
     return (min(s for s, _ in spans), max(e for _, e in spans)) if spans else (0, 0)
 
 
-def rss() -> int:
-    """This process's resident memory, in bytes."""
-    with open("/proc/self/statm") as statm:
+def rss(pid: int | str = "self") -> int:
+    """The resident memory of a process (by default this one), in bytes."""
+    with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -507,9 +507,3 @@ def refill_the_hole(size: int) -> int:
     block = bytes((3,)) * (size - (1 << 20))
     del block
     return rss()
-
-
-def rss_of(pid: int) -> int:
-    """Another process's resident memory, in bytes."""
-    with open(f"/proc/{pid}/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

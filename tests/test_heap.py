@@ -81,7 +81,7 @@ def test_an_idle_worker_gives_back_what_a_put_off_count_would_have() -> None:
         # off (for up to a second) while the hole's pages come back.
         held = pool.submit(tasks.refill_the_hole, size).result(timeout=GUARD)
         # Idle, the worker counts before long, and gives them back.
-        assert tasks.wait_for_condition(lambda: tasks.rss_of(pid) < held - size // 2)
+        assert tasks.wait_for_condition(lambda: tasks.rss(pid) < held - size // 2)
 
 
 def test_reuse_memory_must_be_a_bool() -> None:
@@ -102,13 +102,6 @@ class _FakeLibc:
         self.trims: list[int] = []
         libc = self
 
-        class Call:
-            def __init__(self, fn: Any) -> None:
-                self.fn = fn
-
-            def __call__(self, *args: Any) -> Any:
-                return self.fn(*args)
-
         class Info:
             @property
             def fordblks(self) -> int:
@@ -118,9 +111,13 @@ class _FakeLibc:
             libc.counted += 1
             return Info()
 
-        self.mallinfo2 = Call(mallinfo2)
-        self.sbrk = Call(lambda _n: libc.top)
-        self.malloc_trim = Call(libc.trims.append)
+        def trim(pad: int) -> None:
+            libc.trims.append(pad)
+
+        # Plain functions: Heap sets their restype and argtypes, as on ctypes functions.
+        self.mallinfo2: Any = mallinfo2
+        self.sbrk: Any = lambda _n: libc.top
+        self.malloc_trim: Any = trim
 
 
 def test_the_free_bytes_are_counted_when_the_heap_moved_or_a_second_passed(

@@ -658,12 +658,11 @@ def _helpers() -> _Helpers | None:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # pragma: no cover - not Linux
             cpus = os.cpu_count() or 1
+        n = min(HELPERS, cpus - 1)
         helpers = None
-        if min(HELPERS, cpus - 1) > 0:
-            try:
-                helpers = _Helpers(min(HELPERS, cpus - 1))
-            except RuntimeError:  # can't start new thread: the caller copies alone
-                helpers = None
+        if n > 0:
+            with contextlib.suppress(RuntimeError):  # can't start a thread: the caller copies
+                helpers = _Helpers(n)
         _helpers_of = (os.getpid(), helpers)
     return helpers
 

@@ -306,6 +306,16 @@ class Child:
             raise ValueError(how)
         return t
 
+    def ctrl_c(self) -> tuple[int, dict[str, Any]]:
+        """Ctrl-C the child's process group; it must stop on ``Interrupted`` for SIGINT and
+        exit with 130. Returns when the signal was sent (as ``send``) and the child's report."""
+        sent = self.send("sigint-group")
+        status = self.wait_exit()
+        assert status == 130, self.output()
+        report = self.report()
+        assert report["signal"] == "SIGINT"
+        return sent, report
+
     def running(self) -> bool:
         """Whether the child has not exited, checked right now."""
         if self.exited_ns is None and _pidfd_exited(self.pidfd):

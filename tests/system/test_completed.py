@@ -50,12 +50,7 @@ def test_module_map_keeps_every_finished_result(start_child: StartChild, method:
         "the quick results and both workers to block",
     )
 
-    sent = child.send("sigint-group")
-    status = child.wait_exit()
-
-    assert status == 130, child.output()
-    report = child.report()
-    assert report["signal"] == "SIGINT"
+    sent, report = child.ctrl_c()
     assert child.completed() == {0: 0, 1: 10, 2: 20, 3: 30}
     assert report["total"] == 10
     child.drain_events()
@@ -101,12 +96,7 @@ def test_ctrl_c_while_the_input_is_read_keeps_every_guarantee(
         "tasks 0-1 to finish, task 2 to block and the generator to wait for its next item",
     )
 
-    sent = child.send("sigint-group")
-    status = child.wait_exit()
-
-    assert status == 130, child.output()
-    report = child.report()
-    assert report["signal"] == "SIGINT"
+    sent, report = child.ctrl_c()
     kept = sorted(report["yielded"] + list(child.completed().values()))
     assert kept == [0, 10], report
     child.drain_events()
