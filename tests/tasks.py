@@ -455,18 +455,6 @@ def wait_for_condition(check: Callable[[], bool], timeout: float = GUARD) -> boo
 # ── worker memory (tests/test_heap.py) ───────────────────────────────────────────────────────
 
 
-def heap_span() -> tuple[int, int]:
-    """Where this process's brk heap lies: ``[start, end)``, or (0, 0) if it has none. (It may
-    be several mappings: the kernel splits it where its pages differ, as after madvise.)"""
-    spans = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if line.rstrip().endswith("[heap]"):
-                start, end = line.split()[0].split("-")
-                spans.append((int(start, 16), int(end, 16)))
-    return (min(s for s, _ in spans), max(e for _, e in spans)) if spans else (0, 0)
-
-
 def rss(pid: int | str = "self") -> int:
     """The resident memory of a process (by default this one), in bytes."""
     with open(f"/proc/{pid}/statm") as statm:
@@ -474,11 +462,23 @@ def rss(pid: int | str = "self") -> int:
 
 
 def block_in_heap(size: int) -> bool:
-    """Whether a fresh block of ``size`` bytes comes from this process's brk heap (glibc maps
-    blocks of 32 MiB or more on their own, unless told not to)."""
+    """Whether a fresh block of ``size`` bytes comes from the heap, not from a mapping of its own
+    (glibc maps blocks of 32 MiB or more on their own, unless told not to). "The heap" is an
+    arena: the brk heap, or, in a worker forked from a thread other than the main one, that
+    thread's arena. glibc counts the blocks it mapped on their own (``mallinfo2().hblks``)."""
+    import ctypes
+
+    from cleanbreak._heap import _MALLINFO2
+
+    fields = [(name, ctypes.c_size_t) for name in _MALLINFO2]
+    info_type = type("mallinfo2", (ctypes.Structure,), {"_fields_": fields})
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = info_type
+    before = libc.mallinfo2().hblks
     block = bytes((1,)) * size
-    start, end = heap_span()
-    return start <= id(block) < end
+    mapped = libc.mallinfo2().hblks > before
+    del block
+    return not mapped
 
 
 def rss_held_after_free(size: int) -> int:

@@ -72,6 +72,7 @@ from ._wire import (
     DONE,
     PARTIAL,
     SKIPPED,
+    STOPPED,
     CapturedError,
     FrameReader,
     FrameWriter,
@@ -80,7 +81,7 @@ from ._wire import (
     make_pipe,
     split,
 )
-from ._worker import UNREADABLE, worker_main
+from ._worker import UNREADABLE, close_gate, new_gate, worker_main
 
 PREFETCH = 2
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
@@ -92,6 +93,14 @@ STOP_GRACE = 0.5
 # start-up is broken (an import, a crash in the initializer): the pool gives up instead of
 # starting workers in a loop.
 BARREN_DEATHS = 3
+# The exit code of a worker that found, while it imported the main module, that the module
+# starts a pool at import time (see Pool.__init__), and the error the pool then raises.
+NO_MAIN_GUARD_EXIT = 121
+NO_MAIN_GUARD = (
+    "the workers import your main module, and it starts a pool as it is imported: put the "
+    'code that starts the pool under `if __name__ == "__main__":` (the forkserver and spawn '
+    "start methods run the main module's top-level code in every worker)"
+)
 
 # Stop levels, in order of escalation.
 RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3
@@ -159,6 +168,7 @@ class _Worker:
         "recycle",
         "retiring",
         "segments",
+        "stopped",
         "writer",
     )
 
@@ -178,6 +188,8 @@ class _Worker:
         self.doom: tuple[str, int, int] | None = None
         self.exitcode: int | None = None
         self.segments: dict[int, list[tuple[str, int]]] = {}  # uid -> its frame's segments
+        # The unit and item a SIGTERM broke off, as the worker reported before dying of it.
+        self.stopped: tuple[int, int] | None = None
         self.gone = False  # reaped and forgotten: its descriptors are closed
         # A pidfd becomes readable when the process exits. The multiprocessing sentinel is a
         # pipe that a process forked by the task inherits, so it would not fire while that
@@ -217,8 +229,8 @@ class LocalBackend:
         self.pending: deque[Unit] = deque()
         self._commands: deque[int] = deque()  # uids to stop, from Pool.cancel
         self._uids = itertools.count()
-        # Set by the signal handler in the main thread, read by workers between items.
-        self.stop_flag: Any = ctx.RawValue("i", 0)
+        # Closed by the signal handler in the main thread, read by workers before each item.
+        self.gate: Any = new_gate(ctx)
         self.level = RUNNING
         self._level_seen = RUNNING
         self._closing = False
@@ -245,11 +257,16 @@ class LocalBackend:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._workers: dict[int, _Worker] = {}
-        for _ in range(workers):
-            self._spawn()
+        # Set once the manager thread has started the first workers (or failed to).
+        self.started = threading.Event()
+        self.start_error: BaseException | None = None
+        # The manager thread starts the workers too, so that they start with SIGINT and SIGTERM
+        # blocked, as it has them: a Ctrl-C that comes while a worker starts waits until the
+        # worker ignores it, instead of raising KeyboardInterrupt in its bootstrap (or in the
+        # fork server, if this starts it). Only the manager's threads are ever forked.
         self._thread = threading.Thread(target=self._run, name="cleanbreak-manager", daemon=True)
-        self._thread.start()
         _live.add(self)
+        self._thread.start()
 
     # ── called from caller threads ───────────────────────────────────────────────────────
 
@@ -293,7 +310,7 @@ class LocalBackend:
         """Escalate the stop. Safe to call from a signal handler: it only sets state."""
         if level > self.level:
             if level >= DRAINING:
-                self.stop_flag.value = 1
+                close_gate(self.gate)
             self.level = level
             self.wake()
 
@@ -323,6 +340,7 @@ class LocalBackend:
         # (Workers forked from this thread inherit the mask; worker_main unblocks it.)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
+            self._start_workers()
             while True:
                 self._apply_level()
                 self._apply_commands()
@@ -366,6 +384,19 @@ class LocalBackend:
                     unit.sink.fail(unit.current, unit.left, err)
             self._teardown()
 
+    def _start_workers(self) -> None:
+        try:
+            for _ in range(self.size):
+                if self.level:  # stopped while the pool started: start no more
+                    break
+                self._spawn()
+        except Exception as exc:
+            # The caller's Pool() raises it; the loop then stops the workers that did start.
+            self.start_error = exc
+            self._break(BrokenPool(f"the pool could not start its workers: {exc!r}"), exc)
+        finally:
+            self.started.set()
+
     def _done(self) -> bool:
         busy = any(w.inflight for w in self._workers.values())
         if self._workers:
@@ -405,8 +436,13 @@ class LocalBackend:
         if level == self._level_seen:
             return
         self._level_seen = level
-        self.stop_flag.value = 1
+        close_gate(self.gate)
         self._cancel_all_pending()
+        for w in self._workers.values():
+            if not w.ready:
+                # Still starting: it holds no task and no result, and it would only exit
+                # once it is ready. Killed now, it makes the caller wait for nothing.
+                _signal_group(w.pid, signal.SIGKILL)
         if level >= KILLING:
             self._kill_at = None
             for w in self._workers.values():
@@ -490,15 +526,17 @@ class LocalBackend:
                 self.pending.appendleft(unit.part(next(self._uids), budget))
                 unit = unit.part(unit.uid, 0, budget)
         exact = unit.opts.task_timeout is not None
+        # A user's object may raise anything while it is pickled, SystemExit included: that
+        # task fails, and this thread goes on.
         try:
             fn_part = Packer(self._segments).pack(unit.fn)
-        except Exception as exc:
+        except BaseException as exc:
             reason = f"{unit.fn!r}: {type(exc).__name__}: {exc}"
             unit.sink.fail(unit.current, unit.left, SerializationError("function", reason))
             return
         try:
             items_part = Packer(self._segments).pack(unit.items)
-        except Exception as exc:
+        except BaseException as exc:
             fn_part.release()
             if self._split(unit):
                 return
@@ -551,7 +589,9 @@ class LocalBackend:
         _uid, offset, count, status, seconds = pickle.loads(parts[0])
         try:
             values, errors = load(parts[1], layouts.get(1))
-        except Exception as exc:
+        except BaseException as exc:
+            # Whatever a result's unpickling raises, SystemExit included, fails that result
+            # alone: nothing a payload does may end this thread.
             # The results were computed but one of them does not unpickle here. Which one is
             # not known: with several, each item runs again alone and the bad one fails alone.
             unit.received = offset + count
@@ -574,9 +614,12 @@ class LocalBackend:
             w.head_since = time.monotonic()
         if status == DONE:
             self._next_head(w)
-        elif status == SKIPPED:
+        elif status == SKIPPED or (status == STOPPED and self.level >= DRAINING):
             self._next_head(w)
             unit.sink.cancel(unit.current, unit.left)
+        elif status == STOPPED:
+            # A SIGTERM from outside the pool: the worker dies of it now (see _settle_head).
+            w.stopped = (unit.uid, unit.received)
         elif status == PARTIAL and unit.cancelled:
             self._kill(w, _CANCEL)
 
@@ -665,6 +708,9 @@ class LocalBackend:
         if self._broken is not None or (w.retiring and not w.recycle):
             return
         if not w.ready:
+            if w.exitcode == NO_MAIN_GUARD_EXIT:
+                self._break(BrokenPool(NO_MAIN_GUARD))
+                return
             self._barren_deaths += 1
             if self._barren_deaths >= BARREN_DEATHS:
                 self._break(
@@ -676,7 +722,10 @@ class LocalBackend:
                 )
                 return
         if not self._closing or self.pending:
-            self._spawn()
+            try:
+                self._spawn()
+            except Exception as exc:  # out of processes, or memory: tell the waiting callers
+                self._break(BrokenPool(f"the pool could not start a new worker: {exc!r}"), exc)
 
     def _settle_head(self, w: _Worker) -> None:
         """The worker died running its head unit: give that unit's items their outcomes."""
@@ -684,6 +733,7 @@ class LocalBackend:
         if unit.left == 0:
             return
         why = None
+        broken_off = w.stopped == (unit.uid, unit.received)
         if w.doom is not None:
             why, uid, received = w.doom
             if (uid, received) != (unit.uid, unit.received):
@@ -696,8 +746,8 @@ class LocalBackend:
         elif why == _TIMEOUT:
             timeout = unit.opts.task_timeout or 0.0
             self._fail_item(unit, unit.received, TaskTimeout(timeout, w.pid, unit.current))
-        elif unit.left == 1 or unit.opts.task_timeout is not None:
-            # Exactly one item was running: it is the one at fault.
+        elif unit.left == 1 or unit.opts.task_timeout is not None or broken_off:
+            # Exactly one item was running (or the worker said which): it is the one at fault.
             self._fail_item(unit, unit.received, WorkerDied(w.exitcode, w.pid, unit.current))
         else:
             # Some item without an outcome killed the worker, and the others may have finished
@@ -771,7 +821,7 @@ class LocalBackend:
                 child_tasks,
                 child_results,
                 lifeline,
-                self.stop_flag,
+                self.gate,
                 self._initializer,
                 self._initargs,
                 self._segments.prefix,

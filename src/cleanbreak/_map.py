@@ -6,9 +6,14 @@ thread puts outcomes into the sink's store as *pieces*: a run of consecutive ite
 values and any errors. The caller takes whole pieces, so the per-item cost in the parent is a
 ``yield`` (or, for ``cleanbreak.map``, a ``list.extend``), not a queue operation.
 
-What ``Interrupted.completed`` holds: for a sized input (a list, a range: the input is in memory
-anyway) every finished result; for a lazy input, the finished results not yet handed over, since
-keeping the others would grow memory without bound on an endless generator.
+Once a result is handed to the caller, the run holds no reference to it: the piece being
+handed out is a reversed copy that each ``yield`` pops from (``list.pop`` through ``map``,
+with no bytecode per item). So a long ``map`` holds only the results the caller has not taken,
+and ``Interrupted.completed``, or the ``.completed`` of a failure that ends the iteration, holds
+exactly those. ``cleanbreak.map`` returns every result in a list, so it keeps them all.
+
+This module sits under ``_pool``: it knows the pool only as a ``Host`` (below), and the
+backend only as a ``UnitQueue``.
 """
 
 from __future__ import annotations
@@ -16,20 +21,17 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import operator
+import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import Interrupted
-from ._units import TaskOptions, Unit
+from ._units import TaskOptions, Unit, UnitQueue
 from ._wire import CALL_ONE, CALL_STAR
-
-if TYPE_CHECKING:
-    from ._pool import Pool
 
 T = TypeVar("T")
 
@@ -39,13 +41,14 @@ T = TypeVar("T")
 # chunks do not leave a worker idle for long. Until a first result says how long an item takes,
 # chunks hold one item.
 CHUNK_SECONDS = 0.05
-# With lazy input, a chunk holds at most this many items, so that the window (the items read
-# ahead) stays bounded whatever the task costs.
-LAZY_MAX_CHUNK = 1024
 # The window starts at this many items per worker and at most doubles each time the caller
 # takes a piece, up to about four chunks per worker: the input is not read far ahead before the
 # caller has shown that it keeps up, and tiny tasks still reach full speed after a few pieces.
 WINDOW_PER_WORKER = 16
+# With lazy input (a generator), the default window never holds more than this many items per
+# worker, whatever the task time: items can be large (images, records), and an endless input
+# must run in bounded memory. Chunks are then at most a quarter of it.
+LAZY_WINDOW_PER_WORKER = 50
 Piece = tuple[int, list[Any], dict[int, BaseException]]
 
 
@@ -55,6 +58,33 @@ def positive(name: str, value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a whole number of at least 1 (or None), got {value!r}")
     return value
+
+
+class Host(Protocol):
+    """What a run needs from the pool that owns it."""
+
+    @property
+    def workers(self) -> int: ...
+
+    @property
+    def _backend(self) -> UnitQueue: ...
+
+    @property
+    def _signal(self) -> signal.Signals | None: ...
+
+    def _check_open(self) -> None: ...
+
+    def _track(self, run: MapRun[Any]) -> None:
+        """A run starts: the pool counts it as busy until it finishes."""
+
+    def _abandoned(self, run: MapRun[Any]) -> None:
+        """The caller left the run before it ended (for the with-block's Interrupted)."""
+
+    def _stop_for(
+        self, exc: KeyboardInterrupt, gather: Callable[[], dict[int, Any]], total: int | None
+    ) -> Interrupted:
+        """Stop the pool after a Ctrl-C that reached the run, then gather the results that
+        finished; the Interrupted to raise."""
 
 
 class MapSink:
@@ -103,6 +133,29 @@ class MapSink:
         self.cond.notify()
 
 
+class Current:
+    """The piece being handed out: its values reversed, so that each one handed is popped
+    off the end and the run keeps no reference to it."""
+
+    __slots__ = ("errors", "rest", "start", "stop")
+
+    def __init__(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        self.start = start
+        self.stop = start + len(values)
+        self.errors = errors
+        self.rest = values[::-1]  # the values not yet handed, last first
+
+    def take(self, n: int) -> Iterator[Any]:
+        """The next ``n`` values, each popped as it is handed (C-level: no bytecode per item)."""
+        return map(list.pop, itertools.repeat(self.rest, n))
+
+    def gather_into(self, out: dict[int, Any]) -> None:
+        first = self.stop - len(self.rest)
+        for k, value in enumerate(reversed(self.rest), first):
+            if k - self.start not in self.errors:
+                out[k] = value
+
+
 class MapRun(Generic[T]):
     """The state of one ``map`` or ``imap_unordered`` call.
 
@@ -114,7 +167,7 @@ class MapRun(Generic[T]):
 
     def __init__(
         self,
-        pool: Pool,
+        host: Host,
         opts: TaskOptions,
         fn: Callable[..., T],
         iterables: tuple[Iterable[Any], ...],
@@ -123,7 +176,7 @@ class MapRun(Generic[T]):
         timeout: float | None,
         chunksize: int | None,
         buffersize: int | None,
-        keep_all: bool | None = None,
+        keep_all: bool = False,
     ) -> None:
         chunk = positive("chunksize", chunksize)
         window = positive("buffersize", buffersize)
@@ -131,21 +184,23 @@ class MapRun(Generic[T]):
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         if not callable(fn):
             raise TypeError(f"the function to map must be callable, got {fn!r}")
-        pool._check_open()
+        host._check_open()
         sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
         self.total = min(sizes) if len(sizes) == len(iterables) else None
-        self._workers = pool.workers
+        self._workers = host.workers
         self._fixed_chunk = chunk
         self._fixed_window = window
+        self._max_window: int | None = None
         if self.total is not None:
             # Like multiprocessing.Pool.map: at least four chunks per worker, for balance.
             self._max_chunk = max(1, math.ceil(self.total / (self._workers * 4)))
         else:
-            self._max_chunk = LAZY_MAX_CHUNK
+            self._max_window = self._workers * LAZY_WINDOW_PER_WORKER
+            self._max_chunk = self._max_window // 4
         if window is not None:
             self._max_chunk = min(self._max_chunk, window)
-        self._pool = pool
-        self._backend = pool._backend
+        self._host = host
+        self._backend = host._backend
         self._sink = MapSink()
         self._opts = opts
         self._fn = fn
@@ -155,15 +210,14 @@ class MapRun(Generic[T]):
         )
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        keep = self.total is not None if keep_all is None else keep_all
-        self._kept: list[Piece] | None = [] if keep else None  # pieces taken
-        self.current: tuple[Piece, Iterator[Any]] | None = None  # the piece being handed out
+        self._kept: list[Piece] | None = [] if keep_all else None  # pieces taken
+        self.current: Current | None = None  # the piece being handed out
         self._window = self._workers * WINDOW_PER_WORKER
         self._pulled = 0  # items read from the input
         self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next
         self._exhausted = False
-        pool._runs.add(self)
+        host._track(self)
         self._guarded(self._top_up)
 
     @property
@@ -175,15 +229,28 @@ class MapRun(Generic[T]):
         if not self._sink.finished:
             self._sink.finished = True
             if not (self._exhausted and self._handed >= self._pulled):
-                self._pool._last_run = self  # for the with-block's Interrupted
+                self._host._abandoned(self)
 
-    def next_piece(self) -> tuple[Piece, Iterator[Any]] | None:
-        """The next piece of results and an iterator over its values, waiting for it; None
-        when every item was handed over."""
+    def next_piece(self) -> Piece | None:
+        """The next piece of results, waiting for it; None when every item was handed over.
+        For ``iterate``, the piece's values are also in ``current``, to be handed from there."""
         if self._sink.finished:
             return None
-        taken: tuple[Piece, Iterator[Any]] | None = self._guarded(self._next_piece)
+        taken: Piece | None = self._guarded(self._next_piece)
         return taken
+
+    def gather(self) -> dict[int, Any]:
+        """Every finished result this call is to report: those the caller was not given (all
+        of them with ``keep_all``)."""
+        out: dict[int, Any] = {}
+        for piece in self._kept or ():
+            _add(out, piece)
+        if self.current is not None:
+            self.current.gather_into(out)
+        with self._sink.cond:
+            for piece in self._sink.store.values():
+                _add(out, piece)
+        return dict(sorted(out.items()))
 
     # ── internals ────────────────────────────────────────────────────────────────────────
 
@@ -192,24 +259,9 @@ class MapRun(Generic[T]):
             return step()
         except KeyboardInterrupt as exc:
             self._sink.finished = True
-            self._pool._stop(exc)
-            raise self._pool._interrupted(exc, self.gather(), self.total) from None
+            raise self._host._stop_for(exc, self.gather, self.total) from None
 
-    def gather(self) -> dict[int, Any]:
-        """Every finished result this call is to report. The pool must have stopped."""
-        out: dict[int, Any] = {}
-        for piece in self._kept or ():
-            _add(out, piece, 0)
-        if self._kept is None and self.current is not None:
-            # The list iterator knows how many values it has not handed out yet.
-            piece, rest = self.current
-            _add(out, piece, len(piece[1]) - operator.length_hint(rest))
-        with self._sink.cond:
-            for piece in self._sink.store.values():
-                _add(out, piece, 0)
-        return dict(sorted(out.items()))
-
-    def _next_piece(self) -> tuple[Piece, Iterator[Any]] | None:
+    def _next_piece(self) -> Piece | None:
         sink = self._sink
         with sink.cond:
             while True:
@@ -222,28 +274,30 @@ class MapRun(Generic[T]):
                     return None
                 if sink.cancelled:
                     sink.finished = True
-                    if self._pool._signal is not None:
+                    sig = self._host._signal
+                    if sig is not None:
                         # The pool was interrupted: go and gather what finished. The signal was
                         # counted already, so the Interrupted says so.
-                        stop = Interrupted(self._pool._signal)
+                        stop = Interrupted(sig)
                         stop._counted = True
                         raise stop
                     raise CancelledError("map() was cancelled: the pool was shut down")
                 self._wait(sink.cond)
         # Record the piece as taken, then remove it from the store (see the class docstring).
-        rest = iter(piece[1])
         if self._kept is not None:
             self._kept.append(piece)
-        self.current = (piece, rest)
+        else:
+            self.current = Current(*piece)
         with sink.cond:
             del sink.store[start]
             if not self._ordered:
                 sink.arrivals.popleft()
-        self._next = start + len(piece[1])
-        self._handed += len(piece[1])
+        count = len(piece[1])
+        self._next = start + count
+        self._handed += count
         self._window *= 2
         self._top_up()
-        return piece, rest
+        return piece
 
     def _wait(self, cond: threading.Condition) -> None:
         if self._deadline is None:
@@ -270,6 +324,8 @@ class MapRun(Generic[T]):
                 window = self._fixed_window
             else:
                 target = max(self._workers * WINDOW_PER_WORKER, chunk * self._workers * 4)
+                if self._max_window is not None:
+                    target = min(target, self._max_window)
                 self._window = window = min(self._window, target)
                 if self._fixed_chunk is not None:  # one chunk the user set per worker fits
                     self._window = window = max(window, chunk * self._workers)
@@ -300,31 +356,50 @@ class MapRun(Generic[T]):
             self._backend.put(unit)
 
 
-def _add(out: dict[int, Any], piece: Piece, skip: int) -> None:
+def _add(out: dict[int, Any], piece: Piece) -> None:
     start, values, errors = piece
     if not errors:
-        out.update(zip(range(start + skip, start + len(values)), values[skip:], strict=True))
+        out.update(zip(range(start, start + len(values)), values, strict=True))
         return
-    for k in range(skip, len(values)):
+    for k, value in enumerate(values):
         if k not in errors:
-            out[start + k] = values[k]
+            out[start + k] = value
 
 
-def iterate(run: MapRun[T]) -> Iterator[T]:
-    """The results, one by one. A task's exception is raised in its turn and ends the
-    iteration, as in ``concurrent.futures``; closing the iterator drops the tasks not started."""
+def iterate(run: MapRun[T], return_exceptions: bool = False) -> Iterator[T]:
+    """The results, one by one.
+
+    A task's exception is raised in its turn and ends the iteration, as in
+    ``concurrent.futures``, carrying the finished results the caller was not given as its
+    ``.completed``; closing the iterator drops the tasks not started. With
+    ``return_exceptions``, the exception takes the result's place instead and the run goes on.
+    """
     try:
-        while (taken := run.next_piece()) is not None:
-            (_start, _values, errors), rest = taken
-            if not errors:
-                yield from rest
-                continue
-            first = min(errors)
-            yield from itertools.islice(rest, first)
-            next(rest)
-            raise errors[first]
+        while (piece := run.next_piece()) is not None:
+            current = run.current
+            assert current is not None
+            _start, values, errors = piece
+            count = len(values)
+            del piece, values
+            if errors and return_exceptions:
+                rest = current.rest
+                for k, exc in errors.items():
+                    rest[count - 1 - k] = exc
+            elif errors:
+                first = min(errors)
+                yield from current.take(first)
+                current.rest.pop()  # the failed item: the caller gets its exception instead
+                exc = errors[first]
+                _attach_completed(exc, run.gather())
+                raise exc
+            yield from current.take(count)
     finally:
         run.close()
+
+
+def _attach_completed(exc: BaseException, completed: dict[int, Any]) -> None:
+    with contextlib.suppress(AttributeError, TypeError):
+        exc.completed = completed  # type: ignore[attr-defined]
 
 
 def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
@@ -335,8 +410,8 @@ def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
     results: list[Any] = []
     failures: dict[int, BaseException] = {}
     try:
-        while (taken := run.next_piece()) is not None:
-            (start, values, errors), _rest = taken
+        while (piece := run.next_piece()) is not None:
+            start, values, errors = piece
             for k in sorted(errors):
                 failures[start + k] = errors[k]
                 if return_exceptions:
@@ -351,9 +426,6 @@ def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
             "input order. The other results are in this exception's .completed, or pass "
             "return_exceptions=True to get them all in the list."
         )
-        with contextlib.suppress(AttributeError, TypeError):
-            first.completed = {  # type: ignore[attr-defined]
-                i: value for i, value in enumerate(results) if i not in failures
-            }
+        _attach_completed(first, {i: value for i, value in enumerate(results) if i not in failures})
         raise first
     return results

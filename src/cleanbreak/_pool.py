@@ -30,7 +30,14 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from . import _signals
 from ._errors import BrokenPool, Interrupted
-from ._manager import DRAINING, KILLING, STOPPING, LocalBackend, default_context
+from ._manager import (
+    DRAINING,
+    KILLING,
+    NO_MAIN_GUARD_EXIT,
+    STOPPING,
+    LocalBackend,
+    default_context,
+)
 from ._map import MapRun, collect, iterate, positive
 from ._units import TaskOptions, Unit
 from ._wire import CALL_KW
@@ -122,6 +129,12 @@ class Pool(Executor):
         max_tasks_per_worker: int | None = None,
         reuse_memory: bool = True,
     ) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # This process is a worker that is importing the main module (spawn, forkserver),
+            # and the module starts a pool at import time: it lacks the __main__ guard. Left
+            # to go on, it would start workers of its own, or print multiprocessing's
+            # traceback. Its pool reports NO_MAIN_GUARD for this exit code instead.
+            os._exit(NO_MAIN_GUARD_EXIT)
         if os.name != "posix":  # pragma: no cover - exercised on Windows only
             raise NotImplementedError(
                 f"cleanbreak needs a POSIX system (Linux or macOS), not {sys.platform}: it relies "
@@ -132,8 +145,7 @@ class Pool(Executor):
             raise ValueError(f"on_interrupt must be 'terminate' or 'drain', got {on_interrupt!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
-        if not isinstance(reuse_memory, bool):
-            raise TypeError(f"reuse_memory must be True or False, got {reuse_memory!r}")
+        _flag("reuse_memory", reuse_memory)
         self._opts = TaskOptions.make(task_timeout, retries, retry_on)
         max_tasks = positive("max_tasks_per_worker", max_tasks_per_worker)
         self._mode: OnInterrupt = on_interrupt
@@ -146,10 +158,25 @@ class Pool(Executor):
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
-        self._backend = LocalBackend(
-            n, _context(mp_context), initializer, tuple(initargs), max_tasks, reuse_memory
-        )
-        _signals.attach(self)
+        ctx = _context(mp_context)
+        try:
+            self._backend = LocalBackend(
+                n, ctx, initializer, tuple(initargs), max_tasks, reuse_memory
+            )
+            _signals.attach(self)
+            self._backend.started.wait()
+        except KeyboardInterrupt as exc:
+            # Ctrl-C while the pool starts: before our handler was in place, or in it.
+            if not hasattr(self, "_backend"):
+                raise Interrupted(signal.SIGINT) from None  # nothing was started
+            self._stop(exc)
+            raise self._interrupted(exc, {}) from None
+        error = self._backend.start_error
+        if error is not None:
+            self._backend.close(cancel_pending=True)
+            self._backend.wait()
+            _signals.detach(self)
+            raise error
 
     @property
     def workers(self) -> int:
@@ -222,17 +249,25 @@ class Pool(Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        return_exceptions: bool = False,
     ) -> Iterator[T]:
         """Like the built-in ``map``, run in the workers; results come in input order.
 
         Input is read lazily, a bounded window ahead of the results the caller has taken
-        (``buffersize`` items, or a window sized from the measured task time). Items travel in
-        chunks of ``chunksize``, by default sized so that each chunk is about 50 ms of work. As
-        in ``concurrent.futures``, a task's exception is raised in its turn and ends the
-        iteration; leaving the loop drops the tasks that have not started. To run every task
-        whatever fails, use ``cleanbreak.map`` or ``submit``.
+        (``buffersize`` items; by default a window sized from the measured task time, and for
+        a lazy input at most 50 items per worker). Items travel in chunks of ``chunksize``, by
+        default sized so that each chunk is about 50 ms of work. Once a result is handed to you,
+        the pool keeps no reference to it.
+
+        As in ``concurrent.futures``, a task's exception is raised in its turn and ends the
+        iteration. It carries ``.completed``: the finished results you were not given, by
+        index. The map's tasks that have not started are dropped; those running finish, and
+        their results are discarded. With ``return_exceptions=True``, each failed task's
+        exception is yielded in its place instead, and the run goes on.
         """
-        return self._map(self._opts, fn, iterables, timeout, chunksize, buffersize)
+        return self._map(
+            self._opts, fn, iterables, timeout, chunksize, buffersize, return_exceptions
+        )
 
     def _map(
         self,
@@ -242,9 +277,11 @@ class Pool(Executor):
         timeout: float | None,
         chunksize: int | None,
         buffersize: int | None,
+        return_exceptions: bool,
     ) -> Iterator[T]:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
+        _flag("return_exceptions", return_exceptions)
         run = MapRun(
             self,
             opts,
@@ -255,7 +292,7 @@ class Pool(Executor):
             chunksize=chunksize,
             buffersize=buffersize,
         )
-        return iterate(run)
+        return iterate(run, return_exceptions)
 
     def imap_unordered(
         self,
@@ -264,9 +301,12 @@ class Pool(Executor):
         *,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        return_exceptions: bool = False,
     ) -> Iterator[T]:
         """Like ``map`` over one iterable, but results come as soon as each finishes."""
-        return self._imap_unordered(self._opts, fn, iterable, chunksize, buffersize)
+        return self._imap_unordered(
+            self._opts, fn, iterable, chunksize, buffersize, return_exceptions
+        )
 
     def _imap_unordered(
         self,
@@ -275,7 +315,9 @@ class Pool(Executor):
         iterable: Iterable[Any],
         chunksize: int | None,
         buffersize: int | None,
+        return_exceptions: bool,
     ) -> Iterator[T]:
+        _flag("return_exceptions", return_exceptions)
         run = MapRun(
             self,
             opts,
@@ -286,7 +328,7 @@ class Pool(Executor):
             chunksize=chunksize,
             buffersize=buffersize,
         )
-        return iterate(run)
+        return iterate(run, return_exceptions)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more tasks, and release the workers once the queued ones are done.
@@ -369,6 +411,20 @@ class Pool(Executor):
                     self.on_signal(signal.SIGINT)
         _signals.detach(self)
 
+    # ── what a map run needs (see _map.Host) ─────────────────────────────────────────────
+
+    def _track(self, run: MapRun[Any]) -> None:
+        self._runs.add(run)
+
+    def _abandoned(self, run: MapRun[Any]) -> None:
+        self._last_run = run
+
+    def _stop_for(
+        self, exc: KeyboardInterrupt, gather: Callable[[], dict[int, Any]], total: int | None
+    ) -> Interrupted:
+        self._stop(exc)
+        return self._interrupted(exc, gather(), total)
+
     def _interrupted(
         self, exc: BaseException | None, completed: dict[int, Any], total: int | None = None
     ) -> Interrupted:
@@ -422,8 +478,11 @@ class TaskOptionsView:
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        return_exceptions: bool = False,
     ) -> Iterator[T]:
-        return self.pool._map(self.opts, fn, iterables, timeout, chunksize, buffersize)
+        return self.pool._map(
+            self.opts, fn, iterables, timeout, chunksize, buffersize, return_exceptions
+        )
 
     def imap_unordered(
         self,
@@ -432,8 +491,11 @@ class TaskOptionsView:
         *,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        return_exceptions: bool = False,
     ) -> Iterator[T]:
-        return self.pool._imap_unordered(self.opts, fn, iterable, chunksize, buffersize)
+        return self.pool._imap_unordered(
+            self.opts, fn, iterable, chunksize, buffersize, return_exceptions
+        )
 
 
 def _settle(fut: Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -517,6 +579,7 @@ def map(
     its place in the list instead. On Ctrl-C, ``Interrupted.completed`` holds every result that
     had finished.
     """
+    _flag("return_exceptions", return_exceptions)
     with Pool(
         workers,
         on_interrupt=on_interrupt,
@@ -540,3 +603,9 @@ def map(
             keep_all=True,
         )
         return collect(run, return_exceptions)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -73,6 +73,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from ._signals import start_quiet_thread
+
 SHM_DIR: Final = "/dev/shm"
 # Payloads at least this large go into a segment. Below it, the pipe is as fast: a segment
 # costs about six system calls and fresh pages on each side.
@@ -619,7 +621,7 @@ class _Helpers:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         for k in range(n):
             name = f"cleanbreak-copy-{k}"
-            threading.Thread(target=self._serve, name=name, daemon=True).start()
+            start_quiet_thread(self._serve, name)
         self.count = n
 
     def _serve(self) -> None:

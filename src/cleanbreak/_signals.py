@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
 
@@ -52,6 +53,23 @@ _lock = threading.RLock()  # the handler may run while the main thread holds it
 _listeners: list[Listener] = []
 _saved: dict[int, Any] = {}
 _owner_pid = os.getpid()
+
+
+def start_quiet_thread(target: Callable[[], object], name: str) -> None:
+    """Start a daemon thread that never takes SIGINT or SIGTERM.
+
+    The kernel hands a process-directed signal to any thread that does not block it. A thread
+    of ours that took one would leave the main thread, perhaps asleep in a lock or a read,
+    unwoken: the Python handler runs only in the main thread, once it runs bytecode again. So
+    our threads block both (a thread inherits the mask of the thread that starts it), and the
+    signal goes to the main thread, where a blocking call returns EINTR and the handler runs
+    at once.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def attach(listener: Listener) -> bool:

@@ -136,3 +136,21 @@ class Unit:
         return Unit(
             uid, self.kind, self.fn, items, self.sink, self.start + begin, self.opts, history
         )
+
+
+class UnitQueue(Protocol):
+    """Where ``Pool`` puts units: the part of a backend that callers' threads use."""
+
+    def new_unit(
+        self,
+        kind: int,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        sink: Sink,
+        start: int,
+        opts: TaskOptions,
+    ) -> Unit:
+        """A unit with a fresh uid."""
+
+    def put(self, unit: Unit) -> None:
+        """Queue a unit. Raises RuntimeError once the backend has stopped accepting units."""

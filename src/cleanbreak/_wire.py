@@ -24,7 +24,8 @@ Messages, parent to worker: parts ``(uid, kind, exact)``, ``fn``, ``items``; or 
 and ``(values, errors)``. ``values`` holds the results of ``count`` items from ``offset`` in
 the unit, ``errors`` maps a position in ``values`` to a ``CapturedError``, ``status`` says
 whether more of the unit follows (``PARTIAL``), it is done (``DONE``), the worker stopped before
-the next item because the pool is draining (``SKIPPED``), or the unit could not be unpickled
+the next item because the pool's gate closed (``SKIPPED``), a SIGTERM broke off the next item
+and the worker is about to die of it (``STOPPED``), or the unit could not be unpickled
 (``UNREADABLE``), and ``seconds`` is how long those items took (which sizes the next chunks).
 The first message of a worker is one part: ``None`` once it is ready, or the ``CapturedError``
 of its initializer.
@@ -62,6 +63,7 @@ CALL_KW: Final = 2  # fn(*item[0], **item[1])
 PARTIAL: Final = 0
 DONE: Final = 1
 SKIPPED: Final = 2
+STOPPED: Final = 4  # (3 is the worker's UNREADABLE)
 
 # Reads and writes are capped so that one busy worker cannot starve the others in the
 # manager's loop, and so that a read buffer does not grow without bound.
@@ -269,7 +271,7 @@ class CapturedError:
             # An exception pickles but may not unpickle (a required __init__ argument that is not
             # in .args). Try the round trip here, where the cause can still be reported.
             pickle.loads(dumps(exc))
-        except Exception as err:
+        except BaseException as err:
             reason = f"{type(exc).__name__}: {exc} (and pickling it failed: {err!r})"
             return cls(SerializationError("exception", reason), tb)
         exc.__traceback__ = None

@@ -345,6 +345,16 @@ class Child:
     def completed(self) -> dict[int, int]:
         return {int(k): v for k, v in self.report()["completed"].items()}
 
+    def kept(self) -> dict[int, int]:
+        """Every result the child ended up with: those a ``map`` yielded before the signal
+        (the values of the probe's tasks are ten times their index) and those in
+        ``Interrupted.completed``. No result may be in both: ``completed`` holds only what
+        the caller was not given."""
+        completed = self.completed()
+        yielded = {v // 10: v for v in self.report().get("yielded", [])}
+        assert not yielded.keys() & completed.keys(), (yielded, completed)
+        return yielded | completed
+
     def still_running(self, what: str | None = None) -> list[Watched]:
         """Watched processes (of one kind, or all) that have not exited, checked right now."""
         return [

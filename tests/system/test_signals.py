@@ -139,7 +139,7 @@ def test_users_handler_that_raises_still_stops_the_pool(
     sent, report = child.ctrl_c()
     assert report["sigint_handler_is_users"], report["sigint_handler"]
     assert report["sigterm_handler"] == repr(signal.SIG_DFL)
-    assert child.completed() == {0: 0, 1: 10, 2: 20}
+    assert child.kept() == {0: 0, 1: 10, 2: 20}
     child.drain_events()
     assert child.started_after(sent) == []
     assert_cleaned_up(child, "user's SIGINT handler")
