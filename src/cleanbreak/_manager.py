@@ -883,11 +883,14 @@ def _rebuild(errors: dict[int, CapturedError] | None) -> dict[int, BaseException
 
 def _record_attempts(exc: BaseException, attempts: list[BaseException]) -> None:
     """Note every attempt on the final error: as ``.attempts`` and in its notes."""
-    with contextlib.suppress(AttributeError, TypeError):
+    # A user's exception class may refuse either; the error itself still reaches the caller.
+    with contextlib.suppress(BaseException):
         exc.attempts = attempts  # type: ignore[attr-defined]
-    for n, earlier in enumerate(attempts[:-1], 1):
-        exc.add_note(f"attempt {n} of {len(attempts)} failed: {type(earlier).__name__}: {earlier}")
-    exc.add_note(f"attempt {len(attempts)} of {len(attempts)} failed: this error")
+    with contextlib.suppress(BaseException):
+        for n, earlier in enumerate(attempts[:-1], 1):
+            what = f"{type(earlier).__name__}: {earlier}"
+            exc.add_note(f"attempt {n} of {len(attempts)} failed: {what}")
+        exc.add_note(f"attempt {len(attempts)} of {len(attempts)} failed: this error")
 
 
 def _how(exitcode: int | None) -> str:

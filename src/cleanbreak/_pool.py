@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
+from concurrent.futures._base import LOGGER as _LOGGER
 from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -140,6 +141,7 @@ class Pool(Executor):
                 f"cleanbreak needs a POSIX system (Linux or macOS), not {sys.platform}: it relies "
                 "on process groups and POSIX signals"
             )
+        _refuse_at_exit()
         n = positive("workers", workers) or default_workers()
         if on_interrupt not in _ESCALATION:
             raise ValueError(f"on_interrupt must be 'terminate' or 'drain', got {on_interrupt!r}")
@@ -167,8 +169,9 @@ class Pool(Executor):
             self._backend.started.wait()
         except KeyboardInterrupt as exc:
             # Ctrl-C while the pool starts: before our handler was in place, or in it.
-            if not hasattr(self, "_backend"):
-                raise Interrupted(signal.SIGINT) from None  # nothing was started
+            if not hasattr(self, "_backend"):  # nothing was started
+                _signals.interrupted(signal.SIGINT)
+                raise Interrupted(signal.SIGINT) from None
             self._stop(exc)
             raise self._interrupted(exc, {}) from None
         error = self._backend.start_error
@@ -434,6 +437,7 @@ class Pool(Executor):
             return exc
         result = Interrupted(self._signal or signal.SIGINT, completed, total=total)
         result._filled = True
+        _signals.interrupted(result.signal)
         return result
 
     def _completed(self) -> dict[int, Any]:
@@ -444,6 +448,7 @@ class Pool(Executor):
         return out
 
     def _check_open(self) -> None:
+        _refuse_at_exit()
         if self._signal is not None:
             raise RuntimeError(
                 f"cannot schedule new tasks: the pool was interrupted by {self._signal.name}"
@@ -453,6 +458,14 @@ class Pool(Executor):
             raise BrokenPool(str(broken)) from broken
         if self._closed:
             raise RuntimeError("cannot schedule new tasks after shutdown")
+
+
+def _refuse_at_exit() -> None:
+    """As ``concurrent.futures`` does: nothing new starts once the interpreter is exiting (an
+    atexit handler that waited for it would hang the exit, since the pools are being shut
+    down). Threads that the interpreter still waits for may go on."""
+    if _signals.shutting_down and threading.current_thread() is threading.main_thread():
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
 
 class TaskOptionsView:
@@ -519,13 +532,23 @@ class _TaskFuture(Future[T]):
 
     uid = -1
 
+    def _invoke_callbacks(self) -> None:
+        # Done-callbacks run in the manager thread. Future's own loop logs an Exception and
+        # lets anything else (SystemExit, KeyboardInterrupt) out, which would end that thread:
+        # here each callback's failure is logged, and the other callbacks still run.
+        for callback in self._done_callbacks:  # type: ignore[attr-defined]
+            try:
+                callback(self)
+            except BaseException:
+                _LOGGER.exception("exception calling callback for %r", self)
+
     def _cancel_running(self) -> None:
         with self._condition:
             if self._state not in (PENDING, RUNNING):
                 return
             self._state = CANCELLED
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         self.set_running_or_notify_cancel()  # tells wait() and as_completed()
 
 

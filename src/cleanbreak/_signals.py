@@ -1,17 +1,26 @@
-"""The Ctrl-C and SIGTERM policy: install, escalate, restore.
+"""The Ctrl-C and SIGTERM policy: install, escalate, restore, and how the process ends.
 
 Invariants:
 
 - Handlers are installed only from the main thread (``signal.signal`` works nowhere else), and
-  only over the default handler: ``signal.default_int_handler`` for SIGINT, ``SIG_DFL`` for
-  SIGTERM. A handler the user installed is left alone, and the pool then reacts to the
+  only over the default handler (``signal.default_int_handler`` for SIGINT, ``SIG_DFL`` for
+  SIGTERM) or over a framework's handler that is known to be safe to chain (``CHAINED``):
+  asyncio's ``Runner`` (``asyncio.run``) and the event loop's ``add_signal_handler``. A chained
+  handler is called after ours has stopped the pools, and ours then raises nothing: the
+  framework decides what its main thread does next (asyncio cancels the main task). Any other
+  handler (the user's own, ``SIG_IGN``) is left alone, and the pool then reacts to the
   ``KeyboardInterrupt`` that handler raises, if any, when it reaches a pool call.
 - One handler serves every live pool. It is restored when the last pool detaches, and only if
   it is still ours. A pool detached from another thread cannot restore it; the handler then
-  finds no pool, puts the old handler back itself and acts as it would have.
+  finds no pool, puts the old handler back itself and acts as it would have. A chained
+  asyncio handler whose run has ended is not put back: the default is.
 - The handler only sets state and writes to the manager's wake pipe, then (at the stop level)
   raises ``Interrupted``. The waiting, killing and reaping happen in the manager thread and in
   the pool call that catches the exception.
+- Once an ``Interrupted`` has reached the caller, the process ends as Ctrl-C would have ended
+  it: an uncaught ``Interrupted`` kills the process with its signal, after the atexit handlers
+  and with stdio flushed, so that a shell loop stops; and while the process exits, a second
+  Ctrl-C is ignored, a third ends it at once, killed by the first signal all the same.
 
 Things that don't work:
 
@@ -21,16 +30,28 @@ Things that don't work:
 - Letting the workers receive the terminal's SIGINT (as ``multiprocessing.Pool`` does) makes
   each worker turn it into the result of its current task (CPython gh-125886), or die mid-write
   of a result. Workers lead their own process groups and ignore SIGINT; the parent decides.
+- CPython kills itself with SIGINT after finalizing only when the uncaught exception is exactly
+  ``KeyboardInterrupt`` (``Py_RunMain``); a subclass exits with status 1, which a shell loop
+  ignores. Nothing in Python runs after finalization, and neither libc's ``on_exit`` nor
+  ``Py_AtExit`` can call a function with the argument ``kill`` needs. So the excepthook does
+  the visible part of finalization itself (joins the threads, runs the atexit handlers,
+  flushes every open file) and then kills the process.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import gc
+import io
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
-from types import FrameType
-from typing import Any, Protocol
+from types import FrameType, TracebackType
+from typing import Any, NoReturn, Protocol
 
 from ._errors import Interrupted
 
@@ -38,6 +59,11 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 _DEFAULTS: dict[int, Any] = {
     signal.SIGINT: signal.default_int_handler,
     signal.SIGTERM: signal.SIG_DFL,
+}
+# Frameworks' handlers that ours calls after it has stopped the pools: (module, qualname).
+CHAINED = {
+    ("asyncio.runners", "Runner._on_sigint"),  # asyncio.run, asyncio.Runner
+    ("asyncio.unix_events", "_sighandler_noop"),  # loop.add_signal_handler
 }
 
 
@@ -72,6 +98,14 @@ def start_quiet_thread(target: Callable[[], object], name: str) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def chainable(handler: Any) -> bool:
+    """Whether ``handler`` is a framework's that ours may install over and then call."""
+    func = handler.func if isinstance(handler, functools.partial) else handler
+    func = getattr(func, "__func__", func)
+    key = (getattr(func, "__module__", None), getattr(func, "__qualname__", None))
+    return key in CHAINED
+
+
 def attach(listener: Listener) -> bool:
     """Start routing SIGINT and SIGTERM to ``listener``. Returns whether our handler is in place."""
     global _owner_pid
@@ -82,7 +116,7 @@ def attach(listener: Listener) -> bool:
                 current = signal.getsignal(sig)
                 if current is _handler:
                     continue
-                if current is _DEFAULTS[sig]:
+                if current is _DEFAULTS[sig] or chainable(current):
                     _owner_pid = os.getpid()
                     _saved[sig] = current
                     signal.signal(sig, _handler)
@@ -100,8 +134,18 @@ def detach(listener: Listener) -> None:
 def _restore() -> None:
     for sig, previous in list(_saved.items()):
         if signal.getsignal(sig) is _handler:
-            signal.signal(sig, previous)
+            signal.signal(sig, _still_wanted(sig, previous))
         del _saved[sig]
+
+
+def _still_wanted(sig: int, previous: Any) -> Any:
+    """The handler to put back: ``previous``, unless it is the handler of an asyncio run that
+    has ended (asyncio would have put the default back, had ours not been in its place)."""
+    if isinstance(previous, functools.partial) and chainable(previous):
+        task = previous.keywords.get("main_task")
+        if task is not None and task.done():
+            return _DEFAULTS[sig]
+    return previous
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -111,18 +155,24 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         return
     live = [listener for listener in list(_listeners) if listener.is_live()]
     if not live:
-        _act_as_before(sig)
+        _act_as_before(sig, frame)
         return
     raise_now = False
     for listener in live:
         raise_now = listener.on_signal(sig) or raise_now
+    previous = _saved.get(sig)
+    if previous is not None and chainable(previous):
+        # The framework runs the main thread: let it know, and let it unwind (asyncio cancels
+        # its main task; the pool calls in it then raise Interrupted).
+        previous(signum, frame)
+        return
     if raise_now:
         exc = Interrupted(sig)
         exc._counted = True
         raise exc
 
 
-def _act_as_before(sig: signal.Signals) -> None:
+def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:
     """No pool is live: behave as the handler we replaced would have."""
     previous = _saved.get(sig, _DEFAULTS[sig])
     with _lock:
@@ -133,3 +183,101 @@ def _act_as_before(sig: signal.Signals) -> None:
     if previous == signal.SIG_DFL:
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
+    elif callable(previous):
+        previous(int(sig), frame)
+
+
+# ── how the process ends after an Interrupted ────────────────────────────────────────────────
+
+shutting_down = False  # the interpreter has begun to exit: the main thread has finished
+_first: signal.Signals | None = None  # the signal of the first Interrupted raised here
+_extra = 0  # Ctrl-Cs that came while the process exited after it
+_hooked: Any = None  # the excepthook ours calls first
+
+
+def interrupted(sig: signal.Signals) -> None:
+    """An ``Interrupted`` for ``sig`` is about to reach the caller."""
+    global _first, _hooked
+    if _first is None:
+        _first = sig
+    if _hooked is None and threading.current_thread() is threading.main_thread():
+        _hooked = sys.excepthook
+        sys.excepthook = _excepthook
+
+
+def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    top_level = sys._getframe().f_back is None  # called by the interpreter, not by code
+    if top_level and isinstance(exc, Interrupted):
+        _calm_exit()
+    _hooked(kind, exc, tb)
+    interactive = sys.flags.interactive or sys.flags.inspect or hasattr(sys, "ps1")
+    main = threading.current_thread() is threading.main_thread()
+    if top_level and main and isinstance(exc, Interrupted) and not interactive:
+        _finish_and_die(exc.signal)
+
+
+def _finish_and_die(sig: signal.Signals) -> NoReturn:
+    """End as an uncaught KeyboardInterrupt ends CPython: what the exit would do that a user
+    can see (threads joined, atexit handlers run, files flushed), then death by ``sig``."""
+    try:
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        atexit._run_exitfuncs()
+        _flush_open_files()
+    finally:
+        _die(sig)
+
+
+def _flush_open_files() -> None:
+    """Flush every open file: finalization would have, as it closed them."""
+    for obj in gc.get_objects():
+        if isinstance(obj, io.IOBase):
+            with contextlib.suppress(Exception):
+                if not obj.closed and obj.writable():
+                    obj.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _die(sig: signal.Signals) -> NoReturn:
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # pragma: no cover - the signal came first
+
+
+def _calm_exit() -> None:
+    """After an Interrupted, while the process exits: a further Ctrl-C is ignored, and one
+    more after it ends the process at once, as killed by the first signal."""
+    if _first is None or threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGINT)
+    if current is signal.default_int_handler or current is _handler:
+        signal.signal(signal.SIGINT, _on_sigint_while_exiting)
+
+
+def _on_sigint_while_exiting(signum: int, frame: FrameType | None) -> None:
+    global _extra
+    _extra += 1
+    if _extra >= 2 and _first is not None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _die(_first)
+
+
+def _on_interpreter_exit() -> None:
+    global shutting_down
+    shutting_down = True
+    _calm_exit()
+
+
+# Called as the main thread finishes, before the non-daemon threads are joined and before any
+# atexit handler, whichever order those were registered in (concurrent.futures uses the same).
+_register = getattr(threading, "_register_atexit", atexit.register)
+try:
+    _register(_on_interpreter_exit)
+except RuntimeError:  # pragma: no cover - imported while the interpreter exits
+    shutting_down = True

@@ -281,5 +281,6 @@ class CapturedError:
 
     def rebuild(self) -> BaseException:
         exc = self.exc if self.exc is not None else RuntimeError("unknown task error")
-        exc.__cause__ = RemoteTraceback(f'\n"""\n{self.tb}"""')
+        with contextlib.suppress(BaseException):  # a user's class may refuse the attribute
+            exc.__cause__ = RemoteTraceback(f'\n"""\n{self.tb}"""')
         return exc
