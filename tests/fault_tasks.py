@@ -300,3 +300,53 @@ def raise_system_exit(code: int) -> int:
 
 def raise_keyboard_interrupt(_: object = None) -> int:
     raise KeyboardInterrupt
+
+
+# ── payloads that raise SystemExit or KeyboardInterrupt (issue 9, point 4) ───────────────────
+
+_RAISES: dict[str, type[BaseException]] = {
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+}
+
+
+def _raise_on_load(kind: str) -> None:
+    raise _RAISES[kind](1)
+
+
+class RaisesOnLoad:
+    """Pickles, but unpickling it raises ``kind`` (SystemExit or KeyboardInterrupt)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_raise_on_load, (self.kind,))
+
+
+class RaisesOnDump:
+    """Pickling it raises ``kind``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise _RAISES[self.kind](1)
+
+
+def return_raises_on_load(kind: str) -> Any:
+    return RaisesOnLoad(kind)
+
+
+def return_raises_on_dump(kind: str) -> Any:
+    return RaisesOnDump(kind)
+
+
+def raises_on_load_at_6(x: int) -> Any:
+    """For one-argument maps: item 6's result raises SystemExit as the parent unpickles it."""
+    return RaisesOnLoad("SystemExit") if x == 6 else x * x
+
+
+def raises_on_dump_at_6(x: int) -> Any:
+    """For one-argument maps: item 6's result raises SystemExit as the worker pickles it."""
+    return RaisesOnDump("SystemExit") if x == 6 else x * x

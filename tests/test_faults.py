@@ -731,6 +731,67 @@ def test_system_exit_and_keyboard_interrupt_in_a_task_fail_only_it(
     assert_roundtrip(exc, "kind", "detail")
 
 
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt"])
+def test_a_result_that_raises_as_it_is_unpickled_fails_its_task_only(
+    payload_pool: cleanbreak.Pool, kind: str
+) -> None:
+    """Unpickling a result runs the user's code in the manager thread. Whatever it raises,
+    that task fails and the pool goes on (it used to end the manager thread)."""
+    exc = _fails_alone(payload_pool, payload_pool.submit(ft.return_raises_on_load, kind))
+    assert kind in str(_serialization_error(exc, "result"))
+    assert list(payload_pool.map(ft.square, range(5), timeout=TIMEOUT)) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt"])
+def test_a_result_that_raises_as_it_is_pickled_fails_its_task_and_keeps_the_worker(
+    payload_pool: cleanbreak.Pool, kind: str
+) -> None:
+    """The same exception raised by the task gives TaskAborted; raised while the worker pickles
+    the result, it is a SerializationError, like any result that will not pickle. Either way
+    the task fails alone and its worker lives on (it used to die)."""
+    exc = _fails_alone(payload_pool, payload_pool.submit(ft.return_raises_on_dump, kind))
+    assert kind in str(_serialization_error(exc, "result"))
+
+
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt"])
+def test_an_argument_that_raises_as_it_is_pickled_or_unpickled_fails_its_task(
+    payload_pool: cleanbreak.Pool, kind: str
+) -> None:
+    """Pickled by the manager thread, unpickled by the worker: neither may end."""
+    exc = _fails_alone(payload_pool, payload_pool.submit(ft.identity, ft.RaisesOnDump(kind)))
+    assert kind in str(_serialization_error(exc, "arguments"))
+    exc = _fails_alone(payload_pool, payload_pool.submit(ft.identity, ft.RaisesOnLoad(kind)))
+    assert kind in str(_serialization_error(exc, "arguments"))
+
+
+@pytest.mark.parametrize("fn", [ft.raises_on_load_at_6, ft.raises_on_dump_at_6])
+def test_a_result_that_raises_system_exit_in_a_map_chunk_fails_only_its_item(
+    payload_pool: cleanbreak.Pool, fn: Callable[[int], Any]
+) -> None:
+    results = list(payload_pool.map(fn, range(10), chunksize=5, return_exceptions=True))
+    assert isinstance(results[6], cleanbreak.SerializationError), results
+    assert results[:6] + results[7:] == [i * i for i in range(10) if i != 6], results
+
+
+def test_a_done_callback_that_raises_system_exit_does_not_end_the_pool(
+    payload_pool: cleanbreak.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Done-callbacks run in the manager thread. One that raises SystemExit is logged, as
+    Future logs an Exception; the callbacks after it still run, and the pool goes on."""
+    ran: list[int] = []
+
+    def exits(_: Future[Any]) -> None:
+        raise SystemExit(1)
+
+    fut = payload_pool.submit(ft.square, 3)
+    fut.add_done_callback(exits)
+    fut.add_done_callback(lambda f: ran.append(f.result()))
+    assert fut.result(timeout=TIMEOUT) == 9
+    assert payload_pool.submit(ft.square, 4).result(timeout=TIMEOUT) == 16
+    assert ran == [9]
+    assert any("exception calling callback" in r.message for r in caplog.records)
+
+
 def _chunked_outcomes(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     """Every item's result or error, for a map in chunks of 5 (``cleanbreak.map`` runs every
     item even when some fail)."""

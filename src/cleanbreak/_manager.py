@@ -61,12 +61,14 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._shm import Packer, Segments, load, remove_unread
+from ._signals import HANDLED
 from ._units import Sink, TaskOptions, Unit
 from ._wire import (
     DONE,
@@ -338,7 +340,7 @@ class LocalBackend:
         # here, the main thread, perhaps asleep in a lock, would not be woken to run the Python
         # handler, and Ctrl-C would wait for that lock. Blocked here, it goes to the main thread.
         # (Workers forked from this thread inherit the mask; worker_main unblocks it.)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             self._start_workers()
             while True:
@@ -808,6 +810,13 @@ class LocalBackend:
     # ── worker processes ─────────────────────────────────────────────────────────────────
 
     def _spawn(self) -> None:
+        if self._ctx.get_start_method() != "fork":
+            # Started on the way by spawn and forkserver otherwise. It ends by *unblocking*
+            # SIGINT and SIGTERM in the thread that started it (it does not restore the mask it
+            # found), which would let the worker, or the fork server and so every worker it
+            # forks, start with them unblocked: block them again before anything is forked.
+            resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         task_r, task_w = make_pipe()
         result_r, result_w = make_pipe()
         child_tasks = Connection(task_r, writable=False)
@@ -832,6 +841,7 @@ class LocalBackend:
         try:
             proc.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
             child_tasks.close()
             child_results.close()
             lifeline.close()

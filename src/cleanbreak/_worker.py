@@ -83,6 +83,7 @@ UNREADABLE = 3  # status: the unit's function or items could not be unpickled he
 _segments = Segments(None)
 _sent = 0  # the largest payload this worker has sent
 _lifeline = -1  # the read end of the lifeline; end-of-file once the parent is gone
+_gate: Any = None  # the pool's gate (below)
 
 
 # ── the gate ─────────────────────────────────────────────────────────────────────────────────
@@ -169,13 +170,14 @@ def worker_main(
     signal.signal(signal.SIGTERM, _on_sigterm)
     with contextlib.suppress(OSError):  # pragma: no cover - already a group leader
         os.setpgid(0, 0)
-    global _segments, _lifeline
+    global _segments, _lifeline, _gate
     _segments = Segments(shm_prefix)
+    _gate = gate
     task_fd = _take_fd(tasks)
     result_fd = _take_fd(results)
     _lifeline = _take_fd(lifeline)
     view = memoryview(gate).cast("B")
-    _start_watchdog(_lifeline, gate)  # while both signals are still blocked here
+    _start_watchdog(_lifeline)  # while both signals are still blocked here
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)
@@ -252,20 +254,20 @@ def _take_fd(conn: Connection) -> int:
     return fd
 
 
-def _start_watchdog(fd: int, gate: Any) -> None:
+def _start_watchdog(fd: int) -> None:
     def watch() -> None:
         try:
             os.read(fd, 1)
         finally:
-            _orphaned(gate)
+            _orphaned()
 
     start_quiet_thread(watch, "cleanbreak-watchdog")
 
 
-def _orphaned(gate: Any) -> NoReturn:
+def _orphaned() -> NoReturn:
     """The parent is gone: no item starts anywhere in the pool, and this worker's process
     group dies at once."""
-    close_gate(gate)
+    close_gate(_gate)
     # Nobody will read what is in the pool's segments now (see _shm).
     _segments.purge_for_good()
     if os.getpgid(0) == os.getpid():
@@ -313,7 +315,9 @@ def _run_unit(
     flush_at = since + flush_every
     stopped = False
     while not stopped and (pos := offset + len(values)) < n:
-        if _is_closed(gate) or _stop_requested or _parent_gone():
+        if _parent_gone():
+            _orphaned()
+        if _is_closed(gate) or _stop_requested:
             break
         end = min(n, pos + batch)
         started = time.monotonic()
@@ -374,7 +378,10 @@ def _send(out: int, message: tuple[Any, ...]) -> None:
         # Some value would not pickle, or its pickling raised even SystemExit: that item
         # fails alone, and the worker goes on.
         payload = Packer(_segments).pack(_picklable(values, errors))
-    send_frame(out, dumps((uid, offset, len(values), status, seconds)), payload)
+    try:
+        send_frame(out, dumps((uid, offset, len(values), status, seconds)), payload)
+    except BrokenPipeError:  # the parent is gone, and nobody will read this
+        _orphaned()
     global _sent
     _sent = max(_sent, largest(payload.layout))
 
@@ -389,7 +396,7 @@ def _picklable(
         try:
             dumps(value)
         except BaseException as exc:
-            reason = f"{type(value).__name__} object: {exc}"
+            reason = f"{type(value).__name__} object: {type(exc).__name__}: {exc}"
             errors[i] = CapturedError(SerializationError("result", reason), "")
             clean.append(None)
         else:

@@ -84,6 +84,9 @@ class Child:
 
     tmp: Path
     argv: list[str]
+    park_bootstrap: bool = False  # workers wait in the script's import (SYSPROBE_PARK_BOOTSTRAP)
+    # What to run instead of the probe script; --events and --release are appended to it.
+    command: list[str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
     events: list[Event] = field(default_factory=list)
@@ -106,21 +109,22 @@ class Child:
         self._keep = os.open(events, os.O_WRONLY | os.O_NONBLOCK)
         # Read-write, so that tasks can open it for reading without waiting for a writer.
         self._release = os.open(release, os.O_RDWR | os.O_NONBLOCK)
-        argv = [
-            sys.executable,
-            str(SCRIPT),
-            *self.argv,
-            "--events",
-            str(events),
-            "--release",
-            str(release),
-        ]
+        head = self.command or [sys.executable, str(SCRIPT)]
+        argv = [*head, *self.argv, "--events", str(events), "--release", str(release)]
+        env = dict(os.environ, SYSPROBE_EVENTS=str(events), SYSPROBE_RELEASE=str(release))
+        if self.park_bootstrap:
+            env["SYSPROBE_PARK_BOOTSTRAP"] = "1"
         with (
             open(self.tmp / "stdout", "wb") as out,
             open(self.tmp / "stderr", "wb") as err,
         ):
             self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+                argv,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
             )
         self.pidfd = os.pidfd_open(self.proc.pid)
 
@@ -146,7 +150,8 @@ class Child:
         return f"stdout:\n{out}\nstderr:\n{self.stderr()}"
 
     def _read(self, timeout: float) -> None:
-        readable, _, _ = select.select([self._fd, self.pidfd], [], [], max(0.0, timeout))
+        watch = [self._fd] if self.exited_ns is not None else [self._fd, self.pidfd]
+        readable, _, _ = select.select(watch, [], [], max(0.0, timeout))
         if self._fd in readable:
             try:
                 chunk = os.read(self._fd, 65536)
@@ -171,6 +176,8 @@ class Child:
             self.watch(event.int(1), "worker")
         elif event.kind == "grandchild":
             self.watch(event.int(1), "grandchild")
+        elif event.kind == "bootstrap":
+            self.watch(event.int(0), "worker")
 
     def watch(self, pid: int, what: str) -> None:
         if pid in self.watched:
@@ -182,11 +189,19 @@ class Child:
             return
         self.watched[pid] = Watched(pid, what, fd)
 
-    def wait_for(self, done: Callable[[Child], bool], what: str, timeout: float = TIMEOUT) -> None:
-        """Read events until ``done(self)``. Fails if the child exits first or time runs out."""
+    def wait_for(
+        self,
+        done: Callable[[Child], bool],
+        what: str,
+        timeout: float = TIMEOUT,
+        *,
+        after_exit: bool = False,
+    ) -> None:
+        """Read events until ``done(self)``. Fails if the child exits first (unless
+        ``after_exit``: its workers may still write events) or time runs out."""
         deadline = time.monotonic() + timeout
         while not done(self):
-            if self.exited_ns is not None:
+            if self.exited_ns is not None and not after_exit:
                 self._read(0)  # whatever it wrote before it exited
                 if done(self):
                     return
@@ -239,10 +254,11 @@ class Child:
 
     # ── signals and exits ──────────────────────────────────────────────────────────────
 
-    def _main_thread_sample(self) -> tuple[str, int] | None:
+    def _main_thread_sample(self, pid: int | None = None) -> tuple[str, int] | None:
+        pid = pid or self.pid
         try:
-            stat = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text()
-            status = Path(f"/proc/{self.pid}/task/{self.pid}/status").read_text()
+            stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
         except OSError:
             return None
         state = stat.rsplit(")", 1)[1].split()[0]
@@ -253,7 +269,9 @@ class Child:
         )
         return state, switches
 
-    def wait_parent_asleep(self, timeout: float = TIMEOUT) -> None:
+    def wait_parent_asleep(
+        self, timeout: float = TIMEOUT, *, pid: int | None = None, since: Any = None
+    ) -> None:
         """Wait until the parent's main thread has been asleep, without waking, for 5 ms.
 
         CPython runs a Python signal handler only in the main thread, when it next runs
@@ -273,7 +291,11 @@ class Child:
                     f"the child exited (status {self.proc.wait() if self.proc else None}) "
                     f"before the test could signal it; events {self.kinds()}\n{self.output()}"
                 )
-            sample = self._main_thread_sample()
+            sample = self._main_thread_sample(pid)
+            if sample is not None and sample == since:  # not woken yet: it must wake first
+                quiet = []
+                time.sleep(0.001)
+                continue
             if sample is None or sample[0] != "S" or (quiet and sample != quiet[-1]):
                 quiet = []
             if sample is not None and sample[0] == "S":
@@ -305,6 +327,14 @@ class Child:
         else:
             raise ValueError(how)
         return t
+
+    def ctrl_c_handled(self) -> None:
+        """Ctrl-C the group while the parent's main thread sleeps, and return once it has
+        woken for it and gone back to sleep: its handler has run (and did not end it)."""
+        self.wait_parent_asleep()
+        before = self._main_thread_sample()
+        os.killpg(self.pid, signal.SIGINT)
+        self.wait_parent_asleep(since=before)
 
     def ctrl_c(self) -> tuple[int, dict[str, Any]]:
         """Ctrl-C the child's process group; it must stop on ``Interrupted`` for SIGINT and
@@ -435,10 +465,17 @@ class Child:
 
 def ignored_signals(pid: int) -> set[signal.Signals]:
     """The signals process ``pid`` ignores (SIG_IGN), from /proc."""
+    return _signal_set(pid, "SigIgn:")
+
+
+def blocked_signals(pid: int) -> set[signal.Signals]:
+    """The signals the main thread of process ``pid`` blocks, from /proc."""
+    return _signal_set(pid, "SigBlk:")
+
+
+def _signal_set(pid: int, field: str) -> set[signal.Signals]:
     status = Path(f"/proc/{pid}/status").read_text()
-    mask = int(
-        next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16
-    )
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith(field)), 16)
     return {sig for sig in signal.Signals if mask & (1 << (sig - 1))}
 
 

@@ -39,6 +39,10 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         watch_level: bool = False,
         stop_grace: float | None = None,
         input: str = "list",
+        chunksize: int = 1,
+        hold_spawn: bool = False,
+        hold_orphan: bool = False,
+        park_bootstrap: bool = False,
     ) -> Child:
         tmp = tmp_path / f"child{len(children)}"
         tmp.mkdir()
@@ -50,14 +54,43 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             f"--api={api}",
             f"--wait={wait}",
             f"--input={input}",
+            f"--chunksize={chunksize}",
         ]
+        if hold_spawn:
+            argv.append("--hold-spawn")
+        if hold_orphan:
+            argv.append("--hold-orphan")
         if user_handler:
             argv.append("--user-handler")
         if watch_level:
             argv.append("--watch-level")
         if stop_grace is not None:
             argv.append(f"--stop-grace={stop_grace}")
-        child = Child(tmp, argv)
+        child = Child(tmp, argv, park_bootstrap=park_bootstrap)
+        children.append(child)
+        child.start()
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            child.cleanup()
+
+
+StartCommand = Callable[..., Child]
+
+
+@pytest.fixture
+def start_command(tmp_path: Path) -> Iterator[StartCommand]:
+    """Start ``command`` (a script of ``scripts/`` run by this Python, or any argv) with the
+    events and release FIFOs appended to its arguments; cleaned up as ``start_child`` does."""
+    children: list[Child] = []
+
+    def start(command: list[str], *argv: str) -> Child:
+        tmp = tmp_path / f"command{len(children)}"
+        tmp.mkdir()
+        child = Child(tmp, list(argv), command=command)
         children.append(child)
         child.start()
         return child

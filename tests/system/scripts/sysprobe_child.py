@@ -10,6 +10,14 @@ signals it, and reads the one JSON object it prints on stdout at the end. Events
                          spinning in user code inside the ``with`` block
 - ``reading <ns>``       with ``--input lazy``: the pool asked the input generator for the item
                          after the last one, and the generator now waits (in ``time.sleep``)
+- ``spawning <n>``       with ``--hold-spawn``: the manager thread is about to start worker n,
+                         and waits for one byte on the release FIFO first (so ``Pool()`` has
+                         not returned)
+- ``bootstrap <pid>``    with ``SYSPROBE_PARK_BOOTSTRAP`` set (spawn, forkserver): a worker is
+                         importing this module, and waits there for one byte on the release
+                         FIFO (it is still in the parent's process group)
+- ``orphaned <pid> main|other``  with ``--hold-orphan``: a worker's main thread (or another)
+                         found that its parent died (see ``sysprobe_tasks.hold_orphans``)
 
 Exit status: 130 after ``cleanbreak.Interrupted`` (as the CLI does), 0 when everything
 finished, 1 with a traceback on anything else.
@@ -18,8 +26,10 @@ finished, 1 with a traceback on anything else.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import faulthandler
 import json
+import os
 import signal
 import sys
 import threading
@@ -35,7 +45,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
 import cleanbreak._manager
-from tests.system.scripts.sysprobe_tasks import Receipt, Spec, emit, task
+from tests.system.scripts.sysprobe_tasks import (
+    Receipt,
+    Spec,
+    emit,
+    hold_orphans,
+    task,
+    wait_release,
+)
+
+if __name__ == "__mp_main__" and os.environ.get("SYSPROBE_PARK_BOOTSTRAP"):
+    # A worker started by spawn or forkserver imports this module before it runs anything of
+    # cleanbreak's: park it here, where a Ctrl-C to the group used to print its traceback.
+    emit(os.environ["SYSPROBE_EVENTS"], "bootstrap", os.getpid())
+    wait_release(os.environ["SYSPROBE_RELEASE"])
 
 
 def _user_handler(signum: int, frame: FrameType | None) -> None:
@@ -77,6 +100,36 @@ def _waiting(specs: list[Spec], events: str) -> Iterator[Spec]:
         time.sleep(3600)
 
 
+def _hold_spawn(events: str, release: str) -> None:
+    """Test instrumentation: the manager thread announces each worker it is about to start,
+    and waits to be released first."""
+    real = cleanbreak._manager.LocalBackend._spawn
+    count = iter(range(1_000_000))
+
+    def spawn(self: cleanbreak._manager.LocalBackend) -> None:
+        emit(events, "spawning", next(count))
+        wait_release(release)
+        real(self)
+
+    cleanbreak._manager.LocalBackend._spawn = spawn  # type: ignore[method-assign]
+
+
+async def _run_in_executor(
+    args: argparse.Namespace, specs: list[Spec], report: dict[str, Any]
+) -> list[Any]:
+    """The tasks through asyncio's run_in_executor, on a pool made inside asyncio.run."""
+    loop = asyncio.get_running_loop()
+    if args.api == "asyncio-loop-handler":
+        # As black does: the loop's own SIGINT handler cancels the main task.
+        main = asyncio.current_task()
+        assert main is not None
+        loop.add_signal_handler(signal.SIGINT, main.cancel)
+    with cleanbreak.Pool(args.workers, on_interrupt=args.mode, mp_context=args.method) as pool:
+        emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
+        report["sigint_handler_inside"] = repr(signal.getsignal(signal.SIGINT))
+        return list(await asyncio.gather(*(loop.run_in_executor(pool, task, s) for s in specs)))
+
+
 def _spin() -> None:
     n = 0
     while True:
@@ -101,8 +154,20 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--layout", required=True, help="one task kind per character")
     parser.add_argument(
-        "--api", default="submit", choices=["submit", "map", "imap_unordered", "cbmap"]
+        "--api",
+        default="submit",
+        choices=[
+            "submit",
+            "map",
+            "imap_unordered",
+            "cbmap",
+            "asyncio",
+            "asyncio-loop-handler",
+        ],
     )
+    parser.add_argument("--chunksize", type=int, default=1)
+    parser.add_argument("--hold-spawn", action="store_true")
+    parser.add_argument("--hold-orphan", action="store_true")
     parser.add_argument(
         "--input",
         default="list",
@@ -138,6 +203,9 @@ def main() -> int:
 
     if args.user_handler:
         signal.signal(signal.SIGINT, _user_handler)
+    if args.hold_spawn:
+        _hold_spawn(args.events, args.release)
+    init = (hold_orphans, (args.events,)) if args.hold_orphan else (None, ())
     specs: list[Spec] = [(k, i, args.events, args.release) for i, k in enumerate(args.layout)]
     futures: list[Future[Receipt]] = []
     report: dict[str, Any] = {}
@@ -148,12 +216,18 @@ def main() -> int:
                 specs,
                 workers=args.workers,
                 on_interrupt=args.mode,
-                chunksize=1,
+                chunksize=args.chunksize,
                 mp_context=args.method,
             )
+        elif args.api.startswith("asyncio"):
+            results = asyncio.run(_run_in_executor(args, specs, report))
         else:
             with cleanbreak.Pool(
-                args.workers, on_interrupt=args.mode, mp_context=args.method
+                args.workers,
+                on_interrupt=args.mode,
+                mp_context=args.method,
+                initializer=init[0],
+                initargs=init[1],
             ) as pool:
                 emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
                 if args.watch_level:
@@ -163,7 +237,7 @@ def main() -> int:
                     source = specs if args.input == "list" else _waiting(specs, args.events)
                     results = []
                     report["yielded"] = results
-                    for result in mapper(task, source, chunksize=1):
+                    for result in mapper(task, source, chunksize=args.chunksize):
                         results.append(result)
                 else:
                     futures = [pool.submit(task, spec) for spec in specs]

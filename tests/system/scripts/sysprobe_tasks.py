@@ -82,6 +82,35 @@ class Receipt:
         return (arrive, (self.events, self.index, self.value))
 
 
+def wait_release(release: str) -> None:
+    """Wait for one byte on the release FIFO (see ``Child.release``)."""
+    fd = os.open(release, os.O_RDONLY)
+    try:
+        os.read(fd, 1)
+    finally:
+        os.close(fd)
+
+
+def hold_orphans(events: str) -> None:
+    """A pool initializer (test instrumentation): when this worker finds that its parent is
+    gone, it reports which thread found it, and then waits for ever instead of killing its
+    process group. So the watchdog thread cannot act for the main thread: what the test sees
+    is what the main thread does by itself between items."""
+    import cleanbreak._worker
+
+    def orphaned() -> None:
+        thread = threading.current_thread()
+        emit(
+            events,
+            "orphaned",
+            os.getpid(),
+            "main" if thread is threading.main_thread() else "other",
+        )
+        threading.Event().wait()
+
+    cleanbreak._worker._orphaned = orphaned  # type: ignore[assignment]
+
+
 class _Stopped(Exception):
     pass
 
@@ -131,11 +160,7 @@ def task(spec: Spec) -> Receipt:
         emit(events, "grandchild", index, child.pid)
         _block()
     elif kind == "d":
-        fd = os.open(release, os.O_RDONLY)
-        try:
-            os.read(fd, 1)
-        finally:
-            os.close(fd)
+        wait_release(release)
         return Receipt(events, index, index * 10)
     raise ValueError(f"unknown task kind {kind!r}")
 

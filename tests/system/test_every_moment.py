@@ -1,0 +1,184 @@
+"""The Ctrl-C promise at the moments the other system tests do not choose (issue 9): in the
+middle of a chunk, while the pool starts, while a worker imports the main module, after the
+parent died between two items, and under ``asyncio.run``.
+
+Each test parks the child at its moment by a handshake (an event it writes, a FIFO it waits
+on), then signals it as a terminal would.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from ._harness import METHODS, Child, assert_cleaned_up, blocked_signals, ms, record
+from .conftest import StartChild
+
+SIGNALS = ["sigint-group", "sigterm-parent"]
+
+
+def _no_traceback(child: Child) -> None:
+    err = child.stderr()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize("api", ["map", "imap_unordered", "cbmap"])
+@pytest.mark.parametrize("how", SIGNALS)
+@pytest.mark.parametrize("method", METHODS)
+def test_stopping_a_chunk_keeps_the_items_it_finished(
+    start_child: StartChild, method: str, how: str, api: str
+) -> None:
+    """One chunk of three items on one worker: items 0 and 1 finish at once, item 2 blocks.
+    The chunk reports every 50 ms, so 0 and 1 are still in the worker when the signal comes.
+    The worker breaks off item 2, sends 0 and 1, and dies: nothing finished is lost."""
+    child = start_child(method=method, layout="qqb", workers=1, api=api, chunksize=3)
+    child.wait_for(lambda c: c.indices("start") == {0, 1, 2}, "items 0-1 to finish, 2 to block")
+    assert not child.of("recv"), "the chunk reported before the signal: the test proves nothing"
+
+    sent = child.send(how)
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    assert child.kept() == {0: 0, 1: 10}
+    child.drain_events()
+    assert child.started_after(sent) == []
+    _no_traceback(child)
+    assert_cleaned_up(child, f"chunk stopped, {api}")
+    record(f"chunk stopped ({how}): signal to parent exit (ms)", ms(sent, child.exited_ns or 0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_second_ctrl_c_of_a_drain_keeps_the_items_a_chunk_finished(
+    start_child: StartChild, method: str
+) -> None:
+    child = start_child(
+        method=method,
+        layout="qqb",
+        workers=1,
+        api="map",
+        chunksize=3,
+        mode="drain",
+        watch_level=True,
+    )
+    child.wait_for(lambda c: c.indices("start") == {0, 1, 2}, "items 0-1 to finish, 2 to block")
+    child.send("sigint-group")
+    child.wait_for(lambda c: c.has_level(1), "the pool to start draining")
+    child.send("sigint-group")
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    assert child.kept() == {0: 0, 1: 10}
+    _no_traceback(child)
+    assert_cleaned_up(child, "drain, chunk stopped")
+
+
+@pytest.mark.parametrize("how", SIGNALS)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_signal_while_the_pool_starts_gives_interrupted(
+    start_child: StartChild, method: str, how: str
+) -> None:
+    """The signal comes while ``Pool()`` is starting its workers: ``Interrupted``, not a
+    ``KeyboardInterrupt`` from inside multiprocessing, and nothing is left."""
+    child = start_child(method=method, layout="qq", hold_spawn=True)
+    child.wait_for(lambda c: bool(c.of("spawning")), "the pool to start its first worker")
+
+    sent = child.send(how)
+    child.release(8)  # the held start goes on
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    assert child.report()["signal"] == ("SIGINT" if how == "sigint-group" else "SIGTERM")
+    assert not child.of("pids"), "Pool() returned after the signal"
+    child.drain_events()
+    assert child.started_after(sent) == []
+    _no_traceback(child)
+    assert_cleaned_up(child, "signal while the pool starts")
+    record(
+        "signal while the pool starts: to Interrupted (ms)", ms(sent, child.report()["caught_ns"])
+    )
+
+
+@pytest.mark.parametrize("api", ["submit", "map"])
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_ctrl_c_while_workers_import_the_main_module_prints_nothing(
+    start_child: StartChild, method: str, api: str
+) -> None:
+    """Both workers are still importing the main module (spawn and forkserver do that first),
+    in the parent's process group, when Ctrl-C reaches the group. They print nothing: they
+    started with SIGINT blocked and then ignore it, and the pool kills a worker that is not
+    ready yet at once."""
+    child = start_child(method=method, layout="qqqq", api=api, park_bootstrap=True)
+    child.wait_for(lambda c: len(c.of("bootstrap")) == 2, "both workers to import the module")
+    for event in child.of("bootstrap"):
+        blocked = blocked_signals(event.int(0))
+        assert {signal.SIGINT, signal.SIGTERM} <= blocked, f"a starting worker blocks {blocked}"
+
+    sent, _report = child.ctrl_c()
+
+    child.drain_events()
+    assert child.of("start") == []
+    _no_traceback(child)
+    assert_cleaned_up(child, "Ctrl-C while workers start")
+    record("Ctrl-C while workers start: to Interrupted (ms)", ms(sent, child.report()["caught_ns"]))
+
+
+@pytest.mark.parametrize("chunksize", [1, 7])
+@pytest.mark.parametrize("method", METHODS)
+def test_no_item_starts_once_the_parent_is_dead(
+    start_child: StartChild, method: str, chunksize: int
+) -> None:
+    """The parent is SIGKILLed while item 0 runs. The worker's watchdog is made unable to act
+    (``hold_orphans``), as when a task holds the GIL: the main thread must see for itself,
+    between two items, that the lifeline is closed, and start nothing more. Items 1-6 come in
+    the same chunk (chunksize 7) or as chunks already sent to the worker (chunksize 1)."""
+    child = start_child(
+        method=method,
+        layout="d" + "q" * 6,
+        workers=1,
+        api="map",
+        chunksize=chunksize,
+        hold_orphan=True,
+    )
+    child.wait_for(lambda c: c.indices("start") == {0}, "item 0 to start")
+
+    child.send("sigkill-parent")
+    child.wait_exit()
+    child.wait_for(
+        lambda c: any(e.args[1] == "other" for e in c.of("orphaned")),
+        "the watchdog to see the parent die",
+        after_exit=True,
+    )
+    child.release(1)  # item 0 returns; no other item may start
+    child.wait_for(
+        lambda c: (
+            any(e.args[1] == "main" for e in c.of("orphaned")) or bool(c.indices("start") - {0})
+        ),
+        "the worker's main thread to find the parent gone (or to start the next item)",
+        after_exit=True,
+    )
+    child.drain_events()
+    assert child.indices("start") == {0}
+
+
+@pytest.mark.parametrize("api", ["asyncio", "asyncio-loop-handler"])
+@pytest.mark.parametrize("method", METHODS)
+def test_ctrl_c_under_asyncio_stops_the_running_tasks(
+    start_child: StartChild, method: str, api: str
+) -> None:
+    """A pool made inside ``asyncio.run``, called through ``run_in_executor``. asyncio put its
+    own SIGINT handler in place (the runner's, or the loop's ``add_signal_handler``, as black
+    does); the pool chains it: the running tasks are stopped at once, and ``Interrupted``
+    comes out of ``asyncio.run``."""
+    child = start_child(method=method, layout="bb" + "qq", api=api)
+    child.wait_for(lambda c: c.indices("start") == {0, 1}, "both blocking tasks")
+
+    sent, report = child.ctrl_c()
+
+    assert report["completed"] == {}
+    assert "_handler" in report["sigint_handler_inside"], report
+    child.drain_events()
+    assert child.started_after(sent) == []
+    _no_traceback(child)
+    assert_cleaned_up(child, f"Ctrl-C under {api}")
+    record(f"Ctrl-C under {api}: to Interrupted (ms)", ms(sent, report["caught_ns"]))

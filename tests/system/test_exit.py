@@ -1,0 +1,170 @@
+"""How the process ends (issue 9, points 5, 7, 10 and 12): an uncaught ``Interrupted`` ends it
+as an uncaught ``KeyboardInterrupt`` would, so a shell loop stops; a further Ctrl-C while it
+exits changes nothing; ``submit`` from an atexit handler fails at once; and a script that
+starts a pool without the ``__main__`` guard is told so, in one line."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ._harness import EXIT_GUARD, METHODS, TIMEOUT, Child
+from .conftest import StartCommand
+
+SCRIPT = Path(__file__).parent / "scripts" / "exit_child.py"
+PYTHON = [sys.executable, str(SCRIPT)]
+
+
+def _blocked(child: Child) -> bool:
+    return child.indices("start") == {0, 1}
+
+
+def _one_traceback(child: Child, sig: str) -> None:
+    err = child.stderr()
+    assert err.count("Traceback") == 1, err
+    assert f"Interrupted: interrupted by {sig}" in err, err
+    assert "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize("how", ["sigint-group", "sigterm-parent"])
+@pytest.mark.parametrize("method", METHODS)
+def test_an_uncaught_interrupted_ends_the_process_as_killed_by_the_signal(
+    start_command: StartCommand, tmp_path: Path, method: str, how: str
+) -> None:
+    """Killed by SIGINT after Ctrl-C (by SIGTERM after SIGTERM), as CPython ends on an
+    uncaught KeyboardInterrupt; and first the atexit handlers ran, stdout was flushed, and a
+    file left open got its data."""
+    out = tmp_path / "left-open.txt"
+    child = start_command(PYTHON, "uncaught", f"--method={method}", f"--out-file={out}")
+    child.wait_for(_blocked, "both tasks to block")
+
+    child.send(how)
+    status = child.wait_exit()
+
+    sig = signal.SIGINT if how == "sigint-group" else signal.SIGTERM
+    assert status == -sig, child.output()
+    assert (child.tmp / "stdout").read_text() == "buffered atexit ran\n"
+    assert out.read_text() == "unflushed"
+    _one_traceback(child, sig.name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_shell_loop_stops_at_ctrl_c(start_command: StartCommand, method: str) -> None:
+    """``for f in ...; do python script.py; done``: bash goes on to the next round unless its
+    child died of SIGINT. After Ctrl-C, the loop stops in its first round."""
+    loop = 'for i in 1 2 3; do "$@"; echo "next $i"; done'
+    child = start_command(["bash", "-c", loop, "bash", *PYTHON], "uncaught", f"--method={method}")
+    child.wait_for(_blocked, "both tasks of the first round to block")
+    python = child.of("parent")[0].int(0)
+    child.wait_parent_asleep(pid=python)
+
+    child.send("sigint-group", asleep=False)
+    status = child.wait_exit()
+
+    assert status == -signal.SIGINT, child.output()
+    assert "next" not in (child.tmp / "stdout").read_text(), child.output()
+    child.drain_events()
+    assert len(child.of("parent")) == 1, "a second round started"
+
+
+@pytest.mark.parametrize("mode", ["uncaught", "caught"])
+def test_a_second_ctrl_c_while_the_process_exits_changes_nothing(
+    start_command: StartCommand, mode: str
+) -> None:
+    """The first Ctrl-C stops the pool; the second comes while an atexit handler runs. It
+    prints nothing, and the exit status is the first one's."""
+    child = start_command(PYTHON, mode, "--park-atexit")
+    child.wait_for(_blocked, "both tasks to block")
+    child.send("sigint-group")
+    child.wait_for(lambda c: bool(c.of("atexit")), "the process to run its atexit handlers")
+
+    child.ctrl_c_handled()
+    child.release(1)
+    status = child.wait_exit()
+
+    assert status == (-signal.SIGINT if mode == "uncaught" else 130), child.output()
+    assert "atexit ran" in (child.tmp / "stdout").read_text()
+    err = child.stderr()
+    assert "Exception ignored" not in err and "KeyboardInterrupt\n" not in err, err
+    if mode == "uncaught":
+        _one_traceback(child, "SIGINT")
+    else:
+        assert "Traceback" not in err, err
+
+
+def test_a_third_ctrl_c_while_the_process_exits_ends_it_at_once(
+    start_command: StartCommand,
+) -> None:
+    """Someone who presses Ctrl-C again and again while the exit hangs (here, an atexit
+    handler that waits for ever) gets the process ended, as killed by the first signal."""
+    child = start_command(PYTHON, "caught", "--park-atexit")
+    child.wait_for(_blocked, "both tasks to block")
+    child.send("sigint-group")
+    child.wait_for(lambda c: bool(c.of("atexit")), "the process to run its atexit handlers")
+
+    child.ctrl_c_handled()
+    child.send("sigint-group")
+    status = child.wait_exit()
+
+    assert status == -signal.SIGINT, child.output()
+    assert "Exception ignored" not in child.stderr(), child.output()
+
+
+@pytest.mark.parametrize("order", ["first", "last"])
+def test_submit_from_an_atexit_handler_raises_runtime_error(order: str, tmp_path: Path) -> None:
+    """As ``ProcessPoolExecutor`` does, whichever order the handlers were registered in; a
+    future that would never finish would hang the exit of a caller that waits for it."""
+    proc = subprocess.run(
+        [*PYTHON, f"atexit-submit-{order}", "--events", "/dev/null", "--release", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    expected = "runtime-error: cannot schedule new futures after interpreter shutdown"
+    assert proc.stdout.strip() == expected, (proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stderr
+
+
+NO_GUARD = """\
+    import cleanbreak
+
+    def double(x):
+        return 2 * x
+
+    try:
+        print(cleanbreak.map(double, range(4), workers=2, mp_context={method!r}))
+    except cleanbreak.BrokenPool as exc:
+        print(f"BrokenPool: {{exc}}")
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_pool_started_without_the_main_guard_says_what_to_do(method: str, tmp_path: Path) -> None:
+    """Under forkserver and spawn, every worker imports the main module: a script that starts
+    its pool at module level starts one in each worker too. The pool says, in one line, to put
+    it under the guard; no worker prints a traceback. Under fork the script just works."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(NO_GUARD.format(method=method)))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=EXIT_GUARD * 3,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    if method == "fork":
+        assert lines == ["[0, 2, 4, 6]"]
+    else:
+        assert lines[0].startswith("BrokenPool: "), lines
+        assert 'if __name__ == "__main__":' in lines[0], lines
