@@ -507,3 +507,33 @@ def refill_the_hole(size: int) -> int:
     block = bytes((3,)) * (size - (1 << 20))
     del block
     return rss()
+
+
+# ── results the pool must not keep (tests/test_map_results.py) ───────────────────────────────
+
+
+class Dummy:
+    """A result that can be watched with a weakref."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def make_dummy(x: int) -> Dummy:
+    return Dummy(x)
+
+
+def sigkill_on(x: int, bad: int) -> int:
+    """``x * x``, but the worker running item ``bad`` is SIGKILLed."""
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
+def one_ms(x: int) -> int:
+    time.sleep(0.001)
+    return x
+
+
+def sigkill_on_3(x: int) -> int:
+    return sigkill_on(x, 3)

@@ -294,9 +294,11 @@ class MapRun(Generic[T]):
                 sink.arrivals.popleft()
         count = len(piece[1])
         self._next = start + count
-        self._handed += count
         self._window *= 2
+        # Before the piece counts as handed: none of it is yet, and the window bounds the items
+        # read and not yet handed to the caller, these included.
         self._top_up()
+        self._handed += count
         return piece
 
     def _wait(self, cond: threading.Condition) -> None:
