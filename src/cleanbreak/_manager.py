@@ -68,7 +68,7 @@ from typing import Any
 
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._shm import Packer, Segments, load, remove_unread
-from ._signals import HANDLED
+from ._signals import HANDLED, wait_event
 from ._units import Sink, TaskOptions, Unit
 from ._wire import (
     DONE,
@@ -323,7 +323,7 @@ class LocalBackend:
         self.wake()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.finished.wait(timeout)
+        return wait_event(self.finished, timeout)
 
     @property
     def pids(self) -> list[int]:

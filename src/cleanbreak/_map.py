@@ -30,6 +30,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import Interrupted
+from ._signals import CHECK_EVERY
 from ._units import TaskOptions, Unit, UnitQueue
 from ._wire import CALL_ONE, CALL_STAR
 
@@ -302,13 +303,17 @@ class MapRun(Generic[T]):
         return piece
 
     def _wait(self, cond: threading.Condition) -> None:
+        """Wait for the next outcome, ``CHECK_EVERY`` seconds at most at a time (see
+        ``_signals``); the caller checks again what it waits for."""
         if self._deadline is None:
-            cond.wait()
+            cond.wait(CHECK_EVERY)
             return
         left = self._deadline - time.monotonic()
-        if left <= 0 or not cond.wait(left):
-            self._sink.finished = True
-            raise TimeoutError("map() timed out before the next result was ready")
+        if left > 0:
+            cond.wait(min(left, CHECK_EVERY))
+            return
+        self._sink.finished = True
+        raise TimeoutError("map() timed out before the next result was ready")
 
     def _chunk_size(self) -> int:
         if self._fixed_chunk is not None:

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
@@ -166,7 +167,7 @@ class Pool(Executor):
                 n, ctx, initializer, tuple(initargs), max_tasks, reuse_memory
             )
             _signals.attach(self)
-            self._backend.started.wait()
+            _signals.wait_event(self._backend.started)
         except KeyboardInterrupt as exc:
             # Ctrl-C while the pool starts: before our handler was in place, or in it.
             if not hasattr(self, "_backend"):  # nothing was started
@@ -531,6 +532,27 @@ class _TaskFuture(Future[T]):
     """
 
     uid = -1
+
+    def result(self, timeout: float | None = None) -> T:
+        self._wait_done(timeout)
+        return super().result(0)  # done, or the timeout has passed
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_done(timeout)
+        return super().exception(0)
+
+    def _wait_done(self, timeout: float | None) -> None:
+        """Wait until done, ``CHECK_EVERY`` seconds at a time (see ``_signals``), at most
+        ``timeout`` seconds; the base class then reports the outcome, or the timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._state in (PENDING, RUNNING):
+                left = _signals.CHECK_EVERY
+                if deadline is not None:
+                    left = min(left, deadline - time.monotonic())
+                    if left <= 0:
+                        return
+                self._condition.wait(left)
 
     def _invoke_callbacks(self) -> None:
         # Done-callbacks run in the manager thread. Future's own loop logs an Exception and

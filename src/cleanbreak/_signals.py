@@ -30,6 +30,13 @@ Things that don't work:
 - Letting the workers receive the terminal's SIGINT (as ``multiprocessing.Pool`` does) makes
   each worker turn it into the result of its current task (CPython gh-125886), or die mid-write
   of a result. Workers lead their own process groups and ignore SIGINT; the parent decides.
+- A signal that lands just as the main thread goes to sleep in a lock (after its last check
+  for signals, before the futex wait) wakes nothing: the C handler has run, and the Python
+  one waits until the lock returns, which may be never. A wake-up through
+  ``signal.set_wakeup_fd`` cannot reach a thread asleep in a lock either. So wherever the
+  main thread waits in cleanbreak's code (a map's next result, a future, the end of a stop),
+  it waits ``CHECK_EVERY`` seconds at a time, which bounds that race; it is not a poll for
+  work, which always arrives as a notification.
 - CPython kills itself with SIGINT after finalizing only when the uncaught exception is exactly
   ``KeyboardInterrupt`` (``Py_RunMain``); a subclass exits with status 1, which a shell loop
   ignores. Nothing in Python runs after finalization, and neither libc's ``on_exit`` nor
@@ -49,6 +56,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any, NoReturn, Protocol
@@ -56,6 +64,8 @@ from typing import Any, NoReturn, Protocol
 from ._errors import Interrupted
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# The longest the main thread sleeps in one wait inside cleanbreak (see the module docstring).
+CHECK_EVERY = 0.05
 _DEFAULTS: dict[int, Any] = {
     signal.SIGINT: signal.default_int_handler,
     signal.SIGTERM: signal.SIG_DFL,
@@ -79,6 +89,17 @@ _lock = threading.RLock()  # the handler may run while the main thread holds it
 _listeners: list[Listener] = []
 _saved: dict[int, Any] = {}
 _owner_pid = os.getpid()
+
+
+def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)``, in slices of at most ``CHECK_EVERY`` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = CHECK_EVERY if deadline is None else min(CHECK_EVERY, deadline - time.monotonic())
+        if event.wait(max(0.0, left)):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 def start_quiet_thread(target: Callable[[], object], name: str) -> None:
