@@ -340,20 +340,22 @@ class Pool(Executor):
         With ``cancel_futures``, tasks that have not started are cancelled. With ``wait``, the
         call returns once every worker has exited; Ctrl-C meanwhile raises ``Interrupted``.
         """
-        with self._lock:
-            self._closed = True
-        self._backend.close(cancel_pending=cancel_futures)
-        if wait:
-            try:
+        try:
+            with self._lock:
+                self._closed = True
+            self._backend.close(cancel_pending=cancel_futures)
+            if wait:
                 self._backend.wait()
-            except KeyboardInterrupt as exc:
-                self._stop(exc)
-                raise self._interrupted(exc, self._completed()) from None
-            if self._signal is not None and not self._reported:
-                # Ctrl-C in drain mode while we waited: the running tasks were let finish.
-                _signals.detach(self)
-                raise self._interrupted(None, self._completed())
-        _signals.detach(self)
+                if self._signal is not None and not self._reported:
+                    # Ctrl-C in drain mode while we waited: the running tasks were let finish.
+                    _signals.detach(self)
+                    raise self._interrupted(None, self._completed())
+            _signals.detach(self)
+        except KeyboardInterrupt as exc:  # at any moment in here, our handler's or not
+            if isinstance(exc, Interrupted) and exc._filled:
+                raise
+            self._stop(exc)
+            raise self._interrupted(exc, self._completed()) from None
 
     def __enter__(self) -> Pool:
         return self
@@ -625,29 +627,38 @@ def map(
     had finished.
     """
     _flag("return_exceptions", return_exceptions)
-    with Pool(
-        workers,
-        on_interrupt=on_interrupt,
-        mp_context=mp_context,
-        initializer=initializer,
-        initargs=initargs,
-        task_timeout=task_timeout,
-        retries=retries,
-        retry_on=retry_on,
-        max_tasks_per_worker=max_tasks_per_worker,
-    ) as pool:
-        run: MapRun[T] = MapRun(
-            pool,
-            pool._opts,
-            fn,
-            (iterable,),
-            ordered=True,
-            timeout=None,
-            chunksize=chunksize,
-            buffersize=None,
-            keep_all=True,
-        )
-        return collect(run, return_exceptions)
+    run: MapRun[T] | None = None
+    try:
+        with Pool(
+            workers,
+            on_interrupt=on_interrupt,
+            mp_context=mp_context,
+            initializer=initializer,
+            initargs=initargs,
+            task_timeout=task_timeout,
+            retries=retries,
+            retry_on=retry_on,
+            max_tasks_per_worker=max_tasks_per_worker,
+        ) as pool:
+            run = MapRun(
+                pool,
+                pool._opts,
+                fn,
+                (iterable,),
+                ordered=True,
+                timeout=None,
+                chunksize=chunksize,
+                buffersize=None,
+                keep_all=True,
+            )
+            return collect(run, return_exceptions)
+    except Interrupted as exc:
+        if run is not None:
+            # The signal may come once every result is in, while the pool shuts down: the
+            # list about to be returned is lost then, so its results go in .completed.
+            exc.completed = run.gather()
+            exc.total = run.total
+        raise
 
 
 def _flag(name: str, value: object) -> bool:

@@ -187,10 +187,32 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         # its main task; the pool calls in it then raise Interrupted).
         previous(signum, frame)
         return
+    if raise_now and _cancel_asyncio_main():
+        return
     if raise_now:
         exc = Interrupted(sig)
         exc._counted = True
         raise exc
+
+
+def _cancel_asyncio_main() -> bool:
+    """A signal asyncio does not handle (SIGTERM) while ``asyncio.run`` runs the main thread:
+    cancel its main task, as asyncio does on Ctrl-C, rather than raise in the middle of the
+    event loop. True if it was done."""
+    runner = _saved.get(signal.SIGINT)
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None or not (isinstance(runner, functools.partial) and chainable(runner)):
+        return False
+    task = runner.keywords.get("main_task")
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    if task is None or task.done() or task.get_loop() is not loop:
+        return False
+    task.cancel()
+    loop.call_soon_threadsafe(lambda: None)  # wake the loop if it waits in select
+    return True
 
 
 def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:

@@ -41,6 +41,7 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         input: str = "list",
         chunksize: int = 1,
         hold_spawn: bool = False,
+        hold_shutdown: bool = False,
         hold_orphan: bool = False,
         park_bootstrap: bool = False,
     ) -> Child:
@@ -58,6 +59,8 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         ]
         if hold_spawn:
             argv.append("--hold-spawn")
+        if hold_shutdown:
+            argv.append("--hold-shutdown")
         if hold_orphan:
             argv.append("--hold-orphan")
         if user_handler:

@@ -99,6 +99,33 @@ def test_a_signal_while_the_pool_starts_gives_interrupted(
     )
 
 
+@pytest.mark.parametrize("how", SIGNALS)
+@pytest.mark.parametrize("api", ["cbmap", "submit", "map"])
+def test_a_signal_while_the_pool_shuts_down_keeps_every_result(
+    start_child: StartChild, api: str, how: str
+) -> None:
+    """Every task is done and the pool is shutting down (``cleanbreak.map`` has collected its
+    list, or the ``with`` block ends) when the signal comes: ``Interrupted``, with every
+    result that the caller has not got otherwise."""
+    child = start_child(method="forkserver", layout="qqqq", api=api, hold_shutdown=True)
+    child.wait_for(lambda c: bool(c.of("shutdown")), "the pool to shut down")
+
+    child.send(how)
+    child.release(1)
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    report = child.report()
+    everything = {i: 10 * i for i in range(4)}
+    if api == "submit":  # the futures keep their results, and completed lists them
+        assert child.completed() == everything
+        assert report["futures"] == [f"result:{v}" for v in everything.values()]
+    else:
+        assert child.kept() == everything
+    _no_traceback(child)
+    assert_cleaned_up(child, f"signal while the pool shuts down, {api}")
+
+
 @pytest.mark.parametrize("api", ["submit", "map"])
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_ctrl_c_while_workers_import_the_main_module_prints_nothing(

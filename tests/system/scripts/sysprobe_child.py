@@ -13,6 +13,8 @@ signals it, and reads the one JSON object it prints on stdout at the end. Events
 - ``spawning <n>``       with ``--hold-spawn``: the manager thread is about to start worker n,
                          and waits for one byte on the release FIFO first (so ``Pool()`` has
                          not returned)
+- ``shutdown``           with ``--hold-shutdown``: every task is done and the pool is about to
+                         shut down; it waits for one byte on the release FIFO first
 - ``bootstrap <pid>``    with ``SYSPROBE_PARK_BOOTSTRAP`` set (spawn, forkserver): a worker is
                          importing this module, and waits there for one byte on the release
                          FIFO (it is still in the parent's process group)
@@ -100,6 +102,19 @@ def _waiting(specs: list[Spec], events: str) -> Iterator[Spec]:
         time.sleep(3600)
 
 
+def _hold_shutdown(events: str, release: str) -> None:
+    """Test instrumentation: as ``Pool.shutdown`` tells the backend to close, it announces
+    itself and waits to be released."""
+    real = cleanbreak._manager.LocalBackend.close
+
+    def close(self: cleanbreak._manager.LocalBackend, cancel_pending: bool) -> None:
+        emit(events, "shutdown")
+        wait_release(release)
+        real(self, cancel_pending)
+
+    cleanbreak._manager.LocalBackend.close = close  # type: ignore[method-assign]
+
+
 def _hold_spawn(events: str, release: str) -> None:
     """Test instrumentation: the manager thread announces each worker it is about to start,
     and waits to be released first."""
@@ -167,6 +182,7 @@ def main() -> int:
     )
     parser.add_argument("--chunksize", type=int, default=1)
     parser.add_argument("--hold-spawn", action="store_true")
+    parser.add_argument("--hold-shutdown", action="store_true")
     parser.add_argument("--hold-orphan", action="store_true")
     parser.add_argument(
         "--input",
@@ -205,6 +221,8 @@ def main() -> int:
         signal.signal(signal.SIGINT, _user_handler)
     if args.hold_spawn:
         _hold_spawn(args.events, args.release)
+    if args.hold_shutdown:
+        _hold_shutdown(args.events, args.release)
     init = (hold_orphans, (args.events,)) if args.hold_orphan else (None, ())
     specs: list[Spec] = [(k, i, args.events, args.release) for i, k in enumerate(args.layout)]
     futures: list[Future[Receipt]] = []

@@ -1,0 +1,127 @@
+"""One job for the stress test (``test_stress.py``): tasks of 1-40 ms through one API, to be
+signalled, or killed, at a random moment.
+
+Events written to the FIFO:
+
+- ``begin <ns>``          just before the pool is made
+- ``start <i> <pid> <ns>`` / ``end <i> <ns>``   a task starts; it has computed its result
+- ``gate <ns>``           the pool closed its gate: from now on no task may start
+- ``done <ns>``           the pool is gone (the with block, or ``cleanbreak.map``, returned)
+
+Then one JSON line on stdout: ``yielded`` ([index, value] pairs the caller got before any
+signal), ``completed`` (``Interrupted.completed``, by index), ``signal``. A task's value is
+``[index, 7 * index]``. Exit status: 130 after ``Interrupted``, 0 when the job finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+import cleanbreak
+import cleanbreak._manager
+from tests.system.scripts.sysprobe_tasks import emit
+
+APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
+Spec = tuple[int, float, str]
+
+
+def stress_task(spec: Spec) -> tuple[int, int]:
+    """Half the tasks sleep, half spin on the CPU."""
+    index, seconds, events = spec
+    emit(events, "start", index, os.getpid(), time.monotonic_ns())
+    if index % 2:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+    else:
+        time.sleep(seconds)
+    emit(events, "end", index, time.monotonic_ns())
+    return index, 7 * index
+
+
+def _watch_gate(events: str) -> None:
+    """Test instrumentation: report when the pool closes its gate."""
+    real = cleanbreak._manager.close_gate  # type: ignore[attr-defined]
+
+    def close_gate(gate: Any) -> None:
+        real(gate)
+        emit(events, "gate", time.monotonic_ns())
+
+    cleanbreak._manager.close_gate = close_gate  # type: ignore[attr-defined]
+
+
+def _lazy(specs: list[Spec]) -> Iterator[Spec]:
+    yield from specs
+
+
+async def _through_asyncio(
+    pool_args: dict[str, Any], specs: list[Spec], yielded: list[Any]
+) -> None:
+    """The user's view of the results is the asyncio futures: they keep theirs."""
+    loop = asyncio.get_running_loop()
+    with cleanbreak.Pool(**pool_args) as pool:
+        futures = [loop.run_in_executor(pool, stress_task, s) for s in specs]
+        try:
+            await asyncio.gather(*futures)
+        finally:
+            yielded.extend(f.result() for f in futures if f.done() and not f.cancelled())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--api", required=True, choices=APIS)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--tasks", type=int, default=60)
+    parser.add_argument("--events", required=True)
+    parser.add_argument("--release", required=True)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    specs = [(i, rng.uniform(0.001, 0.040), args.events) for i in range(args.tasks)]
+    _watch_gate(args.events)
+    mode = "drain" if args.api == "drain" else "terminate"
+    pool_args: dict[str, Any] = {"workers": 2, "on_interrupt": mode, "mp_context": args.method}
+    yielded: list[Any] = []
+    report: dict[str, Any] = {"yielded": yielded, "completed": {}, "signal": None}
+    status = 0
+    emit(args.events, "begin", time.monotonic_ns())
+    try:
+        if args.api == "cbmap":
+            yielded.extend(cleanbreak.map(stress_task, specs, **pool_args))
+        elif args.api == "asyncio":
+            asyncio.run(_through_asyncio(pool_args, specs, yielded))
+        else:
+            with cleanbreak.Pool(**pool_args) as pool:
+                if args.api == "submit":
+                    futures = [pool.submit(stress_task, s) for s in specs]
+                    for fut in futures:
+                        yielded.append(fut.result())
+                elif args.api == "imap_unordered":
+                    for result in pool.imap_unordered(stress_task, _lazy(specs)):
+                        yielded.append(result)
+                else:  # map, drain
+                    for result in pool.map(stress_task, specs):
+                        yielded.append(result)
+    except cleanbreak.Interrupted as exc:
+        report["signal"] = exc.signal.name
+        report["completed"] = {str(k): v for k, v in exc.completed.items()}
+        report["caught_ns"] = time.monotonic_ns()
+        status = 130
+    emit(args.events, "done", time.monotonic_ns())
+    print(json.dumps(report), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Signals at random moments, through every API and start method, counting what went wrong.
+
+Each run starts ``scripts/stress_child.py`` (60 tasks of 1-40 ms on 2 workers, about 0.7 s of
+work), waits for it to report that it is about to make its pool, then waits a random time
+(the moment under test, not a synchronisation) and sends Ctrl-C to the group, SIGINT to the
+parent alone, or SIGTERM. The runs go round every API, start method and signal. A second test
+SIGKILLs the parent at a random moment instead.
+
+Counted, each of which must be 0:
+
+- hangs: the child did not exit within ``EXIT_GUARD`` seconds
+- processes left: a process of the run still alive 1 s after the child exited
+- segments left: a ``/dev/shm`` segment of the run's pools left 1 s after the child exited
+- results lost: a task that had computed its result (its ``end`` event) at least 1 ms before
+  the signal, whose result is neither yielded nor in ``Interrupted.completed`` (in drain mode,
+  any task that ended at all)
+- results wrong: a kept result with the wrong value, or yielded and in ``completed`` both
+- tasks started late: a task that started after the pool closed its gate (the moment the
+  signal handler ran; before that the signal was not yet handled), or, for SIGKILL, after the
+  parent was dead
+- tracebacks: anything on stderr
+- slow stops: in terminate mode, ``Interrupted`` caught more than 0.1 s after the signal
+
+The number of runs is ``CLEANBREAK_STRESS_RUNS`` (CI: one round of the 54 combinations is
+too long, so by default 18 runs, a third of them), and ``CLEANBREAK_STRESS_KILLS`` for the
+SIGKILL test (default 6). The counts are printed in the figures summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cleanbreak import _shm
+
+from ._harness import EXIT_GUARD, METHODS, Child, record
+from .conftest import StartCommand
+
+SCRIPT = Path(__file__).parent / "scripts" / "stress_child.py"
+APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
+SIGNALS = ["sigint-group", "sigint-parent", "sigterm-parent"]
+RUNS = int(os.environ.get("CLEANBREAK_STRESS_RUNS", "18"))
+KILLS = int(os.environ.get("CLEANBREAK_STRESS_KILLS", "6"))
+SEED = int(os.environ.get("CLEANBREAK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
+LEFT_AFTER = 1.0  # seconds after the child's exit by which nothing of it may be left
+MARGIN_NS = 1_000_000  # a result computed this long before the signal must be kept
+COUNTS = [
+    "hangs",
+    "processes left",
+    "segments left",
+    "results lost",
+    "results wrong",
+    "tasks started late",
+    "tracebacks",
+    "slow stops",
+]
+
+
+def _segments(child: Child) -> list[str]:
+    prefix = f"cb-{_shm._namespace()}-"
+    pids = {str(child.pid), *(str(p) for p in child.pids_of("worker"))}
+    return [n for n in os.listdir(_shm.SHM_DIR) if n.startswith(prefix) and n.split("-")[2] in pids]
+
+
+def _leftovers(child: Child, exited_ns: int) -> tuple[list[str], list[str]]:
+    """Processes and segments of the run still there ``LEFT_AFTER`` s after the child exited."""
+    wait = LEFT_AFTER - (time.monotonic_ns() - exited_ns) / 1e9
+    names, _took = child.wait_session_empty(max(0.0, wait))
+    segments = _segments(child)
+    if segments:
+        time.sleep(max(0.0, LEFT_AFTER - (time.monotonic_ns() - exited_ns) / 1e9))
+        segments = _segments(child)
+    return names, segments
+
+
+def _kept(child: Child, api: str, wrong: list[str]) -> dict[int, int]:
+    report = child.report()
+    yielded = {int(i): v for i, v in report["yielded"]}
+    completed = {int(k): v[1] for k, v in report["completed"].items()}
+    if api in ("map", "imap_unordered", "drain", "cbmap") and yielded.keys() & completed.keys():
+        wrong.append(f"yielded and in completed: {sorted(yielded.keys() & completed.keys())}")
+    kept = yielded | completed
+    wrong.extend(f"task {i}: {v} != {7 * i}" for i, v in kept.items() if v != 7 * i)
+    return kept
+
+
+def _start(start: StartCommand, api: str, method: str, seed: int) -> Child:
+    child = start(
+        [sys.executable, str(SCRIPT)], f"--api={api}", f"--method={method}", f"--seed={seed}"
+    )
+    child.wait_for(lambda c: bool(c.of("begin")), "the child to begin")
+    return child
+
+
+def _summary(label: str, counts: Counter[str], runs: int) -> str:
+    record(f"stress {label}: runs", runs)
+    for name in COUNTS:
+        record(f"stress {label}: {name}", counts[name])
+    return ", ".join(f"{name} {counts[name]}" for name in COUNTS)
+
+
+@pytest.mark.stress
+def test_signals_at_random_moments_lose_nothing_and_leave_nothing(
+    start_command: StartCommand,
+) -> None:
+    rng = random.Random(SEED)
+    combos = list(itertools.product(APIS, METHODS, SIGNALS))
+    rng.shuffle(combos)
+    counts: Counter[str] = Counter()
+    problems: list[str] = []
+    after_the_end = 0
+    for run in range(RUNS):
+        api, method, how = combos[run % len(combos)]
+        label = f"run {run} ({api}, {method}, {how}, seed {SEED})"
+        child = _start(start_command, api, method, rng.randrange(1 << 30))
+        time.sleep(rng.uniform(0.0, 0.9))  # the random moment
+        sent = child.send(how, asleep=False)
+        try:
+            status = child.wait_exit(EXIT_GUARD)
+        except AssertionError:
+            counts["hangs"] += 1
+            problems.append(f"{label}: hang\n{child.dump_stacks()}")
+            continue
+        assert child.exited_ns is not None
+        names, segments = _leftovers(child, child.exited_ns)
+        child.drain_events()
+        done = child.of("done")
+        finished_first = status == 0 or (done and done[0].int(0) < sent)
+        if finished_first:
+            after_the_end += 1  # the job ended before the signal: after it, Ctrl-C is the user's
+        if names:
+            counts["processes left"] += 1
+            problems.append(f"{label}: processes left {names}")
+        if segments:
+            counts["segments left"] += 1
+            problems.append(f"{label}: segments left {segments}")
+        if finished_first:
+            continue
+        err = child.stderr()
+        if err.strip():
+            counts["tracebacks"] += 1
+            problems.append(f"{label}: stderr\n{err}")
+        if status != 130:
+            problems.append(f"{label}: exit status {status}\n{child.output()}")
+            counts["results lost"] += 1
+            continue
+        wrong: list[str] = []
+        kept = _kept(child, api, wrong)
+        if wrong:
+            counts["results wrong"] += 1
+            problems.append(f"{label}: {wrong}")
+        ends = {e.int(0): e.int(1) for e in child.of("end")}
+        must = {i for i, t in ends.items() if api == "drain" or t < sent - MARGIN_NS}
+        lost = sorted(must - kept.keys())
+        if lost:
+            counts["results lost"] += 1
+            problems.append(f"{label}: lost {lost}")
+        gates = [e.int(0) for e in child.of("gate")]
+        if gates:
+            record("stress: signal to gate closed (ms)", (gates[0] - sent) / 1e6)
+            late = [e.int(0) for e in child.of("start") if e.int(2) > gates[0]]
+            if late:
+                counts["tasks started late"] += 1
+                problems.append(f"{label}: started after the gate closed {late}")
+        caught = (child.report().get("caught_ns") or sent) - sent
+        if api != "drain":
+            record("stress: signal to Interrupted, terminate (ms)", caught / 1e6)
+            if caught > 100_000_000:
+                counts["slow stops"] += 1
+                problems.append(f"{label}: Interrupted after {caught / 1e6:.0f} ms")
+    record("stress: runs whose job ended before the signal", after_the_end)
+    summary = _summary("signals", counts, RUNS)
+    print(f"\nstress, {RUNS} runs (seed {SEED}): {summary}")
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.stress
+def test_sigkill_at_random_moments_leaves_nothing_and_starts_nothing(
+    start_command: StartCommand,
+) -> None:
+    rng = random.Random(SEED + 1)
+    combos = list(itertools.product(APIS, METHODS))
+    rng.shuffle(combos)
+    counts: Counter[str] = Counter()
+    problems: list[str] = []
+    for run in range(KILLS):
+        api, method = combos[run % len(combos)]
+        label = f"kill {run} ({api}, {method}, seed {SEED})"
+        child = _start(start_command, api, method, rng.randrange(1 << 30))
+        time.sleep(rng.uniform(0.0, 0.9))
+        child.send("sigkill-parent")
+        child.wait_exit(EXIT_GUARD)
+        assert child.exited_ns is not None
+        names, segments = _leftovers(child, child.exited_ns)
+        child.drain_events()
+        if names:
+            counts["processes left"] += 1
+            problems.append(f"{label}: processes left {names}")
+        if segments:
+            counts["segments left"] += 1
+            problems.append(f"{label}: segments left {segments}")
+        late = [e.int(0) for e in child.of("start") if e.int(2) > child.exited_ns]
+        if late:
+            counts["tasks started late"] += 1
+            problems.append(f"{label}: started after the parent died {late}")
+    summary = _summary("SIGKILL", counts, KILLS)
+    print(f"\nstress, {KILLS} SIGKILLs (seed {SEED}): {summary}")
+    assert not problems, "\n\n".join(problems)
