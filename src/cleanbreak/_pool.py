@@ -162,17 +162,30 @@ class Pool(Executor):
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
         ctx = _context(mp_context)
+        # Our handler goes in first, so that a signal at any moment from here on is ours. Until
+        # the backend is made, it only records the signal (see on_signal): raised in the middle
+        # of LocalBackend(), an exception could leave a manager thread that nobody stops.
+        self._starting = True
+        self._pending_level = 0
         try:
+            _signals.attach(self)
             self._backend = LocalBackend(
                 n, ctx, initializer, tuple(initargs), max_tasks, reuse_memory
             )
-            _signals.attach(self)
+        except KeyboardInterrupt:  # a handler of the user's raised it before ours was in place
+            _signals.detach(self)
+            _signals.interrupted(signal.SIGINT)
+            raise Interrupted(signal.SIGINT) from None
+        finally:
+            self._starting = False
+        try:
+            if self._pending_level:
+                self._backend.raise_level(self._pending_level)
+                stop = Interrupted(self._signal or signal.SIGINT)
+                stop._counted = True
+                raise stop
             _signals.wait_event(self._backend.started)
-        except KeyboardInterrupt as exc:
-            # Ctrl-C while the pool starts: before our handler was in place, or in it.
-            if not hasattr(self, "_backend"):  # nothing was started
-                _signals.interrupted(signal.SIGINT)
-                raise Interrupted(signal.SIGINT) from None
+        except KeyboardInterrupt as exc:  # a signal while the pool starts
             self._stop(exc)
             raise self._interrupted(exc, {}) from None
         error = self._backend.start_error
@@ -388,12 +401,15 @@ class Pool(Executor):
         levels = _ESCALATION[self._mode]
         level = levels[min(self._signals_seen, len(levels) - 1)]
         self._signals_seen += 1
+        if self._starting:  # Pool() applies it once the backend is made
+            self._pending_level = max(self._pending_level, level)
+            return False
         raise_now = level >= STOPPING or not self._busy()
         self._backend.raise_level(level)
         return raise_now
 
     def is_live(self) -> bool:
-        return not self._backend.finished.is_set()
+        return self._starting or not self._backend.finished.is_set()
 
     def _busy(self) -> bool:
         if any(not run.finished for run in list(self._runs)):

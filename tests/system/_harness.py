@@ -96,6 +96,7 @@ class Child:
     _keep: int = -1
     _release: int = -1
     _buf: bytes = b""
+    _cleaned: bool = False
 
     # ── starting and talking ───────────────────────────────────────────────────────────
 
@@ -438,7 +439,11 @@ class Child:
     # ── cleanup ────────────────────────────────────────────────────────────────────────
 
     def cleanup(self) -> None:
-        """Kill whatever survived, reap the child and close every descriptor. Never fails."""
+        """Kill whatever survived, reap the child and close every descriptor. Never fails;
+        once is enough (later calls do nothing)."""
+        if self._cleaned:
+            return
+        self._cleaned = True
         if self.proc is not None:
             if self.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -42,6 +42,7 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         chunksize: int = 1,
         hold_spawn: bool = False,
         hold_shutdown: bool = False,
+        hold_construct: bool = False,
         hold_orphan: bool = False,
         park_bootstrap: bool = False,
     ) -> Child:
@@ -61,6 +62,8 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             argv.append("--hold-spawn")
         if hold_shutdown:
             argv.append("--hold-shutdown")
+        if hold_construct:
+            argv.append("--hold-construct")
         if hold_orphan:
             argv.append("--hold-orphan")
         if user_handler:

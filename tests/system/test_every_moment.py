@@ -100,6 +100,28 @@ def test_a_signal_while_the_pool_starts_gives_interrupted(
 
 
 @pytest.mark.parametrize("how", SIGNALS)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_signal_as_the_pool_is_made_gives_interrupted(
+    start_child: StartChild, method: str, how: str
+) -> None:
+    """The signal comes at the very start of ``Pool()``, before any worker: ``Interrupted``
+    (a SIGTERM does not kill the process as its default action would)."""
+    child = start_child(method=method, layout="qq", hold_construct=True)
+    child.wait_for(lambda c: bool(c.of("constructing")), "Pool() to make its backend")
+
+    child.send(how)
+    child.release(1)
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    assert child.report()["signal"] == ("SIGINT" if how == "sigint-group" else "SIGTERM")
+    child.drain_events()
+    assert not child.of("pids") and not child.of("start")
+    _no_traceback(child)
+    assert_cleaned_up(child, "signal as the pool is made")
+
+
+@pytest.mark.parametrize("how", SIGNALS)
 @pytest.mark.parametrize("api", ["cbmap", "submit", "map"])
 def test_a_signal_while_the_pool_shuts_down_keeps_every_result(
     start_child: StartChild, api: str, how: str

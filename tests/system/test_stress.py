@@ -99,11 +99,83 @@ def _start(start: StartCommand, api: str, method: str, seed: int) -> Child:
     return child
 
 
-def _summary(label: str, counts: Counter[str], runs: int) -> str:
-    record(f"stress {label}: runs", runs)
+def _signal_once(child: Child, how: str, rng: random.Random, label: str, api: str) -> list[str]:
+    """Signal one run at a random moment; what went wrong, as ``count: detail`` lines."""
+    time.sleep(rng.uniform(0.0, 0.9))  # the random moment
+    sent = child.send(how, asleep=False)
+    try:
+        status = child.wait_exit(EXIT_GUARD)
+    except AssertionError:
+        return [f"hangs: {label}\n{child.dump_stacks()}"]
+    assert child.exited_ns is not None
+    out: list[str] = []
+    names, segments = _leftovers(child, child.exited_ns)
+    child.drain_events()
+    if names:
+        out.append(f"processes left: {label}: {names}")
+    if segments:
+        out.append(f"segments left: {label}: {segments}")
+    done = child.of("done")
+    if status == 0 or (done and done[0].int(0) < sent):
+        # The job ended before the signal: from then on, Ctrl-C is the user's program's.
+        return [*out, "after the end"]
+    err = child.stderr()
+    if err.strip():
+        out.append(f"tracebacks: {label}: stderr\n{err}")
+    if status != 130:
+        return [*out, f"results lost: {label}: exit status {status}\n{child.output()}"]
+    wrong: list[str] = []
+    kept = _kept(child, api, wrong)
+    if wrong:
+        out.append(f"results wrong: {label}: {wrong}")
+    ends = {e.int(0): e.int(1) for e in child.of("end")}
+    must = {i for i, t in ends.items() if api == "drain" or t < sent - MARGIN_NS}
+    lost = sorted(must - kept.keys())
+    if lost:
+        out.append(f"results lost: {label}: {lost}")
+    gates = [e.int(0) for e in child.of("gate")]
+    if gates:
+        record("stress: signal to gate closed (ms)", (gates[0] - sent) / 1e6)
+        late = [e.int(0) for e in child.of("start") if e.int(2) > gates[0]]
+        if late:
+            out.append(f"tasks started late: {label}: after the gate closed {late}")
+    caught = (child.report().get("caught_ns") or sent) - sent
+    if api != "drain":
+        record("stress: signal to Interrupted, terminate (ms)", caught / 1e6)
+        if caught > 100_000_000:
+            out.append(f"slow stops: {label}: Interrupted after {caught / 1e6:.0f} ms")
+    return out
+
+
+def _kill_once(child: Child, rng: random.Random, label: str) -> list[str]:
+    time.sleep(rng.uniform(0.0, 0.9))  # the random moment
+    child.send("sigkill-parent")
+    child.wait_exit(EXIT_GUARD)
+    assert child.exited_ns is not None
+    out: list[str] = []
+    names, segments = _leftovers(child, child.exited_ns)
+    child.drain_events()
+    if names:
+        out.append(f"processes left: {label}: {names}")
+    if segments:
+        out.append(f"segments left: {label}: {segments}")
+    late = [e.int(0) for e in child.of("start") if e.int(2) > child.exited_ns]
+    if late:
+        out.append(f"tasks started late: {label}: after the parent died {late}")
+    return out
+
+
+def _tally(kind: str, runs: int, problems: list[str]) -> None:
+    counts = Counter(p.split(":", 1)[0] for p in problems)
+    record(f"stress {kind}: runs", runs)
     for name in COUNTS:
-        record(f"stress {label}: {name}", counts[name])
-    return ", ".join(f"{name} {counts[name]}" for name in COUNTS)
+        record(f"stress {kind}: {name}", counts[name])
+    if kind == "signals":
+        record("stress signals: runs whose job ended before the signal", counts["after the end"])
+    summary = ", ".join(f"{name} {counts[name]}" for name in COUNTS)
+    print(f"\nstress, {runs} {kind} (seed {SEED}): {summary}")
+    real = [p for p in problems if p != "after the end"]
+    assert not real, "\n\n".join(real)
 
 
 @pytest.mark.stress
@@ -113,72 +185,16 @@ def test_signals_at_random_moments_lose_nothing_and_leave_nothing(
     rng = random.Random(SEED)
     combos = list(itertools.product(APIS, METHODS, SIGNALS))
     rng.shuffle(combos)
-    counts: Counter[str] = Counter()
     problems: list[str] = []
-    after_the_end = 0
     for run in range(RUNS):
         api, method, how = combos[run % len(combos)]
         label = f"run {run} ({api}, {method}, {how}, seed {SEED})"
         child = _start(start_command, api, method, rng.randrange(1 << 30))
-        time.sleep(rng.uniform(0.0, 0.9))  # the random moment
-        sent = child.send(how, asleep=False)
         try:
-            status = child.wait_exit(EXIT_GUARD)
-        except AssertionError:
-            counts["hangs"] += 1
-            problems.append(f"{label}: hang\n{child.dump_stacks()}")
-            continue
-        assert child.exited_ns is not None
-        names, segments = _leftovers(child, child.exited_ns)
-        child.drain_events()
-        done = child.of("done")
-        finished_first = status == 0 or (done and done[0].int(0) < sent)
-        if finished_first:
-            after_the_end += 1  # the job ended before the signal: after it, Ctrl-C is the user's
-        if names:
-            counts["processes left"] += 1
-            problems.append(f"{label}: processes left {names}")
-        if segments:
-            counts["segments left"] += 1
-            problems.append(f"{label}: segments left {segments}")
-        if finished_first:
-            continue
-        err = child.stderr()
-        if err.strip():
-            counts["tracebacks"] += 1
-            problems.append(f"{label}: stderr\n{err}")
-        if status != 130:
-            problems.append(f"{label}: exit status {status}\n{child.output()}")
-            counts["results lost"] += 1
-            continue
-        wrong: list[str] = []
-        kept = _kept(child, api, wrong)
-        if wrong:
-            counts["results wrong"] += 1
-            problems.append(f"{label}: {wrong}")
-        ends = {e.int(0): e.int(1) for e in child.of("end")}
-        must = {i for i, t in ends.items() if api == "drain" or t < sent - MARGIN_NS}
-        lost = sorted(must - kept.keys())
-        if lost:
-            counts["results lost"] += 1
-            problems.append(f"{label}: lost {lost}")
-        gates = [e.int(0) for e in child.of("gate")]
-        if gates:
-            record("stress: signal to gate closed (ms)", (gates[0] - sent) / 1e6)
-            late = [e.int(0) for e in child.of("start") if e.int(2) > gates[0]]
-            if late:
-                counts["tasks started late"] += 1
-                problems.append(f"{label}: started after the gate closed {late}")
-        caught = (child.report().get("caught_ns") or sent) - sent
-        if api != "drain":
-            record("stress: signal to Interrupted, terminate (ms)", caught / 1e6)
-            if caught > 100_000_000:
-                counts["slow stops"] += 1
-                problems.append(f"{label}: Interrupted after {caught / 1e6:.0f} ms")
-    record("stress: runs whose job ended before the signal", after_the_end)
-    summary = _summary("signals", counts, RUNS)
-    print(f"\nstress, {RUNS} runs (seed {SEED}): {summary}")
-    assert not problems, "\n\n".join(problems)
+            problems += _signal_once(child, how, rng, label, api)
+        finally:
+            child.cleanup()  # its descriptors: hundreds of runs would run out
+    _tally("signals", RUNS, problems)
 
 
 @pytest.mark.stress
@@ -188,28 +204,13 @@ def test_sigkill_at_random_moments_leaves_nothing_and_starts_nothing(
     rng = random.Random(SEED + 1)
     combos = list(itertools.product(APIS, METHODS))
     rng.shuffle(combos)
-    counts: Counter[str] = Counter()
     problems: list[str] = []
     for run in range(KILLS):
         api, method = combos[run % len(combos)]
         label = f"kill {run} ({api}, {method}, seed {SEED})"
         child = _start(start_command, api, method, rng.randrange(1 << 30))
-        time.sleep(rng.uniform(0.0, 0.9))
-        child.send("sigkill-parent")
-        child.wait_exit(EXIT_GUARD)
-        assert child.exited_ns is not None
-        names, segments = _leftovers(child, child.exited_ns)
-        child.drain_events()
-        if names:
-            counts["processes left"] += 1
-            problems.append(f"{label}: processes left {names}")
-        if segments:
-            counts["segments left"] += 1
-            problems.append(f"{label}: segments left {segments}")
-        late = [e.int(0) for e in child.of("start") if e.int(2) > child.exited_ns]
-        if late:
-            counts["tasks started late"] += 1
-            problems.append(f"{label}: started after the parent died {late}")
-    summary = _summary("SIGKILL", counts, KILLS)
-    print(f"\nstress, {KILLS} SIGKILLs (seed {SEED}): {summary}")
-    assert not problems, "\n\n".join(problems)
+        try:
+            problems += _kill_once(child, rng, label)
+        finally:
+            child.cleanup()
+    _tally("SIGKILLs", KILLS, problems)

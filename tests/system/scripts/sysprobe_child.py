@@ -13,6 +13,9 @@ signals it, and reads the one JSON object it prints on stdout at the end. Events
 - ``spawning <n>``       with ``--hold-spawn``: the manager thread is about to start worker n,
                          and waits for one byte on the release FIFO first (so ``Pool()`` has
                          not returned)
+- ``constructing``       with ``--hold-construct``: ``Pool()`` is making its backend (after it
+                         put its signal handler in place, before any worker starts), and
+                         waits for one byte on the release FIFO
 - ``shutdown``           with ``--hold-shutdown``: every task is done and the pool is about to
                          shut down; it waits for one byte on the release FIFO first
 - ``bootstrap <pid>``    with ``SYSPROBE_PARK_BOOTSTRAP`` set (spawn, forkserver): a worker is
@@ -47,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
 import cleanbreak._manager
+import cleanbreak._shm
 from tests.system.scripts.sysprobe_tasks import (
     Receipt,
     Spec,
@@ -113,6 +117,18 @@ def _hold_shutdown(events: str, release: str) -> None:
         real(self, cancel_pending)
 
     cleanbreak._manager.LocalBackend.close = close  # type: ignore[method-assign]
+
+
+def _hold_construct(events: str, release: str) -> None:
+    """Test instrumentation: ``Pool()`` announces that it is making its backend, and waits."""
+    real = cleanbreak._shm.Segments.new_pool
+
+    def new_pool(spares: int) -> cleanbreak._shm.Segments:
+        emit(events, "constructing")
+        wait_release(release)
+        return real(spares)
+
+    cleanbreak._shm.Segments.new_pool = staticmethod(new_pool)  # type: ignore[method-assign,assignment]
 
 
 def _hold_spawn(events: str, release: str) -> None:
@@ -183,6 +199,7 @@ def main() -> int:
     parser.add_argument("--chunksize", type=int, default=1)
     parser.add_argument("--hold-spawn", action="store_true")
     parser.add_argument("--hold-shutdown", action="store_true")
+    parser.add_argument("--hold-construct", action="store_true")
     parser.add_argument("--hold-orphan", action="store_true")
     parser.add_argument(
         "--input",
@@ -223,6 +240,8 @@ def main() -> int:
         _hold_spawn(args.events, args.release)
     if args.hold_shutdown:
         _hold_shutdown(args.events, args.release)
+    if args.hold_construct:
+        _hold_construct(args.events, args.release)
     init = (hold_orphans, (args.events,)) if args.hold_orphan else (None, ())
     specs: list[Spec] = [(k, i, args.events, args.release) for i, k in enumerate(args.layout)]
     futures: list[Future[Receipt]] = []
