@@ -537,3 +537,10 @@ def one_ms(x: int) -> int:
 
 def sigkill_on_3(x: int) -> int:
     return sigkill_on(x, 3)
+
+
+def no_partial_reports() -> None:
+    """A pool initializer: the worker reports each unit once, when it is done."""
+    import cleanbreak._worker
+
+    cleanbreak._worker.FLUSH_EVERY = 3600.0

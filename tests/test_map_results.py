@@ -21,7 +21,7 @@ import pytest
 
 import cleanbreak
 from tests import tasks
-from tests.tasks import MiB
+from tests.tasks import GUARD, MiB
 
 Mapper = Callable[..., Iterator[Any]]
 
@@ -51,7 +51,8 @@ def test_a_long_map_of_large_results_holds_only_those_not_taken(fs_pool: cleanbr
     base = tasks.rss()
     peak = base
     count = 0
-    for data in fs_pool.map(tasks.blob, [MiB] * 300, range(300)):
+    # A small window, so that what the parent holds does not depend on it keeping up.
+    for data in fs_pool.map(tasks.blob, [MiB] * 300, range(300), buffersize=16):
         assert len(data) == MiB
         del data
         count += 1
@@ -82,19 +83,58 @@ def test_return_exceptions_delivers_every_outcome(fs_pool: cleanbreak.Pool, name
         assert outcomes[3] is died[0]
 
 
+@pytest.fixture(scope="module")
+def one_report_pool() -> Iterator[cleanbreak.Pool]:
+    """A pool whose workers report a unit once, when it is done (no report every 50 ms)."""
+    with cleanbreak.Pool(2, mp_context="forkserver", initializer=tasks.no_partial_reports) as pool:
+        yield pool
+
+
 @pytest.mark.parametrize("name", ["map", "imap_unordered"])
 def test_a_failure_that_ends_the_iteration_carries_the_results_not_given(
-    fs_pool: cleanbreak.Pool, name: str
+    one_report_pool: cleanbreak.Pool, name: str
 ) -> None:
     """One chunk of six items, item 2 fails: the caller gets 0 and 1, then the error, which
     holds the results of 3, 4 and 5 that finished with it."""
-    results = _mapper(fs_pool, name)(tasks.raise_task_error, [-1, -2, 3, -4, -5, -6], chunksize=6)
+    pool = one_report_pool
+    results = _mapper(pool, name)(tasks.raise_task_error, [-1, -2, 3, -4, -5, -6], chunksize=6)
     assert [next(results), next(results)] == [-1, -2]
     with pytest.raises(tasks.TaskError) as info:
         next(results)
     assert info.value.completed == {3: -4, 4: -5, 5: -6}  # type: ignore[attr-defined]
     with pytest.raises(StopIteration):
         next(results)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize(("chunksize", "buffersize"), [(None, 1), (1, 1), (5, 5), (3, 4)])
+def test_a_small_window_never_stalls(
+    fs_pool: cleanbreak.Pool, chunksize: int | None, buffersize: int, lazy: bool
+) -> None:
+    """The window counts the piece being handed out; once it is handed, more input must be read
+    even when nothing else is out (it used to wait for ever)."""
+    source = iter(range(30)) if lazy else range(30)
+    results = fs_pool.map(
+        tasks.square, source, chunksize=chunksize, buffersize=buffersize, timeout=GUARD
+    )
+    assert list(results) == [x * x for x in range(30)]
+
+
+@pytest.mark.parametrize("name", ["map", "imap_unordered"])
+def test_an_input_that_fails_hands_over_what_was_read_before_it(
+    fs_pool: cleanbreak.Pool, name: str
+) -> None:
+    """The generator fails after five items: their results come first, then its error."""
+
+    def five_then_fail() -> Iterator[int]:
+        yield from range(5)
+        raise tasks.TaskError("the input broke")
+
+    got: list[int] = []
+    with pytest.raises(tasks.TaskError, match="the input broke"):
+        for value in _mapper(fs_pool, name)(tasks.square, five_then_fail(), chunksize=3):
+            got.append(value)
+    assert sorted(got) == [0, 1, 4, 9, 16]
 
 
 @pytest.mark.parametrize("bad", [1, "yes", None])

@@ -54,6 +54,7 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import select
 import selectors
 import signal
 import threading
@@ -61,7 +62,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from multiprocessing import resource_tracker
+from multiprocessing import forkserver, resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -83,7 +84,7 @@ from ._wire import (
     make_pipe,
     split,
 )
-from ._worker import UNREADABLE, close_gate, new_gate, worker_main
+from ._worker import UNREADABLE, BlockedOnArrival, close_gate, new_gate, worker_main
 
 PREFETCH = 2
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
@@ -268,7 +269,11 @@ class LocalBackend:
         # fork server, if this starts it). Only the manager's threads are ever forked.
         self._thread = threading.Thread(target=self._run, name="cleanbreak-manager", daemon=True)
         _live.add(self)
-        self._thread.start()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # from its first instruction
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     # ── called from caller threads ───────────────────────────────────────────────────────
 
@@ -394,7 +399,10 @@ class LocalBackend:
                 self._spawn()
         except Exception as exc:
             # The caller's Pool() raises it; the loop then stops the workers that did start.
-            self.start_error = exc
+            if _fork_server_found_no_guard(self._ctx):
+                self.start_error = BrokenPool(NO_MAIN_GUARD)
+            else:
+                self.start_error = exc
             self._break(BrokenPool(f"the pool could not start its workers: {exc!r}"), exc)
         finally:
             self.started.set()
@@ -440,7 +448,12 @@ class LocalBackend:
         self._level_seen = level
         close_gate(self.gate)
         self._cancel_all_pending()
-        for w in self._workers.values():
+        for w in list(self._workers.values()):
+            if not w.ready:
+                # It may have become ready, and even started a unit sent ahead to it, since the
+                # last select: read what it wrote. (The gate is closed now, so a worker that
+                # becomes ready after this read starts nothing.)
+                self._on_readable(w)
             if not w.ready:
                 # Still starting: it holds no task and no result, and it would only exit
                 # once it is ready. Killed now, it makes the caller wait for nothing.
@@ -727,7 +740,10 @@ class LocalBackend:
             try:
                 self._spawn()
             except Exception as exc:  # out of processes, or memory: tell the waiting callers
-                self._break(BrokenPool(f"the pool could not start a new worker: {exc!r}"), exc)
+                if _fork_server_found_no_guard(self._ctx):
+                    self._break(BrokenPool(NO_MAIN_GUARD))
+                else:
+                    self._break(BrokenPool(f"the pool could not start a new worker: {exc!r}"), exc)
 
     def _settle_head(self, w: _Worker) -> None:
         """The worker died running its head unit: give that unit's items their outcomes."""
@@ -810,13 +826,22 @@ class LocalBackend:
     # ── worker processes ─────────────────────────────────────────────────────────────────
 
     def _spawn(self) -> None:
-        if self._ctx.get_start_method() != "fork":
-            # Started on the way by spawn and forkserver otherwise. It ends by *unblocking*
-            # SIGINT and SIGTERM in the thread that started it (it does not restore the mask it
-            # found), which would let the worker, or the fork server and so every worker it
-            # forks, start with them unblocked: block them again before anything is forked.
+        method = self._ctx.get_start_method()
+        if method == "forkserver":
+            # The fork server is the process's, not ours: it must start with the signal mask a
+            # process normally has, or every process it forks for anyone would start with
+            # SIGINT and SIGTERM blocked. (Our workers block them on arrival instead.)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+            try:
+                forkserver.ensure_running()
+            finally:
+                signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        elif method != "fork":
+            # Started on the way by spawn otherwise. It ends by *unblocking* SIGINT and SIGTERM
+            # in the thread that started it (it does not restore the mask it found), which
+            # would let the worker start with them unblocked: block them again first.
             resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         task_r, task_w = make_pipe()
         result_r, result_w = make_pipe()
         child_tasks = Connection(task_r, writable=False)
@@ -827,6 +852,7 @@ class LocalBackend:
         proc = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(
+                BlockedOnArrival(),
                 child_tasks,
                 child_results,
                 lifeline,
@@ -901,6 +927,30 @@ def _record_attempts(exc: BaseException, attempts: list[BaseException]) -> None:
             what = f"{type(earlier).__name__}: {earlier}"
             exc.add_note(f"attempt {n} of {len(attempts)} failed: {what}")
         exc.add_note(f"attempt {len(attempts)} of {len(attempts)} failed: this error")
+
+
+def _fork_server_found_no_guard(ctx: BaseContext) -> bool:
+    """Whether the fork server exited because the main module it imports (Python 3.13.8 and
+    later preload it there) starts a pool at import time. Its status is read without reaping
+    it (``WNOWAIT``): multiprocessing reaps it itself when it starts the next one."""
+    if ctx.get_start_method() != "forkserver":
+        return False
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return False
+    try:
+        if not select.select([fd], [], [], 1.0)[0]:
+            return False  # alive: the failure was something else
+        info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT)
+    except (AttributeError, OSError):
+        return False
+    finally:
+        os.close(fd)
+    return bool(info and info.si_code == os.CLD_EXITED and info.si_status == NO_MAIN_GUARD_EXIT)
 
 
 def _how(exitcode: int | None) -> str:

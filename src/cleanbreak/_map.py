@@ -218,6 +218,7 @@ class MapRun(Generic[T]):
         self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next
         self._exhausted = False
+        self._input_error: Exception | None = None
         host._track(self)
         self._guarded(self._top_up)
 
@@ -263,6 +264,10 @@ class MapRun(Generic[T]):
             raise self._host._stop_for(exc, self.gather, self.total) from None
 
     def _next_piece(self) -> Piece | None:
+        # The piece taken last has been handed out whole by now: room for more input. (Only
+        # here: a top-up when a piece is taken counts that piece as out, and when it was the
+        # only one out, that top-up may find no room for a chunk.)
+        self._top_up()
         sink = self._sink
         with sink.cond:
             while True:
@@ -272,6 +277,9 @@ class MapRun(Generic[T]):
                     break
                 if self._exhausted and self._handed >= self._pulled:
                     sink.finished = True
+                    error, self._input_error = self._input_error, None
+                    if error is not None:
+                        raise error
                     return None
                 if sink.cancelled:
                     sink.finished = True
@@ -347,11 +355,13 @@ class MapRun(Generic[T]):
             if room <= 0 or (room < chunk and not cut):
                 break
             chunk = min(chunk, room)
+            items: list[Any] = []
             try:
-                items = list(itertools.islice(self._source, chunk))
-            except Exception:
-                self._sink.finished = True
-                raise
+                items.extend(itertools.islice(self._source, chunk))  # keeps what came first
+            except Exception as exc:
+                # The input failed: the items read before it still run and are handed over,
+                # then this is raised, in its place in the input.
+                self._input_error = exc
             if len(items) < chunk:
                 self._exhausted = True
             if not items:

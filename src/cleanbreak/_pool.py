@@ -132,10 +132,11 @@ class Pool(Executor):
         reuse_memory: bool = True,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
-            # This process is a worker that is importing the main module (spawn, forkserver),
-            # and the module starts a pool at import time: it lacks the __main__ guard. Left
-            # to go on, it would start workers of its own, or print multiprocessing's
-            # traceback. Its pool reports NO_MAIN_GUARD for this exit code instead.
+            # This process is a worker importing the main module (spawn, forkserver), or the
+            # fork server preloading it (Python 3.13.8 and later), and the module starts a pool
+            # at import time: it lacks the __main__ guard. Left to go on, it would start
+            # workers of its own, or print multiprocessing's traceback. The pool that started
+            # this process reports NO_MAIN_GUARD for this exit code instead.
             os._exit(NO_MAIN_GUARD_EXIT)
         if os.name != "posix":  # pragma: no cover - exercised on Windows only
             raise NotImplementedError(
@@ -167,6 +168,7 @@ class Pool(Executor):
         # of LocalBackend(), an exception could leave a manager thread that nobody stops.
         self._starting = True
         self._pending_level = 0
+        self._gathering = False  # stopped, and gathering what finished for the Interrupted
         try:
             _signals.attach(self)
             self._backend = LocalBackend(
@@ -176,6 +178,9 @@ class Pool(Executor):
             _signals.detach(self)
             _signals.interrupted(signal.SIGINT)
             raise Interrupted(signal.SIGINT) from None
+        except BaseException:  # out of descriptors, memory, threads: no pool, no handler
+            _signals.detach(self)
+            raise
         finally:
             self._starting = False
         try:
@@ -382,11 +387,16 @@ class Pool(Executor):
         if isinstance(exc, KeyboardInterrupt) or (self._signal is not None and not self._reported):
             self._stop(exc)
             if isinstance(exc, Interrupted) and exc._filled:
-                return None  # a pool call inside the block already gathered its results
+                # A pool call inside the block already gathered its results.
+                self._interrupted(exc, {})
+                return None
             run = self._last_run
+            open_runs = [r for r in list(self._runs) if not r.finished]
+            if run is None and len(open_runs) == 1:
+                run = open_runs[0]  # its iterator is still referenced, so it was not closed
             if run is not None and not any(True for _ in self._futures.values()):
-                # Ctrl-C came while the loop body ran, outside the pool: the map it was
-                # iterating was closed on the way out, and its results are the ones to keep.
+                # Ctrl-C came while the loop body ran, outside the pool: the results of the map
+                # it was iterating are the ones to keep.
                 raise self._interrupted(exc, run.gather(), run.total) from None
             raise self._interrupted(exc, self._completed()) from None
         self.shutdown(wait=True)
@@ -404,12 +414,15 @@ class Pool(Executor):
         if self._starting:  # Pool() applies it once the backend is made
             self._pending_level = max(self._pending_level, level)
             return False
-        raise_now = level >= STOPPING or not self._busy()
+        finished = self._backend.finished.is_set()
+        # Once every worker is gone, the pool call that stopped it is gathering the results
+        # for its Interrupted: a further signal must not cut that short.
+        raise_now = not finished and (level >= STOPPING or not self._busy())
         self._backend.raise_level(level)
         return raise_now
 
     def is_live(self) -> bool:
-        return self._starting or not self._backend.finished.is_set()
+        return self._starting or self._gathering or not self._backend.finished.is_set()
 
     def _busy(self) -> bool:
         if any(not run.finished for run in list(self._runs)):
@@ -417,7 +430,9 @@ class Pool(Executor):
         return any(not f.done() for f in list(self._futures.values()))
 
     def _stop(self, exc: BaseException | None) -> None:
-        """Make sure the pool is stopping, wait until every worker is gone, drop the handler."""
+        """Make sure the pool is stopping, and wait until every worker is gone. Our handler
+        stays until ``_interrupted`` has the results (a Ctrl-C meanwhile changes nothing)."""
+        self._gathering = True
         seen = isinstance(exc, Interrupted) and (exc._counted or exc._filled)
         if isinstance(exc, KeyboardInterrupt) and not seen:
             # A KeyboardInterrupt our handler did not see: the user's own handler raised it,
@@ -431,7 +446,6 @@ class Pool(Executor):
             except KeyboardInterrupt as again:
                 if not (isinstance(again, Interrupted) and again._counted):
                     self.on_signal(signal.SIGINT)
-        _signals.detach(self)
 
     # ── what a map run needs (see _map.Host) ─────────────────────────────────────────────
 
@@ -450,8 +464,11 @@ class Pool(Executor):
     def _interrupted(
         self, exc: BaseException | None, completed: dict[int, Any], total: int | None = None
     ) -> Interrupted:
-        """The Interrupted to raise once the pool has stopped (see ``_stop``)."""
+        """The Interrupted to raise once the pool has stopped (see ``_stop``), with the results
+        that were gathered; our handler goes now."""
         self._reported = True
+        self._gathering = False
+        _signals.detach(self)
         if isinstance(exc, Interrupted) and exc._filled:
             return exc
         result = Interrupted(self._signal or signal.SIGINT, completed, total=total)
@@ -477,6 +494,10 @@ class Pool(Executor):
             raise BrokenPool(str(broken)) from broken
         if self._closed:
             raise RuntimeError("cannot schedule new tasks after shutdown")
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _refuse_at_exit() -> None:
@@ -579,7 +600,9 @@ class _TaskFuture(Future[T]):
         for callback in self._done_callbacks:  # type: ignore[attr-defined]
             try:
                 callback(self)
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt) and _in_main_thread():
+                    raise  # a Ctrl-C, where Future.cancel() ran the callback: not the callback's
                 _LOGGER.exception("exception calling callback for %r", self)
 
     def _cancel_running(self) -> None:

@@ -249,13 +249,17 @@ def interrupted(sig: signal.Signals) -> None:
 
 
 def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
-    top_level = sys._getframe().f_back is None  # called by the interpreter, not by code
-    if top_level and isinstance(exc, Interrupted):
+    # Called by the interpreter for an uncaught exception (not by code: no Python caller), in
+    # a process that is about to end (not at an interactive prompt, which goes on).
+    ends = (
+        sys._getframe().f_back is None
+        and threading.current_thread() is threading.main_thread()
+        and not (sys.flags.interactive or sys.flags.inspect or hasattr(sys, "ps1"))
+    )
+    if ends and isinstance(exc, Interrupted):
         _calm_exit()
     _hooked(kind, exc, tb)
-    interactive = sys.flags.interactive or sys.flags.inspect or hasattr(sys, "ps1")
-    main = threading.current_thread() is threading.main_thread()
-    if top_level and main and isinstance(exc, Interrupted) and not interactive:
+    if ends and isinstance(exc, Interrupted):
         _finish_and_die(exc.signal)
 
 

@@ -33,7 +33,6 @@ result pipe, in order. It decides nothing about signals: the parent does.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import pickle
@@ -99,9 +98,23 @@ def new_gate(ctx: BaseContext) -> Any:
     return ctx.RawArray("B", b"\x01" * GATE_SIZE)
 
 
+_GATE_BLOCK = 64
+_CLOSED_BLOCK = bytes(_GATE_BLOCK)
+
+
 def close_gate(gate: Any) -> None:
-    """Start no more items, in every worker. Safe in a signal handler."""
-    ctypes.memset(gate, 0, GATE_SIZE)
+    """Start no more items, in every worker. Safe in a signal handler.
+
+    A batch reads byte i of the gate before its item i, and compress *skips* an item whose
+    byte is 0, so a reader that saw byte i closed and a later byte still open would run a later
+    item in the place of an earlier one. So the gate closes from its end back to its start, a
+    block at a time: stores become visible in the order they are made (x86), and a reader,
+    which moves forward one item at a time, cannot overtake a block being written.
+    (``memset`` writes in an order of its own: some write the first bytes first.)
+    """
+    view = memoryview(gate).cast("B")
+    for start in range(GATE_SIZE - _GATE_BLOCK, -1, -_GATE_BLOCK):
+        view[start : start + _GATE_BLOCK] = _CLOSED_BLOCK
 
 
 def _is_closed(gate: memoryview) -> bool:
@@ -133,10 +146,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _interruptible_zone() -> Iterator[None]:
     """Task code, or a wait for the parent: where a SIGTERM may break in (see _on_sigterm)."""
     global _interruptible
-    if _stop_requested:
-        raise _Stop
-    _interruptible = True
+    _interruptible = True  # before the check: a SIGTERM in between then raises at once
     try:
+        if _stop_requested:
+            _interruptible = False
+            raise _Stop
         yield
     finally:
         _interruptible = False
@@ -152,7 +166,25 @@ def _die_of_sigterm() -> NoReturn:
     os._exit(128 + signal.SIGTERM)  # pragma: no cover - SIGTERM is unblocked here
 
 
+class BlockedOnArrival:
+    """The first argument of every worker process. Unpickled in the new process (spawn,
+    forkserver) before anything else of cleanbreak's runs there, it blocks SIGINT and SIGTERM:
+    a Ctrl-C that comes while the worker starts waits, pending, until ``worker_main`` ignores
+    it, instead of raising KeyboardInterrupt in multiprocessing's bootstrap, which prints a
+    traceback. (Before this, only while the main module is imported, a Ctrl-C ends a worker
+    started by a fork server, silently.)"""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_blocked_on_arrival, ())
+
+
+def _blocked_on_arrival() -> BlockedOnArrival:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    return BlockedOnArrival()
+
+
 def worker_main(
+    _blocked: BlockedOnArrival,
     tasks: Connection,
     results: Connection,
     lifeline: Connection,
@@ -176,6 +208,7 @@ def worker_main(
     task_fd = _take_fd(tasks)
     result_fd = _take_fd(results)
     _lifeline = _take_fd(lifeline)
+    _lifeline_poll.register(_lifeline, select.POLLIN)
     view = memoryview(gate).cast("B")
     _start_watchdog(_lifeline)  # while both signals are still blocked here
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
@@ -257,8 +290,10 @@ def _take_fd(conn: Connection) -> int:
 def _start_watchdog(fd: int) -> None:
     def watch() -> None:
         try:
-            os.read(fd, 1)
-        finally:
+            gone = os.read(fd, 1) == b""
+        except OSError:  # a task closed the descriptor: the main thread still checks (poll)
+            return
+        if gone:
             _orphaned()
 
     start_quiet_thread(watch, "cleanbreak-watchdog")
@@ -276,8 +311,12 @@ def _orphaned() -> NoReturn:
     os._exit(1)  # pragma: no cover - SIGKILL came first
 
 
+_lifeline_poll = select.poll()
+
+
 def _parent_gone() -> bool:
-    return bool(_lifeline >= 0 and select.select([_lifeline], [], [], 0)[0])
+    """Whether the lifeline has reached end-of-file. (A descriptor a task closed is not.)"""
+    return any(mask & (select.POLLIN | select.POLLHUP) for _fd, mask in _lifeline_poll.poll(0))
 
 
 def _results(kind: int, fn: Callable[..., Any], items: Iterable[Any]) -> Iterator[Any]:
@@ -367,7 +406,10 @@ def _send_ready(out: int, error: CapturedError | None) -> None:
         payload = dumps(error)
     except Exception:  # pragma: no cover - capture() already made it picklable
         payload = dumps(CapturedError(None, error.tb if error else ""))
-    send_frame(out, payload)
+    try:
+        send_frame(out, payload)
+    except BrokenPipeError:  # the parent died while this worker started
+        _orphaned()
 
 
 def _send(out: int, message: tuple[Any, ...]) -> None:

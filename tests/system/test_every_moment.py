@@ -159,9 +159,10 @@ def test_ctrl_c_while_workers_import_the_main_module_prints_nothing(
     ready yet at once."""
     child = start_child(method=method, layout="qqqq", api=api, park_bootstrap=True)
     child.wait_for(lambda c: len(c.of("bootstrap")) == 2, "both workers to import the module")
-    for event in child.of("bootstrap"):
-        blocked = blocked_signals(event.int(0))
-        assert {signal.SIGINT, signal.SIGTERM} <= blocked, f"a starting worker blocks {blocked}"
+    if method == "spawn":  # a fork server's children start with the mask a process has
+        for event in child.of("bootstrap"):
+            blocked = blocked_signals(event.int(0))
+            assert {signal.SIGINT, signal.SIGTERM} <= blocked, f"a starting worker blocks {blocked}"
 
     sent, _report = child.ctrl_c()
 

@@ -168,3 +168,90 @@ def test_a_pool_started_without_the_main_guard_says_what_to_do(method: str, tmp_
     else:
         assert lines[0].startswith("BrokenPool: "), lines
         assert 'if __name__ == "__main__":' in lines[0], lines
+
+
+PRELOAD_MAIN = """\
+    import multiprocessing.spawn as _spawn
+
+    # What Python 3.13.8 and later do: the fork server imports the main module first (it did
+    # not before, as it looked for the wrong key; gh-126631).
+    _real = _spawn.get_preparation_data
+
+
+    def _with_main_path(name):
+        data = _real(name)
+        if "init_main_from_path" in data:
+            data["main_path"] = data["init_main_from_path"]
+        return data
+
+
+    _spawn.get_preparation_data = _with_main_path
+"""
+
+
+def test_a_fork_server_that_imports_the_unguarded_module_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """Where the fork server itself imports the main module (Python 3.13.8 and later), the
+    unguarded script's pool stops the fork server, not a worker: the pool says the same."""
+    script = tmp_path / "unguarded.py"
+    body = textwrap.dedent(PRELOAD_MAIN) + textwrap.dedent(NO_GUARD.format(method="forkserver"))
+    script.write_text(body)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=EXIT_GUARD * 3,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("BrokenPool: "), proc.stdout
+    assert 'if __name__ == "__main__":' in lines[0], lines
+
+
+FORK_SERVER_MASK = """\
+    import multiprocessing as mp
+    import signal
+    from multiprocessing import resource_tracker
+
+    import cleanbreak
+
+
+    def blocked(queue):
+        queue.put(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+    if __name__ == "__main__":
+        # Already running, as after any use of shared memory: starting it would unblock the
+        # signals in the thread that starts the fork server and hide what this tests.
+        resource_tracker.ensure_running()
+        with cleanbreak.Pool(1, mp_context="forkserver") as pool:
+            assert pool.submit(abs, -1).result() == 1
+        ctx = mp.get_context("forkserver")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=blocked, args=(queue,))
+        proc.start()
+        print(queue.get(timeout=30))
+        proc.join()
+"""
+
+
+def test_the_fork_server_is_left_with_the_mask_a_process_has(tmp_path: Path) -> None:
+    """The fork server is the whole process's. Started by cleanbreak, it must not hand
+    blocked signals to the processes it forks for anyone else (they could not be
+    terminated)."""
+    script = tmp_path / "mask.py"
+    script.write_text(textwrap.dedent(FORK_SERVER_MASK))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", (proc.stdout, proc.stderr)

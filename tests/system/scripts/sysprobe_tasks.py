@@ -23,6 +23,7 @@ Every value a task returns is wrapped in a ``Receipt``: unpickling it in the poo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -109,6 +110,16 @@ def hold_orphans(events: str) -> None:
         threading.Event().wait()
 
     cleanbreak._worker._orphaned = orphaned  # type: ignore[assignment]
+
+    # Nor may a failed write to the dead parent tell it: as if the parent's end of the result
+    # pipe were still open (a parent that is still dying, say).
+    real_send = cleanbreak._worker.send_frame  # type: ignore[attr-defined]
+
+    def send_frame(fd: int, *parts: Any) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            real_send(fd, *parts)
+
+    cleanbreak._worker.send_frame = send_frame  # type: ignore[attr-defined]
 
 
 class _Stopped(Exception):
