@@ -8,6 +8,7 @@ import signal
 import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,11 +22,32 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class _Started:
+    """The children a test started, each in a folder of its own; ``cleanup`` kills and reaps
+    everything they started."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.children: list[Child] = []
+
+    def start(self, argv: list[str], **kw: Any) -> Child:
+        tmp = self.tmp_path / f"child{len(self.children)}"
+        tmp.mkdir()
+        child = Child(tmp, argv, **kw)
+        self.children.append(child)
+        child.start()
+        return child
+
+    def cleanup(self) -> None:
+        for child in self.children:
+            child.cleanup()
+
+
 @pytest.fixture
 def start_child(tmp_path: Path) -> Iterator[StartChild]:
     """Start ``scripts/sysprobe_child.py`` with the given options; everything it started is
     killed and reaped when the test ends, however it ends."""
-    children: list[Child] = []
+    started = _Started(tmp_path)
 
     def start(
         *,
@@ -46,8 +68,6 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         hold_orphan: bool = False,
         park_bootstrap: bool = False,
     ) -> Child:
-        tmp = tmp_path / f"child{len(children)}"
-        tmp.mkdir()
         argv = [
             f"--method={method}",
             f"--layout={layout}",
@@ -72,16 +92,12 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             argv.append("--watch-level")
         if stop_grace is not None:
             argv.append(f"--stop-grace={stop_grace}")
-        child = Child(tmp, argv, park_bootstrap=park_bootstrap)
-        children.append(child)
-        child.start()
-        return child
+        return started.start(argv, park_bootstrap=park_bootstrap)
 
     try:
         yield start
     finally:
-        for child in children:
-            child.cleanup()
+        started.cleanup()
 
 
 StartCommand = Callable[..., Child]
@@ -91,21 +107,15 @@ StartCommand = Callable[..., Child]
 def start_command(tmp_path: Path) -> Iterator[StartCommand]:
     """Start ``command`` (a script of ``scripts/`` run by this Python, or any argv) with the
     events and release FIFOs appended to its arguments; cleaned up as ``start_child`` does."""
-    children: list[Child] = []
+    started = _Started(tmp_path)
 
     def start(command: list[str], *argv: str) -> Child:
-        tmp = tmp_path / f"command{len(children)}"
-        tmp.mkdir()
-        child = Child(tmp, list(argv), command=command)
-        children.append(child)
-        child.start()
-        return child
+        return started.start(list(argv), command=command)
 
     try:
         yield start
     finally:
-        for child in children:
-            child.cleanup()
+        started.cleanup()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

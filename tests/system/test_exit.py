@@ -144,15 +144,12 @@ NO_GUARD = """\
 """
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_pool_started_without_the_main_guard_says_what_to_do(method: str, tmp_path: Path) -> None:
-    """Under forkserver and spawn, every worker imports the main module: a script that starts
-    its pool at module level starts one in each worker too. The pool says, in one line, to put
-    it under the guard; no worker prints a traceback. Under fork the script just works."""
-    script = tmp_path / "unguarded.py"
-    script.write_text(textwrap.dedent(NO_GUARD.format(method=method)))
+def _one_clean_line(tmp_path: Path, script: str) -> list[str]:
+    """Run ``script`` as a main module; it must exit 0, print one line and nothing on stderr."""
+    path = tmp_path / "unguarded.py"
+    path.write_text(script)
     proc = subprocess.run(
-        [sys.executable, str(script)],
+        [sys.executable, str(path)],
         capture_output=True,
         text=True,
         timeout=EXIT_GUARD * 3,
@@ -163,6 +160,15 @@ def test_a_pool_started_without_the_main_guard_says_what_to_do(method: str, tmp_
     assert proc.stderr == "", proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout
+    return lines
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_pool_started_without_the_main_guard_says_what_to_do(method: str, tmp_path: Path) -> None:
+    """Under forkserver and spawn, every worker imports the main module: a script that starts
+    its pool at module level starts one in each worker too. The pool says, in one line, to put
+    it under the guard; no worker prints a traceback. Under fork the script just works."""
+    lines = _one_clean_line(tmp_path, textwrap.dedent(NO_GUARD.format(method=method)))
     if method == "fork":
         assert lines == ["[0, 2, 4, 6]"]
     else:
@@ -194,21 +200,9 @@ def test_a_fork_server_that_imports_the_unguarded_module_says_what_to_do(
 ) -> None:
     """Where the fork server itself imports the main module (Python 3.13.8 and later), the
     unguarded script's pool stops the fork server, not a worker: the pool says the same."""
-    script = tmp_path / "unguarded.py"
     body = textwrap.dedent(PRELOAD_MAIN) + textwrap.dedent(NO_GUARD.format(method="forkserver"))
-    script.write_text(body)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=EXIT_GUARD * 3,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == "", proc.stderr
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("BrokenPool: "), proc.stdout
+    lines = _one_clean_line(tmp_path, body)
+    assert lines[0].startswith("BrokenPool: "), lines
     assert 'if __name__ == "__main__":' in lines[0], lines
 
 

@@ -99,14 +99,8 @@ def _start(start: StartCommand, api: str, method: str, seed: int) -> Child:
     return child
 
 
-def _signal_once(child: Child, how: str, rng: random.Random, label: str, api: str) -> list[str]:
-    """Signal one run at a random moment; what went wrong, as ``count: detail`` lines."""
-    time.sleep(rng.uniform(0.0, 0.9))  # the random moment
-    sent = child.send(how, asleep=False)
-    try:
-        status = child.wait_exit(EXIT_GUARD)
-    except AssertionError:
-        return [f"hangs: {label}\n{child.dump_stacks()}"]
+def _left_behind(child: Child, label: str) -> list[str]:
+    """Once the child exited: what of it is left (as ``count: detail`` lines); then its events."""
     assert child.exited_ns is not None
     out: list[str] = []
     names, segments = _leftovers(child, child.exited_ns)
@@ -115,6 +109,18 @@ def _signal_once(child: Child, how: str, rng: random.Random, label: str, api: st
         out.append(f"processes left: {label}: {names}")
     if segments:
         out.append(f"segments left: {label}: {segments}")
+    return out
+
+
+def _signal_once(child: Child, how: str, rng: random.Random, label: str, api: str) -> list[str]:
+    """Signal one run at a random moment; what went wrong, as ``count: detail`` lines."""
+    time.sleep(rng.uniform(0.0, 0.9))  # the random moment
+    sent = child.send(how, asleep=False)
+    try:
+        status = child.wait_exit(EXIT_GUARD)
+    except AssertionError:
+        return [f"hangs: {label}\n{child.dump_stacks()}"]
+    out = _left_behind(child, label)
     done = child.of("done")
     if status == 0 or (done and done[0].int(0) < sent):
         # The job ended before the signal: from then on, Ctrl-C is the user's program's.
@@ -151,14 +157,8 @@ def _kill_once(child: Child, rng: random.Random, label: str) -> list[str]:
     time.sleep(rng.uniform(0.0, 0.9))  # the random moment
     child.send("sigkill-parent")
     child.wait_exit(EXIT_GUARD)
+    out = _left_behind(child, label)
     assert child.exited_ns is not None
-    out: list[str] = []
-    names, segments = _leftovers(child, child.exited_ns)
-    child.drain_events()
-    if names:
-        out.append(f"processes left: {label}: {names}")
-    if segments:
-        out.append(f"segments left: {label}: {segments}")
     late = [e.int(0) for e in child.of("start") if e.int(2) > child.exited_ns]
     if late:
         out.append(f"tasks started late: {label}: after the parent died {late}")
