@@ -399,13 +399,20 @@ class LocalBackend:
                 self._spawn()
         except Exception as exc:
             # The caller's Pool() raises it; the loop then stops the workers that did start.
-            if _fork_server_found_no_guard(self._ctx):
-                self.start_error = BrokenPool(NO_MAIN_GUARD)
-            else:
-                self.start_error = exc
-            self._break(BrokenPool(f"the pool could not start its workers: {exc!r}"), exc)
+            broken = self._start_failure(exc, "its workers")
+            self.start_error = exc if broken.__cause__ is exc else broken  # or the guard's
+            self._break(broken)
         finally:
             self.started.set()
+
+    def _start_failure(self, exc: Exception, what: str) -> BrokenPool:
+        """The error for a worker that could not be started: the main module's missing guard,
+        if that is what stopped the fork server, else ``exc`` (as the cause)."""
+        if _fork_server_found_no_guard(self._ctx):
+            return BrokenPool(NO_MAIN_GUARD)
+        broken = BrokenPool(f"the pool could not start {what}: {exc!r}")
+        broken.__cause__ = exc
+        return broken
 
     def _done(self) -> bool:
         busy = any(w.inflight for w in self._workers.values())
@@ -740,10 +747,7 @@ class LocalBackend:
             try:
                 self._spawn()
             except Exception as exc:  # out of processes, or memory: tell the waiting callers
-                if _fork_server_found_no_guard(self._ctx):
-                    self._break(BrokenPool(NO_MAIN_GUARD))
-                else:
-                    self._break(BrokenPool(f"the pool could not start a new worker: {exc!r}"), exc)
+                self._break(self._start_failure(exc, "a new worker"))
 
     def _settle_head(self, w: _Worker) -> None:
         """The worker died running its head unit: give that unit's items their outcomes."""

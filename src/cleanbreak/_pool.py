@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
@@ -496,15 +495,11 @@ class Pool(Executor):
             raise RuntimeError("cannot schedule new tasks after shutdown")
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 def _refuse_at_exit() -> None:
     """As ``concurrent.futures`` does: nothing new starts once the interpreter is exiting (an
     atexit handler that waited for it would hang the exit, since the pools are being shut
     down). Threads that the interpreter still waits for may go on."""
-    if _signals.shutting_down and threading.current_thread() is threading.main_thread():
+    if _signals.shutting_down and _signals.in_main_thread():
         raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
 
@@ -583,15 +578,11 @@ class _TaskFuture(Future[T]):
     def _wait_done(self, timeout: float | None) -> None:
         """Wait until done, ``CHECK_EVERY`` seconds at a time (see ``_signals``), at most
         ``timeout`` seconds; the base class then reports the outcome, or the timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
-            while self._state in (PENDING, RUNNING):
-                left = _signals.CHECK_EVERY
-                if deadline is not None:
-                    left = min(left, deadline - time.monotonic())
-                    if left <= 0:
-                        return
-                self._condition.wait(left)
+            for part in _signals.sliced(timeout):
+                if self._state not in (PENDING, RUNNING):
+                    return
+                self._condition.wait(part)
 
     def _invoke_callbacks(self) -> None:
         # Done-callbacks run in the manager thread. Future's own loop logs an Exception and
@@ -601,7 +592,7 @@ class _TaskFuture(Future[T]):
             try:
                 callback(self)
             except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt) and _in_main_thread():
+                if isinstance(exc, KeyboardInterrupt) and _signals.in_main_thread():
                     raise  # a Ctrl-C, where Future.cancel() ran the callback: not the callback's
                 _LOGGER.exception("exception calling callback for %r", self)
 

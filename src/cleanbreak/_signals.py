@@ -57,7 +57,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any, NoReturn, Protocol
 
@@ -91,15 +91,27 @@ _saved: dict[int, Any] = {}
 _owner_pid = os.getpid()
 
 
-def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
-    """``event.wait(timeout)``, in slices of at most ``CHECK_EVERY`` seconds."""
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def sliced(timeout: float | None) -> Iterator[float]:
+    """The waits that make up one of ``timeout`` seconds (``None``: for ever), each at most
+    ``CHECK_EVERY`` seconds long (see the module docstring)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        left = CHECK_EVERY if deadline is None else min(CHECK_EVERY, deadline - time.monotonic())
-        if event.wait(max(0.0, left)):
-            return True
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
+        if deadline is None:
+            yield CHECK_EVERY
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        yield min(left, CHECK_EVERY)
+
+
+def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)``, in slices of at most ``CHECK_EVERY`` seconds."""
+    return any(event.wait(part) for part in sliced(timeout)) or event.is_set()
 
 
 def start_quiet_thread(target: Callable[[], object], name: str) -> None:
@@ -132,7 +144,7 @@ def attach(listener: Listener) -> bool:
     global _owner_pid
     with _lock:
         _listeners.append(listener)
-        if threading.current_thread() is threading.main_thread():
+        if in_main_thread():
             for sig in HANDLED:
                 current = signal.getsignal(sig)
                 if current is _handler:
@@ -148,7 +160,7 @@ def detach(listener: Listener) -> None:
     with _lock:
         if listener in _listeners:
             _listeners.remove(listener)
-        if not _listeners and threading.current_thread() is threading.main_thread():
+        if not _listeners and in_main_thread():
             _restore()
 
 
@@ -243,7 +255,7 @@ def interrupted(sig: signal.Signals) -> None:
     global _first, _hooked
     if _first is None:
         _first = sig
-    if _hooked is None and threading.current_thread() is threading.main_thread():
+    if _hooked is None and in_main_thread():
         _hooked = sys.excepthook
         sys.excepthook = _excepthook
 
@@ -253,7 +265,7 @@ def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType
     # a process that is about to end (not at an interactive prompt, which goes on).
     ends = (
         sys._getframe().f_back is None
-        and threading.current_thread() is threading.main_thread()
+        and in_main_thread()
         and not (sys.flags.interactive or sys.flags.inspect or hasattr(sys, "ps1"))
     )
     if ends and isinstance(exc, Interrupted):
@@ -273,7 +285,7 @@ def _finish_and_die(sig: signal.Signals) -> NoReturn:
         atexit._run_exitfuncs()
         _flush_open_files()
     finally:
-        _die(sig)
+        die_of(sig)
 
 
 def _flush_open_files() -> None:
@@ -283,12 +295,13 @@ def _flush_open_files() -> None:
             with contextlib.suppress(Exception):
                 if not obj.closed and obj.writable():
                     obj.flush()
+
+
+def die_of(sig: signal.Signals) -> NoReturn:
+    """End the process as ``sig``'s default action does, stdout and stderr flushed first."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-
-
-def _die(sig: signal.Signals) -> NoReturn:
     signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
     os.kill(os.getpid(), sig)
@@ -298,7 +311,7 @@ def _die(sig: signal.Signals) -> NoReturn:
 def _calm_exit() -> None:
     """After an Interrupted, while the process exits: a further Ctrl-C is ignored, and one
     more after it ends the process at once, as killed by the first signal."""
-    if _first is None or threading.current_thread() is not threading.main_thread():
+    if _first is None or not in_main_thread():
         return
     current = signal.getsignal(signal.SIGINT)
     if current is signal.default_int_handler or current is _handler:
@@ -309,10 +322,7 @@ def _on_sigint_while_exiting(signum: int, frame: FrameType | None) -> None:
     global _extra
     _extra += 1
     if _extra >= 2 and _first is not None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        _die(_first)
+        die_of(_first)
 
 
 def _on_interpreter_exit() -> None:

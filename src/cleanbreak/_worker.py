@@ -38,7 +38,6 @@ import os
 import pickle
 import select
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
@@ -49,7 +48,7 @@ from typing import Any, NoReturn
 from ._errors import SerializationError
 from ._heap import LARGE, Heap
 from ._shm import Packer, Segments, largest, load
-from ._signals import HANDLED, start_quiet_thread
+from ._signals import HANDLED, die_of, start_quiet_thread
 from ._wire import (
     CALL_ONE,
     CALL_STAR,
@@ -156,16 +155,6 @@ def _interruptible_zone() -> Iterator[None]:
         _interruptible = False
 
 
-def _die_of_sigterm() -> NoReturn:
-    """End as SIGTERM's default action would have, once what had to be sent is sent."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-    os._exit(128 + signal.SIGTERM)  # pragma: no cover - SIGTERM is unblocked here
-
-
 class BlockedOnArrival:
     """The first argument of every worker process. Unpickled in the new process (spawn,
     forkserver) before anything else of cleanbreak's runs there, it blocks SIGINT and SIGTERM:
@@ -194,10 +183,9 @@ def worker_main(
     shm_prefix: str | None = None,
     reuse_memory: bool = True,
 ) -> None:
-    # The worker starts with SIGINT and SIGTERM blocked, as the manager thread that started it
-    # has them (see LocalBackend.__init__): a Ctrl-C that came while it started is pending, and
-    # SIG_IGN discards it. (Blocked again here in case the fork server was started elsewhere.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    # SIGINT and SIGTERM are blocked here: inherited from the manager thread (fork, spawn), or
+    # blocked on arrival (BlockedOnArrival). A Ctrl-C that came while the worker started is
+    # pending, and SIG_IGN discards it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     with contextlib.suppress(OSError):  # pragma: no cover - already a group leader
@@ -216,8 +204,8 @@ def worker_main(
         os.set_inheritable(fd, False)
     with contextlib.suppress(_Stop):
         _serve(task_fd, result_fd, view, initializer, initargs, reuse_memory)
-    if _stop_requested:
-        _die_of_sigterm()
+    if _stop_requested:  # what had to be sent is sent: end as SIGTERM's default action would
+        die_of(signal.SIGTERM)
 
 
 def _serve(
@@ -401,15 +389,19 @@ def _run_unit(
     _send(out, (uid, offset, values, errors, status, seconds))
 
 
+def _send_or_orphan(out: int, *parts: bytes | Packer) -> None:
+    try:
+        send_frame(out, *parts)
+    except BrokenPipeError:  # the parent is gone, and nobody will read this
+        _orphaned()
+
+
 def _send_ready(out: int, error: CapturedError | None) -> None:
     try:
         payload = dumps(error)
     except Exception:  # pragma: no cover - capture() already made it picklable
         payload = dumps(CapturedError(None, error.tb if error else ""))
-    try:
-        send_frame(out, payload)
-    except BrokenPipeError:  # the parent died while this worker started
-        _orphaned()
+    _send_or_orphan(out, payload)
 
 
 def _send(out: int, message: tuple[Any, ...]) -> None:
@@ -420,10 +412,7 @@ def _send(out: int, message: tuple[Any, ...]) -> None:
         # Some value would not pickle, or its pickling raised even SystemExit: that item
         # fails alone, and the worker goes on.
         payload = Packer(_segments).pack(_picklable(values, errors))
-    try:
-        send_frame(out, dumps((uid, offset, len(values), status, seconds)), payload)
-    except BrokenPipeError:  # the parent is gone, and nobody will read this
-        _orphaned()
+    _send_or_orphan(out, dumps((uid, offset, len(values), status, seconds)), payload)
     global _sent
     _sent = max(_sent, largest(payload.layout))
 

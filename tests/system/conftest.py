@@ -78,18 +78,15 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             f"--input={input}",
             f"--chunksize={chunksize}",
         ]
-        if hold_spawn:
-            argv.append("--hold-spawn")
-        if hold_shutdown:
-            argv.append("--hold-shutdown")
-        if hold_construct:
-            argv.append("--hold-construct")
-        if hold_orphan:
-            argv.append("--hold-orphan")
-        if user_handler:
-            argv.append("--user-handler")
-        if watch_level:
-            argv.append("--watch-level")
+        switches = {
+            "--hold-spawn": hold_spawn,
+            "--hold-shutdown": hold_shutdown,
+            "--hold-construct": hold_construct,
+            "--hold-orphan": hold_orphan,
+            "--user-handler": user_handler,
+            "--watch-level": watch_level,
+        }
+        argv += [name for name, on in switches.items() if on]
         if stop_grace is not None:
             argv.append(f"--stop-grace={stop_grace}")
         return started.start(argv, park_bootstrap=park_bootstrap)
