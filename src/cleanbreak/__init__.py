@@ -13,6 +13,7 @@ from ._errors import (
     TaskTimeout,
     WorkerDied,
 )
+from ._journal import Journal, JournalError, JournalStatus
 from ._pool import Pool, TaskOptionsView, default_workers, map
 from ._units import TaskOptions
 
@@ -20,6 +21,9 @@ __all__ = [
     "BrokenPool",
     "CleanbreakError",
     "Interrupted",
+    "Journal",
+    "JournalError",
+    "JournalStatus",
     "Pool",
     "RemoteTraceback",
     "SerializationError",

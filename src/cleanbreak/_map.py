@@ -30,8 +30,10 @@ from concurrent.futures import CancelledError
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import Interrupted
+from ._journal import Journal, Keyer, Recorder
+from ._progress import Counts, Progress
 from ._signals import CHECK_EVERY
-from ._units import TaskOptions, Unit, UnitQueue
+from ._units import Sink, TaskOptions, Unit, UnitQueue
 from ._wire import CALL_ONE, CALL_STAR
 
 T = TypeVar("T")
@@ -51,6 +53,8 @@ WINDOW_PER_WORKER = 16
 # must run in bounded memory. Chunks are then at most a quarter of it.
 LAZY_WINDOW_PER_WORKER = 50
 Piece = tuple[int, list[Any], dict[int, BaseException]]
+# Makes a run's progress display from its counters and its total (None: unknown).
+ProgressFactory = Callable[[Counts, int | None], Progress]
 
 
 def positive(name: str, value: object) -> int | None:
@@ -96,7 +100,18 @@ class MapSink:
     ``cond``: the manager thread writes, the caller's thread reads.
     """
 
-    __slots__ = ("arrivals", "cancelled", "cond", "finished", "item_count", "item_seconds", "store")
+    __slots__ = (
+        "arrivals",
+        "cancelled",
+        "cond",
+        "failures",
+        "finished",
+        "item_count",
+        "item_seconds",
+        "outcomes",
+        "reused",
+        "store",
+    )
     prefetch = True
 
     def __init__(self) -> None:
@@ -107,6 +122,9 @@ class MapSink:
         self.finished = False
         self.item_seconds = 0.0  # measured: seconds of work, over
         self.item_count = 0  # ... this many items
+        self.outcomes = 0  # items with an outcome (for the progress display)
+        self.failures = 0  # ... that failed
+        self.reused = 0  # ... that a journal had
 
     def start(self, unit: Unit) -> bool:
         return not self.finished
@@ -117,11 +135,26 @@ class MapSink:
         with self.cond:
             self.item_seconds += seconds
             self.item_count += len(values)
+            self.outcomes += len(values)
+            self.failures += len(errors)
             self._put((start, values, errors))
 
     def fail(self, start: int, count: int, exc: BaseException) -> None:
         with self.cond:
+            self.outcomes += count
+            self.failures += count
             self._put((start, [None] * count, dict.fromkeys(range(count), exc)))
+
+    def reuse(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        """Outcomes a journal had: they did not run, so they say nothing of the task time."""
+        with self.cond:
+            self.outcomes += len(values)
+            self.failures += len(errors)
+            self.reused += len(values)
+            self._put((start, values, errors))
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.outcomes, self.failures, self.reused
 
     def cancel(self, start: int, count: int) -> None:
         with self.cond:
@@ -178,6 +211,9 @@ class MapRun(Generic[T]):
         chunksize: int | None,
         buffersize: int | None,
         keep_all: bool = False,
+        journal: Journal | None = None,
+        key: Callable[..., Any] | None = None,
+        progress: ProgressFactory | None = None,
     ) -> None:
         chunk = positive("chunksize", chunksize)
         window = positive("buffersize", buffersize)
@@ -185,6 +221,10 @@ class MapRun(Generic[T]):
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         if not callable(fn):
             raise TypeError(f"the function to map must be callable, got {fn!r}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the task's arguments, got {key!r}")
+        if key is not None and journal is None:
+            raise ValueError("key= names tasks in a journal: pass journal= too, or drop key=")
         host._check_open()
         sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
         self.total = min(sizes) if len(sizes) == len(iterables) else None
@@ -203,6 +243,16 @@ class MapRun(Generic[T]):
         self._host = host
         self._backend = host._backend
         self._sink = MapSink()
+        self._unit_sink: Sink = self._sink
+        self._journal = journal
+        self._keyer: Keyer | None = None
+        self._recorder: Recorder | None = None
+        if journal is not None:
+            self._keyer = Keyer(fn, key, star=len(iterables) > 1)
+            journal.bind(self._keyer.name)
+            self._recorder = Recorder(self._sink, journal)
+            self._unit_sink = self._recorder
+        self._progress = None if progress is None else progress(self._sink.counts, self.total)
         self._opts = opts
         self._fn = fn
         self._kind = CALL_ONE if len(iterables) == 1 else CALL_STAR
@@ -226,8 +276,11 @@ class MapRun(Generic[T]):
     def finished(self) -> bool:
         return self._sink.finished
 
-    def close(self) -> None:
-        """Stop reading input; units that have not left the parent are dropped."""
+    def close(self, how: str = "stopped") -> None:
+        """Stop reading input; units that have not left the parent are dropped. ``how`` the
+        run ended, for the progress display: "done", "interrupted" or "stopped"."""
+        if self._progress is not None:
+            self._progress.stop(how)
         if not self._sink.finished:
             self._sink.finished = True
             if not (self._exhausted and self._handed >= self._pulled):
@@ -355,15 +408,21 @@ class MapRun(Generic[T]):
             if room <= 0 or (room < chunk and not cut):
                 break
             chunk = min(chunk, room)
+            # With a journal, the whole room is read and looked up at once: a resumed run
+            # finds most items there, and one query per chunk of one item would be slow.
+            want = room if self._keyer is not None else chunk
             items: list[Any] = []
             try:
-                items.extend(itertools.islice(self._source, chunk))  # keeps what came first
+                items.extend(itertools.islice(self._source, want))  # keeps what came first
             except Exception as exc:
                 # The input failed: the items read before it still run and are handed over,
                 # then this is raised, in its place in the input.
                 self._input_error = exc
-            if len(items) < chunk:
+            if len(items) < want:
                 self._exhausted = True
+            if self._keyer is not None:
+                self._queue_or_reuse(items, chunk)
+                continue
             if not items:
                 break
             unit = self._backend.new_unit(
@@ -371,6 +430,46 @@ class MapRun(Generic[T]):
             )
             self._pulled += len(items)
             self._backend.put(unit)
+
+    def _queue_or_reuse(self, items: list[Any], chunk: int) -> None:
+        """Items of a run with a journal: those it has outcomes for are handed over at once,
+        the others queued in units of at most ``chunk``, with their keys."""
+        assert self._keyer is not None and self._journal is not None
+        assert self._recorder is not None
+        keys: list[bytes] = []
+        try:
+            for item in items:
+                keys.append(self._keyer.item(item))
+        except Exception as exc:  # a key= that raises, an argument that cannot be keyed
+            # As a failing input: the items before it run, then this is raised in its place.
+            del items[len(keys) :]
+            self._input_error = exc
+            self._exhausted = True
+        found = self._journal.lookup(keys) if keys else {}
+        n = len(items)
+        i = 0
+        while i < n:
+            j = i + 1
+            if keys[i] in found:
+                while j < n and keys[j] in found:
+                    j += 1
+                outcomes = [found[k] for k in keys[i:j]]
+                errors = {m: exc for m, (_, exc) in enumerate(outcomes) if exc is not None}
+                start = self._pulled
+                self._pulled += j - i
+                self._sink.reuse(start, [value for value, _ in outcomes], errors)
+            else:
+                while j < n and j - i < chunk and keys[j] not in found:
+                    j += 1
+                start = self._pulled
+                for m in range(i, j):
+                    self._recorder.keys[start + m - i] = keys[m]
+                unit = self._backend.new_unit(
+                    self._kind, self._fn, items[i:j], self._unit_sink, start, self._opts
+                )
+                self._pulled += j - i
+                self._backend.put(unit)
+            i = j
 
 
 def _add(out: dict[int, Any], piece: Piece) -> None:
@@ -391,6 +490,7 @@ def iterate(run: MapRun[T], return_exceptions: bool = False) -> Iterator[T]:
     ``.completed``; closing the iterator drops the tasks not started. With
     ``return_exceptions``, the exception takes the result's place instead and the run goes on.
     """
+    how = "stopped"
     try:
         while (piece := run.next_piece()) is not None:
             current = run.current
@@ -410,8 +510,12 @@ def iterate(run: MapRun[T], return_exceptions: bool = False) -> Iterator[T]:
                 _attach_completed(exc, run.gather())
                 raise exc
             yield from current.take(count)
+        how = "done"
+    except KeyboardInterrupt:
+        how = "interrupted"
+        raise
     finally:
-        run.close()
+        run.close(how)
 
 
 def _attach_completed(exc: BaseException, completed: dict[int, Any]) -> None:
@@ -426,6 +530,7 @@ def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
     results as its ``completed`` attribute ({index: result})."""
     results: list[Any] = []
     failures: dict[int, BaseException] = {}
+    how = "stopped"
     try:
         while (piece := run.next_piece()) is not None:
             start, values, errors = piece
@@ -434,8 +539,12 @@ def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
                 if return_exceptions:
                     values[k] = errors[k]
             results.extend(values)
+        how = "done"
+    except KeyboardInterrupt:
+        how = "interrupted"
+        raise
     finally:
-        run.close()
+        run.close(how)
     if failures and not return_exceptions:
         index, first = min(failures.items())
         first.add_note(

@@ -31,6 +31,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from . import _signals
 from ._errors import BrokenPool, Interrupted
+from ._journal import Journal, Keyer, Recorder
 from ._manager import (
     DRAINING,
     KILLING,
@@ -39,7 +40,8 @@ from ._manager import (
     LocalBackend,
     default_context,
 )
-from ._map import MapRun, collect, iterate, positive
+from ._map import MapRun, ProgressFactory, collect, iterate, positive
+from ._progress import Progress
 from ._units import TaskOptions, Unit
 from ._wire import CALL_KW
 
@@ -110,6 +112,11 @@ class Pool(Executor):
     replaces a worker after that many tasks. ``options()`` changes the task options for the
     tasks submitted through it.
 
+    ``journal`` (a path, or a ``Journal`` for its options) records each task's outcome on
+    disk: the same tasks run again with the same journal give the recorded results at once,
+    without running, and only the rest run. A task is known by its function's qualified name
+    and its arguments (``map``'s ``key=`` names it instead). See ``Journal``.
+
     ``reuse_memory`` (Linux with glibc): a worker that has moved a payload of 32 MiB or more
     keeps the memory its tasks free (up to 128 MiB while idle), and the next task's large blocks
     reuse it instead of taking fresh pages from the kernel. ``False`` leaves the C allocator of
@@ -129,6 +136,7 @@ class Pool(Executor):
         retry_on: Sequence[type[BaseException]] = (),
         max_tasks_per_worker: int | None = None,
         reuse_memory: bool = True,
+        journal: Journal | str | os.PathLike[str] | None = None,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             # This process is a worker importing the main module (spawn, forkserver), or the
@@ -162,6 +170,9 @@ class Pool(Executor):
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
         ctx = _context(mp_context)
+        self._journal = Journal.of(journal)
+        if self._journal is not None:
+            self._journal.open()  # before any worker starts: a locked journal fails fast
         # Our handler goes in first, so that a signal at any moment from here on is ours. Until
         # the backend is made, it only records the signal (see on_signal): raised in the middle
         # of LocalBackend(), an exception could leave a manager thread that nobody stops.
@@ -175,10 +186,12 @@ class Pool(Executor):
             )
         except KeyboardInterrupt:  # a handler of the user's raised it before ours was in place
             _signals.detach(self)
+            self._close_journal()
             _signals.interrupted(signal.SIGINT)
             raise Interrupted(signal.SIGINT) from None
         except BaseException:  # out of descriptors, memory, threads: no pool, no handler
             _signals.detach(self)
+            self._close_journal()
             raise
         finally:
             self._starting = False
@@ -197,12 +210,23 @@ class Pool(Executor):
             self._backend.close(cancel_pending=True)
             self._backend.wait()
             _signals.detach(self)
+            self._close_journal()
             raise error
 
     @property
     def workers(self) -> int:
         """How many worker processes the pool keeps."""
         return self._backend.size
+
+    @property
+    def journal(self) -> Journal | None:
+        """The pool's journal, if it has one."""
+        return self._journal
+
+    def _close_journal(self) -> None:
+        """Commit what the journal has queued, and release it (every worker is gone)."""
+        if self._journal is not None:
+            self._journal.close()
 
     # ── Executor API ─────────────────────────────────────────────────────────────────────
 
@@ -211,14 +235,31 @@ class Pool(Executor):
         return self._submit(self._opts, fn, args, kwargs)
 
     def _submit(self, opts: TaskOptions, fn: Callable[..., T], args: Any, kwargs: Any) -> Future[T]:
+        journal = self._journal
+        key = b""
+        recorded: dict[bytes, tuple[Any, BaseException | None]] = {}
+        if journal is not None:
+            if not callable(fn):
+                raise TypeError(f"submit() needs a callable, got {fn!r}")
+            keyer = Keyer(fn, None, star=False)
+            journal.bind(keyer.name)
+            key = keyer.call(args, kwargs)
+            recorded = journal.lookup([key])
         with self._lock:
             self._check_open()
             fut: _TaskFuture[T] = _TaskFuture()
             index = next(self._index)
             self._futures[index] = fut
-            unit = self._backend.new_unit(
-                CALL_KW, fn, ((args, kwargs),), _FutureSink(fut), index, opts
-            )
+            if key in recorded:  # the journal has its outcome: it does not run again
+                fut.uid = _RECORDED
+                fut.set_running_or_notify_cancel()
+                _settle(fut, *recorded[key])
+                return fut
+            sink: _FutureSink | Recorder = _FutureSink(fut)
+            if journal is not None:
+                sink = Recorder(sink, journal)
+                sink.keys[index] = key
+            unit = self._backend.new_unit(CALL_KW, fn, ((args, kwargs),), sink, index, opts)
             fut.uid = unit.uid
             self._backend.put(unit)
         return fut
@@ -252,7 +293,7 @@ class Pool(Executor):
         and the future reads as cancelled. False means the task had finished already. Waits up
         to ``timeout`` seconds for the worker to be gone.
         """
-        if not isinstance(future, _TaskFuture) or future.uid < 0:
+        if not isinstance(future, _TaskFuture) or future.uid == _FOREIGN:
             raise ValueError("pool.cancel() takes a future returned by this pool's submit()")
         if future.cancel():
             return True
@@ -271,6 +312,8 @@ class Pool(Executor):
         chunksize: int | None = None,
         buffersize: int | None = None,
         return_exceptions: bool = False,
+        key: Callable[..., Any] | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         """Like the built-in ``map``, run in the workers; results come in input order.
 
@@ -285,9 +328,20 @@ class Pool(Executor):
         index. The map's tasks that have not started are dropped; those running finish, and
         their results are discarded. With ``return_exceptions=True``, each failed task's
         exception is yielded in its place instead, and the run goes on.
+
+        With the pool's journal, ``key(*args)`` names each task in it (by default its
+        arguments do). ``progress=True`` shows a progress bar on stderr.
         """
         return self._map(
-            self._opts, fn, iterables, timeout, chunksize, buffersize, return_exceptions
+            self._opts,
+            fn,
+            iterables,
+            timeout,
+            chunksize,
+            buffersize,
+            return_exceptions,
+            key,
+            progress,
         )
 
     def _map(
@@ -299,6 +353,8 @@ class Pool(Executor):
         chunksize: int | None,
         buffersize: int | None,
         return_exceptions: bool,
+        key: Callable[..., Any] | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
@@ -312,6 +368,9 @@ class Pool(Executor):
             timeout=timeout,
             chunksize=chunksize,
             buffersize=buffersize,
+            journal=self._journal,
+            key=key,
+            progress=_progress_for(progress, fn),
         )
         return iterate(run, return_exceptions)
 
@@ -323,10 +382,12 @@ class Pool(Executor):
         chunksize: int | None = None,
         buffersize: int | None = None,
         return_exceptions: bool = False,
+        key: Callable[[Any], Any] | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         """Like ``map`` over one iterable, but results come as soon as each finishes."""
         return self._imap_unordered(
-            self._opts, fn, iterable, chunksize, buffersize, return_exceptions
+            self._opts, fn, iterable, chunksize, buffersize, return_exceptions, key, progress
         )
 
     def _imap_unordered(
@@ -337,6 +398,8 @@ class Pool(Executor):
         chunksize: int | None,
         buffersize: int | None,
         return_exceptions: bool,
+        key: Callable[[Any], Any] | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         _flag("return_exceptions", return_exceptions)
         run = MapRun(
@@ -348,6 +411,9 @@ class Pool(Executor):
             timeout=None,
             chunksize=chunksize,
             buffersize=buffersize,
+            journal=self._journal,
+            key=key,
+            progress=_progress_for(progress, fn),
         )
         return iterate(run, return_exceptions)
 
@@ -365,8 +431,16 @@ class Pool(Executor):
                 self._backend.wait()
                 if self._signal is not None and not self._reported:
                     # Ctrl-C in drain mode while we waited: the running tasks were let finish.
-                    _signals.detach(self)
                     raise self._interrupted(None, self._completed())
+                self._close_journal()
+            elif self._journal is not None:
+                journal, finished = self._journal, self._backend.finished
+
+                def close_when_finished() -> None:
+                    finished.wait()
+                    journal.close()
+
+                _signals.start_quiet_thread(close_when_finished, "cleanbreak-journal-close")
             _signals.detach(self)
         except KeyboardInterrupt as exc:  # at any moment in here, our handler's or not
             if isinstance(exc, Interrupted) and exc._filled:
@@ -467,6 +541,7 @@ class Pool(Executor):
         that were gathered; our handler goes now."""
         self._reported = True
         self._gathering = False
+        self._close_journal()  # every worker is gone: what finished is committed now
         _signals.detach(self)
         if isinstance(exc, Interrupted) and exc._filled:
             return exc
@@ -527,9 +602,19 @@ class TaskOptionsView:
         chunksize: int | None = None,
         buffersize: int | None = None,
         return_exceptions: bool = False,
+        key: Callable[..., Any] | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         return self.pool._map(
-            self.opts, fn, iterables, timeout, chunksize, buffersize, return_exceptions
+            self.opts,
+            fn,
+            iterables,
+            timeout,
+            chunksize,
+            buffersize,
+            return_exceptions,
+            key,
+            progress,
         )
 
     def imap_unordered(
@@ -540,9 +625,11 @@ class TaskOptionsView:
         chunksize: int | None = None,
         buffersize: int | None = None,
         return_exceptions: bool = False,
+        key: Callable[[Any], Any] | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         return self.pool._imap_unordered(
-            self.opts, fn, iterable, chunksize, buffersize, return_exceptions
+            self.opts, fn, iterable, chunksize, buffersize, return_exceptions, key, progress
         )
 
 
@@ -556,6 +643,10 @@ def _settle(fut: Future[Any], value: Any, exc: BaseException | None) -> None:
         pass
 
 
+_FOREIGN = -1  # a _TaskFuture's uid before the pool sets it
+_RECORDED = -2  # ... for a task whose outcome came from the journal
+
+
 class _TaskFuture(Future[T]):
     """A ``concurrent.futures.Future`` that a running task's stop can cancel.
 
@@ -565,7 +656,7 @@ class _TaskFuture(Future[T]):
     ``_condition``, ``_state`` and ``_invoke_callbacks``, unchanged since Python 3.2.
     """
 
-    uid = -1
+    uid = _FOREIGN
 
     def result(self, timeout: float | None = None) -> T:
         self._wait_done(timeout)
@@ -647,6 +738,9 @@ def map(
     retry_on: Sequence[type[BaseException]] = (),
     max_tasks_per_worker: int | None = None,
     return_exceptions: bool = False,
+    journal: Journal | str | os.PathLike[str] | None = None,
+    key: Callable[[Any], Any] | None = None,
+    progress: bool = False,
 ) -> list[T]:
     """Run ``fn`` over ``iterable`` in a fresh pool and return the results in input order.
 
@@ -655,8 +749,14 @@ def map(
     (``{index: result}``); with ``return_exceptions=True``, each failed task's exception takes
     its place in the list instead. On Ctrl-C, ``Interrupted.completed`` holds every result that
     had finished.
+
+    With ``journal`` (a path or a ``Journal``), each outcome is recorded on disk, and a second
+    call with the same journal gives the recorded results at once and runs only the rest.
+    ``key(item)`` names each task in the journal (by default the item does). ``progress=True``
+    shows a progress bar on stderr.
     """
     _flag("return_exceptions", return_exceptions)
+    _flag("progress", progress)
     run: MapRun[T] | None = None
     try:
         with Pool(
@@ -669,6 +769,7 @@ def map(
             retries=retries,
             retry_on=retry_on,
             max_tasks_per_worker=max_tasks_per_worker,
+            journal=journal,
         ) as pool:
             run = MapRun(
                 pool,
@@ -680,6 +781,9 @@ def map(
                 chunksize=chunksize,
                 buffersize=None,
                 keep_all=True,
+                journal=pool._journal,
+                key=key,
+                progress=_progress_for(progress, fn),
             )
             return collect(run, return_exceptions)
     except Interrupted as exc:
@@ -689,6 +793,18 @@ def map(
             exc.completed = run.gather()
             exc.total = run.total
         raise
+
+
+def _progress_for(progress: bool, fn: Callable[..., Any]) -> ProgressFactory | None:
+    _flag("progress", progress)
+    if not progress:
+        return None
+    label = getattr(fn, "__name__", None) or "tasks"
+
+    def make(counts: Any, total: int | None) -> Progress:
+        return Progress(counts, total, label=label)
+
+    return make
 
 
 def _flag(name: str, value: object) -> bool:

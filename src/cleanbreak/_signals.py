@@ -114,7 +114,7 @@ def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
     return any(event.wait(part) for part in sliced(timeout)) or event.is_set()
 
 
-def start_quiet_thread(target: Callable[[], object], name: str) -> None:
+def start_quiet_thread(target: Callable[[], object], name: str) -> threading.Thread:
     """Start a daemon thread that never takes SIGINT or SIGTERM.
 
     The kernel hands a process-directed signal to any thread that does not block it. A thread
@@ -124,11 +124,13 @@ def start_quiet_thread(target: Callable[[], object], name: str) -> None:
     signal goes to the main thread, where a blocking call returns EINTR and the handler runs
     at once.
     """
+    thread = threading.Thread(target=target, name=name, daemon=True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
-        threading.Thread(target=target, name=name, daemon=True).start()
+        thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return thread
 
 
 def chainable(handler: Any) -> bool:

@@ -1,0 +1,693 @@
+"""The journal: each task's outcome on disk, so that the same job run again skips what is done.
+
+A journal is one SQLite file (the standard library's ``sqlite3``: embedded, no server) that
+belongs to one function. Each row is one task's outcome, under the task's *key*: a digest of
+the function's qualified name and of its arguments (or of what the user's ``key=`` returns
+for them), computed by ``stable_digest`` so that it is the same in every process and on every
+machine (Python's ``hash()`` is salted per process, so it will not do).
+
+Writes go through one writer thread of the journal's own, in WAL mode, batched: a commit every
+``COMMIT_SECONDS`` or ``COMMIT_ROWS`` rows or ``COMMIT_BYTES`` bytes, whichever comes first.
+The pool's manager thread only pickles each outcome and queues it (a pickle taken at once, so
+that a caller who changes a result it was given cannot change what was recorded). ``close()``
+commits what is queued. A process killed with SIGKILL loses at most the batch not yet
+committed: SQLite's WAL never leaves a half-written transaction behind.
+
+The file is created with mode 0600, since it holds pickles, and is opened only when it belongs
+to the user running the process: unpickling runs code, so a journal from someone else must
+never be opened. A running job holds an ``flock`` on the file; a second job on the same journal
+gets ``JournalError`` rather than a corrupt mix.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import pickle
+import sqlite3
+import struct
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import _signals
+from ._errors import (
+    BrokenPool,
+    CleanbreakError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeout,
+    WorkerDied,
+)
+from ._units import Sink, Unit
+
+__all__ = ["Journal", "JournalError", "JournalStatus"]
+
+FORMAT = "cleanbreak-journal"
+VERSION = "1"
+COMMIT_SECONDS = 0.1
+COMMIT_ROWS = 1000
+COMMIT_BYTES = 64 << 20
+# The manager thread waits (the pool slows down) while this much is queued and not yet written:
+# results arriving faster than the disk takes them must not fill the memory.
+MAX_QUEUED_BYTES = 256 << 20
+LOOKUP_BATCH = 500
+
+# The failures that are a task's own outcome, and are recorded. Others (BrokenPool, a manager
+# failure) are the pool's: the task never ran, so it runs again next time.
+_TASK_FAILURES = (WorkerDied, TaskTimeout, SerializationError)
+
+
+class JournalError(CleanbreakError):
+    """The journal cannot be used: locked by a running job, made for another function, not a
+    journal, or not readable. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class JournalStatus:
+    """What ``Journal.status`` reads from a journal, without unpickling anything."""
+
+    path: str
+    function: str | None
+    done: int
+    failed: int
+    total: int | None
+    running_pid: int | None  # the pid of the job writing to it now, if one is
+    failures: list[tuple[str, str, str]]  # (type, message, traceback), oldest first
+
+
+# ── stable keys ──────────────────────────────────────────────────────────────────────────────
+
+
+def _feed(h: Any, obj: object) -> None:
+    """Feed ``obj`` to the hash ``h`` in a form that is the same in every process.
+
+    Exact built-in types are encoded by value, with a tag per type (so ``1``, ``1.0``, ``True``
+    and ``"1"`` differ, as do a tuple and a list); dict and set items are sorted by their own
+    encoding, so their order (which for strings depends on the per-process hash salt) does not
+    matter. Anything else is keyed by its pickle, which is deterministic for most types; pass
+    ``key=`` for the rest.
+    """
+    t = type(obj)
+    if type(obj) is str:
+        b = obj.encode("utf-8", "surrogatepass")
+        h.update(b"s%d:" % len(b))
+        h.update(b)
+    elif type(obj) is int:
+        h.update(b"i%d;" % obj)
+    elif obj is None:
+        h.update(b"n")
+    elif type(obj) is bool:
+        h.update(b"T" if obj else b"F")
+    elif type(obj) is float:
+        h.update(b"f" + struct.pack("!d", obj))
+    elif type(obj) is bytes or type(obj) is bytearray:
+        h.update(b"b%d:" % len(obj))
+        h.update(obj)
+    elif type(obj) is tuple or type(obj) is list:
+        h.update((b"(%d:" if t is tuple else b"[%d:") % len(obj))
+        for item in obj:
+            _feed(h, item)
+    elif type(obj) is dict:
+        h.update(b"{%d:" % len(obj))
+        for part in sorted(_digest(k) + _digest(v) for k, v in obj.items()):
+            h.update(part)
+    elif type(obj) is set or type(obj) is frozenset:
+        h.update(b"<%d:" % len(obj))
+        for part in sorted(_digest(item) for item in obj):
+            h.update(part)
+    else:
+        try:
+            b = pickle.dumps(obj, protocol=5)
+        except Exception as exc:
+            raise TypeError(
+                f"cannot make a journal key from {t.__name__} {obj!r:.60}: it does not pickle "
+                f"({exc}); pass key= to name each task"
+            ) from None
+        h.update(b"p%d:" % len(b))
+        h.update(b)
+
+
+def _digest(obj: object) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, obj)
+    return h.digest()
+
+
+def stable_digest(obj: object) -> bytes:
+    """A 16-byte digest of ``obj`` that is the same in every process and on every machine."""
+    return _digest(obj)
+
+
+def function_name(fn: Callable[..., Any]) -> str:
+    """``module:qualname`` of the function a task runs; a partial counts as its function."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    func = getattr(fn, "__func__", fn)  # a bound method: its function
+    module = getattr(func, "__module__", None) or type(func).__module__
+    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return f"{module}:{qualname}"
+
+
+class Keyer:
+    """Makes the keys of one function's tasks: ``item(x)`` for ``map`` (``x`` a tuple of the
+    items when there are several iterables), ``call(args, kwargs)`` for ``submit``."""
+
+    def __init__(self, fn: Callable[..., Any], key: Callable[..., Any] | None, star: bool) -> None:
+        self.name = function_name(fn)
+        base = hashlib.blake2b(digest_size=16)
+        _feed(base, self.name)
+        partial_args: list[object] = []
+        while isinstance(fn, functools.partial):
+            partial_args.append((fn.args, fn.keywords))
+            fn = fn.func
+        _feed(base, partial_args)  # a partial's bound arguments are part of every task's key
+        self._base = base
+        self._key = key
+        self._star = star
+
+    def item(self, item: object) -> bytes:
+        h = self._base.copy()
+        if self._key is None:
+            _feed(h, item)
+        else:
+            h.update(b"K")
+            _feed(h, self._key(*item) if self._star else self._key(item))  # type: ignore[misc]
+        return h.digest()
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        h = self._base.copy()
+        _feed(h, args)
+        _feed(h, kwargs)
+        return h.digest()
+
+
+# ── the journal ──────────────────────────────────────────────────────────────────────────────
+
+_open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+
+
+def _schema(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS outcomes (key BLOB PRIMARY KEY, ok INTEGER NOT NULL, "
+        "value BLOB, error_type TEXT, error_message TEXT, traceback TEXT, finished REAL NOT NULL)"
+    )
+
+
+class Journal:
+    """An on-disk record of each task's outcome, for ``Pool(journal=...)`` and
+    ``cleanbreak.map(..., journal=...)``.
+
+    Pass a path (``journal="run.sqlite"``) or a ``Journal`` for its options. ``fresh=True``
+    forgets what the journal holds and starts over. By default a task that failed in an earlier
+    run runs again; ``skip_failed=True`` gives its recorded failure instead.
+
+    A journal holds pickles, so it is created with mode 0600, and one that belongs to another
+    user is refused: never open a journal you did not make, since unpickling runs code.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, fresh: bool = False, skip_failed: bool = False
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"journal must be a path or a cleanbreak.Journal, got {path!r}")
+        for name, value in (("fresh", fresh), ("skip_failed", skip_failed)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self.fresh = fresh
+        self.skip_failed = skip_failed
+        self.function: str | None = None
+        self._fd = -1
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[Any, ...]] = []
+        self._queued_bytes = 0
+        self._queued = 0  # rows ever queued
+        self._written = 0  # rows ever committed (or dropped after a write error)
+        self._stopping = False
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._warned = False
+        self.reused = 0  # results given from the journal, not run again
+
+    def __repr__(self) -> str:
+        return f"<cleanbreak.Journal {self.path!r}>"
+
+    @staticmethod
+    def of(journal: Journal | str | os.PathLike[str] | None) -> Journal | None:
+        if journal is None or isinstance(journal, Journal):
+            return journal
+        return Journal(journal)
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
+
+    # ── opening ──────────────────────────────────────────────────────────────────────────
+
+    def open(self, meta: dict[str, str] | None = None) -> None:
+        """Lock the file, create it (0600) or check it, and start the writer thread."""
+        if self.is_open or any(j.path == self.path for j in list(_open_journals)):
+            raise JournalError(
+                f"journal {self.path} is in use by another pool of this process: close that "
+                "pool first, or pass another journal path"
+            )
+        self._fd = _open_locked(self.path)
+        try:
+            if self.fresh:
+                os.ftruncate(self._fd, 0)
+                for suffix in ("-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path + suffix)
+            self._reader = _connect(self.path)
+            with self._reader:
+                _schema(self._reader)
+                found = dict(self._reader.execute("SELECT name, value FROM meta"))
+                if found and found.get("format") != FORMAT:
+                    raise JournalError(
+                        f"{self.path} is an SQLite file but not a cleanbreak journal: pass "
+                        "another journal path"
+                    )
+                if found.get("version", VERSION) != VERSION:
+                    raise JournalError(
+                        f"journal {self.path} was written by a newer cleanbreak (format "
+                        f"{found['version']}): upgrade cleanbreak, or pass another journal path"
+                    )
+                rows = {"format": FORMAT, "version": VERSION, "pid": str(os.getpid())}
+                if not found:
+                    rows["created"] = str(time.time())
+                rows.update(meta or {})
+                self._reader.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)", list(rows.items())
+                )
+            self.function = found.get("function")
+        except sqlite3.DatabaseError as exc:
+            self._release()
+            raise JournalError(
+                f"cannot use {self.path} as a journal ({exc}): pass another journal path"
+            ) from None
+        except BaseException:
+            self._release()
+            raise
+        self._stopping = False
+        self._error = None
+        self._writer = _signals.start_quiet_thread(self._write_loop, "cleanbreak-journal")
+        _open_journals.add(self)
+
+    def bind(self, name: str) -> None:
+        """Check that the journal is ``name``'s, or make it so if it is new."""
+        if self.function == name:
+            return
+        if self.function is not None:
+            raise JournalError(
+                f"journal {self.path} holds the results of {self.function}, not {name}: give "
+                "each function its own journal, or start over with fresh=True (--fresh)"
+            )
+        with self._read_lock:
+            assert self._reader is not None
+            with self._reader:
+                self._reader.execute("INSERT OR REPLACE INTO meta VALUES ('function', ?)", (name,))
+        self.function = name
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._read_lock:
+            assert self._reader is not None
+            with self._reader:
+                self._reader.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    # ── reading ──────────────────────────────────────────────────────────────────────────
+
+    def counts(self) -> tuple[int, int]:
+        """How many results and failures the journal has committed."""
+        with self._read_lock:
+            assert self._reader is not None
+            found = dict(self._reader.execute("SELECT ok, count(*) FROM outcomes GROUP BY ok"))
+        return found.get(1, 0), found.get(0, 0)
+
+    def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[Any, BaseException | None]]:
+        """The recorded outcomes of these keys: ``(value, None)`` for a result, ``(None, exc)``
+        for a failure (only with ``skip_failed``). A result that no longer unpickles (its
+        class was renamed, say) counts as missing, and runs again."""
+        found: dict[bytes, tuple[Any, BaseException | None]] = {}
+        where = "" if self.skip_failed else " AND ok = 1"
+        with self._read_lock:
+            assert self._reader is not None
+            for begin in range(0, len(keys), LOOKUP_BATCH):
+                part = keys[begin : begin + LOOKUP_BATCH]
+                marks = ",".join("?" * len(part))
+                rows = self._reader.execute(
+                    "SELECT key, ok, value, error_type, error_message, traceback FROM outcomes "
+                    f"WHERE key IN ({marks}){where}",
+                    part,
+                ).fetchall()
+                for key, ok, blob, etype, message, tb in rows:
+                    outcome = _load(ok, blob, etype, message, tb, self.path)
+                    if outcome is not None:
+                        found[key] = outcome
+        self.reused += len(found)
+        return found
+
+    # ── writing (called by the pool's manager thread) ────────────────────────────────────
+
+    def record(self, key: bytes, value: Any) -> None:
+        try:
+            blob = pickle.dumps(value, protocol=5)
+        except BaseException as exc:
+            self._warn(f"a result was not journaled: it does not pickle ({exc!r})")
+            return
+        self._put((key, 1, blob, None, None, None, time.time()))
+
+    def record_failure(self, key: bytes, exc: BaseException) -> bool:
+        """Record a task's failure; False if it is the pool's failure, not the task's."""
+        if isinstance(exc, BrokenPool) or not _is_task_failure(exc):
+            return False
+        etype, message, tb = describe_failure(exc)
+        try:
+            blob: bytes | None = pickle.dumps(exc, protocol=5)
+        except BaseException:
+            blob = None
+        self._put((key, 0, blob, etype, message, tb, time.time()))
+        return True
+
+    def _put(self, row: tuple[Any, ...]) -> None:
+        size = len(row[2] or b"") + 64
+        with self._cond:
+            while (
+                self._queued_bytes > MAX_QUEUED_BYTES
+                and self._error is None
+                and self._writer is not None
+                and self._writer.is_alive()
+            ):
+                self._cond.wait(_signals.CHECK_EVERY)
+            self._queue.append(row)
+            self._queued_bytes += size
+            self._queued += 1
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every outcome recorded so far is committed. False on timeout."""
+        with self._cond:
+            target = self._queued
+            self._cond.notify_all()
+            for part in _signals.sliced(timeout):
+                if self._written >= target or self._writer is None or not self._writer.is_alive():
+                    return True
+                self._cond.wait(part)
+            return self._written >= target
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer, and release the lock. Safe to call twice."""
+        writer = self._writer
+        if writer is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            while writer.is_alive():
+                writer.join(_signals.CHECK_EVERY)
+            self._writer = None
+        self._release()
+        _open_journals.discard(self)
+
+    def _release(self) -> None:
+        if self._reader is not None:
+            with self._read_lock:
+                with contextlib.suppress(sqlite3.Error):
+                    self._reader.close()
+                self._reader = None
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the flock
+            self._fd = -1
+
+    def _write_loop(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            self._fail(exc)
+        batch: list[tuple[Any, ...]] = []
+        size = 0
+        since = 0.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    if batch:
+                        left = since + COMMIT_SECONDS - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    else:
+                        self._cond.wait()
+                rows, self._queue = self._queue, []
+                stopping = self._stopping
+            if rows and not batch:
+                since = time.monotonic()
+            batch.extend(rows)
+            size += sum(len(r[2] or b"") for r in rows)
+            due = (
+                stopping
+                or len(batch) >= COMMIT_ROWS
+                or size >= COMMIT_BYTES
+                or time.monotonic() - since >= COMMIT_SECONDS
+            )
+            if batch and due:
+                if conn is not None and self._error is None:
+                    try:
+                        with conn:
+                            conn.executemany(
+                                "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                batch,
+                            )
+                    except (sqlite3.Error, OSError, MemoryError) as exc:
+                        self._fail(exc)
+                with self._cond:
+                    self._written += len(batch)
+                    self._queued_bytes -= size + 64 * len(batch)
+                    self._cond.notify_all()
+                batch = []
+                size = 0
+            if stopping and not batch:
+                with self._cond:
+                    if not self._queue:
+                        break
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._warn(
+            f"the journal {self.path} stopped recording: {exc}; the results still reach you, "
+            "but a resumed run will compute the later ones again"
+        )
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            with contextlib.suppress(Exception):
+                print(f"cleanbreak: warning: {message}", file=sys.stderr, flush=True)
+
+    # ── status ───────────────────────────────────────────────────────────────────────────
+
+    @staticmethod
+    def status(path: str | os.PathLike[str]) -> JournalStatus:
+        """Read a journal's counts and failures (no pickle is loaded)."""
+        path = os.path.abspath(os.fspath(path))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise JournalError(f"cannot read journal {path}: {exc.strerror}") from None
+        try:
+            running: int | None = None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                running = -1
+            try:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+                with contextlib.closing(conn):
+                    meta = dict(conn.execute("SELECT name, value FROM meta"))
+                    if meta.get("format") != FORMAT:
+                        raise JournalError(f"{path} is not a cleanbreak journal")
+                    counts = dict(conn.execute("SELECT ok, count(*) FROM outcomes GROUP BY ok"))
+                    failures = conn.execute(
+                        "SELECT error_type, error_message, traceback FROM outcomes WHERE ok = 0 "
+                        "ORDER BY finished"
+                    ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise JournalError(f"{path} is not a cleanbreak journal ({exc})") from None
+            if running is not None:
+                running = int(meta.get("pid", "0")) or None
+            total = meta.get("total")
+            return JournalStatus(
+                path=path,
+                function=meta.get("function"),
+                done=counts.get(1, 0),
+                failed=counts.get(0, 0),
+                total=int(total) if total is not None else None,
+                running_pid=running,
+                failures=[(str(a), str(b), str(c)) for a, b, c in failures],
+            )
+        finally:
+            os.close(fd)
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str, str]:
+    """A task's failure as text: its type's qualified name, its message, and its traceback as
+    the worker formatted it."""
+    kind = type(exc)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    try:
+        message = str(exc)
+    except BaseException:
+        message = f"<{name} whose str() failed>"
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        tb = cause.tb.strip().removeprefix('"""').removesuffix('"""').strip("\n") + "\n"
+    else:
+        tb = "".join(traceback.format_exception_only(exc))
+    return name, message, tb
+
+
+def _is_task_failure(exc: BaseException) -> bool:
+    if isinstance(exc, _TASK_FAILURES):
+        return True
+    # A task's own exception: it came back from the worker with its remote traceback.
+    return isinstance(exc.__cause__, RemoteTraceback)
+
+
+def _open_locked(path: str) -> int:
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise JournalError(
+            f"cannot create journal {path}: the folder {folder} does not exist; create it first"
+        )
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise JournalError(f"cannot open journal {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise JournalError(
+                f"journal {path} belongs to another user (uid {st.st_uid}); a journal holds "
+                "pickles, and opening it would run their code: pass a journal path of your own"
+            )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _writer_pid(path)
+            raise JournalError(
+                f"journal {path} is in use by another run{who}: wait for it to finish, or pass "
+                "another journal path"
+            ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _writer_pid(path: str) -> str:
+    with contextlib.suppress(Exception):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        with contextlib.closing(conn):
+            row = conn.execute("SELECT value FROM meta WHERE name = 'pid'").fetchone()
+            if row:
+                return f" (pid {row[0]})"
+    return ""
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    conn.isolation_level = "DEFERRED"  # ``with conn`` commits
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives the death of this process (SIGKILL, the OOM
+    # killer); after a power cut the last commits may be lost, but the file is never corrupt.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def _load(
+    ok: int, blob: bytes | None, etype: str, message: str, tb: str, path: str
+) -> tuple[Any, BaseException | None] | None:
+    if ok:
+        try:
+            return pickle.loads(blob), None  # type: ignore[arg-type]
+        except Exception:
+            return None
+    exc: BaseException | None = None
+    if blob is not None:
+        with contextlib.suppress(Exception):
+            exc = pickle.loads(blob)
+    if not isinstance(exc, BaseException):
+        exc = RuntimeError(f"{etype}: {message}")
+    with contextlib.suppress(Exception):
+        exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+        exc.add_note(f"recorded by an earlier run in the journal {path} (skip_failed)")
+    return None, exc
+
+
+def close_all() -> None:
+    """Commit and close every journal still open (at interpreter exit)."""
+    for journal in list(_open_journals):
+        with contextlib.suppress(Exception):
+            journal.close()
+
+
+atexit.register(close_all)
+
+
+class Recorder:
+    """A sink in front of another, that records each outcome in the journal before passing
+    it on. ``keys`` maps the caller's index of each item sent to run to its key."""
+
+    __slots__ = ("inner", "journal", "keys", "prefetch")
+
+    def __init__(self, inner: Sink, journal: Journal) -> None:
+        self.inner = inner
+        self.journal = journal
+        self.keys: dict[int, bytes] = {}
+        self.prefetch = inner.prefetch
+
+    def start(self, unit: Unit) -> bool:
+        return self.inner.start(unit)
+
+    def deliver(
+        self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float
+    ) -> None:
+        keys = self.keys
+        journal = self.journal
+        for k, value in enumerate(values):
+            key = keys.pop(start + k, None)
+            if key is None:
+                continue
+            exc = errors.get(k) if errors else None
+            if exc is None:
+                journal.record(key, value)
+            else:
+                journal.record_failure(key, exc)
+        self.inner.deliver(start, values, errors, seconds)
+
+    def fail(self, start: int, count: int, exc: BaseException) -> None:
+        for index in range(start, start + count):
+            key = self.keys.get(index)
+            if key is not None and self.journal.record_failure(key, exc):
+                del self.keys[index]
+        self.inner.fail(start, count, exc)
+
+    def cancel(self, start: int, count: int) -> None:
+        self.inner.cancel(start, count)
