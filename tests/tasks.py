@@ -544,3 +544,25 @@ def no_partial_reports() -> None:
     import cleanbreak._worker
 
     cleanbreak._worker.FLUSH_EVERY = 3600.0
+
+
+# ── journal ──────────────────────────────────────────────────────────────────────────────────
+
+
+def logged_square(directory: str, x: int) -> int:
+    """``x * x``, leaving one file per execution in ``directory``, so a test can count how
+    often each item ran."""
+    with open(os.path.join(directory, f"{x}.{os.getpid()}.{time.monotonic_ns()}"), "w"):
+        pass
+    if x < 0:
+        raise TaskError(f"negative input {x}")
+    return x * x
+
+
+def runs_of(directory: str) -> dict[int, int]:
+    """How many times each item ran, from ``logged_square``'s files."""
+    counts: dict[int, int] = {}
+    for name in os.listdir(directory):
+        x = int(name.split(".")[0])
+        counts[x] = counts.get(x, 0) + 1
+    return counts

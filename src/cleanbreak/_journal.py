@@ -160,7 +160,8 @@ def function_name(fn: Callable[..., Any]) -> str:
 
 class Keyer:
     """Makes the keys of one function's tasks: ``item(x)`` for ``map`` (``x`` a tuple of the
-    items when there are several iterables), ``call(args, kwargs)`` for ``submit``."""
+    items when there are several iterables), ``call(args, kwargs)`` for ``submit``. With
+    ``key``, a ``map`` task's key is made from what ``key`` returns for its arguments."""
 
     def __init__(self, fn: Callable[..., Any], key: Callable[..., Any] | None, star: bool) -> None:
         self.name = function_name(fn)
@@ -175,13 +176,14 @@ class Keyer:
         self._key = key
         self._star = star
 
-    def item(self, item: object) -> bytes:
-        h = self._base.copy()
+    def item(self, item: Any) -> bytes:
+        """The key of a ``map`` task: that of the call ``fn(item)`` (``fn(*item)`` with
+        several iterables), so ``submit(fn, x)`` and ``map(fn, [x])`` share it."""
         if self._key is None:
-            _feed(h, item)
-        else:
-            h.update(b"K")
-            _feed(h, self._key(*item) if self._star else self._key(item))  # type: ignore[misc]
+            return self.call(tuple(item) if self._star else (item,), {})
+        h = self._base.copy()
+        h.update(b"K")
+        _feed(h, self._key(*item) if self._star else self._key(item))
         return h.digest()
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -233,6 +235,8 @@ class Journal:
         self._read_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[tuple[Any, ...]] = []
+        # Rows queued or being written: a lookup sees them before they are committed.
+        self._unwritten: dict[bytes, tuple[Any, ...]] = {}
         self._queued_bytes = 0
         self._queued = 0  # rows ever queued
         self._written = 0  # rows ever committed (or dropped after a write error)
@@ -342,6 +346,15 @@ class Journal:
         class was renamed, say) counts as missing, and runs again."""
         found: dict[bytes, tuple[Any, BaseException | None]] = {}
         where = "" if self.skip_failed else " AND ok = 1"
+        if self._unwritten:
+            with self._cond:
+                recent = [self._unwritten.get(key) for key in keys]
+            for row in recent:
+                if row is not None and (row[1] or self.skip_failed):
+                    outcome = _load(row[1], row[2], row[3], row[4], row[5], self.path)
+                    if outcome is not None:
+                        found[row[0]] = outcome
+            keys = [key for key in keys if key not in found]
         with self._read_lock:
             assert self._reader is not None
             for begin in range(0, len(keys), LOOKUP_BATCH):
@@ -392,6 +405,7 @@ class Journal:
             ):
                 self._cond.wait(_signals.CHECK_EVERY)
             self._queue.append(row)
+            self._unwritten[row[0]] = row
             self._queued_bytes += size
             self._queued += 1
             self._cond.notify_all()
@@ -472,6 +486,9 @@ class Journal:
                     except (sqlite3.Error, OSError, MemoryError) as exc:
                         self._fail(exc)
                 with self._cond:
+                    for row in batch:
+                        if self._unwritten.get(row[0]) is row:
+                            del self._unwritten[row[0]]
                     self._written += len(batch)
                     self._queued_bytes -= size + 64 * len(batch)
                     self._cond.notify_all()

@@ -58,7 +58,7 @@ class Progress:
         self._tty = _isatty(self._stream)
         self._rich: Any = None
         self._task: Any = None
-        self._last_line = 0.0
+        self._last_line = self._started
         self._last_tenth = 0
         if self._tty:
             with contextlib.suppress(ImportError):

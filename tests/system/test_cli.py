@@ -1,5 +1,5 @@
 """``cleanbreak demo``, the main job, driven as a user at a terminal would: Ctrl-C to its
-process group, SIGTERM, and a bad option."""
+process group, SIGTERM, a bad option, and the run after a Ctrl-C, which resumes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 GUARD = 40.0  # seconds: only a deadlock guard
+
+
+@pytest.fixture(autouse=True)
+def _journals_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo keeps its journal under $XDG_CACHE_HOME: a folder of this test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def _start(*args: str) -> subprocess.Popen[str]:
@@ -36,7 +43,7 @@ def _wait_for_progress(proc: subprocess.Popen[str]) -> str:
         if not ready:
             break
         line = proc.stderr.readline()
-        if "blocks done" in line:
+        if line.startswith("blocks: ") and " done" in line:
             return line
         if not line:
             break
@@ -78,9 +85,20 @@ def test_demo_stops_at_once_and_reports_what_it_kept(
         kept = int(report.split("kept ")[1].split(" of ")[0])
         assert 10 <= kept < 100, report  # the progress line said 10 were done
         assert "every worker has exited" in report
+        assert report.endswith("Run the same command to go on from here.")
+        summary = [line for line in err.splitlines() if line.startswith("interrupted: ")]
+        assert summary, err
         _gone, alive = psutil.wait_procs(workers, timeout=GUARD)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         assert not _session(proc.pid)
+        # Run it again: it resumes from the journal, and says so.
+        again = _start("--blocks", "100", "--workers", "2")
+        out2, err2 = again.communicate(timeout=GUARD * 3)
+        assert again.returncode == 0, err2
+        lines = out2.strip().splitlines()
+        assert lines[1].startswith(f"Resuming: the journal has {kept} of 100 blocks done"), out2
+        assert lines[-1].startswith("Done: "), out2
+        assert f"({kept} of them from the journal)" in err2, err2
     finally:
         for leftover in _session(proc.pid):
             leftover.kill()

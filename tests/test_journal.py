@@ -1,0 +1,299 @@
+"""The journal, through the library: keys, reuse through every API, failures, and the errors
+a journal that cannot be used gives. (``tests/system/test_run.py`` drives it from the shell,
+with Ctrl-C and SIGKILL.)"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import cleanbreak
+from cleanbreak import Journal, JournalError
+from cleanbreak._journal import stable_digest
+from tests import tasks
+from tests.tasks import TaskError, logged_square, runs_of
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> str:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    return str(folder)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> str:
+    return str(tmp_path / "run.sqlite")
+
+
+def _rows(path: str) -> dict[int, int]:
+    """ok → count, read straight from the file."""
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute("SELECT ok, count(*) FROM outcomes GROUP BY ok").fetchall())
+
+
+# ── keys ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_keys_tell_types_and_shapes_apart() -> None:
+    values = [
+        1,
+        1.0,
+        True,
+        "1",
+        b"1",
+        (1,),
+        [1],
+        {1},
+        {1: None},
+        None,
+        -0.0,
+        0.0,
+        (1, (2,)),
+        (1, 2),
+    ]
+    digests = [stable_digest(v) for v in values]
+    assert len(set(digests)) == len(values)
+    assert stable_digest({"a": 1, "b": {2, 3}}) == stable_digest({"b": {3, 2}, "a": 1})
+
+
+def test_keys_are_the_same_in_another_process() -> None:
+    """Python's hash() is salted per process (it orders sets of strings differently); the
+    journal's keys must not be."""
+    value = {"words": {f"w{i}" for i in range(50)}, "n": [1, 2.5, None, b"x"], "t": ("a",)}
+    code = (
+        "from cleanbreak._journal import stable_digest;"
+        "value = {'words': {f'w{i}' for i in range(50)}, 'n': [1, 2.5, None, b'x'], 't': ('a',)};"
+        "print(stable_digest(value).hex())"
+    )
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == stable_digest(value).hex()
+
+
+# ── reuse through every API ──────────────────────────────────────────────────────────────────
+
+
+def test_map_runs_only_what_the_journal_lacks(runs: str, journal: str) -> None:
+    fn = functools.partial(logged_square, runs)
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        assert list(pool.map(fn, range(10))) == [x * x for x in range(10)]
+    assert runs_of(runs) == dict.fromkeys(range(10), 1)
+    assert stat.S_IMODE(os.stat(journal).st_mode) == 0o600
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        assert list(pool.map(fn, range(15))) == [x * x for x in range(15)]
+        assert pool.journal is not None and pool.journal.reused == 10
+    assert runs_of(runs) == dict.fromkeys(range(15), 1)  # 0..9 did not run again
+
+
+def test_imap_unordered_and_module_map_and_submit_reuse(runs: str, journal: str) -> None:
+    fn = functools.partial(logged_square, runs)
+    assert cleanbreak.map(fn, range(6), workers=2, journal=journal) == [x * x for x in range(6)]
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        assert sorted(pool.imap_unordered(fn, range(8))) == sorted(x * x for x in range(8))
+        futures = [pool.submit(fn, x) for x in range(10)]
+        assert [f.result() for f in futures] == [x * x for x in range(10)]
+        assert pool.journal is not None and pool.journal.reused == 6 + 8
+    assert cleanbreak.map(fn, range(10), workers=2, journal=journal) == [x * x for x in range(10)]
+    assert runs_of(runs) == dict.fromkeys(range(10), 1)
+
+
+def test_a_submitted_task_is_keyed_by_its_arguments(runs: str, journal: str) -> None:
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        assert pool.submit(tasks.combine, 1, 2, scale=3).result() == 9
+        assert pool.submit(tasks.combine, 1, 2, scale=4).result() == 12
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        done = pool.submit(tasks.combine, 1, 2, scale=3)
+        assert done.done() and done.result() == 9  # from the journal, at once
+        assert pool.cancel(done) is False
+        assert pool.submit(tasks.combine, 1, 3, scale=3).result() == 12
+
+
+def test_key_names_tasks_instead_of_their_arguments(runs: str, journal: str) -> None:
+    fn = functools.partial(logged_square, runs)
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        assert list(pool.map(fn, range(4), key=lambda x: f"item-{x}")) == [0, 1, 4, 9]
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        # Same names, so the recorded results come back, whatever the arguments are now.
+        assert list(pool.map(fn, [7, 7, 7, 7], key=lambda _x: "item-2")) == [4, 4, 4, 4]
+    assert runs_of(runs) == dict.fromkeys(range(4), 1)
+
+
+def test_key_without_a_journal_is_refused(fs_pool: cleanbreak.Pool) -> None:
+    with pytest.raises(ValueError, match="pass journal= too"):
+        fs_pool.map(tasks.square, range(3), key=str)
+
+
+def test_a_key_that_fails_is_raised_in_its_place(runs: str, journal: str) -> None:
+    def key(x: int) -> int:
+        if x == 3:
+            raise LookupError("no name for 3")
+        return x
+
+    fn = functools.partial(logged_square, runs)
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        got = []
+        with pytest.raises(LookupError, match="no name for 3"):
+            for value in pool.map(fn, range(6), key=key):
+                got.append(value)
+        assert got == [0, 1, 4]
+
+
+# ── failures ─────────────────────────────────────────────────────────────────────────────────
+
+
+def test_failures_are_recorded_and_run_again_by_default(runs: str, journal: str) -> None:
+    fn = functools.partial(logged_square, runs)
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        out = list(pool.map(fn, [1, -2, 3], return_exceptions=True))
+    assert out[0] == 1 and out[2] == 9 and isinstance(out[1], TaskError)
+    assert _rows(journal) == {1: 2, 0: 1}
+    info = Journal.status(journal)
+    assert (info.done, info.failed) == (2, 1)
+    kind, message, tb = info.failures[0]
+    assert kind == "tests.tasks.TaskError" and message == "negative input -2"
+    assert "in logged_square" in tb and tb.rstrip().endswith("TaskError: negative input -2")
+    with cleanbreak.Pool(2, journal=journal) as pool:  # the failed one runs again
+        list(pool.map(fn, [1, -2, 3], return_exceptions=True))
+    assert runs_of(runs) == {1: 1, -2: 2, 3: 1}
+
+
+def test_skip_failed_gives_the_recorded_failure(runs: str, journal: str) -> None:
+    fn = functools.partial(logged_square, runs)
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        list(pool.map(fn, [-1, 2], return_exceptions=True))
+    with cleanbreak.Pool(2, journal=Journal(journal, skip_failed=True)) as pool:
+        out = list(pool.map(fn, [-1, 2], return_exceptions=True))
+    assert isinstance(out[0], TaskError) and str(out[0]) == "negative input -1"
+    assert "in logged_square" in str(out[0].__cause__)
+    assert any("skip_failed" in note for note in out[0].__notes__)
+    assert out[1] == 4
+    assert runs_of(runs) == {-1: 1, 2: 1}
+
+
+def test_a_worker_death_is_recorded_as_the_tasks_failure(journal: str) -> None:
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        out = list(pool.map(tasks.exit_on, [1, 2, 3], [2, 2, 2], return_exceptions=True))
+    assert out[0] == 1 and out[2] == 9
+    assert isinstance(out[1], cleanbreak.TaskAborted)
+    assert Journal.status(journal).failed == 1
+
+
+def test_fresh_starts_over(runs: str, journal: str) -> None:
+    fn = functools.partial(logged_square, runs)
+    cleanbreak.map(fn, range(3), workers=2, journal=journal)
+    cleanbreak.map(fn, range(3), workers=2, journal=Journal(journal, fresh=True))
+    assert runs_of(runs) == dict.fromkeys(range(3), 2)
+
+
+# ── a journal that cannot be used ────────────────────────────────────────────────────────────
+
+
+def test_a_journal_in_use_is_refused(journal: str) -> None:
+    with cleanbreak.Pool(1, journal=journal) as pool:
+        list(pool.map(tasks.square, range(3)))
+        with pytest.raises(JournalError, match="in use by another pool of this process"):
+            cleanbreak.Pool(1, journal=journal)
+        code = (
+            "import sys, cleanbreak\n"
+            "try:\n"
+            f"    cleanbreak.Journal({journal!r}).open()\n"
+            "except cleanbreak.JournalError as e:\n"
+            "    print(e)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], check=False, capture_output=True, text=True
+        )
+        assert f"is in use by another run (pid {os.getpid()})" in out.stdout, out
+    cleanbreak.map(tasks.square, range(3), workers=1, journal=journal)  # released
+
+
+def test_a_journal_of_another_function_is_refused(journal: str) -> None:
+    cleanbreak.map(tasks.square, range(3), workers=1, journal=journal)
+    with pytest.raises(JournalError, match=r"holds the results of tests.tasks:square, not "):
+        cleanbreak.map(tasks.identity, range(3), workers=1, journal=journal)
+    with (
+        cleanbreak.Pool(1, journal=journal) as pool,
+        pytest.raises(JournalError, match="give each function its own journal"),
+    ):
+        pool.submit(tasks.identity, 1)
+    assert cleanbreak.map(tasks.identity, [5], workers=1, journal=Journal(journal, fresh=True)) == [
+        5
+    ]
+
+
+def test_what_is_not_a_journal_is_refused(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, this is not a database\n" * 100)
+    with pytest.raises(JournalError, match=r"cannot use .* as a journal"):
+        cleanbreak.Pool(1, journal=text)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("INSERT INTO meta VALUES ('format', 'something-else')")
+    conn.close()
+    with pytest.raises(JournalError, match="not a cleanbreak journal"):
+        cleanbreak.Pool(1, journal=other)
+    with pytest.raises(JournalError, match="does not exist; create it first"):
+        cleanbreak.Pool(1, journal=tmp_path / "no" / "such" / "folder.sqlite")
+    with pytest.raises(TypeError, match="journal must be a path"):
+        cleanbreak.Pool(1, journal=3)  # type: ignore[arg-type]
+    assert text.read_text().startswith("hello")  # nothing was written to it
+
+
+def test_a_journal_of_another_user_is_never_opened(
+    journal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cleanbreak.map(tasks.square, range(2), workers=1, journal=journal)
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)
+    with pytest.raises(JournalError, match="belongs to another user"):
+        cleanbreak.Pool(1, journal=journal)
+
+
+def test_a_result_that_does_not_pickle_still_reaches_the_caller(
+    journal: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    journal_obj = Journal(journal)
+    journal_obj.open()
+    try:
+        journal_obj.bind("x:y")
+        journal_obj.record(b"k" * 16, lambda: None)  # a lambda does not pickle
+        assert journal_obj.flush(10)
+    finally:
+        journal_obj.close()
+    assert "a result was not journaled" in capfd.readouterr().err
+
+
+# ── scale ────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_resuming_a_long_lazy_input_holds_neither_the_input_nor_the_journal(journal: str) -> None:
+    n = 100_000
+    cleanbreak.map(tasks.square, range(n), workers=2, journal=journal)
+
+    def lazy() -> Iterator[int]:
+        yield from range(n)
+
+    tracemalloc.start()
+    try:
+        with cleanbreak.Pool(2, journal=journal) as pool:
+            total = sum(pool.imap_unordered(tasks.square, lazy()))
+            reused = pool.journal.reused if pool.journal is not None else 0
+            _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == sum(x * x for x in range(n)) and reused == n
+    # Holding the 100,000 results or keys would take well over 10 MB.
+    assert peak < 4_000_000, f"peak {peak / 1e6:.1f} MB"
