@@ -17,6 +17,7 @@ from typing import Any
 
 import bench_failures
 import bench_interrupt
+import bench_journal
 import bench_lazy
 import bench_payload
 import bench_throughput
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "lazy": bench_lazy.child_lazy,
     "interrupt": bench_interrupt.child_interrupt,
     "crash": bench_failures.child_crash,
+    "journal": bench_journal.child_journal,
 }
 
 

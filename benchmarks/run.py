@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_failures
 import bench_interrupt
+import bench_journal
 import bench_lazy
 import bench_payload
 import bench_throughput
@@ -38,6 +39,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]
     "interrupt": ("5. Ctrl-C and SIGTERM", bench_interrupt.run_interrupt),
     "crash": ("6. a worker SIGKILLed", bench_failures.run_crash),
     "orphans": ("7. the parent SIGKILLed", bench_failures.run_orphans),
+    "journal": ("8. the journal's overhead, and joblib Memory's", bench_journal.run_journal),
 }
 
 

@@ -7,6 +7,8 @@ import importlib.resources
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import tomllib
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
@@ -21,6 +23,9 @@ EXPECTED_ALL = {
     "BrokenPool",
     "CleanbreakError",
     "Interrupted",
+    "Journal",
+    "JournalError",
+    "JournalStatus",
     "Pool",
     "RemoteTraceback",
     "SerializationError",
@@ -70,6 +75,7 @@ def test_pool_is_an_executor() -> None:
         (cleanbreak.TaskAborted, cleanbreak.CleanbreakError),
         (cleanbreak.TaskTimeout, TimeoutError),
         (cleanbreak.TaskTimeout, cleanbreak.CleanbreakError),
+        (cleanbreak.JournalError, cleanbreak.CleanbreakError),
         (cleanbreak.CleanbreakError, Exception),
         (cleanbreak.RemoteTraceback, Exception),
     ],
@@ -142,3 +148,24 @@ def test_worker_died_names_the_exit_code_or_signal() -> None:
     by_code = cleanbreak.WorkerDied(3, 1234)
     assert by_code.signal is None
     assert "code 3" in str(by_code)
+
+
+def test_the_core_imports_without_third_party_packages(tmp_path: Path) -> None:
+    """Only the standard library: rich (the cli extra) is imported when a bar is drawn."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'rich', 'numpy', 'psutil'}:\n"
+        "            raise ImportError(f'blocked: {name}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import cleanbreak, cleanbreak._cli\n"
+        "from cleanbreak._progress import Progress\n"
+        "p = Progress(lambda: (1, 0, 0), 2, stream=open(__import__('os').devnull, 'w'))\n"
+        "p.stop('done')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == "ok", out.stderr

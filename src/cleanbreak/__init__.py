@@ -7,13 +7,14 @@ from ._errors import (
     BrokenPool,
     CleanbreakError,
     Interrupted,
+    JournalError,
     RemoteTraceback,
     SerializationError,
     TaskAborted,
     TaskTimeout,
     WorkerDied,
 )
-from ._journal import Journal, JournalError, JournalStatus
+from ._journal import Journal, JournalStatus
 from ._pool import Pool, TaskOptionsView, default_workers, map
 from ._units import TaskOptions
 

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO, cast
 
 from . import __version__
-from ._errors import BrokenPool, Interrupted
-from ._journal import Journal, JournalError, describe_failure
+from ._errors import BrokenPool, Interrupted, JournalError
+from ._journal import Journal, describe_failure
 from ._map import MapRun
 from ._pool import OnInterrupt, Pool, default_workers
 from ._progress import Counts, Progress

@@ -14,6 +14,7 @@ for ``concurrent.futures`` keeps working::
         │   ├── TimeoutError
         │   │   └── TaskTimeout      a task ran past its deadline; its worker was killed
         │   ├── TaskAborted          task code raised SystemExit or KeyboardInterrupt
+        │   ├── JournalError         the journal cannot be used (locked, another function's, ...)
         │   └── PicklingError (pickle)
         │       └── SerializationError   a function, argument, result or exception would not pickle
         └── RemoteTraceback          set as __cause__ of a task's own exception
@@ -37,6 +38,7 @@ __all__ = [
     "BrokenPool",
     "CleanbreakError",
     "Interrupted",
+    "JournalError",
     "RemoteTraceback",
     "SerializationError",
     "TaskAborted",
@@ -212,3 +214,9 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class JournalError(CleanbreakError):
+    """The journal cannot be used: a running job holds it, it holds another function's
+    results, it is not a journal, it belongs to another user, or it cannot be read. The message
+    says what to do."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -42,7 +41,7 @@ from typing import Any
 from . import _signals
 from ._errors import (
     BrokenPool,
-    CleanbreakError,
+    JournalError,
     RemoteTraceback,
     SerializationError,
     TaskTimeout,
@@ -65,11 +64,6 @@ LOOKUP_BATCH = 500
 # The failures that are a task's own outcome, and are recorded. Others (BrokenPool, a manager
 # failure) are the pool's: the task never ran, so it runs again next time.
 _TASK_FAILURES = (WorkerDied, TaskTimeout, SerializationError)
-
-
-class JournalError(CleanbreakError):
-    """The journal cannot be used: locked by a running job, made for another function, not a
-    journal, or not readable. The message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -520,6 +514,8 @@ class Journal:
     @staticmethod
     def status(path: str | os.PathLike[str]) -> JournalStatus:
         """Read a journal's counts and failures (no pickle is loaded)."""
+        import fcntl  # POSIX only, as is the pool
+
         path = os.path.abspath(os.fspath(path))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -588,6 +584,8 @@ def _is_task_failure(exc: BaseException) -> bool:
 
 
 def _open_locked(path: str) -> int:
+    import fcntl  # POSIX only, as is the pool
+
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise JournalError(

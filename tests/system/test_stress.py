@@ -20,6 +20,10 @@ Counted, each of which must be 0:
   parent was dead
 - tracebacks: anything on stderr
 - slow stops: in terminate mode, ``Interrupted`` caught more than 0.1 s after the signal
+- results not journaled: every other run records its outcomes in a journal; a result the
+  caller got (yielded or in ``completed``) that the journal does not hold once the child
+  exited, or, after a SIGKILL, a journal that fails SQLite's integrity check or holds a wrong
+  value
 
 The number of runs is ``CLEANBREAK_STRESS_RUNS`` (CI: one round of the 54 combinations is
 too long, so by default 18 runs, a third of them), and ``CLEANBREAK_STRESS_KILLS`` for the
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import random
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -60,6 +66,7 @@ COUNTS = [
     "tasks started late",
     "tracebacks",
     "slow stops",
+    "results not journaled",
 ]
 
 
@@ -91,12 +98,43 @@ def _kept(child: Child, api: str, wrong: list[str]) -> dict[int, int]:
     return kept
 
 
-def _start(start: StartCommand, api: str, method: str, seed: int) -> Child:
+def _start(start: StartCommand, api: str, method: str, seed: int, journal: bool) -> Child:
+    extra = ["--journal=journal.sqlite"] if journal else []
     child = start(
-        [sys.executable, str(SCRIPT)], f"--api={api}", f"--method={method}", f"--seed={seed}"
+        [sys.executable, str(SCRIPT)],
+        f"--api={api}",
+        f"--method={method}",
+        f"--seed={seed}",
+        *extra,
     )
     child.wait_for(lambda c: bool(c.of("begin")), "the child to begin")
     return child
+
+
+def _journaled(child: Child, label: str, problems: list[str]) -> set[int] | None:
+    """The indices whose results the child's journal holds (None: it had none); checks that
+    the file is sound and every value right."""
+    path = child.tmp / "journal.sqlite"
+    if not path.exists():
+        return None
+    try:
+        with sqlite3.connect(path) as conn:
+            check = conn.execute("PRAGMA integrity_check").fetchone()
+            try:
+                rows = conn.execute("SELECT value FROM outcomes WHERE ok = 1").fetchall()
+            except sqlite3.OperationalError:  # stopped before the table was made
+                rows = []
+        conn.close()
+    except sqlite3.Error as exc:
+        problems.append(f"results not journaled: {label}: the journal does not open: {exc}")
+        return set()
+    if check != ("ok",):
+        problems.append(f"results not journaled: {label}: integrity check says {check}")
+    values = [pickle.loads(blob) for (blob,) in rows]
+    wrong = [v for v in values if v[1] != 7 * v[0]]
+    if wrong:
+        problems.append(f"results not journaled: {label}: wrong values {wrong}")
+    return {v[0] for v in values}
 
 
 def _left_behind(child: Child, label: str) -> list[str]:
@@ -139,6 +177,9 @@ def _signal_once(child: Child, how: str, rng: random.Random, label: str, api: st
     lost = sorted(must - kept.keys())
     if lost:
         out.append(f"results lost: {label}: {lost}")
+    journaled = _journaled(child, label, out)
+    if journaled is not None and kept.keys() - journaled:
+        out.append(f"results not journaled: {label}: {sorted(kept.keys() - journaled)}")
     gates = [e.int(0) for e in child.of("gate")]
     if gates:
         record("stress: signal to gate closed (ms)", (gates[0] - sent) / 1e6)
@@ -162,6 +203,7 @@ def _kill_once(child: Child, rng: random.Random, label: str) -> list[str]:
     late = [e.int(0) for e in child.of("start") if e.int(2) > child.exited_ns]
     if late:
         out.append(f"tasks started late: {label}: after the parent died {late}")
+    _journaled(child, label, out)
     return out
 
 
@@ -188,8 +230,9 @@ def test_signals_at_random_moments_lose_nothing_and_leave_nothing(
     problems: list[str] = []
     for run in range(RUNS):
         api, method, how = combos[run % len(combos)]
-        label = f"run {run} ({api}, {method}, {how}, seed {SEED})"
-        child = _start(start_command, api, method, rng.randrange(1 << 30))
+        journal = run % 2 == 0
+        label = f"run {run} ({api}, {method}, {how}, journal {journal}, seed {SEED})"
+        child = _start(start_command, api, method, rng.randrange(1 << 30), journal)
         try:
             problems += _signal_once(child, how, rng, label, api)
         finally:
@@ -207,8 +250,9 @@ def test_sigkill_at_random_moments_leaves_nothing_and_starts_nothing(
     problems: list[str] = []
     for run in range(KILLS):
         api, method = combos[run % len(combos)]
-        label = f"kill {run} ({api}, {method}, seed {SEED})"
-        child = _start(start_command, api, method, rng.randrange(1 << 30))
+        journal = run % 2 == 0
+        label = f"kill {run} ({api}, {method}, journal {journal}, seed {SEED})"
+        child = _start(start_command, api, method, rng.randrange(1 << 30), journal)
         try:
             problems += _kill_once(child, rng, label)
         finally:

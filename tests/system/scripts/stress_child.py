@@ -10,7 +10,8 @@ Events written to the FIFO:
 
 Then one JSON line on stdout: ``yielded`` ([index, value] pairs the caller got before any
 signal), ``completed`` (``Interrupted.completed``, by index), ``signal``. A task's value is
-``[index, 7 * index]``. Exit status: 130 after ``Interrupted``, 0 when the job finished.
+``[index, 7 * index]``. Exit status: 130 after ``Interrupted``, 0 when the job finished. With
+``--journal``, the pool records every outcome there.
 """
 
 from __future__ import annotations
@@ -86,12 +87,19 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=60)
     parser.add_argument("--events", required=True)
     parser.add_argument("--release", required=True)
+    parser.add_argument("--journal", default=None, help="record the outcomes in this journal")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     specs = [(i, rng.uniform(0.001, 0.040), args.events) for i in range(args.tasks)]
     _watch_gate(args.events)
     mode = "drain" if args.api == "drain" else "terminate"
-    pool_args: dict[str, Any] = {"workers": 2, "on_interrupt": mode, "mp_context": args.method}
+    pool_args: dict[str, Any] = {
+        "workers": 2,
+        "on_interrupt": mode,
+        "mp_context": args.method,
+        # A relative journal path is in the run's own folder, where the events FIFO is.
+        "journal": args.journal and os.path.join(os.path.dirname(args.events), args.journal),
+    }
     yielded: list[Any] = []
     report: dict[str, Any] = {"yielded": yielded, "completed": {}, "signal": None}
     status = 0
