@@ -297,3 +297,22 @@ def test_resuming_a_long_lazy_input_holds_neither_the_input_nor_the_journal(jour
     assert total == sum(x * x for x in range(n)) and reused == n
     # Holding the 100,000 results or keys would take well over 10 MB.
     assert peak < 4_000_000, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_a_failure_never_replaces_a_recorded_result(journal: str) -> None:
+    """The same task twice in one run, once failing: the result is what the journal keeps."""
+    j = Journal(journal)
+    j.open()
+    try:
+        j.bind("x:y")
+        j.record(b"a" * 16, 42)
+        assert j.flush(10)
+        j.record_failure(b"a" * 16, cleanbreak.WorkerDied(-9, 1234))
+        j.record_failure(b"b" * 16, cleanbreak.WorkerDied(-9, 1234))
+        assert j.flush(10)
+        j.record(b"b" * 16, 7)  # a result replaces a failure: the task ran again
+        assert j.flush(10)
+        assert j.lookup([b"a" * 16, b"b" * 16]) == {b"a" * 16: (42, None), b"b" * 16: (7, None)}
+    finally:
+        j.close()
+    assert _rows(journal) == {1: 2}

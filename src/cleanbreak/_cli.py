@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -542,5 +543,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + int(exc.signal)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (``cleanbreak run ... | head``): stop quietly, as
+        # a command killed by SIGPIPE would. What finished is in the journal.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     parser.print_help()
     return 2

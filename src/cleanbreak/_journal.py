@@ -60,6 +60,14 @@ COMMIT_BYTES = 64 << 20
 # results arriving faster than the disk takes them must not fill the memory.
 MAX_QUEUED_BYTES = 256 << 20
 LOOKUP_BATCH = 500
+# A task's outcome replaces a recorded failure (the task ran again), never a recorded result:
+# when the same task runs twice in one run and fails once, its result is what counts.
+_UPSERT = (
+    "INSERT INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+    "ok = excluded.ok, value = excluded.value, error_type = excluded.error_type, "
+    "error_message = excluded.error_message, traceback = excluded.traceback, "
+    "finished = excluded.finished WHERE outcomes.ok = 0"
+)
 
 # The failures that are a task's own outcome, and are recorded. Others (BrokenPool, a manager
 # failure) are the pool's: the task never ran, so it runs again next time.
@@ -473,10 +481,7 @@ class Journal:
                 if conn is not None and self._error is None:
                     try:
                         with conn:
-                            conn.executemany(
-                                "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                batch,
-                            )
+                            conn.executemany(_UPSERT, batch)
                     except (sqlite3.Error, OSError, MemoryError) as exc:
                         self._fail(exc)
                 with self._cond:

@@ -320,6 +320,33 @@ def test_sigterm_exits_143(tmp_path: Path) -> None:
     _wait_session_empty(proc.pid)
 
 
+def test_a_reader_that_goes_away_stops_the_run_quietly(tmp_path: Path) -> None:
+    """``cleanbreak run ... | head -1``: the pipe breaks; exit as SIGPIPE would, no traceback."""
+    job = Job(tmp_path, 2000)
+    argv = [a for a in job.argv() if a not in ("--output", str(job.output))]
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=job.env(0.001),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = json.loads(proc.stdout.readline())
+    assert first["result"] == first["input"] ** 2
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    proc.wait(GUARD)
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("stopped: "), err
+    _wait_session_empty(proc.pid)
+
+
 def test_version() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "cleanbreak", "--version"],
