@@ -316,3 +316,30 @@ def test_a_failure_never_replaces_a_recorded_result(journal: str) -> None:
     finally:
         j.close()
     assert _rows(journal) == {1: 2}
+
+
+def test_a_value_over_sqlites_limit_is_skipped_and_the_rest_kept(
+    journal: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from cleanbreak import _journal
+
+    real = _journal._connect
+
+    def small(path: str) -> sqlite3.Connection:
+        conn = real(path)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)  # as if 1 GB were 10 kB
+        return conn
+
+    monkeypatch.setattr(_journal, "_connect", small)
+    j = Journal(journal)
+    j.open()
+    try:
+        j.bind("x:y")
+        j.record(b"a" * 16, 1)
+        j.record(b"b" * 16, b"x" * 20_000)
+        j.record(b"c" * 16, 3)
+        assert j.flush(10)
+    finally:
+        j.close()
+    assert _rows(journal) == {1: 2}
+    assert "a result was not journaled: string or blob too big" in capfd.readouterr().err

@@ -243,6 +243,7 @@ class Journal:
         self._queued = 0  # rows ever queued
         self._written = 0  # rows ever committed (or dropped after a write error)
         self._stopping = False
+        self._urgent = False  # flush() asks for a commit now
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         self._warned = False
@@ -416,6 +417,7 @@ class Journal:
         """Wait until every outcome recorded so far is committed. False on timeout."""
         with self._cond:
             target = self._queued
+            self._urgent = True
             self._cond.notify_all()
             for part in _signals.sliced(timeout):
                 if self._written >= target or self._writer is None or not self._writer.is_alive():
@@ -457,7 +459,7 @@ class Journal:
         since = 0.0
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._stopping and not self._urgent:
                     if batch:
                         left = since + COMMIT_SECONDS - time.monotonic()
                         if left <= 0:
@@ -467,23 +469,21 @@ class Journal:
                         self._cond.wait()
                 rows, self._queue = self._queue, []
                 stopping = self._stopping
+                urgent, self._urgent = self._urgent, False
             if rows and not batch:
                 since = time.monotonic()
             batch.extend(rows)
             size += sum(len(r[2] or b"") for r in rows)
             due = (
                 stopping
+                or urgent
                 or len(batch) >= COMMIT_ROWS
                 or size >= COMMIT_BYTES
                 or time.monotonic() - since >= COMMIT_SECONDS
             )
             if batch and due:
                 if conn is not None and self._error is None:
-                    try:
-                        with conn:
-                            conn.executemany(_UPSERT, batch)
-                    except (sqlite3.Error, OSError, MemoryError) as exc:
-                        self._fail(exc)
+                    self._commit(conn, batch)
                 with self._cond:
                     for row in batch:
                         if self._unwritten.get(row[0]) is row:
@@ -500,6 +500,26 @@ class Journal:
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+        try:
+            with conn:
+                conn.executemany(_UPSERT, batch)
+            return
+        except sqlite3.DataError:  # a value over SQLite's limit (1 GB): all but that one
+            pass
+        except (sqlite3.Error, OSError, MemoryError) as exc:
+            self._fail(exc)
+            return
+        for row in batch:
+            try:
+                with conn:
+                    conn.execute(_UPSERT, row)
+            except sqlite3.DataError as exc:
+                self._warn(f"a result was not journaled: {exc} (SQLite takes at most 1 GB)")
+            except (sqlite3.Error, OSError, MemoryError) as exc:
+                self._fail(exc)
+                return
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
