@@ -101,7 +101,7 @@ STORES: tuple[Store, ...] = (
         JOBLIB,
         False,
         "joblib Parallel(n_jobs)(delayed(f)(x) …)",
-        "joblib Parallel(…), first call",
+        "joblib Parallel(n_jobs)(delayed(f)(x) …), fresh process",
     ),
     Store(
         "joblib-memory",
@@ -268,8 +268,10 @@ def _measure(settings: Settings, job: str, n: int, size: int, reps: int) -> dict
             for name, value in result.items():
                 found[key].setdefault(name, []).append(value)
             line = f"one-shot {result['cold']:.2f} s, warm {result['warm']:.3f} s"
+            if key == "cb-journal":
+                line += f" (all committed {result['committed']:.3f} s)"
             if "resume" in result:
-                line += f" (committed {result['committed']:.3f} s), resume {result['resume']:.3f} s"
+                line += f", resume {result['resume']:.3f} s"
             progress(f"{tag}: {line}")
     return found
 
@@ -386,7 +388,7 @@ def _section(
                         committed,
                         timing(resume),
                         speedup,
-                        f"{peak / MB:,.0f} MB" if peak is not None else "—",
+                        f"{max(peak, 0) / MB:,.0f} MB" if peak is not None else "—",
                     ]
                 )
             else:

@@ -1,7 +1,7 @@
 """Run the cleanbreak benchmark suite and print (and save) the results as markdown.
 
-    python benchmarks/run.py                 # everything, about 10 minutes on 2 cores
-    python benchmarks/run.py --quick         # a short run, about 2 minutes
+    python benchmarks/run.py                 # everything, about 12 minutes on 2 cores
+    python benchmarks/run.py --quick         # a short run, about 2.5 minutes
     python benchmarks/run.py --only tiny,lazy --workers 4
 
 Every measurement and how it is taken is described in benchmarks/README.md. Results go to
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark cleanbreak against multiprocessing, concurrent.futures, loky, "
         "pebble, mpire and joblib.",
     )
-    parser.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a short run (about 2.5 minutes)")
     parser.add_argument(
         "--only",
         metavar="NAMES",

@@ -367,7 +367,8 @@ class Journal:
                     "SELECT key, ok, value, error_type, error_message, traceback FROM outcomes "
                     f"WHERE key IN ({marks}){where}",
                     part,
-                ).fetchall()
+                )
+                # Row by row: one pickle at a time beside the values made from the others.
                 for key, ok, blob, etype, message, tb in rows:
                     outcome = _load(ok, blob, etype, message, tb, self.path)
                     if outcome is not None:
@@ -654,6 +655,10 @@ def _writer_pid(path: str) -> str:
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     conn.isolation_level = "DEFERRED"  # ``with conn`` commits
+    # Large pages for a new journal: a result of 50 MB is 800 pages, not 12,800 (a quarter
+    # faster to write here), and a commit of small rows costs the same. It takes effect only
+    # on a file still empty; an existing journal keeps its page size.
+    conn.execute("PRAGMA page_size=65536")
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode: a commit survives the death of this process (SIGKILL, the OOM
     # killer); after a power cut the last commits may be lost, but the file is never corrupt.
