@@ -99,13 +99,18 @@ class WorkerDied(CleanbreakError, BrokenProcessPool):
 
     Only this task fails; the pool replaces the worker and goes on. ``exitcode`` is the
     process's exit status (negative for a signal, as in ``multiprocessing``), ``signal`` the
-    signal that killed it or ``None``, ``pid`` its process id and ``task`` the task's index.
+    signal that killed it or ``None``, ``pid`` its process id and ``task`` the task's index. On
+    a Dask cluster, ``lost`` holds what Dask said (its ``KilledWorker``, also the
+    ``__cause__``), and ``exitcode`` and ``pid`` are unknown (``None`` and 0).
     """
 
-    def __init__(self, exitcode: int | None, pid: int, task: int | None = None) -> None:
+    def __init__(
+        self, exitcode: int | None, pid: int, task: int | None = None, *, lost: str | None = None
+    ) -> None:
         self.exitcode = exitcode
         self.pid = pid
         self.task = task
+        self.lost = lost  # on a Dask cluster: what Dask said of the lost worker (KilledWorker)
         self.signal: _signal.Signals | None = None
         if exitcode is not None and exitcode < 0:
             try:
@@ -116,6 +121,8 @@ class WorkerDied(CleanbreakError, BrokenProcessPool):
 
     def _message(self) -> str:
         what = f"task {self.task}" if self.task is not None else "a task"
+        if self.lost is not None:
+            return f"the Dask worker running {what} was lost: {self.lost}"
         if self.signal is not None:
             how = f"was killed by {self.signal.name}"
             if self.signal == _signal.SIGKILL:
@@ -127,10 +134,14 @@ class WorkerDied(CleanbreakError, BrokenProcessPool):
         return f"the worker (pid {self.pid}) running {what} {how}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (WorkerDied, (self.exitcode, self.pid, self.task), self.__dict__)
+        return (_rebuild_worker_died, (self.exitcode, self.pid, self.task), self.__dict__)
 
     def __str__(self) -> str:
         return self._message()
+
+
+def _rebuild_worker_died(exitcode: int | None, pid: int, task: int | None) -> WorkerDied:
+    return WorkerDied(exitcode, pid, task)  # .lost comes back with the instance's __dict__
 
 
 class BrokenPool(CleanbreakError, BrokenProcessPool):

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from . import _signals
+from ._dask import DaskBackend
 from ._errors import BrokenPool, Interrupted
 from ._journal import Journal, Keyer, Recorder
 from ._manager import (
@@ -42,7 +43,7 @@ from ._manager import (
 )
 from ._map import MapRun, ProgressFactory, collect, iterate, positive
 from ._progress import Progress
-from ._units import TaskOptions, Unit
+from ._units import Backend, TaskOptions, Unit
 from ._wire import CALL_KW
 
 T = TypeVar("T")
@@ -117,6 +118,11 @@ class Pool(Executor):
     without running, and only the rest run. A task is known by its function's qualified name
     and its arguments (``map``'s ``key=`` names it instead). See ``Journal``.
 
+    ``dask`` (a scheduler address such as ``"tcp://host:8786"``, or a ``distributed.Client``)
+    runs the tasks on a Dask cluster instead of local processes, with the same API and the
+    same Ctrl-C semantics; it needs the ``dask`` extra. ``workers``, ``mp_context``,
+    ``initializer`` and ``max_tasks_per_worker`` are for local pools only.
+
     ``reuse_memory`` (Linux with glibc): a worker that has moved a payload of 32 MiB or more
     keeps the memory its tasks free (up to 128 MiB while idle), and the next task's large blocks
     reuse it instead of taking fresh pages from the kernel. ``False`` leaves the C allocator of
@@ -137,6 +143,7 @@ class Pool(Executor):
         max_tasks_per_worker: int | None = None,
         reuse_memory: bool = True,
         journal: Journal | str | os.PathLike[str] | None = None,
+        dask: Any = None,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             # This process is a worker importing the main module (spawn, forkserver), or the
@@ -151,6 +158,19 @@ class Pool(Executor):
                 "on process groups and POSIX signals"
             )
         _refuse_at_exit()
+        if dask is not None:
+            local_only = {
+                "workers": workers,
+                "mp_context": mp_context,
+                "initializer": initializer,
+                "max_tasks_per_worker": max_tasks_per_worker,
+            }
+            for name, value in local_only.items():
+                if value is not None:
+                    raise ValueError(
+                        f"{name}= is for a local pool; a Dask pool runs on the cluster's "
+                        f"workers: drop {name}= (or dask=)"
+                    )
         n = positive("workers", workers) or default_workers()
         if on_interrupt not in _ESCALATION:
             raise ValueError(f"on_interrupt must be 'terminate' or 'drain', got {on_interrupt!r}")
@@ -169,7 +189,7 @@ class Pool(Executor):
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
-        ctx = _context(mp_context)
+        ctx = _context(mp_context) if dask is None else None
         self._journal = Journal.of(journal)
         if self._journal is not None:
             self._journal.open()  # before any worker starts: a locked journal fails fast
@@ -181,9 +201,13 @@ class Pool(Executor):
         self._gathering = False  # stopped, and gathering what finished for the Interrupted
         try:
             _signals.attach(self)
-            self._backend = LocalBackend(
-                n, ctx, initializer, tuple(initargs), max_tasks, reuse_memory
-            )
+            self._backend: Backend
+            if ctx is None:
+                self._backend = DaskBackend(dask)
+            else:
+                self._backend = LocalBackend(
+                    n, ctx, initializer, tuple(initargs), max_tasks, reuse_memory
+                )
         except KeyboardInterrupt:  # a handler of the user's raised it before ours was in place
             _signals.detach(self)
             self._close_journal()

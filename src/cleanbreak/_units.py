@@ -13,6 +13,7 @@ requeue its tail without telling the sink.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -154,3 +155,36 @@ class UnitQueue(Protocol):
 
     def put(self, unit: Unit) -> None:
         """Queue a unit. Raises RuntimeError once the backend has stopped accepting units."""
+
+
+class Backend(UnitQueue, Protocol):
+    """What runs a pool's units: local worker processes (``_manager.LocalBackend``) or a Dask
+    cluster (``_dask.DaskBackend``). ``Pool`` talks to nothing else of either.
+
+    Every method is safe to call from any thread; ``raise_level`` also from a signal handler.
+    """
+
+    size: int  # how many tasks run at once: worker processes, or the cluster's threads
+    started: threading.Event  # the backend can take units (or failed to start: start_error)
+    start_error: BaseException | None
+    finished: threading.Event  # every unit has an outcome and nothing of the backend runs
+
+    @property
+    def broken(self) -> BaseException | None:
+        """Why the backend cannot run units any more, if it cannot."""
+
+    @property
+    def pids(self) -> list[int]:
+        """The local worker processes (none for a cluster)."""
+
+    def stop_unit(self, uid: int) -> None:
+        """Stop that unit if it runs; it reads as cancelled (``Pool.cancel``)."""
+
+    def raise_level(self, level: int) -> None:
+        """Escalate the stop: 1 drain (no new item starts), 2 stop running items, 3 kill."""
+
+    def close(self, cancel_pending: bool) -> None:
+        """No more units will come: finish those queued (or cancel them), then finish."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until ``finished``, in sliced waits (see ``_signals``); whether it is."""
