@@ -2,7 +2,8 @@
 
 They live in their own module, imported as ``tasks`` (``benchmarks/`` is on ``sys.path`` for the
 runner, its child processes and their workers), so that they pickle by reference under every
-start method: fork, forkserver, spawn and loky's own.
+start method: fork, forkserver, spawn and loky's own. The Dask workers of measurement 9 are
+spawned processes too, which inherit ``sys.path`` and so import ``tasks`` the same way.
 
 Tasks that take part in the Ctrl-C, crash and orphan measurements append one line per event to
 the file named by ``$CB_BENCH_LOG``: ``<time.monotonic()> <pid> <event> <index>``. On Linux
@@ -36,6 +37,11 @@ def busy(seconds: float) -> None:
 
 def busy_1ms(x: int) -> int:
     busy(0.001)
+    return x
+
+
+def busy_10ms(x: int) -> int:
+    busy(0.010)
     return x
 
 

@@ -47,6 +47,8 @@ from ._wire import CALL_ONE, CALL_STAR, DONE, STOPPED, CapturedError
 RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3  # the same levels as _manager's
 STOP_GRACE = 0.5  # seconds from the stop to the kill of workers still running our items
 CONNECT_TIMEOUT = 10.0
+FETCH_TIMEOUT = 30.0  # seconds to fetch a finished unit's result from its worker
+MAX_RESUBMITS = 3  # a unit whose result is lost this often fails with WorkerDied
 EXTRA = "pip install 'cleanbreak[dask]'"
 
 
@@ -68,7 +70,9 @@ class _Stop(BaseException):
 
 
 _closed: set[str] = set()  # pools whose gate is closed on this worker
-_running: dict[int, tuple[str, str]] = {}  # thread id -> (pool token, task key) in task code
+_running: dict[int, tuple[str, str, int]] = {}  # thread id -> (pool token, task key, item)
+_expired: set[tuple[int, str, int]] = set()  # (thread id, task key, item) past their timeout
+TIMED_OUT = 99  # run_unit's status: the item after ``values`` ran past its timeout
 
 
 def _call(kind: int, fn: Callable[..., Any], item: Any) -> Any:
@@ -81,26 +85,43 @@ def _call(kind: int, fn: Callable[..., Any], item: Any) -> Any:
 
 
 def run_unit(
-    token: str, kind: int, fn: Callable[..., Any], items: Sequence[Any]
+    token: str,
+    kind: int,
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    timeout: float | None = None,
 ) -> tuple[int, list[Any], dict[int, CapturedError], float, int]:
     """Run a unit's items on a Dask worker: ``(status, values, errors, seconds, pid)``.
 
     The gate is read before each item; ``STOPPED`` means the items after ``values`` did not
-    run (the gate closed, or ``_Stop`` broke off the running one)."""
+    run (the gate closed, or ``_Stop`` broke off the running one), ``TIMED_OUT`` that the item
+    after ``values`` ran past ``timeout`` and was broken off. An item still running
+    ``STOP_GRACE`` seconds after its timeout (stuck in C) ends the worker process; its nanny
+    starts a new one."""
+    import distributed
     import distributed.worker
 
     key = str(getattr(getattr(distributed.worker, "thread_state", None), "key", ""))
     me = threading.get_ident()
+    worker: Any = None
     values: list[Any] = []
     errors: dict[int, CapturedError] = {}
     status = DONE
     began = time.perf_counter()
+    k = 0
     try:
         for k, item in enumerate(items):
             if token in _closed:
                 status = STOPPED
                 break
-            _running[me] = (token, key)
+            timer = None
+            if timeout is not None:
+                if worker is None:
+                    worker = distributed.get_worker()  # in this thread, not the timer's
+                timer = threading.Timer(timeout, _expire, (me, token, key, k, worker))
+                timer.daemon = True
+                timer.start()
+            _running[me] = (token, key, k)
             try:
                 value = _call(kind, fn, item)
             except _Stop:
@@ -110,29 +131,63 @@ def run_unit(
                 value = None
             finally:
                 _running.pop(me, None)
+                if timer is not None:
+                    timer.cancel()
             values.append(value)
     except _Stop:
-        status = STOPPED
+        status = TIMED_OUT if (me, key, k) in _expired else STOPPED
+        _expired.discard((me, key, k))
     finally:
         _running.pop(me, None)
     return status, values, errors, time.perf_counter() - began, os.getpid()
 
 
-def stop_units(token: str, terminate: bool, keys: Sequence[str] | None = None) -> None:
-    """Run by ``Client.run`` on each worker, in its event loop: close the pool's gate (unless
-    only some ``keys`` are to stop), and with ``terminate`` break off its running items."""
+def _expire(tid: int, token: str, key: str, k: int, worker: Any) -> None:
+    """A timed item's deadline, in a timer thread of the worker: break it off, tell the
+    client (which cancels the task, so that Dask does not run it again elsewhere), and end
+    the worker process if the item is still running ``STOP_GRACE`` seconds later."""
+    if _running.get(tid) != (token, key, k):
+        return
+    _expired.add((tid, key, k))
+    _raise_in(tid)
+    with contextlib.suppress(Exception):
+        message = {"key": key, "item": k, "worker": worker.address, "pid": os.getpid()}
+        worker.loop.add_callback(worker.log_event, _topic(token), message)
+    time.sleep(STOP_GRACE)
+    if _running.get(tid) == (token, key, k):
+        os._exit(1)
+
+
+def _topic(token: str) -> str:
+    return f"cleanbreak-timeout-{token}"
+
+
+def _raise_in(tid: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_Stop))
+
+
+async def stop_units(token: str, terminate: bool, keys: Sequence[str] | None = None) -> None:
+    """Run by ``Client.run`` on each worker, in its event loop (a coroutine, which is what
+    ``Client.run(wait=False)`` takes): close the pool's gate (unless only some ``keys`` are to
+    stop), and with ``terminate`` break off its running items."""
     if keys is None:
         _closed.add(token)
     if not terminate:
         return
-    for tid, (owner, key) in list(_running.items()):
+    for tid, (owner, key, _k) in list(_running.items()):
         if owner == token and (keys is None or key in keys):
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_Stop))
+            _raise_in(tid)
 
 
-def exit_worker() -> None:
+async def exit_worker() -> None:
     """Run by ``Client.run``: end this worker process now (its nanny starts a new one)."""
     os._exit(1)
+
+
+def running_here() -> list[str]:
+    """Run by ``Client.run``: the keys of the units whose items run in this worker now (for
+    tests: a thread that no ``Client.processing()`` shows any more may still run)."""
+    return [key for _token, key, _k in list(_running.values())]
 
 
 # ── on the client ────────────────────────────────────────────────────────────────────────────
@@ -141,15 +196,19 @@ def exit_worker() -> None:
 class _Flight:
     """A unit submitted to the cluster."""
 
-    __slots__ = ("deadline", "future", "key", "since", "stopped_at", "unit")
+    __slots__ = ("future", "key", "outcome", "unit")
 
-    def __init__(self, unit: Unit, future: Any, deadline: float | None) -> None:
+    def __init__(self, unit: Unit, future: Any) -> None:
         self.unit = unit
         self.future = future
         self.key = str(future.key)
-        self.since = time.monotonic()
-        self.deadline = deadline
-        self.stopped_at: float | None = None  # when we asked it to stop (a timeout, a cancel)
+        self.outcome: tuple[int, list[Any], dict[int, CapturedError], float, int] = (
+            DONE,
+            [],
+            {},
+            0.0,
+            0,
+        )
 
 
 class DaskBackend:
@@ -194,10 +253,18 @@ class DaskBackend:
         self._stop_sent = False
         self._stop_at = 0.0
         self._killed: set[str] = set()
+        self._cancelled: set[int] = set()  # units Pool.cancel stopped
+        self._resubmits: dict[int, int] = {}  # units run again after their result was lost
         self.finished = threading.Event()
         self.started = threading.Event()
         self.start_error: BaseException | None = None
+        # Timed items that ran out, as the workers report them (see _expire).
+        self._client.subscribe_topic(_topic(self._token), self._on_timeout)
         start_quiet_thread(self._run, "cleanbreak-dask")
+
+    def _on_timeout(self, event: Any) -> None:
+        _when, message = event
+        self._done.put(("timeout", message))
 
     # ── what Pool and MapRun call (the Backend protocol) ──────────────────────────────────
 
@@ -265,7 +332,6 @@ class DaskBackend:
                     self._submit()
                     if self._closing and not self.pending and not self._flights:
                         break
-                self._check_deadlines()
                 self._wait()
         except BaseException as exc:  # pragma: no cover - a bug here must not hang the caller
             self._broken = RuntimeError(f"cleanbreak's Dask thread failed: {exc!r}")
@@ -283,6 +349,8 @@ class DaskBackend:
                 for flight in self._flights.values():
                     flight.unit.sink.cancel(flight.unit.current, flight.unit.left)
                 self._flights.clear()
+            with contextlib.suppress(Exception):
+                self._client.unsubscribe_topic(_topic(self._token))
             if self._own:
                 with contextlib.suppress(Exception):
                     self._client.close(timeout=2)
@@ -295,12 +363,24 @@ class DaskBackend:
         except queue.Empty:
             return
         while True:
-            if item is not None:
+            if isinstance(item, tuple):
+                self._on_expired(item[1])
+            elif item is not None:
                 self._settle(item)
             try:
                 item = self._done.get_nowait()
             except queue.Empty:
                 return
+
+    def _on_expired(self, message: dict[str, Any]) -> None:
+        """A worker says a timed item ran out: cancel its task, so that Dask does not run it
+        again if the worker has to end, and fail it (or retry it)."""
+        flight = self._flights.pop(str(message.get("key")), None)
+        if flight is None:  # its result came first
+            return
+        with contextlib.suppress(Exception):
+            self._client.cancel([flight.future], force=True)
+        self._timed_out(flight, message)
 
     def _submit(self) -> None:
         while self.pending and len(self._flights) < 2 * self.size:
@@ -319,12 +399,12 @@ class DaskBackend:
                 unit.kind,
                 unit.fn,
                 list(unit.items),
+                timeout,
                 key=f"cleanbreak-{self._token[:8]}-{unit.uid}-{uuid.uuid4().hex[:8]}",
                 pure=False,
                 retries=0,
             )
-            deadline = None if timeout is None else time.monotonic() + timeout
-            flight = _Flight(unit, future, deadline)
+            flight = _Flight(unit, future)
             self._flights[flight.key] = flight
             future.add_done_callback(self._done.put)
 
@@ -334,23 +414,27 @@ class DaskBackend:
             return
         unit = flight.unit
         status = future.status
+        if status == "finished" and not self._fetch(flight):
+            status = "lost"
+        ours = self.level >= DRAINING or unit.uid in self._cancelled
+        if status in ("cancelled", "lost") and not ours:
+            # Not our doing: the worker that held the result died before we fetched it (the
+            # scheduler then runs the task again, or gives up on it). Run the unit again.
+            self._resubmit(unit)
+            return
         if status == "finished":
-            try:
-                outcome, values, errors, seconds, _pid = future.result()
-            except BaseException as exc:  # the result does not unpickle here
-                self._fail(flight, exc)
-                return
+            outcome, values, errors, seconds, pid = flight.outcome
             if values:
                 rebuilt = {k: e.rebuild() for k, e in errors.items()}
                 unit.sink.deliver(unit.current, values, rebuilt, seconds)
                 unit.received += len(values)
             if unit.left:
-                if outcome == STOPPED and flight.deadline is not None and self.level < DRAINING:
-                    self._timed_out(flight)
+                if outcome == TIMED_OUT and self.level < DRAINING:
+                    self._timed_out(flight, {"pid": pid})
                 else:
                     unit.sink.cancel(unit.current, unit.left)
             return
-        if status == "cancelled" or self.level >= DRAINING:
+        if status in ("cancelled", "lost") or self.level >= DRAINING:
             unit.sink.cancel(unit.current, unit.left)
             return
         error: BaseException | None
@@ -360,11 +444,31 @@ class DaskBackend:
             error = err
         self._fail(flight, error)
 
+    def _fetch(self, flight: _Flight) -> bool:
+        """Fetch a finished unit's outcome into ``flight.outcome``; False if it is gone."""
+        try:
+            flight.outcome = flight.future.result(timeout=FETCH_TIMEOUT)
+        except Exception as exc:
+            if isinstance(exc, self._cancelled_error | TimeoutError | OSError):
+                return False
+            # It does not unpickle here: the unit's items fail with that error.
+            flight.outcome = (DONE, [], {}, 0.0, 0)
+            self._fail(flight, exc)
+            flight.unit.received = len(flight.unit.items)
+        return True
+
+    def _resubmit(self, unit: Unit) -> None:
+        tries = self._resubmits.get(unit.uid, 0) + 1
+        if tries > MAX_RESUBMITS:
+            died = WorkerDied(None, 0, unit.current, lost="its result was lost again and again")
+            self._fail_items(unit, died)
+            return
+        again = unit.part(next(self._uids), unit.received)
+        self._resubmits[again.uid] = tries
+        self.pending.appendleft(again)
+
     def _fail(self, flight: _Flight, exc: BaseException | None) -> None:
         unit = flight.unit
-        if flight.stopped_at is not None and flight.deadline is not None:
-            self._timed_out(flight)
-            return
         if isinstance(exc, self._killed_worker):
             died = WorkerDied(None, 0, unit.current, lost=f"{exc}")
             died.__cause__ = exc
@@ -375,10 +479,16 @@ class DaskBackend:
             return
         unit.sink.fail(unit.current, unit.left, exc)
 
-    def _timed_out(self, flight: _Flight) -> None:
+    def _timed_out(self, flight: _Flight, message: dict[str, Any]) -> None:
+        """The unit's next item ran out of time: it fails (or is retried), and the items
+        after it, which did not run, go back to the queue."""
         unit = flight.unit
         timeout = unit.opts.task_timeout or 0.0
-        self._fail_items(unit, TaskTimeout(timeout, 0, unit.current))
+        where = str(message.get("worker") or "(address unknown)")
+        exc = TaskTimeout(timeout, int(message.get("pid") or 0), unit.current, dask_worker=where)
+        if unit.left > 1:
+            self.pending.appendleft(unit.part(next(self._uids), unit.received + 1))
+        self._fail_items(unit.part(next(self._uids), unit.received, unit.received + 1), exc)
 
     def _fail_items(self, unit: Unit, exc: BaseException) -> None:
         """Items without an outcome failed with ``exc``: each is retried alone while its
@@ -398,6 +508,7 @@ class DaskBackend:
     def _obey_commands(self) -> None:
         while self._commands:
             uid = self._commands.popleft()
+            self._cancelled.add(uid)
             for flight in list(self._flights.values()):
                 if flight.unit.uid == uid:
                     self._client.cancel([flight.future], force=True)
@@ -432,21 +543,6 @@ class DaskBackend:
     def _stop_keys(self, keys: list[str]) -> None:
         with contextlib.suppress(Exception):
             self._client.run(stop_units, self._token, True, keys, wait=False)
-
-    def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        for flight in list(self._flights.values()):
-            if flight.deadline is None or now < flight.deadline:
-                continue
-            if flight.stopped_at is None:
-                flight.stopped_at = now
-                self._stop_keys([flight.key])
-            elif now - flight.stopped_at >= STOP_GRACE:
-                self._flights.pop(flight.key, None)
-                with contextlib.suppress(Exception):
-                    self._client.cancel([flight.future], force=True)
-                self._kill_holders([flight])
-                self._timed_out(flight)
 
     def _kill_holders(self, flights: list[_Flight]) -> None:
         """End the worker processes running these units (a nanny restarts each), once."""

@@ -157,27 +157,42 @@ class TaskTimeout(CleanbreakError, TimeoutError):
     """The task ran past its ``task_timeout``: its worker was killed and replaced.
 
     ``timeout`` is the limit in seconds, ``pid`` the killed worker and ``task`` the task's index.
-    The processes the task started were killed with it.
+    The processes the task started were killed with it. On a Dask cluster, ``dask_worker`` is
+    the worker's address: the task was stopped there, or the worker restarted if it could not
+    be stopped.
     """
 
-    def __init__(self, timeout: float, pid: int, task: int | None = None) -> None:
+    def __init__(
+        self, timeout: float, pid: int, task: int | None = None, *, dask_worker: str | None = None
+    ) -> None:
         self.timeout = timeout
         self.pid = pid
         self.task = task
+        self.dask_worker = dask_worker
         super().__init__(self._message())
 
     def _message(self) -> str:
         what = f"task {self.task}" if self.task is not None else "the task"
+        if self.dask_worker is not None:
+            return (
+                f"{what} ran past its {self.timeout:g} s timeout on the Dask worker "
+                f"{self.dask_worker} (pid {self.pid}); it was stopped there, or the worker "
+                "restarted"
+            )
         return (
             f"{what} ran past its {self.timeout:g} s timeout; its worker (pid {self.pid}) was "
             "killed and replaced"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TaskTimeout, (self.timeout, self.pid, self.task), self.__dict__)
+        return (_rebuild_task_timeout, (self.timeout, self.pid, self.task), self.__dict__)
 
     def __str__(self) -> str:
         return self._message()
+
+
+def _rebuild_task_timeout(timeout: float, pid: int, task: int | None) -> TaskTimeout:
+    return TaskTimeout(timeout, pid, task)  # .dask_worker comes back with the __dict__
 
 
 class TaskAborted(CleanbreakError):

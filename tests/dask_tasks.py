@@ -1,0 +1,45 @@
+"""Task functions for the Dask tests: importable by the cluster's worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def spin_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
+    """Leave ``start-<i>-<ns>`` in the folder, spin on the CPU (pure Python, so a stop can
+    break in), then leave ``end-<i>-<ns>``; returns ``(i, 7 * i)``."""
+    index, seconds, folder = spec
+    _mark(folder, "start", index)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    _mark(folder, "end", index)
+    return index, 7 * index
+
+
+def _mark(folder: str, what: str, index: int) -> None:
+    with open(os.path.join(folder, f"{what}-{index}-{time.monotonic_ns()}"), "w"):
+        pass
+
+
+def marks(folder: str, what: str) -> dict[int, int]:
+    """index -> monotonic ns of each ``what`` mark in the folder."""
+    out: dict[int, int] = {}
+    for name in os.listdir(folder):
+        kind, index, ns = name.split("-")
+        if kind == what:
+            out[int(index)] = int(ns)
+    return out
+
+
+def sleep_then(x: int, seconds: float) -> int:
+    time.sleep(seconds)  # in C: a stop breaks in only once it returns
+    return x
+
+
+def die_on(x: int, bad: int) -> int:
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x

@@ -1,0 +1,272 @@
+"""The Dask backend on a real ``distributed.LocalCluster`` with worker processes: results,
+errors, a worker killed, a timeout, lazy input, a journal written by a local run, and Ctrl-C
+delivered to a client process. (``tests/system/test_dask_cli.py`` starts a cluster with
+Dask's own command line.)"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import cleanbreak
+from cleanbreak import _dask
+from tests import dask_tasks, tasks
+from tests.tasks import TaskError, logged_square, runs_of
+
+distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
+
+# distributed's own sockets and threads sometimes outlive a test by a moment: not ours to fix.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+GUARD = 60.0
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = ROOT / "tests" / "system" / "scripts" / "dask_child.py"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[object]:
+    # A worker lost once is the task's failure here (Dask's default retries it on another
+    # worker up to 3 times first).
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as local,
+    ):
+        yield local
+
+
+@pytest.fixture(scope="module")
+def address(cluster: object) -> str:
+    return str(cluster.scheduler_address)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def client(address: str) -> Iterator[object]:
+    with distributed.Client(address, set_as_default=False) as c:
+        yield c
+
+
+def _idle(client: object) -> bool:
+    """Nothing processing on any worker, and no thread of a worker in one of our items (a
+    cancelled task's thread may run on where the scheduler shows nothing); waits up to the
+    guard for it."""
+    deadline = time.monotonic() + GUARD
+    while time.monotonic() < deadline:
+        busy = any(client.processing().values())  # type: ignore[attr-defined]
+        running = client.run(_dask.running_here)  # type: ignore[attr-defined]
+        if not busy and not any(running.values()):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_map_imap_unordered_and_submit(address: str) -> None:
+    with cleanbreak.Pool(dask=address) as pool:
+        assert pool.workers == 2
+        assert list(pool.map(tasks.square, range(50))) == [x * x for x in range(50)]
+        assert list(pool.map(tasks.add, range(5), range(5))) == [0, 2, 4, 6, 8]
+        assert sorted(pool.imap_unordered(tasks.square, range(30))) == [x * x for x in range(30)]
+        assert pool.submit(tasks.combine, 1, 2, scale=3).result() == 9
+
+
+def test_a_task_error_keeps_its_type_and_traceback(client: object) -> None:
+    with cleanbreak.Pool(dask=client) as pool:
+        out = list(pool.map(tasks.fail_on, range(6), itertools.repeat({2}), return_exceptions=True))
+        fut = pool.submit(tasks.raise_task_error, 1)
+        with pytest.raises(TaskError, match="bad input 1") as info:
+            fut.result()
+    assert [x for x in out if not isinstance(x, BaseException)] == [0, 1, 9, 16, 25]
+    assert isinstance(out[2], TaskError)
+    assert "in fail_on" in str(out[2].__cause__)
+    assert "RAISE-LINE" in str(info.value.__cause__)
+
+
+def test_a_worker_killed_during_a_task_fails_that_task_only(client: object) -> None:
+    with cleanbreak.Pool(dask=client) as pool:
+        out = list(
+            pool.map(dask_tasks.die_on, range(6), itertools.repeat(3), return_exceptions=True)
+        )
+    assert [out[i] for i in (0, 1, 2, 4, 5)] == [0, 1, 4, 16, 25]
+    died = out[3]
+    assert isinstance(died, cleanbreak.WorkerDied)
+    assert isinstance(died.__cause__, distributed.KilledWorker)
+    assert died.lost is not None and "was lost" in str(died)
+    assert _idle(client)
+
+
+def _workers(client: object) -> set[str]:
+    """The workers' addresses, once both are up (a replaced one may still be starting)."""
+    client.wait_for_workers(2, timeout=GUARD)  # type: ignore[attr-defined]
+    return set(client.scheduler_info(n_workers=-1)["workers"])  # type: ignore[attr-defined]
+
+
+def _wait_replaced(client: object, before: set[str]) -> None:
+    """Handshake: until one worker was replaced (its nanny started a new one)."""
+    deadline = time.monotonic() + GUARD
+    while not (len(_workers(client)) == len(before) and _workers(client) != before):
+        assert time.monotonic() < deadline, "the worker was not replaced"
+        time.sleep(0.02)
+
+
+def test_a_task_stuck_in_c_past_its_timeout_restarts_its_worker(client: object) -> None:
+    before = _workers(client)
+    with cleanbreak.Pool(dask=client, task_timeout=0.5) as pool:
+        began = time.monotonic()
+        fut = pool.submit(dask_tasks.sleep_then, 1, 30.0)  # in C: no exception breaks in
+        with pytest.raises(cleanbreak.TaskTimeout) as info:
+            fut.result(GUARD)
+        took = time.monotonic() - began
+        _wait_replaced(client, before)
+        assert pool.submit(tasks.square, 4).result(GUARD) == 16
+    assert took < 0.5 + 5.0, took  # not the task's 30 s
+    assert info.value.dask_worker in before
+    assert "ran past its 0.5 s timeout on the Dask worker" in str(info.value)
+    assert _idle(client)
+
+
+def test_a_timed_out_python_task_is_stopped_without_a_kill(
+    client: object, tmp_path: Path
+) -> None:
+    before = _workers(client)
+    with cleanbreak.Pool(dask=client, task_timeout=0.3) as pool:
+        spec = (0, 30.0, str(tmp_path))
+        with pytest.raises(cleanbreak.TaskTimeout):
+            pool.submit(dask_tasks.spin_marked, spec).result(GUARD)
+        assert list(pool.map(tasks.square, range(4))) == [0, 1, 4, 9]
+    assert dask_tasks.marks(str(tmp_path), "end") == {}
+    assert _idle(client)
+    assert _workers(client) == before  # stopped in its thread: no worker was restarted
+
+
+def test_lazy_input_stays_within_the_window(address: str) -> None:
+    pulled = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        for x in itertools.count():
+            pulled += 1
+            yield x
+
+    with cleanbreak.Pool(dask=address) as pool:
+        got = []
+        for value in pool.imap_unordered(tasks.square, endless()):
+            got.append(value)
+            if len(got) == 500:
+                break
+    assert len(got) == 500
+    assert pulled <= 500 + 2 * 50 + 1, pulled  # the lazy window: 50 items per thread
+
+
+def test_a_journal_from_a_local_run_is_resumed_on_the_cluster(
+    address: str, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    journal = str(tmp_path / "j.sqlite")
+    fn = functools.partial(logged_square, str(runs))
+    assert cleanbreak.map(fn, range(10), workers=2, journal=journal) == [x * x for x in range(10)]
+    with cleanbreak.Pool(dask=address, journal=journal) as pool:
+        assert list(pool.map(fn, range(15))) == [x * x for x in range(15)]
+        assert pool.journal is not None and pool.journal.reused == 10
+    assert runs_of(str(runs)) == dict.fromkeys(range(15), 1)
+
+
+def test_options_for_local_pools_only_are_refused(address: str) -> None:
+    for name, value in [("workers", 2), ("mp_context", "spawn"), ("max_tasks_per_worker", 3)]:
+        with pytest.raises(ValueError, match=f"{name}= is for a local pool"):
+            cleanbreak.Pool(dask=address, **{name: value})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dask= takes a scheduler address"):
+        cleanbreak.Pool(dask=42)
+
+
+def test_an_unreachable_scheduler_gets_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_dask, "CONNECT_TIMEOUT", 1.0)
+    with pytest.raises(cleanbreak.BrokenPool, match="cannot reach the Dask scheduler at") as info:
+        cleanbreak.Pool(dask="tcp://127.0.0.1:9")
+    assert "\n" not in str(info.value)
+
+
+def test_without_distributed_the_error_names_the_extra(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'distributed', 'dask'}:\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import cleanbreak\n"
+        "try:\n"
+        "    cleanbreak.Pool(dask='tcp://127.0.0.1:8786')\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert "pip install 'cleanbreak[dask]'" in out.stdout, out.stderr
+
+
+# ── Ctrl-C to a client process ───────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("mode", ["terminate", "drain"])
+def test_ctrl_c_on_the_client_stops_the_cluster_work_and_keeps_results(
+    address: str, client: object, tmp_path: Path, mode: str
+) -> None:
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), address, str(folder), "--mode", mode, "--seconds", "0.4"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + GUARD
+        while len(dask_tasks.marks(str(folder), "end")) < 3:  # handshake: results came in
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.01)
+        sent = time.monotonic_ns()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=GUARD)
+        exited = time.monotonic_ns()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    report = json.loads(out)
+    kept = {v[0] for v in report["yielded"]} | {int(k) for k in report["completed"]}
+    ends = dask_tasks.marks(str(folder), "end")
+    starts = dask_tasks.marks(str(folder), "start")
+    # Every result computed before the signal is kept (drain: every result at all).
+    must = {i for i, t in ends.items() if mode == "drain" or t < sent - 1_000_000}
+    assert must <= kept, (sorted(must - kept), report)
+    # No task started once the gate was closed (a few ms for the broadcast to arrive).
+    late = [i for i, t in starts.items() if t > sent + 50_000_000]
+    assert not late, late
+    if mode == "terminate":
+        # The running tasks were stopped, not left to spin out their 0.4 s.
+        assert (exited - sent) / 1e9 < 3.0
+        assert not [i for i, t in ends.items() if t > sent + 100_000_000]
+    assert _idle(client)
+    # The cluster still serves its other users.
+    assert client.gather(client.map(tasks.square, range(10))) == [x * x for x in range(10)]  # type: ignore[attr-defined]
