@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import importlib.metadata
 import importlib.util
 import re
@@ -101,13 +102,16 @@ def _step(found: dict[str, Any], report: Reporter, name: str) -> None:
     report(found)
 
 
+def _distributed() -> Any:
+    """``dask.distributed``, untyped (its annotations are partial)."""
+    return importlib.import_module("distributed")
+
+
 @contextlib.contextmanager
 def _one_shot(key: str, address: str) -> Iterator[MapFn]:
     """What a user writes first: connect to the scheduler at ``address``, ``map``, close."""
     if key == "client":
-        import distributed
-
-        with distributed.Client(address) as client:
+        with _distributed().Client(address) as client:
             yield lambda fn, items: list(client.gather(client.map(fn, items)))
     else:
         import cleanbreak
@@ -150,8 +154,7 @@ def child_dask(params: dict[str, Any], report: Reporter) -> None:
     ms = list(range(params["ms"]))
     first = list(range(-FIRST_PER_THREAD * workers, 0))  # other items than the timed ones
     warmup = list(range(-2 * FIRST_PER_THREAD * workers, -FIRST_PER_THREAD * workers))
-    import distributed
-
+    distributed = _distributed()
     if key == "cb":
         import cleanbreak  # noqa: F401  (imported before any clock starts)
 
@@ -230,11 +233,10 @@ def _odd_lines(text: str) -> dict[str, str]:
     """The lines of a child's output that look like warnings or errors: a key with addresses,
     ids and numbers blanked out (the same message from another run) -> the first such line."""
     found: dict[str, str] = {}
-    for line in text.splitlines():
-        if not _ODD.search(line):
-            continue
-        line = _STAMP.sub("", line.strip())
-        found.setdefault(_NOISE.sub("#", line), line)
+    for raw in text.splitlines():
+        if _ODD.search(raw):
+            line = _STAMP.sub("", raw.strip())
+            found.setdefault(_NOISE.sub("#", line), line)
     return found
 
 
@@ -358,10 +360,10 @@ def _warm_section(settings: Settings, tiny: int, ms: int, reps: int, outcome: Ou
             )
     notes = section.notes
     notes.append(
-            f"Ideal for the 10 ms tasks: {ms:,} x 10 ms / {threads} threads = "
-            f"{fmt_seconds(ms * TASK_SECONDS / threads)}, i.e. {threads / TASK_SECONDS:,.0f} "
-            "tasks/s."
-        )
+        f"Ideal for the 10 ms tasks: {ms:,} x 10 ms / {threads} threads = "
+        f"{fmt_seconds(ms * TASK_SECONDS / threads)}, i.e. {threads / TASK_SECONDS:,.0f} "
+        "tasks/s."
+    )
     notes.append(
         "`Client.map` makes one Dask task per item (keys hashed from the function and the "
         "item, `pure=True` by default); cleanbreak's pool makes one Dask task per unit of "
@@ -418,12 +420,14 @@ def _cold_section(settings: Settings, reps: int, outcome: Outcome) -> Section:
             ]
         )
     notes = section.notes
-    starts = [*outcome.figures.get("client:cluster_start", []), *outcome.figures.get(
-        "cb:cluster_start", []
-    )]
-    stops = [*outcome.figures.get("client:cluster_close", []), *outcome.figures.get(
-        "cb:cluster_close", []
-    )]
+    starts = [
+        *outcome.figures.get("client:cluster_start", []),
+        *outcome.figures.get("cb:cluster_start", []),
+    ]
+    stops = [
+        *outcome.figures.get("client:cluster_close", []),
+        *outcome.figures.get("cb:cluster_close", []),
+    ]
     if starts and stops:
         notes.append(
             f"Not timed above: starting the `LocalCluster` took {fmt_seconds(median(starts))} "
@@ -435,10 +439,14 @@ def _cold_section(settings: Settings, reps: int, outcome: Outcome) -> Section:
         (label, values)
         for label, values in (
             ("the warm pool's exit", outcome.figures.get("cb:pool_close", [])),
-            ("the warm client's exit (cleanbreak runs)", outcome.figures.get("cb:client_close", [])),
-            ("the warm client's exit (Client.map runs)", outcome.figures.get(
-                "client:client_close", []
-            )),
+            (
+                "the warm client's exit (cleanbreak runs)",
+                outcome.figures.get("cb:client_close", []),
+            ),
+            (
+                "the warm client's exit (Client.map runs)",
+                outcome.figures.get("client:client_close", []),
+            ),
         )
         if values
     ]
@@ -479,4 +487,3 @@ def _problem_notes(section: Section, outcome: Outcome) -> None:
         section.notes.append(
             f"Printed in {count} of {outcome.runs} run(s) (warning or error): `{shown}`"
         )
-

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_dask
 import bench_failures
 import bench_interrupt
 import bench_journal
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Scenario] = {
     "interrupt": bench_interrupt.child_interrupt,
     "crash": bench_failures.child_crash,
     "journal": bench_journal.child_journal,
+    "dask": bench_dask.child_dask,
 }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_dask
 import bench_failures
 import bench_interrupt
 import bench_journal
@@ -40,6 +41,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]
     "crash": ("6. a worker SIGKILLed", bench_failures.run_crash),
     "orphans": ("7. the parent SIGKILLed", bench_failures.run_orphans),
     "journal": ("8. the journal's overhead, and joblib Memory's", bench_journal.run_journal),
+    "dask": ("9. the Dask backend's overhead per task, against Client.map", bench_dask.run_dask),
 }
 
 

@@ -140,9 +140,7 @@ def test_a_task_stuck_in_c_past_its_timeout_restarts_its_worker(client: object) 
     assert _idle(client)
 
 
-def test_a_timed_out_python_task_is_stopped_without_a_kill(
-    client: object, tmp_path: Path
-) -> None:
+def test_a_timed_out_python_task_is_stopped_without_a_kill(client: object, tmp_path: Path) -> None:
     before = _workers(client)
     with cleanbreak.Pool(dask=client, task_timeout=0.3) as pool:
         spec = (0, 30.0, str(tmp_path))
@@ -173,9 +171,7 @@ def test_lazy_input_stays_within_the_window(address: str) -> None:
     assert pulled <= 500 + 2 * 50 + 1, pulled  # the lazy window: 50 items per thread
 
 
-def test_a_journal_from_a_local_run_is_resumed_on_the_cluster(
-    address: str, tmp_path: Path
-) -> None:
+def test_a_journal_from_a_local_run_is_resumed_on_the_cluster(address: str, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     runs.mkdir()
     journal = str(tmp_path / "j.sqlite")

@@ -8,11 +8,13 @@ the pipes alone carry 200 MB each way.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
 import cleanbreak
 from cleanbreak import _shm
+from cleanbreak._manager import LocalBackend
 from tests import tasks
 from tests.tasks import GUARD, MiB
 
@@ -25,7 +27,7 @@ def _pool(workers: int, transport: str) -> Iterator[cleanbreak.Pool]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_shm, "SHM_DIR", "/nonexistent/cleanbreak-test")
         pool = cleanbreak.Pool(workers, mp_context="forkserver")
-    assert pool._backend._segments.prefix is None
+    assert cast(LocalBackend, pool._backend)._segments.prefix is None
     yield pool
     assert tasks.shutdown_within(pool, GUARD)
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -23,6 +23,11 @@ import cleanbreak
 from cleanbreak import _manager, _shm
 from tests import tasks
 from tests.tasks import GUARD, MiB
+
+
+def _local(pool: cleanbreak.Pool) -> _manager.LocalBackend:
+    return cast(_manager.LocalBackend, pool._backend)
+
 
 BIG = 2 * _shm.THRESHOLD  # above the threshold: out of band
 
@@ -54,7 +59,7 @@ def pipe_bytes(packer: _shm.Packer) -> memoryview:
 
 
 def prefix_of(pool: cleanbreak.Pool) -> str:
-    prefix = pool._backend._segments.prefix
+    prefix = _local(pool)._segments.prefix
     assert prefix is not None, "shared memory is not in use"
     return prefix
 
@@ -634,7 +639,7 @@ def test_without_dev_shm_everything_goes_through_the_pipe(
 ) -> None:
     monkeypatch.setattr(_shm, "SHM_DIR", str(tmp_path / "missing"))
     with cleanbreak.Pool(1, mp_context="fork") as pool:
-        assert pool._backend._segments.prefix is None
+        assert _local(pool)._segments.prefix is None
         blob = tasks.make_blob(BIG, 11)
         assert pool.submit(tasks.echo, blob).result(timeout=GUARD) == blob
         a = tasks.array(BIG // 8, 12)

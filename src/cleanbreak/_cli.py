@@ -314,7 +314,35 @@ def error_record(exc: BaseException) -> dict[str, str]:
     return {"type": kind, "message": message, "traceback": tb}
 
 
+def _pool(args: argparse.Namespace, journal: Journal) -> Pool:
+    """The pool for ``cleanbreak run``: local, or on the Dask cluster of ``--dask``."""
+    if args.dask is None:
+        return Pool(
+            args.workers,
+            on_interrupt=_mode(args.on_interrupt),
+            task_timeout=args.timeout,
+            retries=args.retries,
+            journal=journal,
+        )
+    try:
+        return Pool(
+            on_interrupt=_mode(args.on_interrupt),
+            task_timeout=args.timeout,
+            retries=args.retries,
+            journal=journal,
+            dask=args.dask,
+        )
+    except (BrokenPool, ImportError) as exc:
+        journal.close()
+        raise UsageError(str(exc)) from None
+
+
 def run_command(args: argparse.Namespace) -> int:
+    if args.dask is not None and args.workers is not None:
+        raise UsageError(
+            "--workers is for a local pool; with --dask the cluster's workers run the tasks: "
+            "drop --workers"
+        )
     fn = load_function(args.target)
     total: int | None = None
     input_path: str | None = None if args.input == "-" else args.input
@@ -357,13 +385,7 @@ def run_command(args: argparse.Namespace) -> int:
         if input_path is not None:
             stream = open(input_path, encoding="utf-8")  # noqa: SIM115
         inputs = read_inputs(stream if stream is not None else sys.stdin)
-        with Pool(
-            args.workers,
-            on_interrupt=_mode(args.on_interrupt),
-            task_timeout=args.timeout,
-            retries=args.retries,
-            journal=journal,
-        ) as pool:
+        with _pool(args, journal) as pool:
             done, failed = journal.counts()
             if total is not None:
                 journal.set_meta("total", str(total))
@@ -493,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the JSON Lines records here instead of stdout",
     )
     run.add_argument("--on-interrupt", **on_interrupt)  # type: ignore[arg-type]
+    run.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        default=None,
+        help="run the tasks on the Dask cluster whose scheduler is at ADDRESS "
+        "(tcp://host:8786; needs the dask extra)",
+    )
     run.add_argument(
         "--fresh", action="store_true", help="forget what the journal holds and start over"
     )

@@ -30,7 +30,9 @@ def main() -> int:
     report: dict[str, object] = {"yielded": yielded, "completed": {}, "signal": None}
     status = 0
     try:
-        with cleanbreak.Pool(dask=args.address, on_interrupt=args.mode, journal=args.journal) as pool:
+        with cleanbreak.Pool(
+            dask=args.address, on_interrupt=args.mode, journal=args.journal
+        ) as pool:
             for value in pool.imap_unordered(spin_marked, specs, chunksize=1):
                 yielded.append(list(value))
     except cleanbreak.Interrupted as exc:

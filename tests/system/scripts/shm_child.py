@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
 from cleanbreak import _shm
+from cleanbreak._manager import LocalBackend
 from tests import tasks
 
 
@@ -24,7 +26,10 @@ def main() -> int:
     big = tasks.make_blob(2 * _shm.THRESHOLD, 1)
     try:
         with cleanbreak.Pool(1, mp_context=method) as pool:
-            info = {"prefix": pool._backend._segments.prefix, "pids": pool._backend.pids}
+            info = {
+                "prefix": cast(LocalBackend, pool._backend)._segments.prefix,
+                "pids": pool._backend.pids,
+            }
             print(json.dumps(info), flush=True)
             list(pool.imap_unordered(tasks.hold_or_len, [("hold", started), big], chunksize=1))
     except cleanbreak.Interrupted:

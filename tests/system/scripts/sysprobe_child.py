@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 # The repository root, so that the tasks import (here and in the workers) by their full name.
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
@@ -76,7 +76,7 @@ def _watch_level(pool: cleanbreak.Pool, events: str) -> None:
     # This thread must not take the signals the test sends (see _start_watcher).
     seen = 0
     while True:
-        level = pool._backend.level
+        level = cast(cleanbreak._manager.LocalBackend, pool._backend).level
         if level != seen:
             seen = level
             emit(events, "level", level, time.monotonic_ns())
