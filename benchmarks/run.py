@@ -1,8 +1,9 @@
 """Run the cleanbreak benchmark suite and print (and save) the results as markdown.
 
-    python benchmarks/run.py                 # everything, about 12 minutes on 2 cores
-    python benchmarks/run.py --quick         # a short run, about 2.5 minutes
+    python benchmarks/run.py                 # everything, about 13 minutes on 2 cores
+    python benchmarks/run.py --quick         # a short run, about 3 minutes
     python benchmarks/run.py --only tiny,lazy --workers 4
+    python benchmarks/run.py --only dask     # needs distributed (the bench extra has it)
 
 Every measurement and how it is taken is described in benchmarks/README.md. Results go to
 stdout and to benchmarks/results.md (or --output); progress goes to stderr.
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark cleanbreak against multiprocessing, concurrent.futures, loky, "
         "pebble, mpire and joblib.",
     )
-    parser.add_argument("--quick", action="store_true", help="a short run (about 2.5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a short run (about 3 minutes)")
     parser.add_argument(
         "--only",
         metavar="NAMES",
