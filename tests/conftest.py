@@ -5,8 +5,9 @@ Tests that shut a pool down, kill its workers or break it make their own.
 
 from __future__ import annotations
 
+import copyreg
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -33,3 +34,19 @@ def pool(start_method: str) -> Iterator[cleanbreak.Pool]:
 def fs_pool() -> Iterator[cleanbreak.Pool]:
     """A two-worker forkserver pool, for behaviour that does not depend on the start method."""
     yield from tasks.shared_pool(2, "forkserver")
+
+
+@pytest.fixture(scope="module")
+def distributed() -> Iterator[Any]:
+    """dask.distributed, for one test module (skipped where it is not installed).
+
+    Importing it installs tblib's pickling for every exception class (in ``copyreg``), which
+    fork workers then inherit: that is undone once the module's tests end, so that the other
+    tests see Python's own pickling. (A program that imports distributed, or uses
+    ``Pool(dask=...)``, keeps tblib's, which can pickle more exceptions.)
+    """
+    saved = dict(copyreg.dispatch_table)
+    module = pytest.importorskip("distributed")
+    yield module
+    copyreg.dispatch_table.clear()
+    copyreg.dispatch_table.update(saved)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +23,6 @@ import cleanbreak
 from cleanbreak import _dask
 from tests import dask_tasks, tasks
 from tests.tasks import TaskError, logged_square, runs_of
-
-distributed = pytest.importorskip("distributed")
-dask = pytest.importorskip("dask")
 
 # distributed's own sockets and threads sometimes outlive a test by a moment: not ours to fix.
 pytestmark = [
@@ -39,7 +37,9 @@ CHILD = ROOT / "tests" / "system" / "scripts" / "dask_child.py"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[object]:
+def cluster(distributed: Any) -> Iterator[object]:
+    import dask
+
     # A worker lost once is the task's failure here (Dask's default retries it on another
     # worker up to 3 times first).
     with (
@@ -57,7 +57,7 @@ def address(cluster: object) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(address: str) -> Iterator[object]:
+def client(address: str, distributed: Any) -> Iterator[object]:
     with distributed.Client(address, set_as_default=False) as c:
         yield c
 
@@ -97,7 +97,9 @@ def test_a_task_error_keeps_its_type_and_traceback(client: object) -> None:
     assert "RAISE-LINE" in str(info.value.__cause__)
 
 
-def test_a_worker_killed_during_a_task_fails_that_task_only(client: object) -> None:
+def test_a_worker_killed_during_a_task_fails_that_task_only(
+    client: object, distributed: Any
+) -> None:
     with cleanbreak.Pool(dask=client) as pool:
         out = list(
             pool.map(dask_tasks.die_on, range(6), itertools.repeat(3), return_exceptions=True)

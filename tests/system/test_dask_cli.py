@@ -13,13 +13,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cleanbreak import _dask
 from tests import dask_tasks, tasks
-
-distributed = pytest.importorskip("distributed")
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
@@ -38,7 +37,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def address(tmp_path_factory: pytest.TempPathFactory, distributed: Any) -> Iterator[str]:
     if not DASK.exists():
         pytest.skip("the dask command is not installed")
     tmp = tmp_path_factory.mktemp("cluster")
@@ -83,7 +82,9 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 proc.wait()
 
 
-def test_ctrl_c_leaves_the_cluster_idle_and_serving(address: str, tmp_path: Path) -> None:
+def test_ctrl_c_leaves_the_cluster_idle_and_serving(
+    address: str, tmp_path: Path, distributed: Any
+) -> None:
     folder = tmp_path / "marks"
     folder.mkdir()
     proc = subprocess.Popen(
