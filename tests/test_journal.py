@@ -10,9 +10,12 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -343,3 +346,47 @@ def test_a_value_over_sqlites_limit_is_skipped_and_the_rest_kept(
         j.close()
     assert _rows(journal) == {1: 2}
     assert "a result was not journaled: string or blob too big" in capfd.readouterr().err
+
+
+def test_the_writers_queue_is_bounded(journal: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results that come faster than the disk takes them (tiny tasks) make the pool wait,
+    instead of piling up in memory."""
+    from cleanbreak import _journal
+
+    monkeypatch.setattr(_journal, "MAX_QUEUED_ROWS", 10)
+    release = threading.Event()
+    real = Journal._commit
+
+    def held(self: Journal, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        release.wait(tasks.GUARD)
+        real(self, conn, batch)
+
+    monkeypatch.setattr(Journal, "_commit", held)
+    j = Journal(journal)
+    j.open()
+    recorded: list[int] = []
+    over: list[int] = []
+
+    def produce() -> None:
+        for i in range(50):
+            j.record(i.to_bytes(16, "big"), i)
+            if j._queued - j._written > 10:
+                over.append(i)
+            recorded.append(i)
+
+    try:
+        j.bind("x:y")
+        producer = threading.Thread(target=produce)
+        producer.start()
+        deadline = time.monotonic() + tasks.GUARD  # handshake: 10 queued, then it waits
+        while len(recorded) < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert recorded == list(range(10))
+        release.set()
+        producer.join(tasks.GUARD)
+        assert j.flush(tasks.GUARD)
+    finally:
+        release.set()
+        j.close()
+    assert not over and recorded == list(range(50))
+    assert _rows(journal) == {1: 50}
