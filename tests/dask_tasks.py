@@ -43,3 +43,26 @@ def die_on(x: int, bad: int) -> int:
     if x == bad:
         os.kill(os.getpid(), signal.SIGKILL)
     return x * x
+
+
+def spin_once(x: int, folder: str) -> int:
+    """The first run of each ``x`` spins on the CPU for a minute (a timeout stops it); the
+    next one returns ``x * x``."""
+    mark = os.path.join(folder, f"spun-{x}")
+    if not os.path.exists(mark):
+        with open(mark, "w"):
+            pass
+        end = time.monotonic() + 60.0
+        while time.monotonic() < end:
+            pass
+    return x * x
+
+
+def fail_once(x: int, folder: str) -> int:
+    """The first run of each ``x`` raises OSError; the next one returns ``x * x``."""
+    mark = os.path.join(folder, f"failed-{x}")
+    if not os.path.exists(mark):
+        with open(mark, "w"):
+            pass
+        raise OSError(f"flaky {x}")
+    return x * x

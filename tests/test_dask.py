@@ -38,16 +38,9 @@ CHILD = ROOT / "tests" / "system" / "scripts" / "dask_child.py"
 
 @pytest.fixture(scope="module")
 def cluster(distributed: Any) -> Iterator[object]:
-    import dask
-
-    # A worker lost once is the task's failure here (Dask's default retries it on another
-    # worker up to 3 times first).
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as local,
-    ):
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as local:
         yield local
 
 
@@ -97,18 +90,37 @@ def test_a_task_error_keeps_its_type_and_traceback(client: object) -> None:
     assert "RAISE-LINE" in str(info.value.__cause__)
 
 
-def test_a_worker_killed_during_a_task_fails_that_task_only(
+def test_a_worker_lost_again_and_again_fails_that_task_only(
     client: object, distributed: Any
 ) -> None:
     with cleanbreak.Pool(dask=client) as pool:
         out = list(
             pool.map(dask_tasks.die_on, range(6), itertools.repeat(3), return_exceptions=True)
         )
+    # Dask runs a task lost with its worker again elsewhere, up to its allowed-failures (3):
+    # the others, lost with it, then succeed; the one that kills its worker every time fails.
     assert [out[i] for i in (0, 1, 2, 4, 5)] == [0, 1, 4, 16, 25]
     died = out[3]
     assert isinstance(died, cleanbreak.WorkerDied)
     assert isinstance(died.__cause__, distributed.KilledWorker)
     assert died.lost is not None and "was lost" in str(died)
+    assert _idle(client)
+
+
+def test_retries_after_a_timeout_and_after_retry_on(client: object, tmp_path: Path) -> None:
+    folder = str(tmp_path)
+    with cleanbreak.Pool(dask=client, retries=1, retry_on=(OSError,), task_timeout=2.0) as pool:
+        slow_once = pool.submit(dask_tasks.spin_once, 3, folder)
+        flaky = list(pool.map(dask_tasks.fail_once, range(6), itertools.repeat(folder)))
+        assert slow_once.result(GUARD) == 9
+    assert flaky == [x * x for x in range(6)]
+    with cleanbreak.Pool(dask=client) as pool:  # no retries: the first failure is the outcome
+        once = list(
+            pool.map(
+                dask_tasks.fail_once, [10, 11], itertools.repeat(folder), return_exceptions=True
+            )
+        )
+    assert all(isinstance(e, OSError) for e in once)
     assert _idle(client)
 
 

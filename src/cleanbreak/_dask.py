@@ -41,7 +41,7 @@ from typing import Any
 
 from ._errors import BrokenPool, TaskTimeout, WorkerDied
 from ._signals import start_quiet_thread, wait_event
-from ._units import Sink, TaskOptions, Unit
+from ._units import Sink, TaskOptions, Unit, record_attempts
 from ._wire import CALL_ONE, CALL_STAR, DONE, STOPPED, CapturedError
 
 RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3  # the same levels as _manager's
@@ -426,8 +426,11 @@ class DaskBackend:
             outcome, values, errors, seconds, pid = flight.outcome
             if values:
                 rebuilt = {k: e.rebuild() for k, e in errors.items()}
-                unit.sink.deliver(unit.current, values, rebuilt, seconds)
-                unit.received += len(values)
+                if rebuilt and unit.opts.retries:
+                    self._deliver(unit, values, rebuilt, seconds)
+                else:
+                    unit.sink.deliver(unit.current, values, rebuilt, seconds)
+                    unit.received += len(values)
             if unit.left:
                 if outcome == TIMED_OUT and self.level < DRAINING:
                     self._timed_out(flight, {"pid": pid})
@@ -494,16 +497,45 @@ class DaskBackend:
         """Items without an outcome failed with ``exc``: each is retried alone while its
         options allow, else reported."""
         for k in range(unit.received, len(unit.items)):
-            single = unit.part(next(self._uids), k, k + 1)
-            history = [*(unit.history or ()), exc]
-            if len(history) <= unit.opts.retries:
-                single.history = history
-                self.pending.appendleft(single)
+            if not self._retried(unit, k, exc):
+                if unit.history:
+                    record_attempts(exc, [*unit.history, exc])
+                unit.sink.fail(unit.start + k, 1, exc)
+
+    def _retried(self, unit: Unit, k: int, exc: BaseException) -> bool:
+        """Run item ``k`` again, alone, if its options say so after ``exc``."""
+        if not unit.opts.retry(unit.history, exc):
+            return False
+        single = unit.part(next(self._uids), k, k + 1)
+        single.history = [*(unit.history or ()), exc]
+        self.pending.appendleft(single)
+        return True
+
+    def _deliver(
+        self, unit: Unit, values: list[Any], errors: dict[int, BaseException], seconds: float
+    ) -> None:
+        """The unit's next items finished: hand them on, except the failures that its
+        options retry (``retry_on``), which run again alone."""
+        begin = 0
+        first = unit.received
+        each = seconds / len(values)
+        for k in sorted(errors):
+            if not self._retried(unit, first + k, errors[k]):
+                if unit.history:
+                    record_attempts(errors[k], [*unit.history, errors[k]])
                 continue
-            if history[:-1]:
-                with contextlib.suppress(AttributeError):
-                    exc.attempts = history  # type: ignore[attr-defined]
-            unit.sink.fail(unit.start + k, 1, exc)
+            part = {j - begin: e for j, e in errors.items() if begin <= j < k}
+            if k > begin:
+                unit.sink.deliver(
+                    unit.start + first + begin, values[begin:k], part, each * (k - begin)
+                )
+            begin = k + 1
+        if begin < len(values):
+            part = {j - begin: e for j, e in errors.items() if j >= begin}
+            unit.sink.deliver(
+                unit.start + first + begin, values[begin:], part, each * (len(values) - begin)
+            )
+        unit.received += len(values)
 
     def _obey_commands(self) -> None:
         while self._commands:

@@ -70,7 +70,7 @@ from typing import Any
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._shm import Packer, Segments, load, remove_unread
 from ._signals import HANDLED, wait_event
-from ._units import Sink, TaskOptions, Unit
+from ._units import Sink, TaskOptions, Unit, record_attempts
 from ._wire import (
     DONE,
     PARTIAL,
@@ -678,7 +678,7 @@ class LocalBackend:
         if unit.history and errors and not retry:
             # A retried item failed for the last time: its error lists every attempt.
             for exc in errors.values():
-                _record_attempts(exc, [*unit.history, exc])
+                record_attempts(exc, [*unit.history, exc])
         if not retry:
             unit.sink.deliver(start, values, errors, seconds)
             return
@@ -793,12 +793,7 @@ class LocalBackend:
             self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
 
     def _retryable(self, unit: Unit, exc: BaseException) -> bool:
-        opts = unit.opts
-        if opts.retries == 0 or len(unit.history or ()) >= opts.retries:
-            return False
-        if isinstance(exc, (WorkerDied, TaskTimeout)):
-            return True
-        return bool(opts.retry_on) and isinstance(exc, opts.retry_on)
+        return unit.opts.retry(unit.history, exc)
 
     def _fail_item(self, unit: Unit, k: int, exc: BaseException) -> None:
         """Item ``k`` of the unit failed: retry it if its options say so, else report it."""
@@ -806,7 +801,7 @@ class LocalBackend:
             self._requeue_single(unit, k, exc)
             return
         if unit.history:
-            _record_attempts(exc, [*unit.history, exc])
+            record_attempts(exc, [*unit.history, exc])
         unit.sink.fail(unit.start + k, 1, exc)
 
     def _requeue_single(self, unit: Unit, k: int, exc: BaseException) -> None:
@@ -919,18 +914,6 @@ def _rebuild(errors: dict[int, CapturedError] | None) -> dict[int, BaseException
     if not errors:
         return {}
     return {i: e.rebuild() for i, e in errors.items()}
-
-
-def _record_attempts(exc: BaseException, attempts: list[BaseException]) -> None:
-    """Note every attempt on the final error: as ``.attempts`` and in its notes."""
-    # A user's exception class may refuse either; the error itself still reaches the caller.
-    with contextlib.suppress(BaseException):
-        exc.attempts = attempts  # type: ignore[attr-defined]
-    with contextlib.suppress(BaseException):
-        for n, earlier in enumerate(attempts[:-1], 1):
-            what = f"{type(earlier).__name__}: {earlier}"
-            exc.add_note(f"attempt {n} of {len(attempts)} failed: {what}")
-        exc.add_note(f"attempt {len(attempts)} of {len(attempts)} failed: this error")
 
 
 def _fork_server_found_no_guard(ctx: BaseContext) -> bool:

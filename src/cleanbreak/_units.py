@@ -12,6 +12,7 @@ requeue its tail without telling the sink.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -54,6 +55,30 @@ class TaskOptions:
                     f"retry_on must hold exception classes (such as OSError), got {kind!r}"
                 )
         return TaskOptions(task_timeout, retries, kinds)
+
+    def retry(self, history: Sequence[BaseException] | None, exc: BaseException) -> bool:
+        """Whether an item that failed with ``exc``, after the failed attempts in
+        ``history``, runs again: after a lost worker or a timeout (``WorkerDied``,
+        ``TaskTimeout``), or an exception of ``retry_on``, while ``retries`` allows."""
+        if self.retries == 0 or len(history or ()) >= self.retries:
+            return False
+        from ._errors import TaskTimeout, WorkerDied
+
+        if isinstance(exc, (WorkerDied, TaskTimeout)):
+            return True
+        return bool(self.retry_on) and isinstance(exc, self.retry_on)
+
+
+def record_attempts(exc: BaseException, attempts: list[BaseException]) -> None:
+    """Note every attempt on the final error: as ``.attempts`` and in its notes."""
+    # A user's exception class may refuse either; the error itself still reaches the caller.
+    with contextlib.suppress(BaseException):
+        exc.attempts = attempts  # type: ignore[attr-defined]
+    with contextlib.suppress(BaseException):
+        for n, earlier in enumerate(attempts[:-1], 1):
+            what = f"{type(earlier).__name__}: {earlier}"
+            exc.add_note(f"attempt {n} of {len(attempts)} failed: {what}")
+        exc.add_note(f"attempt {len(attempts)} of {len(attempts)} failed: this error")
 
 
 class Sink(Protocol):
