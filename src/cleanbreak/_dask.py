@@ -40,8 +40,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._errors import BrokenPool, TaskTimeout, WorkerDied
-from ._signals import start_quiet_thread, wait_event
-from ._units import Sink, TaskOptions, Unit, record_attempts
+from ._signals import start_quiet_thread
+from ._units import Intake, Unit, record_attempts
 from ._wire import CALL_ONE, CALL_STAR, DONE, STOPPED, CapturedError
 
 RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3  # the same levels as _manager's
@@ -211,7 +211,7 @@ class _Flight:
         )
 
 
-class DaskBackend:
+class DaskBackend(Intake):
     """Units run as tasks on a ``dask.distributed`` cluster, by one thread of the pool's."""
 
     def __init__(self, target: Any) -> None:
@@ -268,28 +268,6 @@ class DaskBackend:
 
     # ── what Pool and MapRun call (the Backend protocol) ──────────────────────────────────
 
-    def new_unit(
-        self,
-        kind: int,
-        fn: Callable[..., Any],
-        items: Sequence[Any],
-        sink: Sink,
-        start: int,
-        opts: TaskOptions,
-    ) -> Unit:
-        return Unit(next(self._uids), kind, fn, items, sink, start, opts)
-
-    def put(self, unit: Unit) -> None:
-        with self._lock:
-            if not self._accepting:
-                raise RuntimeError("cannot schedule new tasks: the pool has shut down")
-            self.pending.append(unit)
-        self.wake()
-
-    def stop_unit(self, uid: int) -> None:
-        self._commands.append(uid)
-        self.wake()
-
     def wake(self) -> None:
         self._done.put(None)  # SimpleQueue.put is reentrant: safe in a signal handler
 
@@ -297,14 +275,6 @@ class DaskBackend:
         if level > self.level:
             self.level = level
             self.wake()
-
-    def close(self, cancel_pending: bool) -> None:
-        self._cancel_pending = self._cancel_pending or cancel_pending
-        self._closing = True
-        self.wake()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return wait_event(self.finished, timeout)
 
     @property
     def pids(self) -> list[int]:

@@ -69,8 +69,8 @@ from typing import Any
 
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._shm import Packer, Segments, load, remove_unread
-from ._signals import HANDLED, wait_event
-from ._units import Sink, TaskOptions, Unit, record_attempts
+from ._signals import HANDLED
+from ._units import Intake, Unit, record_attempts
 from ._wire import (
     DONE,
     PARTIAL,
@@ -211,7 +211,7 @@ class _Worker:
         return None if timeout is None else self.head_since + timeout
 
 
-class LocalBackend:
+class LocalBackend(Intake):
     """Worker processes on this machine, run by one manager thread."""
 
     def __init__(
@@ -277,30 +277,6 @@ class LocalBackend:
 
     # ── called from caller threads ───────────────────────────────────────────────────────
 
-    def new_unit(
-        self,
-        kind: int,
-        fn: Callable[..., Any],
-        items: Sequence[Any],
-        sink: Sink,
-        start: int,
-        opts: TaskOptions,
-    ) -> Unit:
-        return Unit(next(self._uids), kind, fn, items, sink, start, opts)
-
-    def put(self, unit: Unit) -> None:
-        """Queue a unit. Raises RuntimeError once the manager has exited or is exiting."""
-        with self._lock:
-            if not self._accepting:
-                raise RuntimeError("cannot schedule new tasks: the pool has shut down")
-            self.pending.append(unit)
-        self.wake()
-
-    def stop_unit(self, uid: int) -> None:
-        """Stop the unit if a worker has it: its worker is killed and it reads as cancelled."""
-        self._commands.append(uid)
-        self.wake()
-
     def wake(self) -> None:
         # One byte in the pipe is enough: skip the write while one is already waiting (see
         # _drain_wake for why no wake-up is lost). Under the lock, so that the fd cannot be
@@ -320,15 +296,6 @@ class LocalBackend:
                 close_gate(self.gate)
             self.level = level
             self.wake()
-
-    def close(self, cancel_pending: bool) -> None:
-        """No more units will come: finish what is queued (or cancel it), then exit."""
-        self._cancel_pending = self._cancel_pending or cancel_pending
-        self._closing = True
-        self.wake()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return wait_event(self.finished, timeout)
 
     @property
     def pids(self) -> list[int]:

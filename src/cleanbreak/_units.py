@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -213,3 +214,57 @@ class Backend(UnitQueue, Protocol):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ``finished``, in sliced waits (see ``_signals``); whether it is."""
+
+
+class Intake:
+    """The part of a backend that callers' threads use, the same for both: units go into
+    ``pending`` (and ``stop_unit`` requests into ``_commands``), then ``wake`` tells the
+    backend's own thread."""
+
+    pending: deque[Unit]
+    _commands: deque[int]
+    _uids: Iterator[int]
+    _lock: threading.RLock
+    _accepting: bool
+    _closing: bool
+    _cancel_pending: bool
+    finished: threading.Event
+
+    def new_unit(
+        self,
+        kind: int,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        sink: Sink,
+        start: int,
+        opts: TaskOptions,
+    ) -> Unit:
+        return Unit(next(self._uids), kind, fn, items, sink, start, opts)
+
+    def put(self, unit: Unit) -> None:
+        """Queue a unit. Raises RuntimeError once the backend has stopped accepting units."""
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("cannot schedule new tasks: the pool has shut down")
+            self.pending.append(unit)
+        self.wake()
+
+    def stop_unit(self, uid: int) -> None:
+        """Stop the unit if it runs: it reads as cancelled (``Pool.cancel``)."""
+        self._commands.append(uid)
+        self.wake()
+
+    def close(self, cancel_pending: bool) -> None:
+        """No more units will come: finish what is queued (or cancel it), then exit."""
+        self._cancel_pending = self._cancel_pending or cancel_pending
+        self._closing = True
+        self.wake()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until ``finished``, in sliced waits (see ``_signals``); whether it is."""
+        from ._signals import wait_event
+
+        return wait_event(self.finished, timeout)
+
+    def wake(self) -> None:
+        raise NotImplementedError

@@ -78,6 +78,18 @@ class Watched:
         return self.exited_ns is not None
 
 
+def session_of(sid: int) -> list[psutil.Process]:
+    """Live processes in the session ``sid`` (a child started with ``start_new_session``)."""
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and _alive(proc):
+                out.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
 @dataclass
 class Child:
     """One run of the child script."""
@@ -410,14 +422,7 @@ class Child:
     def session(self) -> list[psutil.Process]:
         """Live processes still in the child's session: every process it or its workers
         started is in it (workers make process groups of their own, not sessions)."""
-        out = []
-        for proc in psutil.process_iter():
-            try:
-                if os.getsid(proc.pid) == self.pid and _alive(proc):
-                    out.append(proc)
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                continue
-        return out
+        return session_of(self.pid)
 
     def wait_session_empty(self, timeout: float) -> tuple[list[str], float]:
         """Poll (every 10 ms) until no live process is left in the child's session.

@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ._harness import session_of
+
 GUARD = 40.0  # seconds: only a deadlock guard
 
 
@@ -50,15 +52,7 @@ def _wait_for_progress(proc: subprocess.Popen[str]) -> str:
     pytest.fail(f"no progress line from the demo (exit status {proc.poll()})")
 
 
-def _session(pid: int) -> list[psutil.Process]:
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == pid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return out
+_session = session_of
 
 
 @pytest.mark.parametrize(

@@ -134,28 +134,24 @@ def test_cleanbreak_run_on_the_cluster(address: str, tmp_path: Path) -> None:
     env = dict(_env(), XDG_CACHE_HOME=str(tmp_path / "c"))
     # The workers' environment is theirs (no RUN_LOG there): a function that needs none.
     argv = [sys.executable, "-m", "cleanbreak", "run", "tests.cli_tasks:describe", str(inputs)]
-    done = subprocess.run(
-        [*argv, "--dask", address, "--output", str(out)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GUARD,
-        check=False,
-    )
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*argv, "--dask", address, *extra],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+            check=False,
+        )
+
+    done = run("--output", str(out))
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["input"] for r in records) == list(range(20))
     assert all(r["result"] == {"type": "int", "value": r["input"]} for r in records)
-    bad = subprocess.run(
-        [*argv, "--dask", address, "--workers", "2"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GUARD,
-        check=False,
-    )
+    bad = run("--workers", "2")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "cleanbreak run: error: --workers is for a local pool; with --dask the cluster's "

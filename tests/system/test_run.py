@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from cleanbreak import Journal
 from cleanbreak._journal import Keyer
 from tests import cli_tasks
+
+from ._harness import session_of
 
 GUARD = 60.0  # seconds: only a deadlock guard
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,15 +119,7 @@ class Job:
         return out
 
 
-def _session(pid: int) -> list[psutil.Process]:
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == pid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return out
+_session = session_of
 
 
 def _wait_session_empty(pid: int) -> None:
