@@ -116,7 +116,7 @@ def _hold_shutdown(events: str, release: str) -> None:
         wait_release(release)
         real(self, cancel_pending)
 
-    cleanbreak._manager.LocalBackend.close = close  # type: ignore[method-assign]
+    cleanbreak._manager.LocalBackend.close = close  # type: ignore[method-assign,assignment]
 
 
 def _hold_construct(events: str, release: str) -> None:
