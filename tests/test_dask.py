@@ -235,9 +235,13 @@ def test_without_distributed_the_error_names_the_extra(tmp_path: Path) -> None:
 # ── Ctrl-C to a client process ───────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("mode", ["terminate", "drain"])
+@pytest.mark.parametrize(
+    ("mode", "sig"),
+    [("terminate", signal.SIGINT), ("drain", signal.SIGINT), ("terminate", signal.SIGTERM)],
+    ids=["ctrl-c-terminate", "ctrl-c-drain", "sigterm"],
+)
 def test_ctrl_c_on_the_client_stops_the_cluster_work_and_keeps_results(
-    address: str, client: object, tmp_path: Path, mode: str
+    address: str, client: object, tmp_path: Path, mode: str, sig: signal.Signals
 ) -> None:
     folder = tmp_path / "marks"
     folder.mkdir()
@@ -254,16 +258,20 @@ def test_ctrl_c_on_the_client_stops_the_cluster_work_and_keeps_results(
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
             time.sleep(0.01)
         sent = time.monotonic_ns()
-        os.killpg(proc.pid, signal.SIGINT)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # as a terminal sends it
+        else:
+            os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=GUARD)
         exited = time.monotonic_ns()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err, err
     report = json.loads(out)
+    assert report["signal"] == sig.name
     kept = {v[0] for v in report["yielded"]} | {int(k) for k in report["completed"]}
     ends = dask_tasks.marks(str(folder), "end")
     starts = dask_tasks.marks(str(folder), "start")

@@ -1,6 +1,6 @@
 """A client of a Dask cluster, for the Ctrl-C tests: ``map`` of spinning tasks through
 ``Pool(dask=ADDRESS)``; prints one JSON line (``yielded``, ``completed``, ``signal``,
-``caught_ns``) and exits 130 after ``Interrupted``."""
+``caught_ns``) and exits with 128 + the signal's number after ``Interrupted``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main() -> int:
         report["caught_ns"] = time.monotonic_ns()
         report["signal"] = exc.signal.name
         report["completed"] = {str(k): list(v) for k, v in exc.completed.items()}
-        status = 130
+        status = 128 + int(exc.signal)
     print(json.dumps(report), flush=True)
     return status
 
