@@ -4,6 +4,7 @@ with Ctrl-C and SIGKILL.)"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -40,7 +41,7 @@ def journal(tmp_path: Path) -> str:
 
 def _rows(path: str) -> dict[int, int]:
     """ok → count, read straight from the file."""
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return dict(conn.execute("SELECT ok, count(*) FROM outcomes GROUP BY ok").fetchall())
 
 

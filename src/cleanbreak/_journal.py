@@ -660,17 +660,21 @@ def _writer_pid(path: str) -> str:
 
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-    conn.isolation_level = "DEFERRED"  # ``with conn`` commits
-    # SQLite's default page of 4 KiB. (Pages of 64 KiB write a 50 MB result a quarter
-    # faster, but keys are digests, so a commit of 1,000 small rows dirties up to 1,000
-    # pages of the key index: 64 MB each commit with large pages, 4 MB with these.)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # Keys are digests, so rows land at random places in the index: a cache of 32 MiB keeps
-    # much of the index in memory (a third faster than the default 2 MiB for a million rows).
-    conn.execute("PRAGMA cache_size=-32768")
-    # NORMAL in WAL mode: a commit survives the death of this process (SIGKILL, the OOM
-    # killer); after a power cut the last commits may be lost, but the file is never corrupt.
-    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        conn.isolation_level = "DEFERRED"  # ``with conn`` commits
+        # SQLite's default page of 4 KiB. (Pages of 64 KiB write a 50 MB result a quarter
+        # faster, but keys are digests, so a commit of 1,000 small rows dirties up to 1,000
+        # pages of the key index: 64 MB each commit with large pages, 4 MB with these.)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # Keys are digests, so rows land at random places in the index: a cache of 32 MiB keeps
+        # much of the index in memory (a third faster than the default 2 MiB for a million rows).
+        conn.execute("PRAGMA cache_size=-32768")
+        # NORMAL in WAL mode: a commit survives the death of this process (SIGKILL, the OOM
+        # killer); after a power cut the last commits may be lost, but the file is never corrupt.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()  # not a database, say: no connection left for the collector to find
+        raise
     return conn
 
 
