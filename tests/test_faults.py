@@ -32,6 +32,7 @@ import pytest
 
 import cleanbreak
 from tests import fault_tasks as ft
+from tests import tasks
 
 TIMEOUT = 40.0  # deadlock guard for every wait in this file
 METHODS = ("forkserver", "spawn", "fork")
@@ -776,7 +777,7 @@ def test_a_result_that_raises_system_exit_in_a_map_chunk_fails_only_its_item(
 
 
 def test_a_done_callback_that_raises_system_exit_does_not_end_the_pool(
-    payload_pool: cleanbreak.Pool, caplog: pytest.LogCaptureFixture
+    payload_pool: cleanbreak.Pool, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """Done-callbacks run in the manager thread. One that raises SystemExit is logged, as
     Future logs an Exception; the callbacks after it still run, and the pool goes on."""
@@ -785,9 +786,13 @@ def test_a_done_callback_that_raises_system_exit_does_not_end_the_pool(
     def exits(_: Future[Any]) -> None:
         raise SystemExit(1)
 
-    fut = payload_pool.submit(ft.square, 3)
+    # The task waits until the callbacks are added: on a future already done, Future runs a
+    # new callback at once, in the caller's thread.
+    go = tmp_path / "go"
+    fut = payload_pool.submit(tasks.wait_then_return, str(go), None, 9)
     fut.add_done_callback(exits)
     fut.add_done_callback(lambda f: ran.append(f.result()))
+    tasks.touch(go)
     assert fut.result(timeout=TIMEOUT) == 9
     assert payload_pool.submit(ft.square, 4).result(timeout=TIMEOUT) == 16
     assert ran == [9]

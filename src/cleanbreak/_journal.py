@@ -59,9 +59,10 @@ COMMIT_BYTES = 64 << 20
 # The manager thread waits (the pool slows down) while this much is queued and not yet written:
 # results arriving faster than the disk takes them must not fill the memory.
 MAX_QUEUED_BYTES = 256 << 20
-# ... and while this many rows are: the writer takes about 100,000 small rows a second, and
-# tiny tasks come faster than that; each queued row costs some 500 bytes of objects.
-MAX_QUEUED_ROWS = 20_000
+# ... and while two batches of rows are: the writer takes about 100,000 small rows a second,
+# and tiny tasks come faster than that. So a SIGKILL loses at most the batch being written
+# and the next one, and the memory the queue holds stays small.
+MAX_QUEUED_ROWS = 2 * COMMIT_ROWS
 LOOKUP_BATCH = 500
 # A task's outcome replaces a recorded failure (the task ran again), never a recorded result:
 # when the same task runs twice in one run and fails once, its result is what counts.
