@@ -239,6 +239,7 @@ class Journal:
         self._fd = -1
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[tuple[Any, ...]] = []
         # Rows queued or being written: a lookup sees them before they are committed.
@@ -434,17 +435,19 @@ class Journal:
             return self._written >= target
 
     def close(self) -> None:
-        """Commit what is queued, stop the writer, and release the lock. Safe to call twice."""
-        writer = self._writer
-        if writer is not None:
-            with self._cond:
-                self._stopping = True
-                self._cond.notify_all()
-            while writer.is_alive():
-                writer.join(_signals.CHECK_EVERY)
-            self._writer = None
-        self._release()
-        _open_journals.discard(self)
+        """Commit what is queued, stop the writer, and release the lock. Safe to call twice,
+        and from two threads at once."""
+        with self._close_lock:
+            writer = self._writer
+            if writer is not None:
+                with self._cond:
+                    self._stopping = True
+                    self._cond.notify_all()
+                while writer.is_alive():
+                    writer.join(_signals.CHECK_EVERY)
+                self._writer = None
+            self._release()
+            _open_journals.discard(self)
 
     def _release(self) -> None:
         if self._reader is not None:

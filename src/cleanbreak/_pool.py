@@ -191,8 +191,7 @@ class Pool(Executor):
         self._last_run: MapRun[Any] | None = None
         ctx = _context(mp_context) if dask is None else None
         self._journal = Journal.of(journal)
-        if self._journal is not None:
-            self._journal.open()  # before any worker starts: a locked journal fails fast
+        self._journal_open = False  # this pool opened it (and so closes it)
         # Our handler goes in first, so that a signal at any moment from here on is ours. Until
         # the backend is made, it only records the signal (see on_signal): raised in the middle
         # of LocalBackend(), an exception could leave a manager thread that nobody stops.
@@ -201,6 +200,9 @@ class Pool(Executor):
         self._gathering = False  # stopped, and gathering what finished for the Interrupted
         try:
             _signals.attach(self)
+            if self._journal is not None:
+                self._journal.open()  # before any worker starts: a locked journal fails fast
+                self._journal_open = True
             self._backend: Backend
             if ctx is None:
                 self._backend = DaskBackend(dask)
@@ -233,6 +235,12 @@ class Pool(Executor):
         if error is not None:
             self._backend.close(cancel_pending=True)
             self._backend.wait()
+            if self._signal is not None:
+                # A Ctrl-C to the process group also reaches a fork server that is still
+                # starting, which dies of it: the start failed because of the signal, and
+                # the signal is what to report. (Under asyncio our handler raises nothing,
+                # so this is the first place that sees it.)
+                raise self._interrupted(None, {}) from None
             _signals.detach(self)
             self._close_journal()
             raise error
@@ -249,7 +257,8 @@ class Pool(Executor):
 
     def _close_journal(self) -> None:
         """Commit what the journal has queued, and release it (every worker is gone)."""
-        if self._journal is not None:
+        if self._journal is not None and self._journal_open:
+            self._journal_open = False
             self._journal.close()
 
     # ── Executor API ─────────────────────────────────────────────────────────────────────
@@ -457,12 +466,12 @@ class Pool(Executor):
                     # Ctrl-C in drain mode while we waited: the running tasks were let finish.
                     raise self._interrupted(None, self._completed())
                 self._close_journal()
-            elif self._journal is not None:
-                journal, finished = self._journal, self._backend.finished
+            elif self._journal is not None and self._journal_open:
+                finished = self._backend.finished
 
                 def close_when_finished() -> None:
                     finished.wait()
-                    journal.close()
+                    self._close_journal()
 
                 _signals.start_quiet_thread(close_when_finished, "cleanbreak-journal-close")
             _signals.detach(self)
