@@ -794,14 +794,7 @@ class LocalBackend(Intake):
     def _spawn(self) -> None:
         method = self._ctx.get_start_method()
         if method == "forkserver":
-            # The fork server is the process's, not ours: it must start with the signal mask a
-            # process normally has, or every process it forks for anyone would start with
-            # SIGINT and SIGTERM blocked. (Our workers block them on arrival instead.)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-            try:
-                forkserver.ensure_running()
-            finally:
-                signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+            _start_fork_server()
         elif method != "fork":
             # Started on the way by spawn otherwise. It ends by *unblocking* SIGINT and SIGTERM
             # in the thread that started it (it does not restore the mask it found), which
@@ -881,6 +874,30 @@ def _rebuild(errors: dict[int, CapturedError] | None) -> dict[int, BaseException
     if not errors:
         return {}
     return {i: e.rebuild() for i, e in errors.items()}
+
+
+def _start_fork_server() -> None:
+    """Start the process's fork server, if it is not running, from a thread that blocks
+    SIGINT and SIGTERM (the manager's).
+
+    It starts with them blocked, so that a Ctrl-C to the process group during its interpreter's
+    start-up (or its import of the main module) cannot kill it with a traceback on the terminal;
+    its last preload module, ``_forkserver_start``, unblocks them and drops a pending one. So
+    the fork server, which is
+    the process's and not ours, and every process it forks for anyone, end up with the mask a
+    process normally has. (Our workers block them on arrival instead.) The resource tracker
+    is started first: its start unblocks both in the calling thread.
+    """
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    server: Any = forkserver._forkserver
+    preload = list(server._preload_modules)
+    forkserver.set_forkserver_preload([*preload, "cleanbreak._forkserver_start"])
+    try:
+        forkserver.ensure_running()
+    finally:
+        forkserver.set_forkserver_preload(preload)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
 
 
 def _fork_server_found_no_guard(ctx: BaseContext) -> bool:
