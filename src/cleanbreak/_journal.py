@@ -64,6 +64,7 @@ MAX_QUEUED_BYTES = 256 << 20
 # and the next one, and the memory the queue holds stays small.
 MAX_QUEUED_ROWS = 2 * COMMIT_ROWS
 LOOKUP_BATCH = 500
+CHECKPOINT_SECONDS = 1.0  # how often the writer copies the WAL into the file
 # A task's outcome replaces a recorded failure (the task ran again), never a recorded result:
 # when the same task runs twice in one run and fails once, its result is what counts.
 _UPSERT = (
@@ -250,6 +251,7 @@ class Journal:
         self._stopping = False
         self._urgent = False  # flush() asks for a commit now
         self._writer: threading.Thread | None = None
+        self._closer: threading.Thread | None = None
         self._error: BaseException | None = None
         self._warned = False
         self.reused = 0  # results given from the journal, not run again
@@ -271,6 +273,10 @@ class Journal:
 
     def open(self, meta: dict[str, str] | None = None) -> None:
         """Lock the file, create it (0600) or check it, and start the writer thread."""
+        for other in [self, *_open_journals]:
+            closer = other._closer  # a quick close still releasing the file: wait for it
+            if other.path == self.path and closer is not None and closer.is_alive():
+                closer.join()
         if self.is_open or any(j.path == self.path for j in list(_open_journals)):
             raise JournalError(
                 f"journal {self.path} is in use by another pool of this process: close that "
@@ -434,9 +440,15 @@ class Journal:
                 self._cond.wait(part)
             return self._written >= target
 
-    def close(self) -> None:
+    def close(self, *, quick: bool = False) -> None:
         """Commit what is queued, stop the writer, and release the lock. Safe to call twice,
-        and from two threads at once."""
+        and from two threads at once.
+
+        With ``quick`` (on Ctrl-C), it returns once everything is committed, and a thread
+        closes the file: closing the last connection copies the WAL into the file and syncs
+        it to disk, which can take a tenth of a second. That copy is crash-safe, so the
+        process may exit in the middle of it.
+        """
         with self._close_lock:
             writer = self._writer
             if writer is not None:
@@ -446,10 +458,17 @@ class Journal:
                 while writer.is_alive():
                     writer.join(_signals.CHECK_EVERY)
                 self._writer = None
-            self._release()
-            _open_journals.discard(self)
+            if quick and self._fd >= 0:
+                self._closer = _signals.start_quiet_thread(self._release, "cleanbreak-journal")
+                return
+        self._release()
 
     def _release(self) -> None:
+        with self._close_lock:
+            self._let_go()
+            _open_journals.discard(self)
+
+    def _let_go(self) -> None:
         if self._reader is not None:
             with self._read_lock:
                 with contextlib.suppress(sqlite3.Error):
@@ -468,6 +487,7 @@ class Journal:
         batch: list[tuple[Any, ...]] = []
         size = 0
         since = 0.0
+        checkpointed = time.monotonic()
         while True:
             with self._cond:
                 while not self._queue and not self._stopping and not self._urgent:
@@ -495,6 +515,12 @@ class Journal:
             if batch and due:
                 if conn is not None and self._error is None:
                     self._commit(conn, batch)
+                    if not stopping and time.monotonic() - checkpointed >= CHECKPOINT_SECONDS:
+                        # The WAL into the file (and a sync), so that it does not grow for
+                        # ever; readers and the next commits are not held up (PASSIVE).
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        checkpointed = time.monotonic()
                 with self._cond:
                     for row in batch:
                         if self._unwritten.get(row[0]) is row:
@@ -673,6 +699,9 @@ def _connect(path: str) -> sqlite3.Connection:
         # Keys are digests, so rows land at random places in the index: a cache of 32 MiB keeps
         # much of the index in memory (a third faster than the default 2 MiB for a million rows).
         conn.execute("PRAGMA cache_size=-32768")
+        # The writer thread copies the WAL into the file itself, at most once a second and
+        # never in the last commit of a stop, which must be quick (see _write_loop).
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         # NORMAL in WAL mode: a commit survives the death of this process (SIGKILL, the OOM
         # killer); after a power cut the last commits may be lost, but the file is never corrupt.
         conn.execute("PRAGMA synchronous=NORMAL")

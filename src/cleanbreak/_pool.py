@@ -255,11 +255,12 @@ class Pool(Executor):
         """The pool's journal, if it has one."""
         return self._journal
 
-    def _close_journal(self) -> None:
-        """Commit what the journal has queued, and release it (every worker is gone)."""
+    def _close_journal(self, quick: bool = False) -> None:
+        """Commit what the journal has queued, and release it (every worker is gone). With
+        ``quick`` (on Ctrl-C) the file is released by a thread, once all is committed."""
         if self._journal is not None and self._journal_open:
             self._journal_open = False
-            self._journal.close()
+            self._journal.close(quick=quick)
 
     # ── Executor API ─────────────────────────────────────────────────────────────────────
 
@@ -574,7 +575,7 @@ class Pool(Executor):
         that were gathered; our handler goes now."""
         self._reported = True
         self._gathering = False
-        self._close_journal()  # every worker is gone: what finished is committed now
+        self._close_journal(quick=True)  # every worker is gone: what finished is committed now
         _signals.detach(self)
         if isinstance(exc, Interrupted) and exc._filled:
             return exc
