@@ -28,13 +28,11 @@ How it keeps cleanbreak's promises on a cluster, where a thread in a worker cann
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import queue
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -163,6 +161,8 @@ def _topic(token: str) -> str:
 
 
 def _raise_in(tid: int) -> None:
+    import ctypes
+
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_Stop))
 
 
@@ -215,6 +215,8 @@ class DaskBackend(Intake):
     """Units run as tasks on a ``dask.distributed`` cluster, by one thread of the pool's."""
 
     def __init__(self, target: Any) -> None:
+        import uuid
+
         distributed = import_distributed()
         if isinstance(target, str):
             try:
@@ -353,6 +355,8 @@ class DaskBackend(Intake):
         self._timed_out(flight, message)
 
     def _submit(self) -> None:
+        import uuid
+
         while self.pending and len(self._flights) < 2 * self.size:
             unit = self.pending.popleft()
             if not unit.sink.start(unit):

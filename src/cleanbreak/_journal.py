@@ -27,7 +27,6 @@ import functools
 import hashlib
 import os
 import pickle
-import sqlite3
 import struct
 import sys
 import threading
@@ -36,7 +35,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _signals
 from ._errors import (
@@ -48,6 +47,12 @@ from ._errors import (
     WorkerDied,
 )
 from ._units import Sink, Unit
+
+if TYPE_CHECKING:
+    import sqlite3
+
+# sqlite3 is imported where it is used, not with the package: a pool without a journal (and
+# every worker, which imports the package) does not pay for it.
 
 __all__ = ["Journal", "JournalError", "JournalStatus"]
 
@@ -252,6 +257,8 @@ class Journal:
         self._urgent = False  # flush() asks for a commit now
         self._writer: threading.Thread | None = None
         self._closer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoints_done = threading.Event()
         self._error: BaseException | None = None
         self._warned = False
         self.reused = 0  # results given from the journal, not run again
@@ -273,6 +280,8 @@ class Journal:
 
     def open(self, meta: dict[str, str] | None = None) -> None:
         """Lock the file, create it (0600) or check it, and start the writer thread."""
+        import sqlite3
+
         for other in [self, *_open_journals]:
             closer = other._closer  # a quick close still releasing the file: wait for it
             if other.path == self.path and closer is not None and closer.is_alive():
@@ -322,6 +331,8 @@ class Journal:
         self._stopping = False
         self._error = None
         self._writer = _signals.start_quiet_thread(self._write_loop, "cleanbreak-journal")
+        self._checkpoints_done.clear()
+        self._checkpointer = _signals.start_quiet_thread(self._checkpoint_loop, "cleanbreak-wal")
         _open_journals.add(self)
 
     def bind(self, name: str) -> None:
@@ -468,7 +479,32 @@ class Journal:
             self._let_go()
             _open_journals.discard(self)
 
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the file (and sync it) once a second, on a connection of its
+        own, so that the WAL does not grow for ever. PASSIVE: it holds up neither the writer
+        nor the readers, and a stop's last commit never waits for its sync."""
+        import sqlite3
+
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error:
+            return
+        try:
+            while not self._checkpoints_done.wait(CHECKPOINT_SECONDS):
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
     def _let_go(self) -> None:
+        import sqlite3
+
+        checkpointer = self._checkpointer
+        if checkpointer is not None:  # its connection closes before the last one
+            self._checkpoints_done.set()
+            checkpointer.join()
+            self._checkpointer = None
         if self._reader is not None:
             with self._read_lock:
                 with contextlib.suppress(sqlite3.Error):
@@ -479,6 +515,8 @@ class Journal:
             self._fd = -1
 
     def _write_loop(self) -> None:
+        import sqlite3
+
         conn: sqlite3.Connection | None = None
         try:
             conn = _connect(self.path)
@@ -487,7 +525,6 @@ class Journal:
         batch: list[tuple[Any, ...]] = []
         size = 0
         since = 0.0
-        checkpointed = time.monotonic()
         while True:
             with self._cond:
                 while not self._queue and not self._stopping and not self._urgent:
@@ -515,12 +552,6 @@ class Journal:
             if batch and due:
                 if conn is not None and self._error is None:
                     self._commit(conn, batch)
-                    if not stopping and time.monotonic() - checkpointed >= CHECKPOINT_SECONDS:
-                        # The WAL into the file (and a sync), so that it does not grow for
-                        # ever; readers and the next commits are not held up (PASSIVE).
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                        checkpointed = time.monotonic()
                 with self._cond:
                     for row in batch:
                         if self._unwritten.get(row[0]) is row:
@@ -539,6 +570,8 @@ class Journal:
                 conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+        import sqlite3
+
         try:
             with conn:
                 conn.executemany(_UPSERT, batch)
@@ -577,6 +610,7 @@ class Journal:
     def status(path: str | os.PathLike[str]) -> JournalStatus:
         """Read a journal's counts and failures (no pickle is loaded)."""
         import fcntl  # POSIX only, as is the pool
+        import sqlite3
 
         path = os.path.abspath(os.fspath(path))
         try:
@@ -679,6 +713,8 @@ def _open_locked(path: str) -> int:
 
 
 def _writer_pid(path: str) -> str:
+    import sqlite3
+
     with contextlib.suppress(Exception):
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
         with contextlib.closing(conn):
@@ -689,6 +725,8 @@ def _writer_pid(path: str) -> str:
 
 
 def _connect(path: str) -> sqlite3.Connection:
+    import sqlite3
+
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     try:
         conn.isolation_level = "DEFERRED"  # ``with conn`` commits
