@@ -3,6 +3,8 @@
 Press Ctrl-C and nothing new starts, the workers are reaped, and every finished result is kept.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     BrokenPool,
     CleanbreakError,
@@ -14,7 +16,6 @@ from ._errors import (
     TaskTimeout,
     WorkerDied,
 )
-from ._journal import Journal, JournalStatus
 from ._pool import Pool, TaskOptionsView, default_workers, map
 from ._units import TaskOptions
 
@@ -39,3 +40,15 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._journal import Journal, JournalStatus
+
+
+def __getattr__(name: str) -> Any:
+    # The journal (and sqlite3) is imported on first use, not with the package.
+    if name in ("Journal", "JournalStatus"):
+        from . import _journal
+
+        return getattr(_journal, name)
+    raise AttributeError(f"module 'cleanbreak' has no attribute {name!r}")

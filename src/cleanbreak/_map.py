@@ -27,11 +27,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._errors import Interrupted
-from ._journal import Journal, Keyer, Recorder
-from ._progress import Counts, Progress
 from ._signals import CHECK_EVERY
 from ._units import Sink, TaskOptions, Unit, UnitQueue
 from ._wire import CALL_ONE, CALL_STAR
@@ -53,8 +51,13 @@ WINDOW_PER_WORKER = 16
 # must run in bounded memory. Chunks are then at most a quarter of it.
 LAZY_WINDOW_PER_WORKER = 50
 Piece = tuple[int, list[Any], dict[int, BaseException]]
-# Makes a run's progress display from its counters and its total (None: unknown).
-ProgressFactory = Callable[[Counts, int | None], Progress]
+
+if TYPE_CHECKING:
+    from ._journal import Journal, Keyer, Recorder
+    from ._progress import Counts, Progress
+
+    # Makes a run's progress display from its counters and its total (None: unknown).
+    ProgressFactory = Callable[[Counts, int | None], Progress]
 
 
 def positive(name: str, value: object) -> int | None:
@@ -248,6 +251,8 @@ class MapRun(Generic[T]):
         self._keyer: Keyer | None = None
         self._recorder: Recorder | None = None
         if journal is not None:
+            from ._journal import Keyer, Recorder
+
             self._keyer = Keyer(fn, key, star=len(iterables) > 1)
             journal.bind(self._keyer.name)
             self._recorder = Recorder(self._sink, journal)

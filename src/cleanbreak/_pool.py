@@ -27,12 +27,10 @@ from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 from concurrent.futures._base import LOGGER as _LOGGER
 from multiprocessing.context import BaseContext
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from . import _signals
-from ._dask import DaskBackend
 from ._errors import BrokenPool, Interrupted
-from ._journal import Journal, Keyer, Recorder
 from ._manager import (
     DRAINING,
     KILLING,
@@ -41,10 +39,17 @@ from ._manager import (
     LocalBackend,
     default_context,
 )
-from ._map import MapRun, ProgressFactory, collect, iterate, positive
-from ._progress import Progress
+from ._map import MapRun, collect, iterate, positive
 from ._units import Backend, TaskOptions, Unit
 from ._wire import CALL_KW
+
+if TYPE_CHECKING:
+    from ._journal import Journal, Recorder
+    from ._map import ProgressFactory
+    from ._progress import Progress
+
+# The journal, the Dask backend and the progress display are imported when a pool uses them:
+# ``import cleanbreak`` (which every worker does) stays as light as the pool alone.
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -190,7 +195,11 @@ class Pool(Executor):
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
         ctx = _context(mp_context) if dask is None else None
-        self._journal = Journal.of(journal)
+        self._journal: Journal | None = None
+        if journal is not None:
+            from ._journal import Journal
+
+            self._journal = Journal.of(journal)
         self._journal_open = False  # this pool opened it (and so closes it)
         # Our handler goes in first, so that a signal at any moment from here on is ours. Until
         # the backend is made, it only records the signal (see on_signal): raised in the middle
@@ -205,6 +214,8 @@ class Pool(Executor):
                 self._journal_open = True
             self._backend: Backend
             if ctx is None:
+                from ._dask import DaskBackend
+
                 self._backend = DaskBackend(dask)
             else:
                 self._backend = LocalBackend(
@@ -273,6 +284,8 @@ class Pool(Executor):
         key = b""
         recorded: dict[bytes, tuple[Any, BaseException | None]] = {}
         if journal is not None:
+            from ._journal import Keyer
+
             if not callable(fn):
                 raise TypeError(f"submit() needs a callable, got {fn!r}")
             keyer = Keyer(fn, None, star=False)
@@ -291,6 +304,8 @@ class Pool(Executor):
                 return fut
             sink: _FutureSink | Recorder = _FutureSink(fut)
             if journal is not None:
+                from ._journal import Recorder
+
                 sink = Recorder(sink, journal)
                 sink.keys[index] = key
             unit = self._backend.new_unit(CALL_KW, fn, ((args, kwargs),), sink, index, opts)
@@ -833,6 +848,8 @@ def _progress_for(progress: bool, fn: Callable[..., Any]) -> ProgressFactory | N
     _flag("progress", progress)
     if not progress:
         return None
+    from ._progress import Progress
+
     label = getattr(fn, "__name__", None) or "tasks"
 
     def make(counts: Any, total: int | None) -> Progress:
