@@ -196,10 +196,6 @@ class Pool(Executor):
         self._last_run: MapRun[Any] | None = None
         ctx = _context(mp_context) if dask is None else None
         self._journal: Journal | None = None
-        if journal is not None:
-            from ._journal import Journal
-
-            self._journal = Journal.of(journal)
         self._journal_open = False  # this pool opened it (and so closes it)
         # Our handler goes in first, so that a signal at any moment from here on is ours. Until
         # the backend is made, it only records the signal (see on_signal): raised in the middle
@@ -209,8 +205,13 @@ class Pool(Executor):
         self._gathering = False  # stopped, and gathering what finished for the Interrupted
         try:
             _signals.attach(self)
-            if self._journal is not None:
-                self._journal.open()  # before any worker starts: a locked journal fails fast
+            if journal is not None:  # imported and opened once our handler is in
+                from ._journal import Journal
+
+                opened = Journal.of(journal)
+                assert opened is not None
+                self._journal = opened
+                opened.open()  # before any worker starts: a locked journal fails fast
                 self._journal_open = True
             self._backend: Backend
             if ctx is None:
