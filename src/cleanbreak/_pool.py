@@ -205,14 +205,6 @@ class Pool(Executor):
         self._gathering = False  # stopped, and gathering what finished for the Interrupted
         try:
             _signals.attach(self)
-            if journal is not None:  # imported and opened once our handler is in
-                from ._journal import Journal
-
-                opened = Journal.of(journal)
-                assert opened is not None
-                self._journal = opened
-                opened.open()  # before any worker starts: a locked journal fails fast
-                self._journal_open = True
             self._backend: Backend
             if ctx is None:
                 from ._dask import DaskBackend
@@ -239,10 +231,25 @@ class Pool(Executor):
                 stop = Interrupted(self._signal or signal.SIGINT)
                 stop._counted = True
                 raise stop
+            if journal is not None:
+                # Opened while the workers start (the backend's thread starts them), so a
+                # journal costs the pool's start nothing; a Ctrl-C meanwhile is ours.
+                from ._journal import Journal
+
+                opened = Journal.of(journal)
+                assert opened is not None
+                self._journal = opened
+                opened.open()
+                self._journal_open = True
             _signals.wait_event(self._backend.started)
         except KeyboardInterrupt as exc:  # a signal while the pool starts
             self._stop(exc)
             raise self._interrupted(exc, {}) from None
+        except BaseException:  # the journal cannot be used: stop the workers that started
+            self._backend.close(cancel_pending=True)
+            self._backend.wait()
+            _signals.detach(self)
+            raise
         error = self._backend.start_error
         if error is not None:
             self._backend.close(cancel_pending=True)
