@@ -20,6 +20,8 @@ import bench_failures
 import bench_interrupt
 import bench_journal
 import bench_lazy
+import bench_oneshot
+import bench_parentcpu
 import bench_payload
 import bench_throughput
 from reporter import Reporter
@@ -34,6 +36,8 @@ SCENARIOS: dict[str, Scenario] = {
     "crash": bench_failures.child_crash,
     "journal": bench_journal.child_journal,
     "dask": bench_dask.child_dask,
+    "oneshot": bench_oneshot.child_oneshot,
+    "parentcpu": bench_parentcpu.child_parentcpu,
 }
 
 

@@ -1,6 +1,6 @@
 """Run the cleanbreak benchmark suite and print (and save) the results as markdown.
 
-    python benchmarks/run.py                 # everything, about 13 minutes on 2 cores
+    python benchmarks/run.py                 # everything, about 25 minutes on 2 cores
     python benchmarks/run.py --quick         # a short run, about 3 minutes
     python benchmarks/run.py --only tiny,lazy --workers 4
     python benchmarks/run.py --only dask     # needs distributed (the bench extra has it)
@@ -28,6 +28,8 @@ import bench_failures
 import bench_interrupt
 import bench_journal
 import bench_lazy
+import bench_oneshot
+import bench_parentcpu
 import bench_payload
 import bench_throughput
 from common import BENCH_DIR, Section, Settings, machine, progress
@@ -36,13 +38,18 @@ from libs import LIBRARIES, available, version
 MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]]] = {
     "tiny": ("1. tiny tasks: per-call overhead", bench_throughput.run_tiny),
     "ms": ("2. 1 ms tasks: throughput and efficiency", bench_throughput.run_ms),
-    "payload": ("3. 50 MB results and arguments: MB/s, peak RSS", bench_payload.run_payload),
+    "payload": (
+        "3. 50 MB results and arguments: MB/s on first use and warm, peak RSS",
+        bench_payload.run_payload,
+    ),
     "lazy": ("4. endless generator: items pulled ahead", bench_lazy.run_lazy),
     "interrupt": ("5. Ctrl-C and SIGTERM", bench_interrupt.run_interrupt),
     "crash": ("6. a worker SIGKILLed", bench_failures.run_crash),
     "orphans": ("7. the parent SIGKILLed", bench_failures.run_orphans),
     "journal": ("8. the journal's overhead, and joblib Memory's", bench_journal.run_journal),
     "dask": ("9. the Dask backend's overhead per task, against Client.map", bench_dask.run_dask),
+    "oneshot": ("10. one-shot calls: pool start to last result", bench_oneshot.run_oneshot),
+    "parentcpu": ("11. the parent's CPU time per task", bench_parentcpu.run_parentcpu),
 }
 
 
