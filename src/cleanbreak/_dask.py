@@ -239,7 +239,6 @@ class DaskBackend(Intake):
         self._killed_worker: type[BaseException] = distributed.KilledWorker
         self._cancelled_error: type[BaseException] = distributed.client.FutureCancelledError
         self.size = max(1, sum(self._client.nthreads().values()))
-        self.address = str(self._client.scheduler.address)
         self.pending: deque[Unit] = deque()
         self._commands: deque[int] = deque()
         self._uids = itertools.count()
@@ -252,7 +251,7 @@ class DaskBackend(Intake):
         self._broken: BaseException | None = None
         self._flights: dict[str, _Flight] = {}
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stop_sent = False
+        self._sent_level = RUNNING  # the stop level broadcast to the workers
         self._stop_at = 0.0
         self._killed: set[str] = set()
         self._cancelled: set[int] = set()  # units Pool.cancel stopped
@@ -528,23 +527,17 @@ class DaskBackend(Intake):
     def _stop(self, level: int) -> None:
         """The stop sequence (see the module docstring), step by step as the level rises."""
         self._cancel_queue()
-        if not self._stop_sent:
-            self._stop_sent = True
+        terminate = level >= STOPPING
+        wanted = min(level, STOPPING)  # what the workers must do: drain, or stop their items
+        if self._sent_level < wanted:
+            self._sent_level = wanted
             self._stop_at = time.monotonic()
             with contextlib.suppress(Exception):
-                self._client.run(stop_units, self._token, level >= STOPPING, wait=False)
-        elif level >= STOPPING and not self._terminate_sent:
-            self._terminate_sent = True
-            self._stop_at = time.monotonic()
-            with contextlib.suppress(Exception):
-                self._client.run(stop_units, self._token, True, wait=False)
-        if level >= STOPPING:
-            self._terminate_sent = True
+                self._client.run(stop_units, self._token, terminate, wait=False)
+        if terminate:
             late = time.monotonic() - self._stop_at >= STOP_GRACE
             if self._flights and (late or level >= KILLING):
                 self._kill_holders(list(self._flights.values()))
-
-    _terminate_sent = False
 
     def _stop_keys(self, keys: list[str]) -> None:
         with contextlib.suppress(Exception):
