@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 
 def spin_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
@@ -66,3 +67,26 @@ def fail_once(x: int, folder: str) -> int:
             pass
         raise OSError(f"flaky {x}")
     return x * x
+
+
+def stress_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
+    """``spin_marked``, but the even items sleep instead of spinning (a stop breaks into a
+    sleep only once it returns)."""
+    index, seconds, folder = spec
+    if index % 2:
+        return spin_marked(spec)
+    _mark(folder, "start", index)
+    time.sleep(seconds)
+    _mark(folder, "end", index)
+    return index, 7 * index
+
+
+def cluster_idle(client: Any) -> bool:
+    """Test side: nothing processing on any worker, and no thread of a worker in one of
+    cleanbreak's items (a cancelled task's thread may run on where the scheduler shows
+    nothing)."""
+    from cleanbreak import _dask
+
+    if any(client.processing().values()):
+        return False
+    return not any(client.run(_dask.running_here).values())

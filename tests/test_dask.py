@@ -56,26 +56,23 @@ def client(address: str, distributed: Any) -> Iterator[object]:
 
 
 def _idle(client: object) -> bool:
-    """Nothing processing on any worker, and no thread of a worker in one of our items (a
-    cancelled task's thread may run on where the scheduler shows nothing); waits up to the
-    guard for it."""
+    """The cluster is idle (see ``dask_tasks.cluster_idle``); waits up to the guard for it."""
     deadline = time.monotonic() + GUARD
     while time.monotonic() < deadline:
-        busy = any(client.processing().values())  # type: ignore[attr-defined]
-        running = client.run(_dask.running_here)  # type: ignore[attr-defined]
-        if not busy and not any(running.values()):
+        if dask_tasks.cluster_idle(client):
             return True
         time.sleep(0.02)
     return False
 
 
-def test_map_imap_unordered_and_submit(address: str) -> None:
+def test_map_imap_unordered_submit_and_module_map(address: str) -> None:
     with cleanbreak.Pool(dask=address) as pool:
         assert pool.workers == 2
         assert list(pool.map(tasks.square, range(50))) == [x * x for x in range(50)]
         assert list(pool.map(tasks.add, range(5), range(5))) == [0, 2, 4, 6, 8]
         assert sorted(pool.imap_unordered(tasks.square, range(30))) == [x * x for x in range(30)]
         assert pool.submit(tasks.combine, 1, 2, scale=3).result() == 9
+    assert cleanbreak.map(tasks.square, range(20), dask=address) == [x * x for x in range(20)]
 
 
 def test_a_task_error_keeps_its_type_and_traceback(client: object) -> None:

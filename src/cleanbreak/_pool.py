@@ -203,6 +203,11 @@ class Pool(Executor):
         self._starting = True
         self._pending_level = 0
         self._gathering = False  # stopped, and gathering what finished for the Interrupted
+        self._flushing = False  # shutting down: every worker is gone, the journal closes
+        # The futures that were live when the first signal came, held until the Interrupted
+        # has their results: the caller may drop a future at the signal (asyncio cancels the
+        # future it wraps a pool's future in) before the result it waits for arrives.
+        self._held: list[Future[Any]] = []
         try:
             _signals.attach(self)
             self._backend: Backend
@@ -278,8 +283,10 @@ class Pool(Executor):
         """Commit what the journal has queued, and release it (every worker is gone). With
         ``quick`` (on Ctrl-C) the file is released by a thread, once all is committed."""
         if self._journal is not None and self._journal_open:
-            self._journal_open = False
+            # Open until the close has returned: a Ctrl-C that cuts a close short (a handler
+            # of the user's, or ours when no pool is live) leaves it to the Interrupted's.
             self._journal.close(quick=quick)
+            self._journal_open = False
 
     # ── Executor API ─────────────────────────────────────────────────────────────────────
 
@@ -486,10 +493,17 @@ class Pool(Executor):
             self._backend.close(cancel_pending=cancel_futures)
             if wait:
                 self._backend.wait()
+                # Every worker is gone, but the journal's last commit is still to come: a
+                # signal meanwhile is the pool's to handle, not the default action's.
+                self._flushing = True
+                try:
+                    self._close_journal()
+                finally:
+                    self._flushing = False
                 if self._signal is not None and not self._reported:
-                    # Ctrl-C in drain mode while we waited: the running tasks were let finish.
+                    # Ctrl-C in drain mode while we waited (the running tasks were let finish),
+                    # or while the journal closed.
                     raise self._interrupted(None, self._completed())
-                self._close_journal()
             elif self._journal is not None and self._journal_open:
                 finished = self._backend.finished
 
@@ -538,6 +552,7 @@ class Pool(Executor):
         """Called by the signal handler (main thread) or by a pool call that caught Ctrl-C."""
         if self._signal is None:
             self._signal = signum
+            self._held = list(self._futures.values())
         levels = _ESCALATION[self._mode]
         level = levels[min(self._signals_seen, len(levels) - 1)]
         self._signals_seen += 1
@@ -552,7 +567,9 @@ class Pool(Executor):
         return raise_now
 
     def is_live(self) -> bool:
-        return self._starting or self._gathering or not self._backend.finished.is_set()
+        if self._starting or self._gathering or self._flushing:
+            return True
+        return not self._backend.finished.is_set()
 
     def _busy(self) -> bool:
         if any(not run.finished for run in list(self._runs)):
@@ -597,8 +614,9 @@ class Pool(Executor):
         """The Interrupted to raise once the pool has stopped (see ``_stop``), with the results
         that were gathered; our handler goes now."""
         self._reported = True
-        self._gathering = False
         self._close_journal(quick=True)  # every worker is gone: what finished is committed now
+        self._gathering = False
+        self._held = []
         _signals.detach(self)
         if isinstance(exc, Interrupted) and exc._filled:
             return exc
@@ -798,6 +816,7 @@ def map(
     journal: Journal | str | os.PathLike[str] | None = None,
     key: Callable[[Any], Any] | None = None,
     progress: bool = False,
+    dask: Any = None,
 ) -> list[T]:
     """Run ``fn`` over ``iterable`` in a fresh pool and return the results in input order.
 
@@ -810,7 +829,8 @@ def map(
     With ``journal`` (a path or a ``Journal``), each outcome is recorded on disk, and a second
     call with the same journal gives the recorded results at once and runs only the rest.
     ``key(item)`` names each task in the journal (by default the item does). ``progress=True``
-    shows a progress bar on stderr.
+    shows a progress bar on stderr. With ``dask`` (a scheduler address or a
+    ``distributed.Client``), the tasks run on that Dask cluster, as ``Pool(dask=...)`` does.
     """
     _flag("return_exceptions", return_exceptions)
     _flag("progress", progress)
@@ -827,6 +847,7 @@ def map(
             retry_on=retry_on,
             max_tasks_per_worker=max_tasks_per_worker,
             journal=journal,
+            dask=dask,
         ) as pool:
             run = MapRun(
                 pool,

@@ -199,7 +199,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if previous is not None and chainable(previous):
         # The framework runs the main thread: let it know, and let it unwind (asyncio cancels
         # its main task; the pool calls in it then raise Interrupted).
-        previous(signum, frame)
+        _in_loop(previous, signum)
         return
     if raise_now and _cancel_asyncio_main():
         return
@@ -224,9 +224,38 @@ def _cancel_asyncio_main() -> bool:
         return False
     if task is None or task.done() or task.get_loop() is not loop:
         return False
-    task.cancel()
-    loop.call_soon_threadsafe(lambda: None)  # wake the loop if it waits in select
+    loop.call_soon_threadsafe(task.cancel)  # as a callback of its own: see _in_loop
     return True
+
+
+def _in_loop(handler: Callable[[int, FrameType | None], object], signum: int) -> None:
+    """Call asyncio's signal handler as a callback of the running loop, not here.
+
+    A signal handler runs between two bytecodes of whatever the main thread runs: under
+    asyncio, in the middle of one of the loop's callbacks, such as the one that passes a pool
+    future's result on to its asyncio future (it checks that the asyncio future is not
+    cancelled, then sets its result). asyncio's handler cancels the main task, and with it
+    that future, in between: the callback then fails with ``InvalidStateError``, printed as
+    "Exception in callback". Run as a callback of its own, the cancel falls between two.
+    """
+    asyncio = sys.modules.get("asyncio")
+    loop = None
+    if asyncio is not None:
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+    task = handler.keywords.get("main_task") if isinstance(handler, functools.partial) else None
+    if loop is None or loop.is_closed() or (task is not None and task.done()):
+        handler(signum, None)  # nothing to cancel: asyncio raises KeyboardInterrupt here
+        return
+
+    def later() -> None:
+        if task is not None and task.done() and _first is not None:
+            # The run ended before this callback came, with the pool's Interrupted for this
+            # signal: there is nothing left for asyncio to cancel, nor to raise.
+            return
+        handler(signum, None)
+
+    loop.call_soon_threadsafe(later)
 
 
 def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:

@@ -67,6 +67,8 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         hold_construct: bool = False,
         hold_orphan: bool = False,
         park_bootstrap: bool = False,
+        hold_journal_close: bool = False,
+        journal: str | None = None,
     ) -> Child:
         argv = [
             f"--method={method}",
@@ -83,12 +85,15 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             "--hold-shutdown": hold_shutdown,
             "--hold-construct": hold_construct,
             "--hold-orphan": hold_orphan,
+            "--hold-journal-close": hold_journal_close,
             "--user-handler": user_handler,
             "--watch-level": watch_level,
         }
         argv += [name for name, on in switches.items() if on]
         if stop_grace is not None:
             argv.append(f"--stop-grace={stop_grace}")
+        if journal is not None:
+            argv.append(f"--journal={journal}")
         return started.start(argv, park_bootstrap=park_bootstrap)
 
     try:

@@ -81,6 +81,23 @@ def test_result_that_arrives_with_the_signal_is_kept(
     assert_cleaned_up(child, f"completed, result arriving with the signal, {api}")
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_result_that_arrives_with_the_signal_is_kept_under_asyncio(
+    start_child: StartChild, method: str
+) -> None:
+    """As above, through ``run_in_executor`` inside ``asyncio.run``: asyncio cancels the
+    main task, and with it the asyncio future of task 1, before the pool's future can pass
+    its result on. The pool's future then has no other holder than the pool; the result
+    must still be in ``completed``."""
+    child = start_child(method=method, layout="bk", api="asyncio")
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    assert child.report()["signal"] == "SIGINT"
+    assert child.completed() == {1: 10}
+    assert_cleaned_up(child, "completed, result arriving with the signal, asyncio")
+
+
 @pytest.mark.parametrize("api", ["map", "imap_unordered"])
 @pytest.mark.parametrize("method", METHODS)
 def test_ctrl_c_while_the_input_is_read_keeps_every_guarantee(

@@ -9,10 +9,14 @@ on), then signals it as a terminal would.
 from __future__ import annotations
 
 import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from ._harness import METHODS, Child, assert_cleaned_up, blocked_signals, ms, record
+from ._harness import EXIT_GUARD, METHODS, Child, assert_cleaned_up, blocked_signals, ms, record
 from .conftest import StartChild
 
 SIGNALS = ["sigint-group", "sigterm-parent"]
@@ -148,6 +152,38 @@ def test_a_signal_while_the_pool_shuts_down_keeps_every_result(
     assert_cleaned_up(child, f"signal while the pool shuts down, {api}")
 
 
+@pytest.mark.parametrize("how", SIGNALS)
+@pytest.mark.parametrize("api", ["cbmap", "submit", "map", "asyncio"])
+def test_a_signal_while_the_journal_closes_keeps_and_records_every_result(
+    start_child: StartChild, api: str, how: str
+) -> None:
+    """Every task is done, every worker is gone, and the pool is committing and closing its
+    journal when the signal comes: ``Interrupted`` once the journal is committed (not
+    SIGTERM's default action halfway through the commit), with every result, each one in the
+    journal."""
+    child = start_child(
+        method="forkserver", layout="qqqq", api=api, journal="j.sqlite", hold_journal_close=True
+    )
+    child.wait_for(lambda c: bool(c.of("journal-closing")), "the pool to close its journal")
+
+    child.send(how, asleep=False)
+    child.release(1)
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    everything = {i: 10 * i for i in range(4)}
+    if api == "submit":  # the futures keep their results, and completed lists them
+        assert child.completed() == everything
+    else:
+        assert child.kept() == everything
+    with sqlite3.connect(child.tmp / "j.sqlite") as conn:
+        (recorded,) = conn.execute("SELECT count(*) FROM outcomes WHERE ok = 1").fetchone()
+    conn.close()
+    assert recorded == 4
+    _no_traceback(child)
+    assert_cleaned_up(child, f"signal while the journal closes, {api}")
+
+
 @pytest.mark.parametrize("api", ["submit", "map"])
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_ctrl_c_while_workers_import_the_main_module_prints_nothing(
@@ -232,3 +268,23 @@ def test_ctrl_c_under_asyncio_stops_the_running_tasks(
     _no_traceback(child)
     assert_cleaned_up(child, f"Ctrl-C under {api}")
     record(f"Ctrl-C under {api}: to Interrupted (ms)", ms(sent, report["caught_ns"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ctrl_c_while_asyncio_sets_a_result_prints_nothing(method: str) -> None:
+    """The signal lands in the middle of one of the event loop's callbacks, one that sets a
+    future's result (``scripts/asyncio_race_child.py``). asyncio's handler, which the pool
+    chains, cancels the main task and that future with it: called right there, it made the
+    callback fail with ``InvalidStateError`` ("Exception in callback"). The pool runs it as a
+    callback of its own."""
+    script = Path(__file__).parent / "scripts" / "asyncio_race_child.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), method],
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_GUARD,
+        check=False,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == ""

@@ -1,19 +1,64 @@
-"""A client of a Dask cluster, for the Ctrl-C tests: ``map`` of spinning tasks through
-``Pool(dask=ADDRESS)``; prints one JSON line (``yielded``, ``completed``, ``signal``,
-``caught_ns``) and exits with 128 + the signal's number after ``Interrupted``."""
+"""A client of a Dask cluster, for the Ctrl-C tests: tasks that leave marks in a folder (see
+``tests/dask_tasks.py``) through ``Pool(dask=ADDRESS)``; prints one JSON line (``yielded``,
+``completed``, ``signal``, ``caught_ns``) and exits with 128 + the signal's number after
+``Interrupted``.
+
+By default it runs ``imap_unordered`` over ``--tasks`` items that spin for ``--seconds``.
+With ``--seed`` (the stress test, ``test_dask_stress.py``), each item takes 1-40 ms, half of
+them spinning and half asleep, through the API ``--api`` names; and it leaves a ``begin`` mark
+just before it makes its pool.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
-from tests.dask_tasks import spin_marked
+from tests.dask_tasks import spin_marked, stress_marked
+
+APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
+
+
+async def _through_asyncio(pool_args: dict[str, Any], specs: list[Any], yielded: list[Any]) -> None:
+    """The user's view of the results is the asyncio futures: they keep theirs."""
+    loop = asyncio.get_running_loop()
+    with cleanbreak.Pool(**pool_args) as pool:
+        futures = [loop.run_in_executor(pool, stress_marked, s) for s in specs]
+        try:
+            await asyncio.gather(*futures)
+        finally:
+            yielded.extend(f.result() for f in futures if f.done() and not f.cancelled())
+
+
+def _run(
+    api: str, fn: Any, specs: list[Any], pool_args: dict[str, Any], yielded: list[Any]
+) -> None:
+    if api == "cbmap":
+        yielded.extend(cleanbreak.map(fn, specs, chunksize=1, **pool_args))
+    elif api == "asyncio":
+        asyncio.run(_through_asyncio(pool_args, specs, yielded))
+    else:
+        with cleanbreak.Pool(**pool_args) as pool:
+            if api == "submit":
+                futures = [pool.submit(fn, s) for s in specs]
+                for fut in futures:
+                    yielded.append(fut.result())
+            elif api == "imap_unordered":
+                for value in pool.imap_unordered(fn, iter(specs), chunksize=1):
+                    yielded.append(value)
+            else:  # map, drain
+                for value in pool.map(fn, specs, chunksize=1):
+                    yielded.append(value)
 
 
 def main() -> int:
@@ -21,25 +66,35 @@ def main() -> int:
     parser.add_argument("address")
     parser.add_argument("folder")
     parser.add_argument("--mode", default="terminate")
+    parser.add_argument("--api", default="imap_unordered", choices=APIS)
     parser.add_argument("--tasks", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--journal", default=None)
     args = parser.parse_args()
+    fn: Any = spin_marked
     specs = [(i, args.seconds, args.folder) for i in range(args.tasks)]
-    yielded: list[list[int]] = []
+    if args.seed is not None:
+        rng = random.Random(args.seed)
+        fn = stress_marked
+        specs = [(i, rng.uniform(0.001, 0.040), args.folder) for i in range(args.tasks)]
+    mode = "drain" if args.api == "drain" else args.mode
+    pool_args = {"dask": args.address, "on_interrupt": mode, "journal": args.journal}
+    yielded: list[Any] = []
     report: dict[str, object] = {"yielded": yielded, "completed": {}, "signal": None}
     status = 0
+    if args.seed is not None:
+        with open(os.path.join(args.folder, f"begin-0-{time.monotonic_ns()}"), "w"):
+            pass
     try:
-        with cleanbreak.Pool(
-            dask=args.address, on_interrupt=args.mode, journal=args.journal
-        ) as pool:
-            for value in pool.imap_unordered(spin_marked, specs, chunksize=1):
-                yielded.append(list(value))
+        _run(args.api, fn, specs, pool_args, yielded)
     except cleanbreak.Interrupted as exc:
         report["caught_ns"] = time.monotonic_ns()
         report["signal"] = exc.signal.name
         report["completed"] = {str(k): list(v) for k, v in exc.completed.items()}
         status = 128 + int(exc.signal)
+    report["done_ns"] = time.monotonic_ns()
+    report["yielded"] = [list(v) for v in yielded]
     print(json.dumps(report), flush=True)
     return status
 

@@ -18,6 +18,8 @@ signals it, and reads the one JSON object it prints on stdout at the end. Events
                          waits for one byte on the release FIFO
 - ``shutdown``           with ``--hold-shutdown``: every task is done and the pool is about to
                          shut down; it waits for one byte on the release FIFO first
+- ``journal-closing``    with ``--hold-journal-close``: the pool is about to commit and close
+                         its journal (``--journal``); it waits for one byte on the release FIFO
 - ``bootstrap <pid>``    with ``SYSPROBE_PARK_BOOTSTRAP`` set (spawn, forkserver): a worker is
                          importing this module, and waits there for one byte on the release
                          FIFO (it is still in the parent's process group)
@@ -49,6 +51,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
+import cleanbreak._journal
 import cleanbreak._manager
 import cleanbreak._shm
 from tests.system.scripts.sysprobe_tasks import (
@@ -119,6 +122,20 @@ def _hold_shutdown(events: str, release: str) -> None:
     cleanbreak._manager.LocalBackend.close = close  # type: ignore[method-assign,assignment]
 
 
+def _hold_journal_close(events: str, release: str) -> None:
+    """Test instrumentation: as the pool first closes its journal, it announces it and waits."""
+    real = cleanbreak._journal.Journal.close
+    first = [True]
+
+    def close(self: cleanbreak._journal.Journal, *, quick: bool = False) -> None:
+        if first.pop() if first else False:
+            emit(events, "journal-closing")
+            wait_release(release)
+        real(self, quick=quick)
+
+    cleanbreak._journal.Journal.close = close  # type: ignore[method-assign]
+
+
 def _hold_construct(events: str, release: str) -> None:
     """Test instrumentation: ``Pool()`` announces that it is making its backend, and waits."""
     real = cleanbreak._shm.Segments.new_pool
@@ -155,10 +172,14 @@ async def _run_in_executor(
         main = asyncio.current_task()
         assert main is not None
         loop.add_signal_handler(signal.SIGINT, main.cancel)
-    with cleanbreak.Pool(args.workers, on_interrupt=args.mode, mp_context=args.method) as pool:
+    with cleanbreak.Pool(
+        args.workers, on_interrupt=args.mode, mp_context=args.method, journal=args.journal
+    ) as pool:
         emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
         report["sigint_handler_inside"] = repr(signal.getsignal(signal.SIGINT))
-        return list(await asyncio.gather(*(loop.run_in_executor(pool, task, s) for s in specs)))
+        results = list(await asyncio.gather(*(loop.run_in_executor(pool, task, s) for s in specs)))
+        report["yielded"] = results  # the caller has them, whatever the with block's end does
+        return results
 
 
 def _spin() -> None:
@@ -201,6 +222,10 @@ def main() -> int:
     parser.add_argument("--hold-shutdown", action="store_true")
     parser.add_argument("--hold-construct", action="store_true")
     parser.add_argument("--hold-orphan", action="store_true")
+    parser.add_argument("--hold-journal-close", action="store_true")
+    parser.add_argument(
+        "--journal", default=None, help="record the outcomes in a journal of this name"
+    )
     parser.add_argument(
         "--input",
         default="list",
@@ -226,6 +251,8 @@ def main() -> int:
         help="seconds a stopped worker has before it is killed (default: cleanbreak's own)",
     )
     args = parser.parse_args()
+    if args.journal:  # in the run's own folder, where the events FIFO is
+        args.journal = os.path.join(os.path.dirname(args.events), args.journal)
     # The test sends SIGUSR1 to a child that hangs, to see where every thread is.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
@@ -242,6 +269,8 @@ def main() -> int:
         _hold_shutdown(args.events, args.release)
     if args.hold_construct:
         _hold_construct(args.events, args.release)
+    if args.hold_journal_close:
+        _hold_journal_close(args.events, args.release)
     init = (hold_orphans, (args.events,)) if args.hold_orphan else (None, ())
     specs: list[Spec] = [(k, i, args.events, args.release) for i, k in enumerate(args.layout)]
     futures: list[Future[Receipt]] = []
@@ -255,6 +284,7 @@ def main() -> int:
                 on_interrupt=args.mode,
                 chunksize=args.chunksize,
                 mp_context=args.method,
+                journal=args.journal,
             )
         elif args.api.startswith("asyncio"):
             results = asyncio.run(_run_in_executor(args, specs, report))
@@ -265,6 +295,7 @@ def main() -> int:
                 mp_context=args.method,
                 initializer=init[0],
                 initargs=init[1],
+                journal=args.journal,
             ) as pool:
                 emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
                 if args.watch_level:
