@@ -203,7 +203,7 @@ class Pool(Executor):
         self._starting = True
         self._pending_level = 0
         self._gathering = False  # stopped, and gathering what finished for the Interrupted
-        self._flushing = False  # shutting down: every worker is gone, the journal closes
+        self._closing = False  # in shutdown(wait=True): the pool handles signals till it ends
         # The futures that were live when the first signal came, held until the Interrupted
         # has their results: the caller may drop a future at the signal (asyncio cancels the
         # future it wraps a pool's future in) before the result it waits for arrives.
@@ -492,14 +492,12 @@ class Pool(Executor):
                 self._closed = True
             self._backend.close(cancel_pending=cancel_futures)
             if wait:
+                # Until our handler goes, a signal is the pool's to handle, not the default
+                # action's: also once every worker is gone (the manager thread says so before
+                # this thread wakes from its wait), and while the journal's last commit is made.
+                self._closing = True
                 self._backend.wait()
-                # Every worker is gone, but the journal's last commit is still to come: a
-                # signal meanwhile is the pool's to handle, not the default action's.
-                self._flushing = True
-                try:
-                    self._close_journal()
-                finally:
-                    self._flushing = False
+                self._close_journal()
                 if self._signal is not None and not self._reported:
                     # Ctrl-C in drain mode while we waited (the running tasks were let finish),
                     # or while the journal closed.
@@ -518,6 +516,8 @@ class Pool(Executor):
                 raise
             self._stop(exc)
             raise self._interrupted(exc, self._completed()) from None
+        finally:
+            self._closing = False
 
     def __enter__(self) -> Pool:
         return self
@@ -567,7 +567,7 @@ class Pool(Executor):
         return raise_now
 
     def is_live(self) -> bool:
-        if self._starting or self._gathering or self._flushing:
+        if self._starting or self._gathering or self._closing:
             return True
         return not self._backend.finished.is_set()
 
@@ -615,9 +615,9 @@ class Pool(Executor):
         that were gathered; our handler goes now."""
         self._reported = True
         self._close_journal(quick=True)  # every worker is gone: what finished is committed now
-        self._gathering = False
         self._held = []
         _signals.detach(self)
+        self._gathering = False
         if isinstance(exc, Interrupted) and exc._filled:
             return exc
         result = Interrupted(self._signal or signal.SIGINT, completed, total=total)

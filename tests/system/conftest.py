@@ -68,6 +68,7 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
         hold_orphan: bool = False,
         park_bootstrap: bool = False,
         hold_journal_close: bool = False,
+        hold_finished: bool = False,
         journal: str | None = None,
     ) -> Child:
         argv = [
@@ -86,6 +87,7 @@ def start_child(tmp_path: Path) -> Iterator[StartChild]:
             "--hold-construct": hold_construct,
             "--hold-orphan": hold_orphan,
             "--hold-journal-close": hold_journal_close,
+            "--hold-finished": hold_finished,
             "--user-handler": user_handler,
             "--watch-level": watch_level,
         }

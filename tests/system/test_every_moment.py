@@ -153,6 +153,31 @@ def test_a_signal_while_the_pool_shuts_down_keeps_every_result(
 
 
 @pytest.mark.parametrize("how", SIGNALS)
+@pytest.mark.parametrize("api", ["cbmap", "submit", "map"])
+def test_a_signal_once_the_workers_are_gone_keeps_every_result(
+    start_child: StartChild, api: str, how: str
+) -> None:
+    """The manager thread has found every worker gone and said so, and the shutdown's wait is
+    returning, when the signal comes: the pool is not done until its handler goes, so it is
+    ``Interrupted`` with every result (not SIGTERM's default action)."""
+    child = start_child(method="forkserver", layout="qqqq", api=api, hold_finished=True)
+    child.wait_for(lambda c: bool(c.of("finished")), "the workers to be gone")
+
+    child.send(how, asleep=False)
+    child.release(1)
+    status = child.wait_exit()
+
+    assert status == 130, child.output()
+    everything = {i: 10 * i for i in range(4)}
+    if api == "submit":
+        assert child.completed() == everything
+    else:
+        assert child.kept() == everything
+    _no_traceback(child)
+    assert_cleaned_up(child, f"signal once the workers are gone, {api}")
+
+
+@pytest.mark.parametrize("how", SIGNALS)
 @pytest.mark.parametrize("api", ["cbmap", "submit", "map", "asyncio"])
 def test_a_signal_while_the_journal_closes_keeps_and_records_every_result(
     start_child: StartChild, api: str, how: str

@@ -18,6 +18,9 @@ signals it, and reads the one JSON object it prints on stdout at the end. Events
                          waits for one byte on the release FIFO
 - ``shutdown``           with ``--hold-shutdown``: every task is done and the pool is about to
                          shut down; it waits for one byte on the release FIFO first
+- ``finished``           with ``--hold-finished``: every worker is gone and the pool's
+                         ``shutdown`` has just woken from its wait for that; it waits for one
+                         byte on the release FIFO
 - ``journal-closing``    with ``--hold-journal-close``: the pool is about to commit and close
                          its journal (``--journal``); it waits for one byte on the release FIFO
 - ``bootstrap <pid>``    with ``SYSPROBE_PARK_BOOTSTRAP`` set (spawn, forkserver): a worker is
@@ -122,6 +125,21 @@ def _hold_shutdown(events: str, release: str) -> None:
     cleanbreak._manager.LocalBackend.close = close  # type: ignore[method-assign,assignment]
 
 
+def _hold_finished(events: str, release: str) -> None:
+    """Test instrumentation: the pool's first wait for its workers to be gone announces its
+    end, and waits to be released before it returns."""
+    real = cleanbreak._manager.LocalBackend.wait
+    first = [True]
+
+    def wait(self: cleanbreak._manager.LocalBackend) -> None:
+        real(self)
+        if first.pop() if first else False:
+            emit(events, "finished")
+            wait_release(release)
+
+    cleanbreak._manager.LocalBackend.wait = wait  # type: ignore[method-assign]
+
+
 def _hold_journal_close(events: str, release: str) -> None:
     """Test instrumentation: as the pool first closes its journal, it announces it and waits."""
     real = cleanbreak._journal.Journal.close
@@ -223,6 +241,7 @@ def main() -> int:
     parser.add_argument("--hold-construct", action="store_true")
     parser.add_argument("--hold-orphan", action="store_true")
     parser.add_argument("--hold-journal-close", action="store_true")
+    parser.add_argument("--hold-finished", action="store_true")
     parser.add_argument(
         "--journal", default=None, help="record the outcomes in a journal of this name"
     )
@@ -269,6 +288,8 @@ def main() -> int:
         _hold_shutdown(args.events, args.release)
     if args.hold_construct:
         _hold_construct(args.events, args.release)
+    if args.hold_finished:
+        _hold_finished(args.events, args.release)
     if args.hold_journal_close:
         _hold_journal_close(args.events, args.release)
     init = (hold_orphans, (args.events,)) if args.hold_orphan else (None, ())
