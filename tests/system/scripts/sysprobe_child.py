@@ -131,11 +131,12 @@ def _hold_finished(events: str, release: str) -> None:
     real = cleanbreak._manager.LocalBackend.wait
     first = [True]
 
-    def wait(self: cleanbreak._manager.LocalBackend) -> None:
-        real(self)
-        if first.pop() if first else False:
+    def wait(self: cleanbreak._manager.LocalBackend, timeout: float | None = None) -> bool:
+        done = real(self, timeout)
+        if done and (first.pop() if first else False):
             emit(events, "finished")
             wait_release(release)
+        return done
 
     cleanbreak._manager.LocalBackend.wait = wait  # type: ignore[method-assign]
 
