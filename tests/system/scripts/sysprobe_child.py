@@ -138,7 +138,7 @@ def _hold_finished(events: str, release: str) -> None:
             wait_release(release)
         return done
 
-    cleanbreak._manager.LocalBackend.wait = wait  # type: ignore[method-assign]
+    cleanbreak._manager.LocalBackend.wait = wait  # type: ignore[method-assign,assignment]
 
 
 def _hold_journal_close(events: str, release: str) -> None:
