@@ -91,9 +91,7 @@ def test_a_task_that_kills_its_worker_fails_with_worker_died(
     client: object, distributed: Any
 ) -> None:
     """Dask runs a task lost with its worker again elsewhere, up to its allowed-failures (3);
-    one that kills its worker every time then fails with WorkerDied, and the pool goes on.
-    (It runs alone here: Dask reschedules the tasks that shared its worker with it, and one
-    that keeps landing beside it can be lost with it; the README says so.)"""
+    one that kills its worker every time then fails with WorkerDied, and the pool goes on."""
     with cleanbreak.Pool(dask=client) as pool:
         killer = pool.submit(dask_tasks.die_on, 3, 3)
         with pytest.raises(cleanbreak.WorkerDied) as info:
@@ -105,6 +103,25 @@ def test_a_task_that_kills_its_worker_fails_with_worker_died(
     assert isinstance(died.__cause__, distributed.KilledWorker)
     assert died.lost is not None and "was lost" in str(died)
     assert _idle(client)
+
+
+def test_a_task_queued_beside_one_that_kills_its_worker_succeeds(distributed: Any) -> None:
+    """On a cluster of one worker, the task queued behind the one that kills it is on that
+    worker at every death, so Dask gives up on both at once (KilledWorker). The pool runs
+    each again alone: the one at fault fails with WorkerDied, the other succeeds."""
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as one,
+        cleanbreak.Pool(dask=one) as pool,
+    ):
+        killer = pool.submit(dask_tasks.die_on, 3, 3)
+        beside = pool.submit(dask_tasks.die_on, 2, 3)
+        with pytest.raises(cleanbreak.WorkerDied) as info:
+            killer.result(GUARD)
+        assert beside.result(GUARD) == 4
+    assert isinstance(info.value.__cause__, distributed.KilledWorker)
 
 
 def test_retries_after_a_timeout_and_after_retry_on(client: object, tmp_path: Path) -> None:

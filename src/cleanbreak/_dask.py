@@ -256,6 +256,10 @@ class DaskBackend(Intake):
         self._killed: set[str] = set()
         self._cancelled: set[int] = set()  # units Pool.cancel stopped
         self._resubmits: dict[int, int] = {}  # units run again after their result was lost
+        # Items that Dask gave up on (KilledWorker) once, run again each alone (see _fail),
+        # and the key of the one that runs now, while nothing else of ours does.
+        self._suspects: set[int] = set()
+        self._alone: str | None = None
         self.finished = threading.Event()
         self.started = threading.Event()
         self.start_error: BaseException | None = None
@@ -346,7 +350,7 @@ class DaskBackend(Intake):
     def _on_expired(self, message: dict[str, Any]) -> None:
         """A worker says a timed item ran out: cancel its task, so that Dask does not run it
         again if the worker has to end, and fail it (or retry it)."""
-        flight = self._flights.pop(str(message.get("key")), None)
+        flight = self._land(str(message.get("key")))
         if flight is None:  # its result came first
             return
         with contextlib.suppress(Exception):
@@ -356,7 +360,10 @@ class DaskBackend(Intake):
     def _submit(self) -> None:
         import uuid
 
-        while self.pending and len(self._flights) < 2 * self.size:
+        while self.pending and len(self._flights) < 2 * self.size and self._alone is None:
+            suspect = self.pending[0].uid in self._suspects
+            if suspect and self._flights:
+                return  # it waits until nothing else of ours runs
             unit = self.pending.popleft()
             if not unit.sink.start(unit):
                 continue
@@ -379,10 +386,18 @@ class DaskBackend(Intake):
             )
             flight = _Flight(unit, future)
             self._flights[flight.key] = flight
+            if suspect:
+                self._alone = flight.key
             future.add_done_callback(self._done.put)
 
+    def _land(self, key: str) -> _Flight | None:
+        """The flight of ``key`` is over (None: it was already)."""
+        if key == self._alone:
+            self._alone = None
+        return self._flights.pop(key, None)
+
     def _settle(self, future: Any) -> None:
-        flight = self._flights.pop(str(future.key), None)
+        flight = self._land(str(future.key))
         if flight is None:
             return
         unit = flight.unit
@@ -446,6 +461,16 @@ class DaskBackend(Intake):
     def _fail(self, flight: _Flight, exc: BaseException | None) -> None:
         unit = flight.unit
         if isinstance(exc, self._killed_worker):
+            if unit.uid not in self._suspects:
+                # Dask gives up on every task that was on a worker as it died for the n-th
+                # time, the one that killed it and those queued beside it. Each item runs
+                # again alone: the one at fault kills its worker again and fails alone.
+                for k in range(len(unit.items) - 1, unit.received - 1, -1):
+                    single = unit.part(next(self._uids), k, k + 1)
+                    self._suspects.add(single.uid)
+                    self.pending.appendleft(single)
+                return
+            self._suspects.discard(unit.uid)
             died = WorkerDied(None, 0, unit.current, lost=f"{exc}")
             died.__cause__ = exc
             self._fail_items(unit, died)
@@ -568,5 +593,5 @@ class DaskBackend(Intake):
             with contextlib.suppress(Exception):
                 self._client.cancel([f.future for f in flights], force=True)
             for flight in flights:
-                if self._flights.pop(flight.key, None) is not None:
+                if self._land(flight.key) is not None:
                     flight.unit.sink.cancel(flight.unit.current, flight.unit.left)
