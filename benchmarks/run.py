@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_black
 import bench_dask
 import bench_failures
 import bench_interrupt
@@ -50,6 +51,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]
     "dask": ("9. the Dask backend's overhead per task, against Client.map", bench_dask.run_dask),
     "oneshot": ("10. one-shot calls: pool start to last result", bench_oneshot.run_oneshot),
     "parentcpu": ("11. the parent's CPU time per task", bench_parentcpu.run_parentcpu),
+    "black": ("12. a real client: black through run_in_executor", bench_black.run_black),
 }
 
 
