@@ -81,12 +81,16 @@ def stress_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
     return index, 7 * index
 
 
-def cluster_idle(client: Any) -> bool:
+def cluster_idle(client: Any, guard: float) -> bool:
     """Test side: nothing processing on any worker, and no thread of a worker in one of
     cleanbreak's items (a cancelled task's thread may run on where the scheduler shows
-    nothing)."""
+    nothing); waits up to ``guard`` seconds for it."""
     from cleanbreak import _dask
 
-    if any(client.processing().values()):
-        return False
-    return not any(client.run(_dask.running_here).values())
+    deadline = time.monotonic() + guard
+    while time.monotonic() < deadline:
+        busy = any(client.processing().values())
+        if not busy and not any(client.run(_dask.running_here).values()):
+            return True
+        time.sleep(0.02)
+    return False

@@ -56,13 +56,7 @@ def client(address: str, distributed: Any) -> Iterator[object]:
 
 
 def _idle(client: object) -> bool:
-    """The cluster is idle (see ``dask_tasks.cluster_idle``); waits up to the guard for it."""
-    deadline = time.monotonic() + GUARD
-    while time.monotonic() < deadline:
-        if dask_tasks.cluster_idle(client):
-            return True
-        time.sleep(0.02)
-    return False
+    return dask_tasks.cluster_idle(client, GUARD)
 
 
 def test_map_imap_unordered_submit_and_module_map(address: str) -> None:

@@ -156,7 +156,7 @@ def _one_run(
         if _session_alive(proc.pid):
             out.append(f"processes left: {label}")
             os.killpg(proc.pid, signal.SIGKILL)
-    if not _idle(client):
+    if not dask_tasks.cluster_idle(client, GUARD):
         out.append(f"cluster not idle: {label}")
     try:
         futures = client.map(tasks.square, range(10), pure=False)
@@ -202,15 +202,6 @@ def _one_run(
     if journal and kept.keys() - _journaled(path):
         out.append(f"results not journaled: {label}: {sorted(kept.keys() - _journaled(path))}")
     return out
-
-
-def _idle(client: Any) -> bool:
-    deadline = time.monotonic() + GUARD
-    while time.monotonic() < deadline:
-        if dask_tasks.cluster_idle(client):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_signals_at_random_moments_to_a_dask_client(client: Any, tmp_path: Path) -> None:

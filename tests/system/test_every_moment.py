@@ -161,7 +161,14 @@ def test_a_signal_once_the_workers_are_gone_keeps_every_result(
     returning, when the signal comes: the pool is not done until its handler goes, so it is
     ``Interrupted`` with every result (not SIGTERM's default action)."""
     child = start_child(method="forkserver", layout="qqqq", api=api, hold_finished=True)
-    child.wait_for(lambda c: bool(c.of("finished")), "the workers to be gone")
+    _signal_at_the_end(child, how, api, "finished", "the workers to be gone")
+    assert_cleaned_up(child, f"signal once the workers are gone, {api}")
+
+
+def _signal_at_the_end(child: Child, how: str, api: str, event: str, what: str) -> None:
+    """The child's four quick tasks are done and it waits at ``event``: signal it, let it go
+    on, and check that it ends with ``Interrupted`` and every result, printing nothing."""
+    child.wait_for(lambda c: bool(c.of(event)), what)
 
     child.send(how, asleep=False)
     child.release(1)
@@ -169,12 +176,11 @@ def test_a_signal_once_the_workers_are_gone_keeps_every_result(
 
     assert status == 130, child.output()
     everything = {i: 10 * i for i in range(4)}
-    if api == "submit":
+    if api == "submit":  # the futures keep their results, and completed lists them
         assert child.completed() == everything
     else:
         assert child.kept() == everything
     _no_traceback(child)
-    assert_cleaned_up(child, f"signal once the workers are gone, {api}")
 
 
 @pytest.mark.parametrize("how", SIGNALS)
@@ -189,23 +195,11 @@ def test_a_signal_while_the_journal_closes_keeps_and_records_every_result(
     child = start_child(
         method="forkserver", layout="qqqq", api=api, journal="j.sqlite", hold_journal_close=True
     )
-    child.wait_for(lambda c: bool(c.of("journal-closing")), "the pool to close its journal")
-
-    child.send(how, asleep=False)
-    child.release(1)
-    status = child.wait_exit()
-
-    assert status == 130, child.output()
-    everything = {i: 10 * i for i in range(4)}
-    if api == "submit":  # the futures keep their results, and completed lists them
-        assert child.completed() == everything
-    else:
-        assert child.kept() == everything
+    _signal_at_the_end(child, how, api, "journal-closing", "the pool to close its journal")
     with sqlite3.connect(child.tmp / "j.sqlite") as conn:
         (recorded,) = conn.execute("SELECT count(*) FROM outcomes WHERE ok = 1").fetchone()
     conn.close()
     assert recorded == 4
-    _no_traceback(child)
     assert_cleaned_up(child, f"signal while the journal closes, {api}")
 
 
