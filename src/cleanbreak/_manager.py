@@ -883,10 +883,10 @@ def _start_fork_server() -> None:
     It starts with them blocked, so that a Ctrl-C to the process group during its interpreter's
     start-up (or its import of the main module) cannot kill it with a traceback on the terminal;
     its last preload module, ``_forkserver_start``, unblocks them and drops a pending one. So
-    the fork server, which is
-    the process's and not ours, and every process it forks for anyone, end up with the mask a
-    process normally has. (Our workers block them on arrival instead.) The resource tracker
-    is started first: its start unblocks both in the calling thread.
+    the fork server, which is the process's and not ours, and every process it forks for
+    anyone, end up with the mask a process normally has. (Our workers block them on arrival
+    instead.) The resource tracker is started first: its start unblocks both in the calling
+    thread.
     """
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
