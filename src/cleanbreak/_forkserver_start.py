@@ -3,16 +3,41 @@
 cleanbreak starts the fork server with SIGINT and SIGTERM blocked: a Ctrl-C to the process
 group that came while the new interpreter starts up, or while it imports the main module,
 would otherwise kill it with a ``KeyboardInterrupt`` traceback on the terminal. Here, after
-those imports, both are unblocked with their handlers set to ignore them for that moment, so
-that a signal still pending is dropped; then the handlers are put back. The fork server's
-``main`` ignores SIGINT a few instructions later, and the processes it forks for anyone start
-with the mask and handlers a process normally has.
+those imports, both are unblocked with their handlers set to ignore them, so that a signal
+still pending is dropped.
+
+- SIGTERM's handler is put back at once: its default action ends the process without a word.
+- SIGINT stays ignored. The fork server's ``main`` ignores it too, a few instructions later,
+  and until then a Ctrl-C would raise ``KeyboardInterrupt`` in whatever runs, this module's
+  own import included ("Exception ignored in ... _get_module_lock"). ``main`` records the
+  handler it found as the one each child it forks gets back, so that record is corrected
+  in the child: the processes the fork server forks for anyone start with the handler a
+  process normally has.
 """
 
 import signal
+from multiprocessing import forkserver
+from typing import Any
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
-_previous = [signal.signal(sig, signal.SIG_IGN) for sig in _HANDLED]
+_previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _HANDLED}
 signal.pthread_sigmask(signal.SIG_UNBLOCK, set(_HANDLED))
-for _sig, _handler in zip(_HANDLED, _previous, strict=True):
-    signal.signal(_sig, _handler)
+signal.signal(signal.SIGTERM, _previous[signal.SIGTERM])
+
+_serve_one = getattr(forkserver, "_serve_one", None)
+
+
+def _serve_one_as_started(*args: Any) -> Any:
+    """``forkserver._serve_one(child_r, fds, unused_fds, handlers)`` with the SIGINT handler
+    the fork server had before this module ignored it."""
+    handlers = args[-1]
+    if isinstance(handlers, dict) and handlers.get(signal.SIGINT) is signal.SIG_IGN:
+        args = (*args[:-1], {**handlers, signal.SIGINT: _previous[signal.SIGINT]})
+    assert _serve_one is not None
+    return _serve_one(*args)
+
+
+if _serve_one is None:  # pragma: no cover - a Python whose fork server is built otherwise
+    signal.signal(signal.SIGINT, _previous[signal.SIGINT])
+else:
+    forkserver._serve_one = _serve_one_as_started  # type: ignore[attr-defined]

@@ -307,3 +307,24 @@ def test_ctrl_c_while_asyncio_sets_a_result_prints_nothing(method: str) -> None:
     )
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == ""
+
+
+def test_ctrl_c_as_the_fork_server_unblocks_it_prints_nothing() -> None:
+    """Ctrl-C lands in the fork server right after its last preload module, cleanbreak's,
+    unblocked SIGINT (``scripts/forkserver_child.py``). Restored to Python's handler there,
+    it raised ``KeyboardInterrupt`` in the import machinery ("Exception ignored in ...
+    _get_module_lock"), or killed the fork server. The fork server keeps ignoring it, and
+    the processes it forks still start with Python's handler."""
+    script = Path(__file__).parent / "scripts" / "forkserver_child.py"
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=script.parents[3],
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_GUARD,
+        check=False,
+    )
+    assert proc.stderr == ""
+    assert proc.returncode == 130
+    assert proc.stdout == "default\n"

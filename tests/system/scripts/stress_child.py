@@ -4,7 +4,9 @@ signalled, or killed, at a random moment.
 Events written to the FIFO:
 
 - ``begin <ns>``          just before the pool is made
-- ``start <i> <pid> <ns>`` / ``end <i> <ns>``   a task starts; it has computed its result
+- ``start <i> <pid> <ns> <read ns>``   a task starts; ``read ns``: the moment just before its
+  worker read the gate for it (``_time_gate_reads``)
+- ``end <i> <ns>``        the task has computed its result
 - ``gate <ns>``           the pool closed its gate: from now on no task may start
 - ``done <ns>``           the pool is gone (the with block, or ``cleanbreak.map``, returned)
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -37,10 +40,49 @@ APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 Spec = tuple[int, float, str]
 
 
+_gate_read_ns = 0  # in a worker: the moment just before it last read the gate
+
+
+class _TimedGateReads:
+    """The worker's ``itertools``, with ``compress`` timing each read of the gate.
+
+    A worker reads the gate's byte for an item just before it runs the item, in C; the task's
+    own first instruction comes a little later, and on a busy machine the worker may be
+    preempted in between. A task that reads the gate while it is open, and is preempted
+    until after the pool has closed it, did not start late: the moment before the read
+    says so, where the task's own start time does not.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(itertools, name)
+
+    @staticmethod
+    def compress(data: Any, selectors: Any) -> Iterator[Any]:
+        return itertools.compress(data, _timed(iter(selectors)))
+
+
+def _timed(selectors: Iterator[Any]) -> Iterator[Any]:
+    global _gate_read_ns
+    while True:
+        _gate_read_ns = time.monotonic_ns()
+        try:
+            selector = next(selectors)
+        except StopIteration:
+            return
+        yield selector
+
+
+def _time_gate_reads() -> None:
+    """The pool's initializer: test instrumentation, in each worker."""
+    import cleanbreak._worker
+
+    vars(cleanbreak._worker)["itertools"] = _TimedGateReads()
+
+
 def stress_task(spec: Spec) -> tuple[int, int]:
     """Half the tasks sleep, half spin on the CPU."""
     index, seconds, events = spec
-    emit(events, "start", index, os.getpid(), time.monotonic_ns())
+    emit(events, "start", index, os.getpid(), time.monotonic_ns(), _gate_read_ns)
     if index % 2:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -97,6 +139,7 @@ def main() -> int:
         "workers": 2,
         "on_interrupt": mode,
         "mp_context": args.method,
+        "initializer": _time_gate_reads,
         # A relative journal path is in the run's own folder, where the events FIFO is.
         "journal": args.journal and os.path.join(os.path.dirname(args.events), args.journal),
     }
