@@ -3,6 +3,7 @@
 Press Ctrl-C and nothing new starts, the workers are reaped, and every finished result is kept.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._errors import (
@@ -16,8 +17,6 @@ from ._errors import (
     TaskTimeout,
     WorkerDied,
 )
-from ._pool import Pool, TaskOptionsView, default_workers, map
-from ._units import TaskOptions
 
 __all__ = [
     "BrokenPool",
@@ -43,12 +42,31 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from ._journal import Journal, JournalStatus
+    from ._pool import Pool, TaskOptionsView, default_workers, map
+    from ._units import TaskOptions
+
+# Imported on first use, not with the package: a worker that spawn or a fork server starts
+# imports the package to reach ``_worker``, and needs none of the pool's own modules (about
+# 8 ms there); the journal brings in sqlite3.
+_LAZY = {
+    "Journal": "_journal",
+    "JournalStatus": "_journal",
+    "Pool": "_pool",
+    "TaskOptions": "_units",
+    "TaskOptionsView": "_pool",
+    "default_workers": "_pool",
+    "map": "_pool",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The journal (and sqlite3) is imported on first use, not with the package.
-    if name in ("Journal", "JournalStatus"):
-        from . import _journal
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cleanbreak' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(_journal, name)
-    raise AttributeError(f"module 'cleanbreak' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -65,7 +65,6 @@ import mmap
 import os
 import pickle
 import queue
-import secrets
 import threading
 import time
 import warnings
@@ -131,7 +130,7 @@ class Segments:
         if not available():
             return Segments(None)
         _reap_dead_pools()
-        prefix = f"cb-{_namespace()}-{os.getpid()}-{secrets.token_hex(4)}-"
+        prefix = f"cb-{_namespace()}-{os.getpid()}-{os.urandom(4).hex()}-"
         return Segments(prefix, spares)
 
     def create(self, spare: bool = False) -> tuple[str, int]:
