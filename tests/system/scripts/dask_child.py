@@ -26,6 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import cleanbreak
 from tests.dask_tasks import spin_marked, stress_marked
 
+# The package imports these on first use; loaded now, so that between the ``begin`` mark and
+# the pool's own signal handlers there is only the making of the pool, not an import.
+_ = (cleanbreak.Pool, cleanbreak.map)
+
 APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 
 

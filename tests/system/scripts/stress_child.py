@@ -36,6 +36,10 @@ import cleanbreak
 import cleanbreak._manager
 from tests.system.scripts.sysprobe_tasks import emit
 
+# The package imports these on first use; loaded now, so that between the ``begin`` mark and
+# the pool's own signal handlers there is only the making of the pool, not an import.
+_ = (cleanbreak.Pool, cleanbreak.map)
+
 APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 Spec = tuple[int, float, str]
 
