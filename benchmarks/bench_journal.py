@@ -201,7 +201,9 @@ def child_journal(params: dict[str, Any], report: Reporter) -> None:
     fn = _task(job, size)
     items = list(range(n))
     warmup = list(range(-2 * workers, 0))  # other items: the record does not hold them yet
-    importlib.import_module(store.lib)  # imported before any clock starts
+    lib = importlib.import_module(store.lib)  # imported before any clock starts
+    if store.lib == CB:  # with the pool's modules, which the package imports on first use
+        _ = (lib.Pool, lib.map)
     tmp = Path(tempfile.mkdtemp(prefix="cb-bench-journal-", dir=TMP_ROOT))
     found: dict[str, Any] = {}
     try:

@@ -113,15 +113,17 @@ def _one_shot(key: str, workers: int, chunksize: int) -> OneShot:
         from joblib import Parallel, delayed
 
         return lambda fn, xs: list(Parallel(n_jobs=workers)(delayed(fn)(x) for x in xs))
+    # cleanbreak's package imports the pool's modules on first use, as concurrent.futures
+    # does ProcessPoolExecutor: taken from it here, as the peers' are, before the clock starts.
     if key == "cb-fn":
-        import cleanbreak
+        from cleanbreak import map as cb_map
 
-        return lambda fn, xs: cleanbreak.map(fn, xs, workers=workers)
+        return lambda fn, xs: cb_map(fn, xs, workers=workers)
     if key == "cb":
-        import cleanbreak
+        from cleanbreak import Pool
 
         def cb_call(fn: Callable[[Any], Any], xs: list[Any]) -> list[Any]:
-            with cleanbreak.Pool(workers) as p:
+            with Pool(workers) as p:
                 return list(p.map(fn, xs))
 
         return cb_call

@@ -31,10 +31,10 @@ def busy_50ms() -> None:
 def _executor(form: str) -> Any:
     if form == "stock":
         return concurrent.futures.ProcessPoolExecutor
-    import cleanbreak
+    from cleanbreak import Pool  # imported here, before the clock starts
 
-    def make(max_workers: int | None = None) -> cleanbreak.Pool:
-        return cleanbreak.Pool(max_workers)
+    def make(max_workers: int | None = None) -> Pool:
+        return Pool(max_workers)
 
     return make
 
