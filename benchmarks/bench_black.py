@@ -34,14 +34,15 @@ def _sources(count: int) -> list[Path]:
     return sorted(stdlib.glob("*.py"))[:count]
 
 
-def _run(form: str, workers: int, job: str, folder: Path | None) -> float:
+def _run(form: str, workers: int, job: str, folder: Path | None) -> dict[str, float]:
     argv = [sys.executable, str(CLIENT), form, str(workers), job]
     if folder is not None:
         argv.append(str(folder))
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{form} {job}: exit {done.returncode}: {done.stderr[-400:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+    out: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -74,7 +75,7 @@ def run_black(settings: Settings) -> Section:
                 folder.mkdir()
                 for src in files:
                     shutil.copy(src, folder / src.name)
-                seconds = _run(form, settings.workers, "black", folder)
+                seconds = _run(form, settings.workers, "black", folder)["seconds"]
                 times.setdefault(("black", form), []).append(seconds)
                 outputs[form] = folder
                 progress(f"  black rep {rep + 1}/{reps} {form}: {fmt_seconds(seconds)}")
@@ -82,9 +83,15 @@ def run_black(settings: Settings) -> Section:
             for folder in outputs.values():
                 shutil.rmtree(folder)
             for form in rotated(FORMS, rep):
-                seconds = _run(form, settings.workers, "micro", None)
-                times.setdefault(("micro", form), []).append(seconds)
-                progress(f"  micro rep {rep + 1}/{reps} {form}: {fmt_seconds(seconds)}")
+                got = _run(form, settings.workers, "micro", None)
+                times.setdefault(("micro", form), []).append(got["seconds"])
+                for what in ("first_start", "median_gap"):
+                    times.setdefault((what, form), []).append(got[what])
+                progress(
+                    f"  micro rep {rep + 1}/{reps} {form}: {fmt_seconds(got['seconds'])}, first "
+                    f"task at {got['first_start'] * 1e3:.1f} ms, median gap between two tasks "
+                    f"{got['median_gap'] * 1e3:.2f} ms"
+                )
     jobs = {
         "black": f"black on {len(files)} standard-library files",
         "micro": "100 tasks of 50 ms (busy) through `run_in_executor`",
@@ -93,6 +100,16 @@ def run_black(settings: Settings) -> Section:
         stock = median(times[(job, "stock")])
         cb = median(times[(job, "cleanbreak")])
         section.rows.append([label, fmt_seconds(stock), fmt_seconds(cb), fmt_ratio(stock / cb)])
+    ms = {key: median(values) * 1e3 for key, values in times.items()}
+    section.notes.append(
+        "Where the microbenchmark's time goes (medians): the first task started "
+        f"{ms[('first_start', 'cleanbreak')]:.1f} ms after `Pool()` was called, against "
+        f"{ms[('first_start', 'stock')]:.1f} ms for the stock executor; between a task's end "
+        "and the next task's start in the same worker, a median "
+        f"{ms[('median_gap', 'cleanbreak')]:.2f} ms, against "
+        f"{ms[('median_gap', 'stock')]:.2f} ms (a `submit` task goes one ahead to a busy "
+        "worker; without that, the worker waited for the parent's round trip)."
+    )
     section.notes.append(
         f"Medians of {reps} fresh runs each on {settings.workers} workers; a ratio above 1.00x "
         "means cleanbreak took less time. black's output was "

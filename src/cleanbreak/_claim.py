@@ -10,12 +10,18 @@ will never run. So the worker and the parent decide, one at a time, on a slot of
 - the worker, before it starts the task, reads the slot: (task, CANCELLED) means skip it;
   anything else, it writes (task, STARTED) and runs it;
 - ``Future.cancel()`` reads the slot: only (task, QUEUED) can be cancelled, by writing
-  (task, CANCELLED).
+  (task, CANCELLED);
+- the manager, to run the task on a worker that came free first, takes it back the same way
+  (``_FutureSink.revoke``); the worker then skips the copy it holds, and the task goes on as
+  if it had waited in the parent.
 
 The slots are used in turn: the worker decides on tasks in the order they were sent, and a
 task is sent ahead only once the worker has reported the task two places before it, so a slot
 is written again only long after its worker has decided on it. (With one slot, the worker's
 decision to start the task before could overwrite a ``Future.cancel()`` of the task after.)
+Only a task actually sent moves on to the next slot: one whose Future was cancelled while it
+waited in the parent gives its slot back (``withdraw``), or the slots would come round to one
+still undecided.
 
 Each decision is made holding a POSIX record lock (``fcntl.lockf``) on the slot's file, a
 ``memfd`` of 8 bytes that both processes map. The kernel orders the reads and writes around
