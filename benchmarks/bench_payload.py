@@ -64,6 +64,13 @@ def child_payload(params: dict[str, Any], report: Reporter) -> None:
     make = tasks.make_array if params["kind"] == "numpy" else tasks.make_bytes
     with mapper(params["variant"], workers, 1) as run:
         run(tasks.inc, list(range(workers * 4)))  # warm-up: workers started, task module imported
+        if params["kind"] == "numpy":
+            # ... and numpy, which a task module that uses it imports at its top. Left to the
+            # first payload, its import (about 0.2 s in each worker) was most of the numpy
+            # rows' first use, for every library alike.
+            for _ in range(10):
+                if len(set(run(tasks.numpy_ready, list(range(workers * 4))))) >= workers:
+                    break
         time.sleep(params["settle"])  # the host takes back what the last child freed (see top)
         fn: Any
         if params["direction"] == "args":

@@ -45,6 +45,15 @@ def busy_10ms(x: int) -> int:
     return x
 
 
+def numpy_ready(x: int) -> int:
+    """A warm-up task for the numpy jobs: the worker imports numpy (as a task module that uses
+    numpy does when it is imported) and says which worker it is."""
+    import numpy  # noqa: F401
+
+    time.sleep(0.02)  # long enough that every worker takes some of the warm-up
+    return os.getpid()
+
+
 def make_bytes(i: int, size: int) -> bytes:
     """A result of ``size`` bytes, built without a transient copy."""
     return bytes((i % 256,)) * size
