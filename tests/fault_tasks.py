@@ -88,27 +88,6 @@ def touch_and_return(path: str, value: int) -> int:
     return value
 
 
-def meet(start: str, *marks: str) -> int:
-    """Report, then wait until each of ``marks`` exists (tasks that run at the same time leave
-    them): how many were found."""
-    report(start)
-    return sum(wait_for(mark) for mark in marks)
-
-
-def tally(path: str, value: int) -> int:
-    """Add a line to ``path`` each time it runs."""
-    with open(path, "a") as f:
-        f.write(f"{os.getpid()}\n")
-    return value
-
-
-def touch_then_pause(path: str, value: int, seconds: float) -> int:
-    """Leave a trace that the task started, then take ``seconds``."""
-    write_atomic(path, str(os.getpid()))
-    time.sleep(seconds)
-    return value
-
-
 def rendezvous(mine: str, other: str) -> int:
     """Say "here", then wait until the other task has said so: only two tasks running at the
     same time, on two workers, can both finish."""
@@ -137,13 +116,6 @@ def segfault(start: str) -> int:
 def exit_with(start: str, code: int = 3) -> int:
     report(start)
     os._exit(code)
-
-
-def block_then_exit(start: str, release: str) -> int:
-    """Report, wait for ``release``, then end the worker with exit status 3."""
-    report(start)
-    wait_for(release)
-    os._exit(3)
 
 
 def sigkill_self(start: str) -> int:

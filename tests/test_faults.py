@@ -410,19 +410,15 @@ def test_cancelling_a_queued_task_keeps_it_from_running(tmp_path: Path) -> None:
 
 
 def test_cancelling_tasks_queued_deeper_keeps_them_from_running(tmp_path: Path) -> None:
-    """Several tasks queued behind a busy worker: each can be cancelled, and none runs. (The
-    first is sent ahead; the others wait in the parent, and as the busy task ends, the
-    manager takes each up and drops it while the worker decides on the first. They are
-    more than the worker's slots, so that a slot taken by each would come round to the
-    first's: see ``Claim.withdraw``.)"""
+    """Several tasks queued behind a busy worker: each can be cancelled, and none runs."""
     start, go = str(tmp_path / "start"), str(tmp_path / "go")
-    marks = [tmp_path / f"ran-{i}" for i in range(13)]
+    marks = [tmp_path / f"ran-{i}" for i in range(5)]
     with open_pool(tmp_path, 1, "forkserver") as pool:
         busy = pool.submit(ft.block, start, go, 1)
         queued = [pool.submit(ft.touch_and_return, str(m), i) for i, m in enumerate(marks)]
         wait_start(start)
         said = [f.cancel() for f in reversed(queued)][::-1]
-        assert said == [True] * len(marks), "tasks that have not started must be cancellable"
+        assert said == [True] * 5, "tasks that have not started must be cancellable"
         ft.write_atomic(go, "")
         assert busy.result(timeout=TIMEOUT) == 1
         for fut in queued:
@@ -431,120 +427,6 @@ def test_cancelling_tasks_queued_deeper_keeps_them_from_running(tmp_path: Path) 
                 fut.result(timeout=0)
         assert pool.submit(ft.square, 2).result(timeout=TIMEOUT) == 4
     assert [m.name for m in marks if m.exists()] == [], "cancelled tasks ran"
-
-
-def test_a_task_sent_ahead_is_cancelled_in_its_worker_and_never_runs(tmp_path: Path) -> None:
-    """A submit task queued behind a busy worker's task is sent ahead to that worker (it
-    starts without waiting for the parent), yet ``Future.cancel()`` still stops it: the worker
-    asks its slot before it starts it (see ``_claim``)."""
-    start, go, mark = str(tmp_path / "start"), str(tmp_path / "go"), tmp_path / "ran"
-    with open_pool(tmp_path, 1, "forkserver") as pool:
-        busy = pool.submit(ft.block, start, go, 1)
-        queued = pool.submit(ft.touch_and_return, str(mark), 2)
-        wait_start(start)
-        deadline = time.monotonic() + TIMEOUT
-        while queued._claim is None:  # type: ignore[attr-defined]  # handshake: it went ahead
-            assert time.monotonic() < deadline, "the queued task was not sent ahead"
-            time.sleep(_POLL)
-        assert queued.cancel() is True
-        ft.write_atomic(go, "")
-        assert busy.result(timeout=TIMEOUT) == 1
-        assert queued.cancelled()
-        assert pool.submit(ft.square, 3).result(timeout=TIMEOUT) == 9
-    assert not mark.exists(), "the cancelled task ran"
-
-
-def test_a_task_sent_ahead_runs_after_the_crash_of_the_one_before_it(tmp_path: Path) -> None:
-    """The busy task kills its worker while the next one waits there, sent ahead: only the
-    busy task fails; the other had not started, so it runs once, on the new worker."""
-    start, mark = str(tmp_path / "start"), tmp_path / "ran"
-    with open_pool(tmp_path, 1, "forkserver") as pool:
-        killer = pool.submit(ft.block_then_exit, start, str(tmp_path / "go"))
-        queued = pool.submit(ft.touch_and_return, str(mark), 2)
-        wait_start(start)
-        deadline = time.monotonic() + TIMEOUT
-        while queued._claim is None:  # type: ignore[attr-defined]  # handshake: it went ahead
-            assert time.monotonic() < deadline, "the queued task was not sent ahead"
-            time.sleep(_POLL)
-        ft.write_atomic(str(tmp_path / "go"), "")
-        with pytest.raises(cleanbreak.WorkerDied):
-            killer.result(timeout=TIMEOUT)
-        assert queued.result(timeout=TIMEOUT) == 2
-    assert mark.exists()
-
-
-def test_a_task_sent_ahead_is_taken_back_when_another_worker_is_free(tmp_path: Path) -> None:
-    """Two tasks sent ahead, one behind each busy worker's task; the task on one of them waits
-    for both. The one behind it would wait for ever. Once the other worker is free, the pool
-    takes that one back from the busy worker's queue (its slot says it has not started) and
-    runs it there; the copy left behind is skipped, and runs nowhere else."""
-    start_x, go_x, start_a = (str(tmp_path / n) for n in ("start-x", "go-x", "start-a"))
-    mark_b, mark_d = tmp_path / "ran-b", tmp_path / "ran-d"
-    with open_pool(tmp_path, 2, "forkserver") as pool:
-        hold = pool.submit(ft.block, start_x, go_x, 1)
-        meeting = pool.submit(ft.meet, start_a, str(mark_b), str(mark_d))
-        wait_start(start_x)
-        wait_start(start_a)
-        b = pool.submit(ft.tally, str(mark_b), 2)
-        d = pool.submit(ft.tally, str(mark_d), 3)
-        deadline = time.monotonic() + TIMEOUT
-        while b._claim is None or d._claim is None:  # type: ignore[attr-defined]  # handshake
-            assert time.monotonic() < deadline, "the two tasks were not both sent ahead"
-            time.sleep(_POLL)
-        ft.write_atomic(go_x, "")
-        assert meeting.result(timeout=TIMEOUT) == 2, "the task behind the meeting never ran"
-        assert (hold.result(timeout=TIMEOUT), b.result(), d.result()) == (1, 2, 3)
-        assert pool.submit(ft.square, 3).result(timeout=TIMEOUT) == 9
-    # Every worker is gone now: each task ran exactly once (one line each).
-    assert len(mark_b.read_text().split()) == len(mark_d.read_text().split()) == 1
-
-
-@pytest.mark.stress
-def test_cancel_at_random_moments_never_cancels_a_task_that_runs(tmp_path: Path) -> None:
-    """Tasks of 0-2 ms on 2 workers, submitted four at a time (two run, two are sent ahead),
-    and after each four, at a random moment, ``Future.cancel()`` on one to three of them.
-    Counted, each must be 0: a task cancelled (True) that started anyway, a task not cancelled
-    without its result. ``CLEANBREAK_CANCEL_RUNS`` (default 20) rounds of 60 tasks."""
-    import random
-
-    rng = random.Random(int(os.environ.get("CLEANBREAK_STRESS_SEED", "0")) or None)
-    rounds = int(os.environ.get("CLEANBREAK_CANCEL_RUNS", "20"))
-    lost, ahead_cancelled = 0, 0
-    cancelled_marks: list[Path] = []
-    with open_pool(tmp_path, 2, "forkserver") as pool:
-        for r in range(rounds):
-            marks = [tmp_path / f"ran-{r}-{i}" for i in range(60)]
-            futures: list[Future[int]] = []
-            said: dict[int, bool] = {}
-            for burst in range(0, 60, 4):  # 2 running, 2 sent ahead, at most a few waiting
-                for i in range(burst, burst + 4):
-                    pause = rng.uniform(0, 0.002)
-                    futures.append(pool.submit(ft.touch_then_pause, str(marks[i]), i, pause))
-                time.sleep(rng.uniform(0, 0.002))  # the random moment
-                # One to three of the four, in a random order: some are sent ahead, some
-                # still wait in the parent (where the manager later drops them).
-                for i in rng.sample(range(burst, burst + 4), rng.randint(1, 3)):
-                    was_ahead = futures[i]._claim is not None  # type: ignore[attr-defined]
-                    said[i] = futures[i].cancel()
-                    ahead_cancelled += was_ahead and said[i]
-            for i, (fut, mark) in enumerate(zip(futures, marks, strict=True)):
-                if said.get(i):
-                    assert fut.cancelled()
-                    cancelled_marks.append(mark)
-                else:
-                    lost += fut.result(timeout=TIMEOUT) != i
-            assert pool.submit(ft.square, 2).result(timeout=TIMEOUT) == 4
-        taken_back = pool._backend.taken_back  # type: ignore[attr-defined]
-    # Every worker is gone now: a cancelled task that ran has left its mark.
-    ran_anyway = sum(m.exists() for m in cancelled_marks)
-    cancelled = len(cancelled_marks)
-    _FIGURES.append(
-        f"cancel stress: {rounds} rounds, {cancelled} cancelled ({ahead_cancelled} of them "
-        f"sent ahead), ran anyway {ran_anyway}, results lost {lost}; {taken_back} tasks sent "
-        "ahead were taken back for a free worker"
-    )
-    assert ahead_cancelled > 0, "no cancel reached a task sent ahead: the test proves nothing"
-    assert ran_anyway == 0 and lost == 0
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -51,8 +51,6 @@ from ._units import Sink, Unit
 if TYPE_CHECKING:
     import sqlite3
 
-    from ._claim import Claim
-
 # sqlite3 is imported where it is used, not with the package: a pool without a journal (and
 # every worker, which imports the package) does not pay for it.
 
@@ -785,23 +783,16 @@ class Recorder:
     """A sink in front of another, that records each outcome in the journal before passing
     it on. ``keys`` maps the caller's index of each item sent to run to its key."""
 
-    __slots__ = ("claimable", "inner", "journal", "keys", "prefetch")
+    __slots__ = ("inner", "journal", "keys", "prefetch")
 
     def __init__(self, inner: Sink, journal: Journal) -> None:
         self.inner = inner
         self.journal = journal
         self.keys: dict[int, bytes] = {}
         self.prefetch = inner.prefetch
-        self.claimable = inner.claimable
 
     def start(self, unit: Unit) -> bool:
         return self.inner.start(unit)
-
-    def start_ahead(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        return self.inner.start_ahead(unit, claim, slot)
-
-    def revoke(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        return self.inner.revoke(unit, claim, slot)
 
     def deliver(
         self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float

@@ -31,13 +31,10 @@ Actors:
   them without blocking, reads results as they arrive, notices deaths through each worker's
   pidfd, enforces task deadlines, and runs the stop sequence. Nothing here sleeps to poll: every
   wake-up is an event or a deadline (the select's timeout).
-- *Workers* run units in order (see ``_worker``). A worker holds at most ``PREFETCH`` units,
-  so that it never waits for the next one. A ``submit`` task sent ahead to a busy worker stays
-  cancellable until the worker starts it: the two decide on a slot of the worker's (see
-  ``_claim``). Where that is not available (no ``memfd_create``: not Linux), a ``submit`` task
-  is sent only to an idle worker, which starts it on arrival. A task sent ahead is taken back
-  and run elsewhere when another worker is free and nothing else waits (``_steal``): it
-  would otherwise wait for the task before it, which may be waiting for it.
+- *Workers* run units in order (see ``_worker``). A worker holds at most ``PREFETCH`` map
+  chunks, so that it never waits for the next one. A ``submit`` task is sent only to an idle
+  worker, which starts it on arrival: until then it is in the parent, where
+  ``Future.cancel()`` can still stop it.
 
 A worker runs its units in the order they were sent, so the head of its ``inflight`` queue is
 the unit it is running, and ``head_since`` is when its current item started: when the previous
@@ -70,8 +67,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from ._claim import Claim
-from ._claim import available as claims_available
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._shm import Packer, Segments, load, remove_unread
 from ._signals import HANDLED
@@ -160,8 +155,6 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 class _Worker:
     __slots__ = (
-        "ahead",
-        "claim",
         "deathfd",
         "dispatched",
         "doom",
@@ -182,11 +175,8 @@ class _Worker:
         "writer",
     )
 
-    def __init__(self, proc: Any, task_fd: int, result_fd: int, claim: Claim | None) -> None:
+    def __init__(self, proc: Any, task_fd: int, result_fd: int) -> None:
         self.proc = proc
-        self.claim = claim  # its slot for submit tasks sent ahead (see _claim)
-        # The units in inflight that were sent ahead: uid -> their slot in claim.
-        self.ahead: dict[int, int] = {}
         self.pid: int = proc.pid
         self.writer = FrameWriter(task_fd)
         self.reader = FrameReader(result_fd)
@@ -221,38 +211,6 @@ class _Worker:
         return None if timeout is None else self.head_since + timeout
 
 
-class _TakenBack:
-    """The sink of a unit's copy left in a busy worker's queue when the unit was taken back
-    to run elsewhere (``LocalBackend._steal``): whatever becomes of the copy goes nowhere,
-    and it is never sent again."""
-
-    prefetch = False
-    claimable = False
-
-    def start(self, unit: Unit) -> bool:
-        return False
-
-    def start_ahead(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        return False
-
-    def revoke(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        return False
-
-    def deliver(
-        self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float
-    ) -> None:
-        pass
-
-    def fail(self, start: int, count: int, exc: BaseException) -> None:
-        pass
-
-    def cancel(self, start: int, count: int) -> None:
-        pass
-
-
-_TAKEN_BACK = _TakenBack()
-
-
 class LocalBackend(Intake):
     """Worker processes on this machine, run by one manager thread."""
 
@@ -273,7 +231,6 @@ class LocalBackend(Intake):
         self._max_tasks = max_tasks_per_worker
         self.pending: deque[Unit] = deque()
         self._commands: deque[int] = deque()  # uids to stop, from Pool.cancel
-        self.taken_back = 0  # tasks sent ahead and taken back for a free worker (_steal)
         self._uids = itertools.count()
         # Closed by the signal handler in the main thread, read by workers before each item.
         self.gate: Any = new_gate(ctx)
@@ -364,7 +321,6 @@ class LocalBackend(Intake):
                 if self._closing and self._cancel_pending:
                     self._cancel_all_pending()
                 self._dispatch()
-                self._steal()
                 # After dispatch, which may have dropped the last (cancelled) units: deciding
                 # before it could leave the loop blocked in select with nothing left to wake it.
                 if self._done():
@@ -506,7 +462,7 @@ class LocalBackend(Intake):
             uid = self._commands.popleft()
             for w in self._workers.values():
                 for position, unit in enumerate(w.inflight):
-                    if unit.uid != uid or unit.sink is _TAKEN_BACK:
+                    if unit.uid != uid:
                         continue
                     if position == 0 and w.ready:
                         self._kill(w, _CANCEL)
@@ -550,53 +506,8 @@ class LocalBackend(Intake):
                 if not self.pending:
                     return
 
-    def _steal(self) -> None:
-        """A worker is idle and nothing waits: take back a ``submit`` task sent ahead to a busy
-        worker that has not started it, and run it on the idle one.
-
-        A task sent ahead waits for the task before it, in the same worker. Where that task
-        waits for it in turn (two tasks that meet), neither would ever finish; and where
-        another worker is free, the task should not wait at all. The busy worker's slot says
-        whether it may still be taken back (see ``_claim``); the copy left in that worker's
-        queue goes nowhere (``_TAKEN_BACK``), and the worker skips it when its turn comes.
-        """
-        if self.level or self._broken is not None or self.pending:
-            return
-        idle = [
-            w
-            for w in self._workers.values()
-            if w.ready and not w.inflight and not w.retiring and w.doom is None
-        ]
-        if not idle:
-            return
-        for w in list(self._workers.values()):
-            if not w.ahead or w.claim is None or w.gone:
-                continue
-            # The head has started, or starts now (_next_head): only those behind it.
-            for position in range(1, len(w.inflight)):
-                unit = w.inflight[position]
-                slot = w.ahead.get(unit.uid)
-                if slot is None or not unit.sink.revoke(unit, w.claim, slot):
-                    continue
-                del w.ahead[unit.uid]
-                w.dispatched -= len(unit.items)
-                w.inflight[position] = Unit(
-                    unit.uid, unit.kind, unit.fn, unit.items, _TAKEN_BACK, unit.start, unit.opts
-                )
-                self._send(idle.pop(), unit.part(next(self._uids), 0))
-                self.taken_back += 1
-                if not idle:
-                    return
-
     def _send(self, w: _Worker, unit: Unit) -> None:
-        # A submit task sent to a busy worker stays cancellable until the worker starts it.
-        slot = -1
-        if w.inflight and unit.sink.claimable and w.claim is not None:
-            slot = w.claim.offer(unit.uid)
-            if not unit.sink.start_ahead(unit, w.claim, slot):
-                w.claim.withdraw(slot)
-                return
-        elif not unit.sink.start(unit):
+        if not unit.sink.start(unit):
             return
         if self._max_tasks is not None:
             budget = self._max_tasks - w.dispatched
@@ -628,11 +539,9 @@ class LocalBackend(Intake):
             w.segments[unit.uid] = sent
         if not w.inflight:
             w.head_since = time.monotonic()
-        if slot >= 0:
-            w.ahead[unit.uid] = slot
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
-        w.writer.put(dumps((unit.uid, unit.kind, exact, slot)), fn_part, items_part)
+        w.writer.put(dumps((unit.uid, unit.kind, exact)), fn_part, items_part)
         if self._max_tasks is not None and w.dispatched >= self._max_tasks:
             w.recycle = True
             self._retire(w)
@@ -718,18 +627,9 @@ class LocalBackend(Intake):
 
     def _next_head(self, w: _Worker) -> None:
         """The head unit is done: the next one starts now."""
-        done = w.inflight.popleft().uid
-        w.segments.pop(done, None)
-        w.ahead.pop(done, None)
+        w.segments.pop(w.inflight.popleft().uid, None)
         w.head_since = time.monotonic()
-        if not w.inflight:
-            return
-        head = w.inflight[0]
-        if head.uid in w.ahead:
-            # Sent ahead: it runs now, unless its Future was cancelled (then the worker skips
-            # it). Either way its Future learns it here.
-            head.sink.start(head)
-        if head.cancelled:
+        if w.inflight and w.inflight[0].cancelled:
             self._kill(w, _CANCEL)
 
     def _deliver(
@@ -821,12 +721,6 @@ class LocalBackend(Intake):
         unit = w.inflight.popleft()
         if unit.left == 0:
             return
-        slot = w.ahead.pop(unit.uid, None)
-        if slot is not None and w.claim is not None and not w.claim.started(unit.uid, slot):
-            if unit.sink.start(unit):
-                # Sent ahead, it had not started when the worker died: it runs elsewhere.
-                self.pending.appendleft(unit)
-            return
         why = None
         broken_off = w.stopped == (unit.uid, unit.received)
         if w.doom is not None:
@@ -912,8 +806,6 @@ class LocalBackend(Intake):
         child_tasks = Connection(task_r, writable=False)
         child_results = Connection(result_w, readable=False)
         lifeline = Connection(os.dup(self._lifeline_r), writable=False)
-        claim = Claim() if claims_available() else None
-        claim_conn = None if claim is None else Connection(os.dup(claim.fd), writable=False)
         _own(task_w)
         _own(result_r)
         proc = self._ctx.Process(  # type: ignore[attr-defined]
@@ -928,7 +820,6 @@ class LocalBackend(Intake):
                 self._initargs,
                 self._segments.prefix,
                 self._reuse_memory,
-                claim_conn,
             ),
             name="cleanbreak-worker",
         )
@@ -939,9 +830,7 @@ class LocalBackend(Intake):
             child_tasks.close()
             child_results.close()
             lifeline.close()
-            if claim_conn is not None:
-                claim_conn.close()
-        worker = _Worker(proc, task_w, result_r, claim)
+        worker = _Worker(proc, task_w, result_r)
         self._workers[result_r] = worker
         self._sel.register(result_r, selectors.EVENT_READ, worker)
         self._sel.register(worker.deathfd, selectors.EVENT_READ, worker)

@@ -53,7 +53,6 @@ LAZY_WINDOW_PER_WORKER = 50
 Piece = tuple[int, list[Any], dict[int, BaseException]]
 
 if TYPE_CHECKING:
-    from ._claim import Claim
     from ._journal import Journal, Keyer, Recorder
     from ._progress import Counts, Progress
 
@@ -117,7 +116,6 @@ class MapSink:
         "store",
     )
     prefetch = True
-    claimable = False
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
@@ -133,14 +131,6 @@ class MapSink:
 
     def start(self, unit: Unit) -> bool:
         return not self.finished
-
-    def start_ahead(
-        self, unit: Unit, claim: Claim, slot: int
-    ) -> bool:  # pragma: no cover - not claimable
-        return self.start(unit)
-
-    def revoke(self, unit: Unit, claim: Claim, slot: int) -> bool:  # pragma: no cover
-        return False  # never sent ahead (not claimable)
 
     def deliver(
         self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float

@@ -30,7 +30,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from . import _signals
-from ._claim import available as claims_available
 from ._errors import BrokenPool, Interrupted
 from ._manager import (
     DRAINING,
@@ -45,7 +44,6 @@ from ._units import Backend, TaskOptions, Unit
 from ._wire import CALL_KW
 
 if TYPE_CHECKING:
-    from ._claim import Claim
     from ._journal import Journal, Recorder
     from ._map import ProgressFactory
     from ._progress import Progress
@@ -734,24 +732,6 @@ class _TaskFuture(Future[T]):
     """
 
     uid = _FOREIGN
-    # Sent ahead to a busy worker: its slot, and the uid of the unit sent (see _claim).
-    _claim: tuple[Claim, int, int] | None = None
-
-    def cancel(self) -> bool:
-        """Cancel the task if it has not started. For a task sent ahead to a busy worker, the
-        worker's slot says whether it started (see ``_claim``)."""
-        with self._condition:
-            ahead = self._claim
-            if ahead is None or self._state != PENDING:
-                return super().cancel()
-            claim, uid, slot = ahead
-            if not claim.cancel(uid, slot):
-                return False  # the worker has started it
-            self._claim = None
-            self._state = CANCELLED
-            self._condition.notify_all()
-        self._invoke_callbacks()
-        return True
 
     def result(self, timeout: float | None = None) -> T:
         self._wait_done(timeout)
@@ -796,41 +776,15 @@ class _FutureSink:
     """Outcomes of one ``submit``: onto its Future."""
 
     __slots__ = ("fut",)
-    # Sent ahead to a busy worker where it can be claimed (see _claim); else only to an idle
-    # one, which starts it on arrival.
-    prefetch = claimable = claims_available()
+    prefetch = False
 
     def __init__(self, fut: _TaskFuture[Any]) -> None:
         self.fut = fut
 
     def start(self, unit: Unit) -> bool:
-        fut = self.fut
-        with fut._condition:
-            # One step under the future's lock, so that cancel() sees it either sent ahead
-            # (and asks the worker's slot) or running: never pending and running both.
-            fut._claim = None
-            fut.uid = unit.uid  # what Pool.cancel() stops: the unit sent last
-            if fut.running():  # sent again, after its worker died or to retry it
-                return True
-            return fut.set_running_or_notify_cancel()
-
-    def start_ahead(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        fut = self.fut
-        with fut._condition:
-            if fut._state == PENDING:
-                fut._claim = (claim, unit.uid, slot)
-                return True
-        return self.start(unit)
-
-    def revoke(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        fut = self.fut
-        with fut._condition:
-            # Under the future's lock: cancel() then finds it either still sent ahead (and
-            # asks the slot), or pending in the parent until it is sent again.
-            if fut._claim != (claim, unit.uid, slot) or not claim.cancel(unit.uid, slot):
-                return False
-            fut._claim = None
+        if self.fut.running():  # sent again, after its worker died or to retry it
             return True
+        return self.fut.set_running_or_notify_cancel()
 
     def deliver(
         self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float

@@ -18,10 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
-
-if TYPE_CHECKING:
-    from ._claim import Claim
+from typing import Any, Protocol, cast
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,25 +86,14 @@ class Sink(Protocol):
     """Where a unit's outcomes go. Every method is called from the backend's thread.
 
     ``prefetch`` says whether the unit may wait in a busy worker's queue. A unit behind a
-    future may only where the worker can tell whether ``Future.cancel()`` stopped it before it
-    started (``claimable``, see ``_claim``): sent ahead, it is started with ``start_ahead``,
-    and ``start`` is called once its worker gets to it.
+    future may not: until it starts, ``Future.cancel()`` must be able to stop it, so it is sent
+    only to an idle worker, which starts it on arrival.
     """
 
     prefetch: bool
-    claimable: bool
 
     def start(self, unit: Unit) -> bool:
-        """The unit is about to be sent (or, sent ahead, its worker gets to it now). False: it
-        was cancelled, drop it."""
-
-    def start_ahead(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        """The unit is about to be sent ahead to a busy worker, whose ``claim`` (at ``slot``)
-        decides whether it starts. False: it was cancelled, drop it."""
-
-    def revoke(self, unit: Unit, claim: Claim, slot: int) -> bool:
-        """Take back the unit sent ahead, if its worker has not started it: True if it now
-        never starts there, and is to be sent elsewhere (started again with ``start``)."""
+        """The unit is about to be sent. False: it was cancelled, drop it."""
 
     def deliver(
         self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float

@@ -45,7 +45,6 @@ from multiprocessing.context import BaseContext
 from types import FrameType
 from typing import Any, NoReturn
 
-from ._claim import WorkerClaim
 from ._errors import SerializationError
 from ._heap import LARGE, Heap
 from ._shm import Packer, Segments, largest, load
@@ -183,7 +182,6 @@ def worker_main(
     initargs: Sequence[Any],
     shm_prefix: str | None = None,
     reuse_memory: bool = True,
-    claim: Connection | None = None,
 ) -> None:
     # SIGINT and SIGTERM are blocked here: inherited from the manager thread (fork, spawn), or
     # blocked on arrival (BlockedOnArrival). A Ctrl-C that came while the worker started is
@@ -204,9 +202,8 @@ def worker_main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)
-    slot = None if claim is None else WorkerClaim(_take_fd(claim))
     with contextlib.suppress(_Stop):
-        _serve(task_fd, result_fd, view, initializer, initargs, reuse_memory, slot)
+        _serve(task_fd, result_fd, view, initializer, initargs, reuse_memory)
     if _stop_requested:  # what had to be sent is sent: end as SIGTERM's default action would
         die_of(signal.SIGTERM)
 
@@ -218,7 +215,6 @@ def _serve(
     initializer: Callable[..., object] | None,
     initargs: Sequence[Any],
     reuse_memory: bool,
-    claim: WorkerClaim | None,
 ) -> None:
     # Set to reuse freed memory once this worker moves a large payload (see _heap).
     heap: Heap | None = None
@@ -247,13 +243,7 @@ def _serve(
         meta = pickle.loads(parts[0])
         if meta is None:
             return
-        uid, kind, each, slot = meta
-        if slot >= 0 and claim is not None and not claim.start(uid, slot):
-            # Sent ahead, and its Future was cancelled before it could start (see _claim).
-            discard(layouts)
-            del parts, frame
-            _send(result_fd, (uid, 0, [], None, SKIPPED, 0.0))
-            continue
+        uid, kind, each = meta
         # The function and the items are pickled apart, so that a failure says which it was.
         part = "function"
         try:
