@@ -107,8 +107,9 @@ def run_black(settings: Settings) -> Section:
         f"{ms[('first_start', 'stock')]:.1f} ms for the stock executor; between a task's end "
         "and the next task's start in the same worker, a median "
         f"{ms[('median_gap', 'cleanbreak')]:.2f} ms, against "
-        f"{ms[('median_gap', 'stock')]:.2f} ms (a `submit` task goes one ahead to a busy "
-        "worker; without that, the worker waited for the parent's round trip)."
+        f"{ms[('median_gap', 'stock')]:.2f} ms (a `submit` task is sent only to an idle "
+        "worker, so that `Future.cancel()` works until it starts: each waits for the parent's "
+        "round trip)."
     )
     section.notes.append(
         f"Medians of {reps} fresh runs each on {settings.workers} workers; a ratio above 1.00x "
