@@ -209,20 +209,34 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         raise exc
 
 
+def _running_loop() -> Any:
+    """The asyncio event loop running in this thread, or None (asyncio is never imported
+    here for it)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _main_task(handler: object) -> Any:
+    """The main task of ``asyncio.Runner``'s SIGINT handler (a ``functools.partial``), or
+    None for any other handler."""
+    return handler.keywords.get("main_task") if isinstance(handler, functools.partial) else None
+
+
 def _cancel_asyncio_main() -> bool:
     """A signal asyncio does not handle (SIGTERM) while ``asyncio.run`` runs the main thread:
     cancel its main task, as asyncio does on Ctrl-C, rather than raise in the middle of the
     event loop. True if it was done."""
     runner = _saved.get(signal.SIGINT)
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is None or not (isinstance(runner, functools.partial) and chainable(runner)):
+    if runner is None or not chainable(runner):
         return False
-    task = runner.keywords.get("main_task")
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    if task is None or task.done() or task.get_loop() is not loop:
+    task = _main_task(runner)
+    loop = _running_loop()
+    if loop is None or task is None or task.done() or task.get_loop() is not loop:
         return False
     loop.call_soon_threadsafe(task.cancel)  # as a callback of its own: see _in_loop
     return True
@@ -238,12 +252,8 @@ def _in_loop(handler: Callable[[int, FrameType | None], object], signum: int) ->
     that future, in between: the callback then fails with ``InvalidStateError``, printed as
     "Exception in callback". Run as a callback of its own, the cancel falls between two.
     """
-    asyncio = sys.modules.get("asyncio")
-    loop = None
-    if asyncio is not None:
-        with contextlib.suppress(RuntimeError):
-            loop = asyncio.get_running_loop()
-    task = handler.keywords.get("main_task") if isinstance(handler, functools.partial) else None
+    loop = _running_loop()
+    task = _main_task(handler)
     if loop is None or loop.is_closed() or (task is not None and task.done()):
         handler(signum, None)  # nothing to cancel: asyncio raises KeyboardInterrupt here
         return

@@ -289,6 +289,21 @@ def test_ctrl_c_under_asyncio_stops_the_running_tasks(
     record(f"Ctrl-C under {api}: to Interrupted (ms)", ms(sent, report["caught_ns"]))
 
 
+def _run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run one of the scripts that signal themselves at their moment, in a session of its own,
+    from the repository's root (where a fork server finds their preload modules)."""
+    script = Path(__file__).parent / "scripts" / name
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=script.parents[3],
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_GUARD,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_ctrl_c_while_asyncio_sets_a_result_prints_nothing(method: str) -> None:
     """The signal lands in the middle of one of the event loop's callbacks, one that sets a
@@ -296,15 +311,7 @@ def test_ctrl_c_while_asyncio_sets_a_result_prints_nothing(method: str) -> None:
     chains, cancels the main task and that future with it: called right there, it made the
     callback fail with ``InvalidStateError`` ("Exception in callback"). The pool runs it as a
     callback of its own."""
-    script = Path(__file__).parent / "scripts" / "asyncio_race_child.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), method],
-        start_new_session=True,
-        capture_output=True,
-        text=True,
-        timeout=EXIT_GUARD,
-        check=False,
-    )
+    proc = _run_script("asyncio_race_child.py", method)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == ""
 
@@ -315,16 +322,7 @@ def test_ctrl_c_as_the_fork_server_unblocks_it_prints_nothing() -> None:
     it raised ``KeyboardInterrupt`` in the import machinery ("Exception ignored in ...
     _get_module_lock"), or killed the fork server. The fork server keeps ignoring it, and
     the processes it forks still start with Python's handler."""
-    script = Path(__file__).parent / "scripts" / "forkserver_child.py"
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=script.parents[3],
-        start_new_session=True,
-        capture_output=True,
-        text=True,
-        timeout=EXIT_GUARD,
-        check=False,
-    )
+    proc = _run_script("forkserver_child.py")
     assert proc.stderr == ""
     assert proc.returncode == 130
     assert proc.stdout == "default\n"

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
 from tests.dask_tasks import spin_marked, stress_marked
+from tests.system.scripts.sysprobe_tasks import through_asyncio
 
 # The package imports these on first use; loaded now, so that between the ``begin`` mark and
 # the pool's own signal handlers there is only the making of the pool, not an import.
@@ -33,24 +34,13 @@ _ = (cleanbreak.Pool, cleanbreak.map)
 APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 
 
-async def _through_asyncio(pool_args: dict[str, Any], specs: list[Any], yielded: list[Any]) -> None:
-    """The user's view of the results is the asyncio futures: they keep theirs."""
-    loop = asyncio.get_running_loop()
-    with cleanbreak.Pool(**pool_args) as pool:
-        futures = [loop.run_in_executor(pool, stress_marked, s) for s in specs]
-        try:
-            await asyncio.gather(*futures)
-        finally:
-            yielded.extend(f.result() for f in futures if f.done() and not f.cancelled())
-
-
 def _run(
     api: str, fn: Any, specs: list[Any], pool_args: dict[str, Any], yielded: list[Any]
 ) -> None:
     if api == "cbmap":
         yielded.extend(cleanbreak.map(fn, specs, chunksize=1, **pool_args))
     elif api == "asyncio":
-        asyncio.run(_through_asyncio(pool_args, specs, yielded))
+        asyncio.run(through_asyncio(pool_args, stress_marked, specs, yielded))
     else:
         with cleanbreak.Pool(**pool_args) as pool:
             if api == "submit":

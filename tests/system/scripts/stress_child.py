@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
 import cleanbreak._manager
-from tests.system.scripts.sysprobe_tasks import emit
+from tests.system.scripts.sysprobe_tasks import emit, through_asyncio
 
 # The package imports these on first use; loaded now, so that between the ``begin`` mark and
 # the pool's own signal handlers there is only the making of the pool, not an import.
@@ -112,19 +112,6 @@ def _lazy(specs: list[Spec]) -> Iterator[Spec]:
     yield from specs
 
 
-async def _through_asyncio(
-    pool_args: dict[str, Any], specs: list[Spec], yielded: list[Any]
-) -> None:
-    """The user's view of the results is the asyncio futures: they keep theirs."""
-    loop = asyncio.get_running_loop()
-    with cleanbreak.Pool(**pool_args) as pool:
-        futures = [loop.run_in_executor(pool, stress_task, s) for s in specs]
-        try:
-            await asyncio.gather(*futures)
-        finally:
-            yielded.extend(f.result() for f in futures if f.done() and not f.cancelled())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--api", required=True, choices=APIS)
@@ -155,7 +142,7 @@ def main() -> int:
         if args.api == "cbmap":
             yielded.extend(cleanbreak.map(stress_task, specs, **pool_args))
         elif args.api == "asyncio":
-            asyncio.run(_through_asyncio(pool_args, specs, yielded))
+            asyncio.run(through_asyncio(pool_args, stress_task, specs, yielded))
         else:
             with cleanbreak.Pool(**pool_args) as pool:
                 if args.api == "submit":

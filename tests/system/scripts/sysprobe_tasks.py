@@ -191,3 +191,21 @@ def _catch_sigterm(index: int, events: str) -> Receipt:
         pass
     emit(events, "term", index, pid, time.monotonic_ns())
     return Receipt(events, index, index * 10)
+
+
+async def through_asyncio(
+    pool_args: dict[str, Any], fn: Any, specs: list[Any], yielded: list[Any]
+) -> None:
+    """The stress children's asyncio API: ``fn`` over ``specs`` through ``run_in_executor``.
+    The user's view of the results is the asyncio futures: they keep theirs."""
+    import asyncio
+
+    import cleanbreak
+
+    loop = asyncio.get_running_loop()
+    with cleanbreak.Pool(**pool_args) as pool:
+        futures = [loop.run_in_executor(pool, fn, s) for s in specs]
+        try:
+            await asyncio.gather(*futures)
+        finally:
+            yielded.extend(f.result() for f in futures if f.done() and not f.cancelled())
