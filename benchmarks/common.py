@@ -134,13 +134,14 @@ class Event:
 
 
 class Child:
-    """One run of ``child.py SCENARIO PARAMS OUT`` in a session of its own.
+    """One run of ``child.py SCENARIO PARAMS OUT`` (or of ``script``, which takes the same
+    arguments) in a session of its own.
 
     The child writes its findings as JSON to ``OUT`` (atomically, possibly more than once; the
     last write wins). Its stdout and stderr go to a file, shown when something goes wrong.
     """
 
-    def __init__(self, scenario: str, params: Params) -> None:
+    def __init__(self, scenario: str, params: Params, script: Path | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="cb-bench-"))
         self.out = self.dir / "result.json"
         self.log = self.dir / "tasks.log"
@@ -151,7 +152,13 @@ class Child:
         self.started = time.monotonic()
         with open(self.output, "wb") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, str(CHILD_SCRIPT), scenario, json.dumps(params), str(self.out)],
+                [
+                    sys.executable,
+                    str(script or CHILD_SCRIPT),
+                    scenario,
+                    json.dumps(params),
+                    str(self.out),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
