@@ -171,7 +171,12 @@ def _one_run(
         report = json.loads(stdout)
     except json.JSONDecodeError:
         return [*out, f"results lost: {label}: exit {proc.returncode}, no report\n{stderr}"]
-    if proc.returncode == 0 and report["done_ns"] < sent:
+    if report["done_ns"] < sent:
+        # The job ended before the signal: from then on the signal is the program's, which
+        # may die of it as it exits. What the job gave it must be in its journal all the same.
+        got = {v[0] for v in report["yielded"]}
+        if journal and got - _journaled(path):
+            out.append(f"results not journaled: {label}: {sorted(got - _journaled(path))}")
         return [*out, "after the end"]
     if proc.returncode not in (0, 128 + sig):
         out.append(f"results lost: {label}: exit status {proc.returncode}\n{stderr}")
