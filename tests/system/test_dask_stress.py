@@ -115,6 +115,12 @@ def _journaled(path: Path) -> set[int]:
     return {pickle.loads(blob)[0] for (blob,) in rows}
 
 
+def _unjournaled(journal: bool, path: Path, got: set[int], label: str) -> list[str]:
+    """``results not journaled``, if the run had a journal that lacks some of ``got``."""
+    missing = sorted(got - _journaled(path)) if journal else []
+    return [f"results not journaled: {label}: {missing}"] if missing else []
+
+
 def _one_run(
     client: Any, folder: Path, api: str, how: str, journal: bool, rng: random.Random, label: str
 ) -> list[str]:
@@ -175,9 +181,7 @@ def _one_run(
         # The job ended before the signal: from then on the signal is the program's, which
         # may die of it as it exits. What the job gave it must be in its journal all the same.
         got = {v[0] for v in report["yielded"]}
-        if journal and got - _journaled(path):
-            out.append(f"results not journaled: {label}: {sorted(got - _journaled(path))}")
-        return [*out, "after the end"]
+        return [*out, *_unjournaled(journal, path, got, label), "after the end"]
     if proc.returncode not in (0, 128 + sig):
         out.append(f"results lost: {label}: exit status {proc.returncode}\n{stderr}")
     yielded = {v[0]: v[1] for v in report["yielded"]}
@@ -204,9 +208,7 @@ def _one_run(
             record("dask stress: signal to Interrupted, terminate (ms)", caught / 1e6)
             if caught > SLOW_NS:
                 out.append(f"slow stops: {label}: Interrupted after {caught / 1e6:.0f} ms")
-    if journal and kept.keys() - _journaled(path):
-        out.append(f"results not journaled: {label}: {sorted(kept.keys() - _journaled(path))}")
-    return out
+    return [*out, *_unjournaled(journal, path, set(kept), label)]
 
 
 def test_signals_at_random_moments_to_a_dask_client(client: Any, tmp_path: Path) -> None:

@@ -205,9 +205,9 @@ def _signal_once(child: Child, how: str, rng: random.Random, label: str, api: st
 
 def _gate_reads(child: Child) -> list[tuple[int, int]]:
     """Each started task, with the moment just before its worker read the gate for it."""
-    reads = [(e.int(0), e.int(3)) for e in child.of("start")]
-    assert all(0 < read <= e.int(2) for e, (_, read) in zip(child.of("start"), reads, strict=True))
-    return reads
+    starts = child.of("start")
+    assert all(0 < e.int(3) <= e.int(2) for e in starts)
+    return [(e.int(0), e.int(3)) for e in starts]
 
 
 def _kill_once(child: Child, rng: random.Random, label: str) -> list[str]:
