@@ -62,9 +62,9 @@ def _instrument(folder: str) -> None:
     pack = cleanbreak._shm.Packer.pack
     load = cleanbreak._shm.load
 
-    def timed_pack(self: Any, obj: object) -> Any:
+    def timed_pack(self: Any, obj: object, *args: Any) -> Any:
         began = time.monotonic()
-        out = pack(self, obj)
+        out = pack(self, obj, *args)
         _record("pack", began, time.monotonic(), self.total)
         return out
 
@@ -74,7 +74,7 @@ def _instrument(folder: str) -> None:
         _record("load", began, time.monotonic(), cleanbreak._shm.largest(layout))
         return out
 
-    cleanbreak._shm.Packer.pack = timed_pack  # type: ignore[method-assign]
+    cleanbreak._shm.Packer.pack = timed_pack  # type: ignore[method-assign,assignment]
     vars(cleanbreak._manager)["load"] = timed_load
     vars(cleanbreak._worker)["load"] = timed_load
 

@@ -683,7 +683,8 @@ def _serialization_error(exc: BaseException | None, part: str) -> cleanbreak.Ser
 
 
 def test_an_unpicklable_function_fails_its_task(payload_pool: cleanbreak.Pool) -> None:
-    exc = _fails_alone(payload_pool, payload_pool.submit(lambda: 1))
+    lock = threading.Lock()  # a lambda goes by value, but not one that holds a lock
+    exc = _fails_alone(payload_pool, payload_pool.submit(lambda: lock))
     _serialization_error(exc, "function")
 
 

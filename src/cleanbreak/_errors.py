@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import pickle
 import signal as _signal
+import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -77,6 +78,10 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(self._message())
 
     def _message(self) -> str:
+        if not (self._filled or self.completed):
+            # Raised where no pool call was waiting (in the caller's own code): the pool
+            # stops all the same, and its futures keep what finished.
+            return f"interrupted by {self.signal.name}"
         of = f" of {self.total}" if self.total is not None else ""
         return (
             f"interrupted by {self.signal.name}: {len(self.completed)}{of} results kept "
@@ -85,6 +90,16 @@ class Interrupted(KeyboardInterrupt):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_interrupted, (int(self.signal), self.completed, self.total), self.__dict__)
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows for it, in place of a traceback: a notebook cell that the
+        interrupt button stopped ends with this line. The exception itself (and so the
+        results) stays in ``sys.last_value`` (``sys.last_exc`` on Python 3.12 and later)."""
+        if not (self._filled or self.completed):
+            kept = "the pool's finished futures keep their results"
+            return [f"{type(self).__name__}: {self}; {kept}"]
+        where = "sys.last_exc" if sys.version_info >= (3, 12) else "sys.last_value"
+        return [f"{type(self).__name__}: {self}; they are in {where}.completed"]
 
     def __str__(self) -> str:
         return self._message()

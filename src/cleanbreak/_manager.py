@@ -60,13 +60,14 @@ import signal
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from multiprocessing import forkserver, resource_tracker
+from multiprocessing import forkserver, resource_tracker, spawn
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from . import _byvalue
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._shm import Packer, Segments, load, remove_unread
 from ._signals import HANDLED
@@ -84,7 +85,14 @@ from ._wire import (
     make_pipe,
     split,
 )
-from ._worker import UNREADABLE, BlockedOnArrival, close_gate, new_gate, worker_main
+from ._worker import (
+    UNREADABLE,
+    WORKER_FUNCTIONS,
+    BlockedOnArrival,
+    close_gate,
+    new_gate,
+    worker_main,
+)
 
 PREFETCH = 2
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
@@ -159,6 +167,7 @@ class _Worker:
         "dispatched",
         "doom",
         "exitcode",
+        "functions",
         "gone",
         "has_pidfd",
         "head_since",
@@ -194,6 +203,9 @@ class _Worker:
         # The unit and item a SIGTERM broke off, as the worker reported before dying of it.
         self.stopped: tuple[int, int] | None = None
         self.gone = False  # reaped and forgotten: its descriptors are closed
+        # The numbers of the functions it holds, least recently used first: the same list as
+        # the worker's own, since both sides update it unit by unit, in the order sent.
+        self.functions: OrderedDict[int, None] = OrderedDict()
         # A pidfd becomes readable when the process exits. The multiprocessing sentinel is a
         # pipe that a process forked by the task inherits, so it would not fire while that
         # grandchild lives on.
@@ -211,6 +223,64 @@ class _Worker:
         return None if timeout is None else self.head_since + timeout
 
 
+class _Functions:
+    """The functions the parent sends, each under a number of its own.
+
+    A unit names its function by number; a worker that does not hold that number yet gets the
+    function with the unit, and keeps it (its last ``WORKER_FUNCTIONS``), so a map of many
+    chunks sends its function to each worker once. That matters for a function sent by value
+    (a notebook's, a lambda, a closure over data), which may be large and slow to pickle.
+
+    A function is first sent as plain pickle would send it, unless it has no importable home
+    (see ``_byvalue``). If a worker then cannot load it (a script's function defined under the
+    ``__main__`` guard, or after a fork), it is sent by value from then on, under a new number.
+    Entries hold their function, so that its ``id`` is not reused while it is listed.
+    """
+
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[int, tuple[Callable[..., Any], int, bool]] = OrderedDict()
+        self._numbers = itertools.count(1)
+
+    def lookup(self, fn: Callable[..., Any]) -> tuple[int, bool]:
+        """The function's number, and whether it must go by value."""
+        key = id(fn)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is fn:
+            self._entries.move_to_end(key)
+            return entry[1], entry[2]
+        return self._put(fn, False)
+
+    def sent_by_value(self, fn: Callable[..., Any], fid: int) -> None:
+        """It had to go by value (plain pickle failed): go so straight away next time."""
+        entry = self._entries.get(id(fn))
+        if entry is not None and entry[0] is fn and entry[1] == fid:
+            self._entries[id(fn)] = (fn, fid, True)
+
+    def by_value_from_now(self, fn: Callable[..., Any], fid: int) -> bool:
+        """A worker could not load ``fn`` sent as number ``fid``. True if it is to be sent
+        again, by value: it went by reference under that number, or has gone by value under
+        a newer one since."""
+        entry = self._entries.get(id(fn))
+        if entry is None or entry[0] is not fn:
+            return False
+        if entry[1] != fid:
+            return entry[2]
+        if entry[2]:
+            return False  # it went by value, and still cannot be loaded
+        self._put(fn, True)
+        return True
+
+    def _put(self, fn: Callable[..., Any], by_value: bool) -> tuple[int, bool]:
+        fid = next(self._numbers)
+        self._entries[id(fn)] = (fn, fid, by_value)
+        self._entries.move_to_end(id(fn))
+        while len(self._entries) > self.SIZE:
+            self._entries.popitem(last=False)
+        return fid, by_value
+
+
 class LocalBackend(Intake):
     """Worker processes on this machine, run by one manager thread."""
 
@@ -226,8 +296,19 @@ class LocalBackend(Intake):
         self.size = workers
         self._reuse_memory = reuse_memory
         self._ctx = ctx
-        self._initializer = initializer
-        self._initargs = tuple(initargs)
+        # Whether the workers can import the main module (a script's), or everything of it
+        # goes by value (a notebook's, the REPL's: see _byvalue).
+        self._main_by_value = not _byvalue.main_importable()
+        if self._main_by_value:
+            _skip_missing_main()
+        self._functions = _Functions()
+        self._initializer: Any = initializer
+        self._initargs: Any = tuple(initargs)
+        if ctx.get_start_method() != "fork" and (initializer is not None or initargs):
+            # multiprocessing pickles them itself, by reference: a cell's initializer would
+            # not load in the worker.
+            self._initializer = _byvalue.ship(initializer, self._main_by_value)
+            self._initargs = _byvalue.ship(self._initargs, self._main_by_value)
         self._max_tasks = max_tasks_per_worker
         self.pending: deque[Unit] = deque()
         self._commands: deque[int] = deque()  # uids to stop, from Pool.cancel
@@ -515,37 +596,70 @@ class LocalBackend(Intake):
                 self.pending.appendleft(unit.part(next(self._uids), budget))
                 unit = unit.part(unit.uid, 0, budget)
         exact = unit.opts.task_timeout is not None
+        fid, by_value = self._functions.lookup(unit.fn)
+        unit.fid = fid
+        held = fid in w.functions
         # A user's object may raise anything while it is pickled, SystemExit included: that
         # task fails, and this thread goes on.
+        fn_part: Packer | None = None
+        if not held:
+            try:
+                fn_part, by_value = self._pack(unit.fn, by_value)
+            except BaseException as exc:
+                reason = f"{unit.fn!r}: {type(exc).__name__}: {exc}"
+                unit.sink.fail(unit.current, unit.left, SerializationError("function", reason))
+                return
+            if by_value:
+                self._functions.sent_by_value(unit.fn, fid)
         try:
-            fn_part = Packer(self._segments).pack(unit.fn)
+            items_part, _ = self._pack(unit.items, unit.by_value)
         except BaseException as exc:
-            reason = f"{unit.fn!r}: {type(exc).__name__}: {exc}"
-            unit.sink.fail(unit.current, unit.left, SerializationError("function", reason))
-            return
-        try:
-            items_part = Packer(self._segments).pack(unit.items)
-        except BaseException as exc:
-            fn_part.release()
+            if fn_part is not None:
+                fn_part.release()
             if self._split(unit):
                 return
             reason = f"{type(exc).__name__}: {exc}"
             unit.sink.fail(unit.current, unit.left, SerializationError("arguments", reason))
             return
 
-        w.last_bytes = fn_part.total + items_part.total
-        sent = fn_part.sent + items_part.sent
+        if held:
+            w.functions.move_to_end(fid)
+        else:
+            w.functions[fid] = None
+            if len(w.functions) > WORKER_FUNCTIONS:
+                w.functions.popitem(last=False)
+        fn_total = 0 if fn_part is None else fn_part.total
+        w.last_bytes = fn_total + items_part.total
+        sent = (fn_part.sent if fn_part is not None else []) + items_part.sent
         if sent:
             w.segments[unit.uid] = sent
         if not w.inflight:
             w.head_since = time.monotonic()
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
-        w.writer.put(dumps((unit.uid, unit.kind, exact)), fn_part, items_part)
+        w.writer.put(
+            dumps((unit.uid, unit.kind, exact, fid)),
+            b"" if fn_part is None else fn_part,
+            items_part,
+        )
         if self._max_tasks is not None and w.dispatched >= self._max_tasks:
             w.recycle = True
             self._retire(w)
         self._flush(w)
+
+    def _pack(self, obj: object, by_value: bool) -> tuple[Packer, bool]:
+        """``obj`` pickled for a worker, and whether it went by value: as plain pickle sends
+        it where that works and the worker can import the main module, else by value (see
+        ``_byvalue``)."""
+        if not (by_value or self._main_by_value):
+            try:
+                return Packer(self._segments).pack(obj), False
+            except Exception:
+                pass  # a lambda, a closure, a local class: by value
+        # A function a worker could not import (``by_value``) goes by value whole, ``__main__``
+        # included: it was found there in this process, and not in the worker's.
+        pickler = _byvalue.pickler(self._main_by_value or by_value)
+        return Packer(self._segments).pack(obj, pickler), True
 
     def _flush(self, w: _Worker) -> None:
         try:
@@ -594,7 +708,22 @@ class LocalBackend(Intake):
         if status == UNREADABLE:
             self._next_head(w)
             error = errors[0].rebuild()
-            if not (getattr(error, "part", None) == "arguments" and self._split(unit)):
+            part = getattr(error, "part", None)
+            # A name the worker could not find (a function or class a script defines under
+            # its __main__ guard, or after the fork): sent again by value.
+            lookup = getattr(error, "lookup", False)
+            if (
+                lookup
+                and part == "function"
+                and self._functions.by_value_from_now(unit.fn, unit.fid)
+            ):
+                self.pending.appendleft(unit)
+                return
+            if lookup and part == "arguments" and not unit.by_value:
+                unit.by_value = True
+                self.pending.appendleft(unit)
+                return
+            if not (part == "arguments" and self._split(unit)):
                 unit.sink.fail(unit.current, unit.left, error)
             return
         if values:
@@ -898,6 +1027,30 @@ def _start_fork_server() -> None:
     finally:
         forkserver.set_forkserver_preload(preload)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def _skip_missing_main() -> None:
+    """Make multiprocessing leave out a main module that is no file.
+
+    A worker started by spawn or a fork server runs the parent's main module again, from
+    ``__main__.__file__``. For a script read from stdin (``python - < job.py``) that is
+    ``<stdin>``, and every worker would die of ``FileNotFoundError`` before its first task
+    (``multiprocessing.Pool`` too). Its functions come by value instead (see ``_byvalue``).
+    Done once, for the whole process: a path that is no file could only kill the worker.
+    """
+    real: Any = spawn.get_preparation_data
+    if getattr(real, "cleanbreak", False):
+        return
+
+    def get_preparation_data(name: str) -> dict[str, Any]:
+        data: dict[str, Any] = real(name)
+        path = data.get("init_main_from_path")
+        if path is not None and not os.path.isfile(path):
+            del data["init_main_from_path"]
+        return data
+
+    get_preparation_data.cleanbreak = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
 
 
 def _fork_server_found_no_guard(ctx: BaseContext) -> bool:

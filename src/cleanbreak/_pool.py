@@ -3,12 +3,15 @@
 Lifecycle::
 
     open ──shutdown()──▶ closing ──all done──▶ finished
-      │                                          ▲
-      └──Ctrl-C / SIGTERM──▶ interrupted ────────┘  (drain: running tasks finish first)
+      │  ▲                                       ▲
+      │  └─next submit/map (main thread)─┐       │
+      └──Ctrl-C / SIGTERM──▶ interrupted ┴───────┘  (drain: running tasks finish first)
 
-An interrupted pool accepts nothing more. Whichever pool call the main thread is in when the
-``Interrupted`` arrives (a ``map`` iterator, ``shutdown``, the ``with`` block's exit) waits until
-every worker is gone, gathers the results that finished, and raises ``Interrupted`` with them.
+Whichever pool call the main thread is in when the ``Interrupted`` arrives (a ``map``
+iterator, ``shutdown``, the ``with`` block's exit) waits until every worker is gone, gathers the
+results that finished, and raises ``Interrupted`` with them. An interrupted pool that is used
+again from the main thread starts new workers (``_rearm``): a pool held across notebook cells
+lives on. A ``with`` block ends at the ``Interrupted``, so a script's pool is finished then.
 """
 
 from __future__ import annotations
@@ -197,28 +200,37 @@ class Pool(Executor):
         ctx = _context(mp_context) if dask is None else None
         self._journal: Journal | None = None
         self._journal_open = False  # this pool opened it (and so closes it)
-        # Our handler goes in first, so that a signal at any moment from here on is ours. Until
-        # the backend is made, it only records the signal (see on_signal): raised in the middle
-        # of LocalBackend(), an exception could leave a manager thread that nobody stops.
-        self._starting = True
-        self._pending_level = 0
         self._gathering = False  # stopped, and gathering what finished for the Interrupted
         self._closing = False  # in shutdown(wait=True): the pool handles signals till it ends
         # The futures that were live when the first signal came, held until the Interrupted
         # has their results: the caller may drop a future at the signal (asyncio cancels the
         # future it wraps a pool's future in) before the result it waits for arrives.
         self._held: list[Future[Any]] = []
-        try:
-            _signals.attach(self)
-            self._backend: Backend
-            if ctx is None:
+        self._make_backend: Callable[[], Backend]
+        if ctx is None:
+
+            def make_dask() -> Backend:
                 from ._dask import DaskBackend
 
-                self._backend = DaskBackend(dask)
-            else:
-                self._backend = LocalBackend(
-                    n, ctx, initializer, tuple(initargs), max_tasks, reuse_memory
-                )
+                return DaskBackend(dask)
+
+            self._make_backend = make_dask
+        else:
+            local_args = (n, ctx, initializer, tuple(initargs), max_tasks, reuse_memory)
+            self._make_backend = lambda: LocalBackend(*local_args)
+        self._start(journal)
+
+    def _start(self, journal: Journal | str | os.PathLike[str] | None) -> None:
+        """Start the backend (the workers) and open the journal: in ``Pool()``, and again in
+        the first call after an ``Interrupted`` (see ``_rearm``)."""
+        # Our handler goes in first, so that a signal at any moment from here on is ours. Until
+        # the backend is made, it only records the signal (see on_signal): raised in the middle
+        # of LocalBackend(), an exception could leave a manager thread that nobody stops.
+        self._starting = True
+        self._pending_level = 0
+        try:
+            _signals.attach(self)
+            self._backend: Backend = self._make_backend()
         except KeyboardInterrupt:  # a handler of the user's raised it before ours was in place
             _signals.detach(self)
             self._close_journal()
@@ -269,6 +281,51 @@ class Pool(Executor):
             self._close_journal()
             raise error
 
+    def settle(self) -> None:
+        """If an ``Interrupted`` was raised outside any pool call (in the caller's own code),
+        no call waited for the stop: wait for it now (every worker gone), and commit the
+        journal. Called before the pool is used again, and as a notebook cell ends."""
+        if self._signal is None or self._reported or self._gathering or self._closing:
+            return
+        self._stop(None)
+        self._reported = True
+        self._close_journal(quick=True)
+        self._held = []
+        _signals.detach(self)
+        self._gathering = False
+
+    def _rearm(self) -> None:
+        """After an ``Interrupted``, the next ``submit`` or ``map`` starts the pool again:
+        new workers, the same options, the same journal. A pool held in a notebook's variable
+        lives on from cell to cell. (A script's ``with`` block ends at the ``Interrupted``
+        anyway, unless the script catches it inside the block and goes on.)
+
+        Only the main thread does this, once the stop is over: a call from another thread
+        while the pool is stopped is refused, as before.
+        """
+        if (
+            self._signal is None
+            or self._closed
+            or self._gathering
+            or self._closing
+            or not _signals.in_main_thread()
+        ):
+            return
+        self.settle()
+        journal = self._journal
+        if journal is not None:
+            from ._journal import Journal
+
+            # A new handle on the same file (its first one may have been fresh=True: what was
+            # recorded since must stay).
+            journal = Journal(journal.path, skip_failed=journal.skip_failed)
+        self._signal = None
+        self._signals_seen = 0
+        self._reported = False
+        self._last_run = None
+        self._runs = weakref.WeakSet()
+        self._start(journal)
+
     @property
     def workers(self) -> int:
         """How many worker processes the pool keeps."""
@@ -295,6 +352,7 @@ class Pool(Executor):
         return self._submit(self._opts, fn, args, kwargs)
 
     def _submit(self, opts: TaskOptions, fn: Callable[..., T], args: Any, kwargs: Any) -> Future[T]:
+        self._rearm()
         journal = self._journal
         key = b""
         recorded: dict[bytes, tuple[Any, BaseException | None]] = {}
@@ -310,6 +368,7 @@ class Pool(Executor):
         with self._lock:
             self._check_open()
             fut: _TaskFuture[T] = _TaskFuture()
+            fut.owner = weakref.ref(self)
             index = next(self._index)
             self._futures[index] = fut
             if key in recorded:  # the journal has its outcome: it does not run again
@@ -423,6 +482,7 @@ class Pool(Executor):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         _flag("return_exceptions", return_exceptions)
+        self._rearm()
         run = MapRun(
             self,
             opts,
@@ -466,6 +526,7 @@ class Pool(Executor):
         progress: bool = False,
     ) -> Iterator[T]:
         _flag("return_exceptions", return_exceptions)
+        self._rearm()
         run = MapRun(
             self,
             opts,
@@ -732,6 +793,7 @@ class _TaskFuture(Future[T]):
     """
 
     uid = _FOREIGN
+    owner: weakref.ref[Pool] | None = None  # the pool that made it
 
     def result(self, timeout: float | None = None) -> T:
         self._wait_done(timeout)
@@ -743,12 +805,21 @@ class _TaskFuture(Future[T]):
 
     def _wait_done(self, timeout: float | None) -> None:
         """Wait until done, ``CHECK_EVERY`` seconds at a time (see ``_signals``), at most
-        ``timeout`` seconds; the base class then reports the outcome, or the timeout."""
-        with self._condition:
-            for part in _signals.sliced(timeout):
-                if self._state not in (PENDING, RUNNING):
-                    return
-                self._condition.wait(part)
+        ``timeout`` seconds; the base class then reports the outcome, or the timeout.
+
+        A Ctrl-C meanwhile is a pool call's: the pool stops, and the ``Interrupted`` carries
+        the results of its futures that finished (as a map's carries the map's)."""
+        try:
+            with self._condition:
+                for part in _signals.sliced(timeout):
+                    if self._state not in (PENDING, RUNNING):
+                        return
+                    self._condition.wait(part)
+        except KeyboardInterrupt as exc:
+            pool = self.owner() if self.owner is not None else None
+            if pool is None or (isinstance(exc, Interrupted) and exc._filled):
+                raise
+            raise pool._stop_for(exc, pool._completed, None) from None
 
     def _invoke_callbacks(self) -> None:
         # Done-callbacks run in the manager thread. Future's own loop logs an Exception and

@@ -324,12 +324,14 @@ class Packer:
         self._stream_end = HEADER
         self._token = 0
 
-    def pack(self, obj: object) -> Packer:
+    def pack(self, obj: object, pickler: type[pickle.Pickler] = pickle.Pickler) -> Packer:
+        """Pickle ``obj`` into this part, with ``pickler`` (by default plain pickle; see
+        ``_byvalue`` for the one that sends by value what a worker cannot import)."""
         try:
             if self.segments.prefix is None:
-                pickle.Pickler(self, PROTOCOL).dump(obj)
+                pickler(self, PROTOCOL).dump(obj)
             else:
-                pickle.Pickler(self, PROTOCOL, buffer_callback=self._buffer).dump(obj)
+                pickler(self, PROTOCOL, buffer_callback=self._buffer).dump(obj)
             if self._token:  # a longer message was in it before: give back what is past this one
                 with contextlib.suppress(OSError):  # only memory kept longer if it fails
                     os.ftruncate(self._stream_fd, self._stream_end)

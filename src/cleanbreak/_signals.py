@@ -74,6 +74,8 @@ _DEFAULTS: dict[int, Any] = {
 CHAINED = {
     ("asyncio.runners", "Runner._on_sigint"),  # asyncio.run, asyncio.Runner
     ("asyncio.unix_events", "_sighandler_noop"),  # loop.add_signal_handler
+    # An IPython kernel's, while a cell that awaits runs: it cancels the cell's coroutine.
+    ("ipykernel.ipkernel", "IPythonKernel._cancel_on_sigint.<locals>.handle_sigint"),
 }
 
 
@@ -83,6 +85,9 @@ class Listener(Protocol):
 
     def is_live(self) -> bool:
         """False once the pool has stopped: it no longer reacts to signals."""
+
+    def settle(self) -> None:
+        """Finish a stop that no pool call waited for (a notebook cell ends)."""
 
 
 _lock = threading.RLock()  # the handler may run while the main thread holds it
@@ -143,19 +148,74 @@ def chainable(handler: Any) -> bool:
 
 def attach(listener: Listener) -> bool:
     """Start routing SIGINT and SIGTERM to ``listener``. Returns whether our handler is in place."""
-    global _owner_pid
     with _lock:
-        _listeners.append(listener)
+        if listener not in _listeners:
+            _listeners.append(listener)
         if in_main_thread():
-            for sig in HANDLED:
-                current = signal.getsignal(sig)
-                if current is _handler:
-                    continue
-                if current is _DEFAULTS[sig] or chainable(current):
-                    _owner_pid = os.getpid()
-                    _saved[sig] = current
-                    signal.signal(sig, _handler)
+            _install()
+            _follow_ipython_cells()
         return signal.getsignal(signal.SIGINT) is _handler
+
+
+def _install() -> None:
+    """Put our handler in place of the default ones (or of a chainable one). Main thread."""
+    global _owner_pid
+    for sig in HANDLED:
+        current = signal.getsignal(sig)
+        if current is _handler:
+            continue
+        if current is _DEFAULTS[sig] or chainable(current):
+            _owner_pid = os.getpid()
+            _saved[sig] = current
+            signal.signal(sig, _handler)
+
+
+# ── in a notebook ────────────────────────────────────────────────────────────────────────────
+#
+# An IPython kernel sets SIGINT's handler for each cell it runs (Python's default while the
+# cell runs, SIG_IGN between cells, or, for a cell that awaits, a handler that cancels it), and
+# puts its own back after the cell: ours, installed when a cell made the pool, is gone by the
+# next cell. So while a pool lives, ours goes in again before each cell runs (IPython's
+# ``pre_run_cell`` event), over the kernel's, which it then stands for: the interrupt button
+# stops the pool at once, whichever cell is running, even one that only waits for a future.
+
+_ipython_followed = False
+
+
+def _follow_ipython_cells() -> None:
+    """Once per process, in an IPython shell: reinstall our handler before each cell."""
+    global _ipython_followed
+    if _ipython_followed:
+        return
+    module = sys.modules.get("IPython")  # never imported here for this
+    get_ipython = getattr(module, "get_ipython", None)
+    if get_ipython is None:
+        return
+    try:
+        shell = get_ipython()
+        if shell is None:
+            return
+        shell.events.register("pre_run_cell", _before_cell)
+        shell.events.register("post_run_cell", _after_cell)
+    except Exception:  # an IPython without events: the pool's calls still catch Ctrl-C
+        return
+    _ipython_followed = True
+
+
+def _before_cell(info: object = None) -> None:
+    """IPython's ``pre_run_cell`` event, in the main thread, as a cell starts."""
+    with _lock:
+        if in_main_thread() and any(listener.is_live() for listener in list(_listeners)):
+            _install()
+
+
+def _after_cell(result: object = None) -> None:
+    """IPython's ``post_run_cell`` event, as a cell ends: a cell that the interrupt button
+    stopped in its own code (not in a pool call) ends only once the pool has stopped, so
+    that when the cell is over every worker is gone, as after a pool call."""
+    if in_main_thread():
+        for listener in list(_listeners):
+            listener.settle()
 
 
 def detach(listener: Listener) -> None:

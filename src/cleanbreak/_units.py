@@ -112,7 +112,9 @@ class Unit:
     """Items that travel to a worker together, and where their outcomes go."""
 
     __slots__ = (
+        "by_value",
         "cancelled",
+        "fid",
         "fn",
         "history",
         "items",
@@ -145,6 +147,10 @@ class Unit:
         self.received = 0  # how many items have an outcome
         self.history = history  # earlier failed attempts, for a retried single item
         self.cancelled = False  # Pool.cancel() asked for it while it waited in a worker
+        self.fid = 0  # the number its function was last sent under (see _manager._Functions)
+        # Its items go by value, ``__main__``'s classes included: a worker could not load them
+        # by reference (a class a script defines under its ``__main__`` guard).
+        self.by_value = False
 
     @property
     def left(self) -> int:
@@ -160,9 +166,11 @@ class Unit:
         stop = len(self.items) if end is None else end
         items = self.items[begin:stop]
         history = self.history if len(items) == 1 else None
-        return Unit(
+        unit = Unit(
             uid, self.kind, self.fn, items, self.sink, self.start + begin, self.opts, history
         )
+        unit.by_value = self.by_value
+        return unit
 
 
 class UnitQueue(Protocol):

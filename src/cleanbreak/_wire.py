@@ -19,10 +19,12 @@ pipe accepts and reads whatever has arrived, both from its single ``select``. Th
 payloads of any size safe. A worker can be blocked writing a 200 MB result while the manager
 is part-way through writing it the next task, and neither waits for the other.
 
-Messages, parent to worker: parts ``(uid, kind, exact)``, ``fn``, ``items``; or the single part
-``None``, to exit. Messages, worker to parent: parts ``(uid, offset, count, status, seconds)``
-and ``(values, errors)``. ``values`` holds the results of ``count`` items from ``offset`` in
-the unit, ``errors`` maps a position in ``values`` to a ``CapturedError``, ``status`` says
+Messages, parent to worker: parts ``(uid, kind, exact, fid)``, ``fn``, ``items``; or the single
+part ``None``, to exit. ``fid`` numbers the function; ``fn`` is empty when the worker holds that
+function from an earlier unit (see ``_manager._Functions``). Messages, worker to parent:
+parts ``(uid, offset, count, status, seconds)`` and ``(values, errors)``. ``values`` holds the
+results of ``count`` items from ``offset`` in the unit, ``errors`` maps a position in ``values``
+to a ``CapturedError``, ``status`` says
 whether more of the unit follows (``PARTIAL``), it is done (``DONE``), the worker stopped before
 the next item because the pool's gate closed (``SKIPPED``), a SIGTERM broke off the next item
 and the worker is about to die of it (``STOPPED``), or the unit could not be unpickled
@@ -83,6 +85,17 @@ def make_pipe() -> tuple[int, int]:
 
 def dumps(obj: object) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
+
+
+def dumps_any(obj: object) -> bytes:
+    """``obj`` pickled plainly, or, where that fails, with what has no importable home (a
+    class that came by value, a lambda) sent by value (see ``_byvalue``)."""
+    try:
+        return dumps(obj)
+    except Exception:
+        from . import _byvalue
+
+        return _byvalue.dumps(obj)
 
 
 def frame(*parts: bytes | Packer) -> list[Any]:
@@ -269,8 +282,9 @@ class CapturedError:
             return cls(TaskAborted(type(exc).__name__, detail), tb)
         try:
             # An exception pickles but may not unpickle (a required __init__ argument that is not
-            # in .args). Try the round trip here, where the cause can still be reported.
-            pickle.loads(dumps(exc))
+            # in .args). Try the round trip here, where the cause can still be reported. A class
+            # that came by value (a notebook's) goes back by value.
+            pickle.loads(dumps_any(exc))
         except BaseException as err:
             reason = f"{type(exc).__name__}: {exc} (and pickling it failed: {err!r})"
             return cls(SerializationError("exception", reason), tb)

@@ -39,6 +39,7 @@ import pickle
 import select
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -59,6 +60,7 @@ from ._wire import (
     CapturedError,
     discard,
     dumps,
+    dumps_any,
     recv_frame,
     send_frame,
     split,
@@ -76,6 +78,36 @@ _MAX_BATCH = 4096
 GATE_SIZE = _MAX_BATCH
 
 UNREADABLE = 3  # status: the unit's function or items could not be unpickled here
+
+# The functions this worker holds, by the number the parent gave each (see
+# _manager._Functions): the last WORKER_FUNCTIONS it was sent, least recently used first. A
+# function that could not be loaded is held as the reason, so that later units naming it fail
+# the same way.
+WORKER_FUNCTIONS = 16
+_functions: OrderedDict[int, Any] = OrderedDict()
+
+
+class _NotLoaded(Exception):
+    """A unit names a function that this worker could not load when it came."""
+
+    def __init__(self, reason: str, lookup: bool) -> None:
+        super().__init__(reason)
+        self.lookup = lookup
+
+
+def _unreadable(part: str, exc: BaseException) -> SerializationError:
+    """The error of a unit's function or arguments that could not be loaded here.
+    ``lookup`` says whether a name was not found (an attribute or a module): then the parent
+    sends that part again by value (see ``_manager``)."""
+    if isinstance(exc, _NotLoaded):
+        error = SerializationError(part, str(exc))
+        error.lookup = exc.lookup  # type: ignore[attr-defined]
+        return error
+    reason = f"it could not be unpickled in the worker: {type(exc).__name__}: {exc}"
+    error = SerializationError(part, reason)
+    error.lookup = isinstance(exc, (AttributeError, ImportError))  # type: ignore[attr-defined]
+    return error
+
 
 # Where this worker puts large payloads; set by worker_main.
 _segments = Segments(None)
@@ -243,17 +275,16 @@ def _serve(
         meta = pickle.loads(parts[0])
         if meta is None:
             return
-        uid, kind, each = meta
+        uid, kind, each, fid = meta
         # The function and the items are pickled apart, so that a failure says which it was.
         part = "function"
         try:
-            fn = load(parts[1], layouts.pop(1, None))
+            fn = _function(fid, parts[1], layouts.pop(1, None))
             part = "arguments"
             items = load(parts[2], layouts.pop(2, None))
         except BaseException as exc:
             discard(layouts)
-            reason = f"it could not be unpickled in the worker: {type(exc).__name__}: {exc}"
-            error = CapturedError(SerializationError(part, reason), "")
+            error = CapturedError(_unreadable(part, exc), "")
             _send(result_fd, (uid, 0, [], {0: error}, UNREADABLE, 0.0))
             continue
         finally:
@@ -267,6 +298,32 @@ def _serve(
             reuse_memory = heap is not None
         if heap is not None:
             heap.tidy()
+
+
+def _function(fid: int, data: memoryview, layout: Any) -> Callable[..., Any]:
+    """The unit's function: sent with it (``data``), or held from an earlier unit."""
+    if data.nbytes:
+        try:
+            fn = load(data, layout)
+        except BaseException as exc:
+            error = _unreadable("function", exc)
+            _hold(fid, _NotLoaded(error.reason, error.lookup))  # type: ignore[attr-defined]
+            raise
+        _hold(fid, fn)
+        return fn  # type: ignore[no-any-return]
+    held = _functions.get(fid)
+    if held is None:  # pragma: no cover - the parent's list and ours disagree: a bug
+        raise _NotLoaded(f"this worker does not hold function {fid}", False)
+    _functions.move_to_end(fid)
+    if isinstance(held, _NotLoaded):
+        raise _NotLoaded(str(held), held.lookup)
+    return held  # type: ignore[no-any-return]
+
+
+def _hold(fid: int, fn: Any) -> None:
+    _functions[fid] = fn
+    while len(_functions) > WORKER_FUNCTIONS:
+        _functions.popitem(last=False)
 
 
 def _take_fd(conn: Connection) -> int:
@@ -407,14 +464,26 @@ def _send_ready(out: int, error: CapturedError | None) -> None:
 def _send(out: int, message: tuple[Any, ...]) -> None:
     uid, offset, values, errors, status, seconds = message
     try:
-        payload = Packer(_segments).pack((values, errors))
+        payload = _pack((values, errors))
     except BaseException:
         # Some value would not pickle, or its pickling raised even SystemExit: that item
         # fails alone, and the worker goes on.
-        payload = Packer(_segments).pack(_picklable(values, errors))
+        payload = _pack(_picklable(values, errors))
     _send_or_orphan(out, dumps((uid, offset, len(values), status, seconds)), payload)
     global _sent
     _sent = max(_sent, largest(payload.layout))
+
+
+def _pack(obj: object) -> Packer:
+    """Results packed for the parent: plainly, or, where that fails, with what has no
+    importable home sent by value (an instance of a class that came by value from a notebook,
+    a lambda; see ``_byvalue``)."""
+    try:
+        return Packer(_segments).pack(obj)
+    except Exception:
+        from . import _byvalue
+
+        return Packer(_segments).pack(obj, _byvalue.pickler(False))
 
 
 def _picklable(
@@ -425,7 +494,7 @@ def _picklable(
     clean: list[Any] = []
     for i, value in enumerate(values):
         try:
-            dumps(value)
+            dumps_any(value)
         except BaseException as exc:
             reason = f"{type(value).__name__} object: {type(exc).__name__}: {exc}"
             errors[i] = CapturedError(SerializationError("result", reason), "")

@@ -1,0 +1,161 @@
+"""Functions and classes that a worker cannot import travel by value.
+
+Plain pickle sends a function or a class *by reference*: its module and its name, which the
+receiver imports. That fails for what has no importable home:
+
+- a function or class defined in a notebook cell, the REPL, ``python -c`` or a script read
+  from stdin: ``__main__`` there is not a file that a worker started by spawn or a fork server
+  can run again, so the name is missing in the worker's ``__main__``;
+- a lambda, a closure, a nested function: pickle cannot name them at all;
+- on Dask, a function whose module is not installed on the cluster (see ``_dask``).
+
+These go *by value*, as loky, joblib, Dask and Ray send them: cloudpickle pickles the code,
+the globals it uses and its closure, and classes with their body. It is used only where plain
+pickle will not do, and only for what needs it: an importable function still goes by
+reference (the same bytes as plain pickle), so a script pays nothing.
+
+The receiver needs no more than ``pickle.loads``: a stream by cloudpickle names cloudpickle's
+own functions by reference, and the receiver imports cloudpickle to call them. A class sent by
+value keeps a tracking id, so an instance that comes back in a result is of the sender's own
+class (``isinstance`` holds), and a class sent twice is made once in the receiver.
+
+What differs from a function that runs where it was defined: a function sent by value gets a
+copy of the globals it uses, taken when it is sent, and its own namespace for them. So a global
+that an ``initializer`` sets in a worker is not seen by a task function sent by value (the same
+holds with loky, joblib and Dask). From a script, functions at the top level go by reference and
+share the worker's real module.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import types
+from typing import Any
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+INSTALL = "pip install cloudpickle"
+
+_picklers: dict[bool, type[pickle.Pickler]] = {}
+
+
+def main_importable() -> bool:
+    """Whether a worker that spawn or a fork server starts runs this process's main module
+    again, so that its top-level functions and classes can be found there by name.
+
+    True for a script (a file) and for ``python -m module``, which is what multiprocessing
+    runs again in each worker. False for a notebook, the REPL, ``python -c``, a script read
+    from stdin, IPython, and ``python -m package`` (multiprocessing does not run a package's
+    ``__main__`` again).
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        return False
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", None)
+    if isinstance(name, str) and name:
+        return name != "__main__" and not name.endswith(".__main__")
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str):
+        return False
+    if os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return False  # multiprocessing skips IPython's own script
+    return os.path.isfile(path)
+
+
+def _resolves(obj: Any) -> bool:
+    """Whether ``obj`` is found under its qualified name in this process's ``__main__``."""
+    qualname = getattr(obj, "__qualname__", None)
+    if not isinstance(qualname, str) or "<" in qualname:  # <lambda>, <locals>
+        return False
+    found: Any = sys.modules.get("__main__")
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    return found is obj
+
+
+def pickler(main_by_value: bool) -> type[pickle.Pickler]:
+    """The pickler class that sends by value what has no importable home (cloudpickle's).
+
+    ``main_by_value``: everything of ``__main__`` goes by value (the receiver cannot import
+    it). Otherwise a function or class of ``__main__`` goes by reference when it is found under
+    its name there, as plain pickle would send it.
+    """
+    cls = _picklers.get(main_by_value)
+    if cls is not None:
+        return cls
+    try:
+        import cloudpickle
+    except ImportError:
+        raise pickle.PicklingError(
+            "sending this by value (it is defined in a notebook cell, the REPL or a lambda, or "
+            f"is not importable where it runs) needs cloudpickle, which is missing: {INSTALL}"
+        ) from None
+
+    base: Any = cloudpickle.Pickler
+
+    class ByValuePickler(base):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if (
+                not main_by_value
+                and isinstance(obj, (type, types.FunctionType))
+                and getattr(obj, "__module__", None) == "__main__"
+                and _resolves(obj)
+            ):
+                return NotImplemented
+            return super().reducer_override(obj)
+
+    ByValuePickler.__qualname__ = ByValuePickler.__name__ = (
+        "MainByValuePickler" if main_by_value else "ByValuePickler"
+    )
+    _picklers[main_by_value] = ByValuePickler
+    return ByValuePickler
+
+
+def dumps(obj: object, main_by_value: bool = False) -> bytes:
+    """``obj`` pickled with what has no importable home sent by value."""
+    import io
+
+    buffer = io.BytesIO()
+    pickler(main_by_value)(buffer, PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def dumps_either(obj: object, main_by_value: bool = False) -> bytes:
+    """Plain pickle where it works (and ``__main__`` is importable), else by value."""
+    if not main_by_value:
+        try:
+            return pickle.dumps(obj, PROTOCOL)
+        except Exception:
+            pass
+    return dumps(obj, main_by_value)
+
+
+class Shipped:
+    """An object that travels pickled in advance: unpickled, it is the object itself.
+
+    For what multiprocessing pickles on its own, with plain pickle, when it starts a worker
+    (the pool's initializer and its arguments)."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pickle.loads, (self.payload,))
+
+
+def ship(obj: object, main_by_value: bool) -> object:
+    """``obj``, ready for multiprocessing's plain pickle: itself if that pickles it so that a
+    new worker can load it, else a ``Shipped`` copy by value."""
+    if main_by_value:
+        return Shipped(dumps(obj, main_by_value))
+    try:
+        pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return Shipped(dumps(obj, main_by_value))
+    return obj
