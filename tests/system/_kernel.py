@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 
 GUARD = 60.0  # deadlock guard for a cell, or for a kernel to start
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,8 +68,8 @@ class Kernel:
     """One IPython kernel process, started with this Python in ``cwd``."""
 
     def __init__(self, cwd: Path, env: dict[str, str] | None = None) -> None:
-        jupyter_client = pytest.importorskip("jupyter_client")
-        pytest.importorskip("ipykernel")
+        from jupyter_client.manager import KernelManager  # the test extra has it
+
         environ = dict(os.environ)
         # The kernel imports the tests' own modules (and cleanbreak, from where pytest does).
         environ["PYTHONPATH"] = os.pathsep.join(
@@ -76,7 +77,13 @@ class Kernel:
         )
         environ.pop("PYTEST_CURRENT_TEST", None)
         environ.update(env or {})
-        self.manager = jupyter_client.KernelManager()
+        # Over Unix sockets (over TCP the kernel warns on its stderr), in a folder with a
+        # short name: a socket's path may not be longer than 107 bytes.
+        self._sockets = tempfile.mkdtemp(prefix="cbk-")
+        self.manager = KernelManager(
+            transport="ipc", connection_file=os.path.join(self._sockets, "kernel.json")
+        )
+        self.manager.ip = os.path.join(self._sockets, "ipc")
         spec = self.manager.kernel_spec
         assert spec is not None
         spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -187,3 +194,4 @@ class Kernel:
             self.client.stop_channels()
         with contextlib.suppress(Exception):
             self.manager.shutdown_kernel(now=True)
+        shutil.rmtree(self._sockets, ignore_errors=True)
