@@ -40,6 +40,10 @@ INSTALL = "pip install cloudpickle"
 _picklers: dict[bool, type[pickle.Pickler]] = {}
 
 
+class CloudpickleMissing(pickle.PicklingError):
+    """Something must go by value, and cloudpickle (a dependency) is not installed."""
+
+
 def main_importable() -> bool:
     """Whether a worker that spawn or a fork server starts runs this process's main module
     again, so that its top-level functions and classes can be found there by name.
@@ -90,7 +94,7 @@ def pickler(main_by_value: bool) -> type[pickle.Pickler]:
     try:
         import cloudpickle
     except ImportError:
-        raise pickle.PicklingError(
+        raise CloudpickleMissing(
             "sending this by value (it is defined in a notebook cell, the REPL or a lambda, or "
             f"is not importable where it runs) needs cloudpickle, which is missing: {INSTALL}"
         ) from None
@@ -124,16 +128,6 @@ def dumps(obj: object, main_by_value: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def dumps_either(obj: object, main_by_value: bool = False) -> bytes:
-    """Plain pickle where it works (and ``__main__`` is importable), else by value."""
-    if not main_by_value:
-        try:
-            return pickle.dumps(obj, PROTOCOL)
-        except Exception:
-            pass
-    return dumps(obj, main_by_value)
-
-
 class Shipped:
     """An object that travels pickled in advance: unpickled, it is the object itself.
 
@@ -152,10 +146,13 @@ class Shipped:
 def ship(obj: object, main_by_value: bool) -> object:
     """``obj``, ready for multiprocessing's plain pickle: itself if that pickles it so that a
     new worker can load it, else a ``Shipped`` copy by value."""
-    if main_by_value:
-        return Shipped(dumps(obj, main_by_value))
     try:
-        pickle.dumps(obj, PROTOCOL)
-    except Exception:
-        return Shipped(dumps(obj, main_by_value))
+        if main_by_value:
+            return Shipped(dumps(obj, main_by_value))
+        try:
+            pickle.dumps(obj, PROTOCOL)
+        except Exception:
+            return Shipped(dumps(obj, main_by_value))
+    except CloudpickleMissing:
+        pass  # as it is: multiprocessing says what fails
     return obj

@@ -658,7 +658,13 @@ class LocalBackend(Intake):
                 pass  # a lambda, a closure, a local class: by value
         # A function a worker could not import (``by_value``) goes by value whole, ``__main__``
         # included: it was found there in this process, and not in the worker's.
-        pickler = _byvalue.pickler(self._main_by_value or by_value)
+        try:
+            pickler = _byvalue.pickler(self._main_by_value or by_value)
+        except _byvalue.CloudpickleMissing:
+            if not by_value:
+                with contextlib.suppress(Exception):  # what is importable still goes
+                    return Packer(self._segments).pack(obj), False
+            raise
         return Packer(self._segments).pack(obj, pickler), True
 
     def _flush(self, w: _Worker) -> None:

@@ -552,11 +552,16 @@ def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
         run.close(how)
     if failures and not return_exceptions:
         index, first = min(failures.items())
-        first.add_note(
+        note = (
             f"{len(failures)} of {len(results)} tasks failed; this is task {index}, the first in "
-            "input order. The other results are in this exception's .completed, or pass "
-            "return_exceptions=True to get them all in the list."
+            "input order."
         )
+        if len(failures) < len(results):
+            note += (
+                " The other results are in this exception's .completed, or pass "
+                "return_exceptions=True to get them all in the list."
+            )
+        first.add_note(note)
         _attach_completed(first, {i: value for i, value in enumerate(results) if i not in failures})
         raise first
     return results

@@ -1,0 +1,341 @@
+"""cleanbreak in a notebook: a real IPython kernel, driven as a front end drives it.
+
+- Functions, classes, lambdas and closures defined in cells run, on every start method.
+- The interrupt button (``KernelManager.interrupt_kernel()``: SIGINT to the kernel's process
+  group) gives the promise of Ctrl-C in a terminal, through every API: ``Interrupted`` within
+  0.1 s, no task starts after it, the finished results kept (in ``.completed`` when caught,
+  in ``sys.last_value.completed`` when not, and the cell shows one line), no traceback from a
+  worker in the cell, no worker left, and the kernel lives on.
+- A pool held in a variable works in the next cell after an interrupt, with new workers.
+
+Synchronisation is by handshake: each task that is to be running at the interrupt creates a
+file (``tests.tasks.touch``), and the test waits for those files; the tasks then sleep until
+they are stopped. Every wait is bounded by a deadlock guard only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.tasks import wait_for_path
+
+from ._harness import METHODS, record
+from ._kernel import Cell, Kernel
+
+pytest.importorskip("ipykernel")
+
+STOP_WITHIN_NS = 100_000_000  # the interrupt button stops a running map within 0.1 s
+LEFT_AFTER = 1.0  # seconds by which a stopped worker must be gone (a deadlock guard)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+    cwd = tmp_path_factory.mktemp("kernel")
+    k = Kernel(cwd)
+    try:
+        k.ok("import json, os, sys, time\nimport cleanbreak\nfrom tests.tasks import touch")
+        k.ok(WATCH_GATE)
+        yield k
+    finally:
+        k.shutdown()
+
+
+# The pool closes its gate (the first thing its signal handler does): say so with a file.
+WATCH_GATE = """
+import cleanbreak._manager
+_close_gate = cleanbreak._manager.close_gate
+def _watched_close_gate(gate):
+    _close_gate(gate)
+    touch(os.path.join(MARKS, "gate"))
+cleanbreak._manager.close_gate = _watched_close_gate
+"""
+
+
+@pytest.fixture
+def marks(tmp_path: Path, kernel: Kernel) -> Path:
+    """A folder of this test's own for the tasks' handshake files, known to the kernel."""
+    kernel.ok(f"MARKS = {str(tmp_path)!r}")
+    return tmp_path
+
+
+def _alive_kernel(kernel: Kernel) -> None:
+    assert kernel.alive()
+    assert kernel.ok("1 + 1").text == "2"
+
+
+def _started(marks: Path) -> dict[int, int]:
+    """The tasks that started, with the pid of the worker that ran each."""
+    out = {}
+    for path in marks.glob("started-*"):
+        if path.suffix == ".tmp":
+            continue
+        out[int(path.name.split("-")[1])] = int(path.read_text())
+    return out
+
+
+def _gone(pids: set[int]) -> list[int]:
+    """The pids still alive ``LEFT_AFTER`` seconds from now at the latest (none, if right)."""
+    deadline = time.monotonic() + LEFT_AFTER
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if psutil.pid_exists(p) and not _zombie(p)}
+        if alive:
+            time.sleep(0.01)
+    return sorted(alive)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _no_worker_output(cell: Cell) -> None:
+    # ipykernel forwards what the kernel's processes write to their stdout and stderr: a
+    # worker's traceback would show up here.
+    assert cell.stderr == "", cell.summary()
+    assert "Traceback" not in cell.stdout, cell.summary()
+
+
+# ── cells define the functions ───────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cell_defined_functions_classes_lambdas_and_closures_run(
+    kernel: Kernel, method: str
+) -> None:
+    kernel.ok(
+        "def sq(x):\n"
+        "    return x * x\n"
+        "class Box:\n"
+        "    def __init__(self, v):\n"
+        "        self.v = v\n"
+        "def grow(b):\n"
+        "    return Box(b.v * 10)\n"
+        "class CellError(ValueError):\n"
+        "    pass\n"
+        "def fails(x):\n"
+        "    raise CellError(f'no {x}')\n"
+        "def make_adder(k):\n"
+        "    def add(x):\n"
+        "        return x + k\n"
+        "    return add\n"
+    )
+    cell = kernel.ok(
+        f"method = {method!r}\n"
+        "out = {}\n"
+        "out['cbmap'] = cleanbreak.map(sq, range(8), workers=2, mp_context=method)\n"
+        "with cleanbreak.Pool(2, mp_context=method) as pool:\n"
+        "    out['map'] = list(pool.map(make_adder(3), range(5)))\n"
+        "    out['lambda'] = sorted(pool.imap_unordered(lambda x: -x, range(4)))\n"
+        "    out['submit'] = pool.submit(sq, 9).result()\n"
+        "    out['class'] = [type(b) is Box and b.v for b in pool.map(grow, [Box(1), Box(2)])]\n"
+        "    try:\n"
+        "        pool.submit(fails, 4).result()\n"
+        "    except CellError as exc:\n"
+        "        out['error'] = str(exc)\n"
+        "out"
+    )
+    assert cell.value() == {
+        "cbmap": [0, 1, 4, 9, 16, 25, 36, 49],
+        "map": [3, 4, 5, 6, 7],
+        "lambda": [-3, -2, -1, 0],
+        "submit": 81,
+        "class": [10, 20],
+        "error": "no 4",
+    }
+    _no_worker_output(cell)
+
+
+# ── the interrupt button ─────────────────────────────────────────────────────────────────────
+
+# Tasks 0 and 1 finish at once; each later task says it started, then sleeps until stopped
+# (or, in drain mode, until the test lets it finish). With 2 workers and one item per chunk,
+# tasks 2 and 3 are running at the interrupt, and no other may start after it.
+TASK = """
+def task(i):
+    if i >= 2:
+        touch(os.path.join(MARKS, f"started-{i}"))
+        release = os.path.join(MARKS, "release")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    return i * 10
+"""
+
+# Each API's cell: the job, whose results are appended to `got` as the caller receives them.
+JOBS = {
+    "map": "for r in pool.map(task, range(20), chunksize=1):\n    got.append(r)\n",
+    "imap_unordered": (
+        "for r in pool.imap_unordered(task, iter(range(20)), chunksize=1):\n    got.append(r)\n"
+    ),
+    "submit": "futures = [pool.submit(task, i) for i in range(20)]\n"
+    "for f in futures:\n    got.append(f.result())\n",
+    "cbmap": "got.extend(cleanbreak.map(task, range(20), workers=2, chunksize=1))\n",
+}
+
+
+def _job_cell(api: str, method: str, catch: bool, mode: str = "terminate") -> str:
+    job = JOBS["map" if api == "drain" else api]
+    if api != "cbmap":
+        job = (
+            f"with cleanbreak.Pool(2, mp_context={method!r}, on_interrupt={mode!r}) as pool:\n"
+            + "".join(f"    {line}\n" for line in job.splitlines())
+        )
+    else:
+        job = job.replace("chunksize=1", f"chunksize=1, mp_context={method!r}")
+    body = "got = []\ncaught = None\n"
+    if catch:
+        body += "try:\n" + "".join(f"    {line}\n" for line in job.splitlines())
+        body += (
+            "except cleanbreak.Interrupted as exc:\n"
+            "    caught = time.monotonic_ns()\n"
+            "    print(json.dumps({'caught': caught, 'got': got,\n"
+            "                      'completed': exc.completed, 'message': str(exc)}))\n"
+        )
+    else:
+        body += job
+    return body
+
+
+def _press_when_running(kernel: Kernel, cell: Cell, marks: Path) -> int:
+    """Wait until tasks 2 and 3 run, then press the interrupt button; when it was pressed.
+    (Their workers sent the results of tasks 0 and 1 before they started them.)"""
+    for i in (2, 3):
+        assert wait_for_path(marks / f"started-{i}"), cell.summary()
+    return kernel.interrupt()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("api", ["map", "imap_unordered", "submit", "cbmap"])
+def test_the_interrupt_button_stops_keeps_and_leaves_nothing(
+    kernel: Kernel, marks: Path, method: str, api: str
+) -> None:
+    kernel.ok(TASK)
+    cell = kernel.start(_job_cell(api, method, catch=True))
+    sent = _press_when_running(kernel, cell, marks)
+    kernel.wait(cell)
+    assert cell.status == "ok", cell.summary()
+    report = json.loads(cell.stdout.strip().splitlines()[-1])
+    took = report["caught"] - sent
+    record(f"notebook: interrupt button to Interrupted, {api} (ms)", took / 1e6)
+    assert took < STOP_WITHIN_NS, f"Interrupted {took / 1e6:.1f} ms after the button"
+    kept = set(report["got"]) | {int(k) * 10 for k in report["completed"]}
+    assert {0, 10} <= kept, report
+    started = _started(marks)
+    assert set(started) == {2, 3}, f"a task started after the interrupt: {sorted(started)}"
+    assert _gone(set(started.values())) == []
+    _no_worker_output(cell)
+    _alive_kernel(kernel)
+
+
+@pytest.mark.parametrize("api", ["map", "submit", "cbmap"])
+def test_uncaught_the_cell_shows_one_line_and_the_results_stay_reachable(
+    kernel: Kernel, marks: Path, api: str
+) -> None:
+    kernel.ok(TASK)
+    cell = kernel.start(_job_cell(api, "forkserver", catch=False))
+    _press_when_running(kernel, cell, marks)
+    kernel.wait(cell)
+    assert cell.status == "error"
+    assert cell.error is not None
+    assert cell.error["ename"] == "Interrupted"
+    shown = cell.error["traceback"]
+    assert len(shown) == 1, shown  # one line, not a traceback
+    assert "sys.last_value.completed" in shown[0] or "sys.last_exc.completed" in shown[0]
+    where = "sys.last_exc" if "last_exc" in shown[0] else "sys.last_value"
+    kept = kernel.ok(f"sorted(set(got) | {{v for v in {where}.completed.values()}})").value()
+    assert {0, 10} <= set(kept)
+    assert set(_started(marks)) == {2, 3}
+    assert _gone(set(_started(marks).values())) == []
+    _no_worker_output(cell)
+    _alive_kernel(kernel)
+
+
+def test_drain_lets_the_running_tasks_finish_and_keeps_them(kernel: Kernel, marks: Path) -> None:
+    kernel.ok(TASK)
+    cell = kernel.start(_job_cell("drain", "forkserver", catch=True, mode="drain"))
+    _press_when_running(kernel, cell, marks)
+    # Once the pool has closed its gate, the running tasks are let go: they finish, and
+    # nothing else starts.
+    assert wait_for_path(marks / "gate"), cell.summary()
+    (marks / "release").touch()
+    kernel.wait(cell)
+    report = json.loads(cell.stdout.strip().splitlines()[-1])
+    kept = set(report["got"]) | {int(k) * 10 for k in report["completed"]}
+    assert kept == {0, 10, 20, 30}, report
+    assert set(_started(marks)) == {2, 3}
+    _no_worker_output(cell)
+    _alive_kernel(kernel)
+
+
+def test_an_interrupt_in_the_cells_own_code_stops_the_held_pool_before_the_cell_ends(
+    kernel: Kernel, marks: Path
+) -> None:
+    # The button lands in the cell's own code (a sleep), not in a pool call: the pool stops
+    # all the same, and the cell ends only once its workers are gone.
+    kernel.ok(TASK + "held = cleanbreak.Pool(2)\n")
+    cell = kernel.start(
+        "futures = [held.submit(task, i) for i in range(20)]\nwhile True:\n    time.sleep(0.01)\n"
+    )
+    for i in (2, 3):
+        assert wait_for_path(marks / f"started-{i}"), cell.summary()
+    kernel.interrupt()
+    kernel.wait(cell)
+    assert cell.error is not None and cell.error["ename"] == "Interrupted"
+    pids = set(_started(marks).values())
+    assert not any(psutil.pid_exists(p) and not _zombie(p) for p in pids)  # at once
+    assert kernel.ok("[f.result() for f in futures[:2]]").value() == [0, 10]
+    assert set(_started(marks)) == {2, 3}
+    kernel.ok("held.shutdown()")
+
+
+def test_a_futures_result_interrupted_carries_the_finished_futures(
+    kernel: Kernel, marks: Path
+) -> None:
+    # No with block to gather them: the result() call that waits does.
+    kernel.ok(TASK + "held = cleanbreak.Pool(2)\n")
+    cell = kernel.start(
+        "futures = [held.submit(task, i) for i in range(20)]\n"
+        "try:\n"
+        "    futures[-1].result()\n"
+        "except cleanbreak.Interrupted as exc:\n"
+        "    print(json.dumps(exc.completed))\n"
+    )
+    _press_when_running(kernel, cell, marks)
+    kernel.wait(cell)
+    assert json.loads(cell.stdout.strip().splitlines()[-1]) == {"0": 0, "1": 10}
+    assert set(_started(marks)) == {2, 3}
+    assert _gone(set(_started(marks).values())) == []
+    _no_worker_output(cell)
+    kernel.ok("held.shutdown()")
+
+
+def test_a_held_pool_works_in_the_next_cell_after_an_interrupt(kernel: Kernel, marks: Path) -> None:
+    kernel.ok(TASK + "held = cleanbreak.Pool(2)\nbefore = held.submit(os.getpid).result()\n")
+    cell = kernel.start(
+        "got = []\ntry:\n"
+        "    for r in held.map(task, range(20), chunksize=1):\n"
+        "        got.append(r)\n"
+        "except cleanbreak.Interrupted as exc:\n"
+        "    print('stopped', sorted(exc.completed))\n"
+    )
+    _press_when_running(kernel, cell, marks)
+    kernel.wait(cell)
+    assert "stopped" in cell.stdout, cell.summary()
+    old = set(_started(marks).values())
+    assert _gone(old) == []
+    # The next cell: the same pool, new workers.
+    cell = kernel.ok("(list(held.map(abs, [-1, -2, -3])), held.submit(os.getpid).result())")
+    values, pid = cell.value()
+    assert values == [1, 2, 3]
+    assert pid not in old
+    _no_worker_output(cell)
+    kernel.ok("held.shutdown()")

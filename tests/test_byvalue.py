@@ -1,0 +1,255 @@
+"""What a worker cannot import still runs: it goes by value (cloudpickle).
+
+Lambdas, closures, local functions and classes, and everything a notebook cell, the REPL,
+``python -c`` or a script read from stdin defines, run under every start method; an importable
+function still goes by reference, the same bytes as plain pickle; a function goes to each
+worker once, not with every chunk. The notebook itself is tested through a real kernel in
+``tests/system/test_notebook.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cleanbreak
+from cleanbreak import _byvalue
+from tests import tasks
+from tests.tasks import GUARD
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("forkserver", "spawn", "fork")
+
+
+def test_lambdas_closures_and_local_functions_run(pool: cleanbreak.Pool) -> None:
+    k = 5
+
+    def times_k(x: int) -> int:
+        return x * k
+
+    assert pool.submit(lambda x: x + 1, 1).result(timeout=GUARD) == 2
+    assert list(pool.map(times_k, range(6), timeout=GUARD)) == [0, 5, 10, 15, 20, 25]
+    assert sorted(pool.imap_unordered(lambda x: -x, range(5))) == [-4, -3, -2, -1, 0]
+    assert pool.submit(lambda: k).result(timeout=GUARD) == 5  # a closure's cell
+
+
+def test_a_local_class_travels_both_ways_and_stays_itself(pool: cleanbreak.Pool) -> None:
+    class Point:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    def shift(p: Point) -> Point:
+        return Point(p.x + 1)
+
+    out = list(pool.map(shift, [Point(i) for i in range(4)], timeout=GUARD))
+    assert [p.x for p in out] == [1, 2, 3, 4]
+    # The class came back as the caller's own, not as a copy made in the worker.
+    assert all(type(p) is Point for p in out)
+
+
+def test_a_local_exception_class_reaches_the_caller_as_itself(pool: cleanbreak.Pool) -> None:
+    class Oops(ValueError):
+        pass
+
+    def fail(x: int) -> int:
+        raise Oops(f"bad {x}")
+
+    with pytest.raises(Oops, match="bad 3") as info:
+        pool.submit(fail, 3).result(timeout=GUARD)
+    assert isinstance(info.value.__cause__, cleanbreak.RemoteTraceback)
+    assert "fail" in str(info.value.__cause__)
+
+
+def test_an_importable_function_goes_by_reference() -> None:
+    # The pickler that sends by value gives importable functions the very bytes plain
+    # pickle gives: the worker imports them, as before.
+    for fn in (tasks.square, os.getpid, pickle.dumps):
+        assert _byvalue.dumps(fn) == pickle.dumps(fn, _byvalue.PROTOCOL)
+    # pytest's own main module is a file: its functions would go by reference too.
+    assert _byvalue.main_importable()
+
+
+def _run_script(argv: list[str], stdin: str | None = None, cwd: Path = ROOT) -> Any:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    proc = subprocess.run(
+        argv,
+        check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=GUARD * 2,
+        cwd=cwd,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr  # no worker printed anything
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# What a user types at the REPL, in `python -c` or pipes to `python -`: nothing of it is a file
+# that a worker could import. The initializer is one of them too.
+INTERACTIVE = textwrap.dedent(
+    """
+    import json, sys
+    import cleanbreak
+
+    def square(x):
+        return x * x
+
+    class Box:
+        def __init__(self, v):
+            self.v = v
+
+    def unbox(b):
+        return Box(b.v * 10)
+
+    seen = []
+
+    def init(tag):
+        seen.append(tag)
+
+    def tagged(x):
+        return (x, seen)
+
+    method = sys.argv[1]
+    k = 3
+    out = {
+        "map": cleanbreak.map(square, range(6), workers=2, mp_context=method),
+        "lambda": cleanbreak.map(lambda x: x + k, range(4), workers=2, mp_context=method),
+    }
+    with cleanbreak.Pool(2, mp_context=method, initializer=init, initargs=("hi",)) as pool:
+        out["submit"] = pool.submit(square, 7).result()
+        boxes = list(pool.map(unbox, [Box(i) for i in range(3)]))
+        out["class"] = [[type(b) is Box, b.v] for b in boxes]
+        out["init"] = pool.submit(tagged, 1).result()
+    print(json.dumps(out))
+    """
+)
+EXPECTED = {
+    "map": [0, 1, 4, 9, 16, 25],
+    "lambda": [3, 4, 5, 6],
+    "submit": 49,
+    "class": [[True, 0], [True, 10], [True, 20]],
+    # The initializer and the task went by value apart, so each has its own copy of the
+    # globals it uses (see _byvalue): the task does not see what the initializer appended.
+    "init": [1, []],
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_python_c_runs_what_it_defines(method: str) -> None:
+    out = _run_script([sys.executable, "-c", INTERACTIVE, method])
+    assert out == EXPECTED
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_script_read_from_stdin_runs_what_it_defines(method: str) -> None:
+    # multiprocessing itself would make every spawn or forkserver worker run "<stdin>" as a
+    # file, and die: cleanbreak leaves a main module that is no file out.
+    out = _run_script([sys.executable, "-", method], stdin=INTERACTIVE)
+    assert out == EXPECTED
+
+
+GUARDED = textwrap.dedent(
+    """
+    import json, operator, sys
+    import cleanbreak
+
+    if __name__ == "__main__":
+        # Defined under the guard: a worker that runs this file again (spawn, forkserver)
+        # does not define them, and a forked worker was forked before they were.
+        method = sys.argv[1]
+        pool = cleanbreak.Pool(2, mp_context=method)
+
+        def triple(x):
+            return x * 3
+
+        class Tag:
+            def __init__(self, v):
+                self.v = v
+
+        out = {
+            "submit": pool.submit(triple, 2).result(),
+            "map": list(pool.map(triple, range(5), chunksize=2)),
+            "arguments": [t.v for t in pool.map(operator.itemgetter(0), [(Tag(i),) for i in
+                          range(3)])],
+        }
+        pool.shutdown()
+        print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_script_name_a_worker_lacks_is_sent_again_by_value(method: str, tmp_path: Path) -> None:
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED)
+    out = _run_script([sys.executable, str(script), method], cwd=tmp_path)
+    assert out == {"submit": 6, "map": [0, 3, 6, 9, 12], "arguments": [0, 1, 2]}
+
+
+ONCE = textwrap.dedent(
+    """
+    import json, os, sys
+    import cleanbreak
+
+    log = sys.argv[2]
+
+    class Counted:
+        # Unpickling it records the process that did: once per copy of the function.
+        def __reduce__(self):
+            return (loaded, (log,))
+
+    def loaded(path):
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        return Counted()
+
+    marker = Counted()
+
+    def work(x):
+        marker  # the function holds it, so loading the function loads it
+        return os.getpid()
+
+    with cleanbreak.Pool(2, mp_context=sys.argv[1]) as pool:
+        pids = list(pool.map(work, range(40), chunksize=1))
+        pids += [pool.submit(work, i).result() for i in range(10)]
+    print(json.dumps(pids))
+    """
+)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_function_goes_to_each_worker_once(method: str, tmp_path: Path) -> None:
+    log = tmp_path / "loads.txt"
+    pids = _run_script([sys.executable, "-c", ONCE, method, str(log)])
+    loads = [int(line) for line in log.read_text().split()]
+    # 50 units of one function: it was unpickled once in each worker that ran any.
+    assert sorted(loads) == sorted(set(pids))
+
+
+def test_without_cloudpickle_what_must_go_by_value_fails_with_the_fix(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import json, operator, sys
+        sys.modules["cloudpickle"] = None  # as if it were not installed
+        import cleanbreak
+
+        with cleanbreak.Pool(2, mp_context="spawn") as pool:
+            fine = pool.submit(operator.neg, 2).result()  # importable: it still goes
+            error = pool.submit(lambda: 1).exception()
+        print(json.dumps([fine, type(error).__name__, str(error)]))
+        """
+    )
+    fine, kind, message = _run_script([sys.executable, "-c", code])
+    assert fine == -2
+    assert kind == "SerializationError"
+    assert "pip install cloudpickle" in message
