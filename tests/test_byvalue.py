@@ -73,8 +73,29 @@ def test_an_importable_function_goes_by_reference() -> None:
     # pickle gives: the worker imports them, as before.
     for fn in (tasks.square, os.getpid, pickle.dumps):
         assert _byvalue.dumps(fn) == pickle.dumps(fn, _byvalue.PROTOCOL)
-    # pytest's own main module is a file: its functions would go by reference too.
-    assert _byvalue.main_importable()
+
+
+def test_which_main_modules_a_worker_runs_again(tmp_path: Path) -> None:
+    # What multiprocessing runs again in a worker it starts by spawn or a fork server: a
+    # script, or a module run with -m; not -c, stdin, nor a package's __main__.
+    probe = "from cleanbreak._byvalue import main_importable; print(main_importable())"
+    (tmp_path / "script.py").write_text(probe)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "__main__.py").write_text(probe)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(tmp_path)])}
+    cases = {
+        "script": ([sys.executable, str(tmp_path / "script.py")], None, "True"),
+        "-m module": ([sys.executable, "-m", "script"], None, "True"),
+        "-m package": ([sys.executable, "-m", "pkg"], None, "False"),
+        "-c": ([sys.executable, "-c", probe], None, "False"),
+        "stdin": ([sys.executable, "-"], probe, "False"),
+    }
+    for name, (argv, stdin, expected) in cases.items():
+        proc = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+        )
+        assert proc.stdout.strip() == expected, name
 
 
 def _run_script(argv: list[str], stdin: str | None = None, cwd: Path = ROOT) -> Any:
