@@ -156,6 +156,19 @@ def _open_journal(path: str, *, fresh: bool, skip_failed: bool, make_folder: boo
     return Journal(path, fresh=fresh, skip_failed=skip_failed)
 
 
+def demo_notebook(path: str, blocks: int) -> int:
+    from ._demo_notebook import write
+
+    if os.path.exists(path):
+        raise UsageError(f"{path} exists: remove it, or pass another path to --notebook")
+    try:
+        said = write(path, blocks)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(said, flush=True)
+    return 0
+
+
 def demo(workers: int, blocks: int, on_interrupt: str, fresh: bool) -> int:
     path = default_journal("cleanbreak-demo", f"<{blocks} blocks>")
     journal = _open_journal(path, fresh=fresh, skip_failed=False, make_folder=True)
@@ -546,6 +559,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo.add_argument(
         "--fresh", action="store_true", help="start over instead of resuming a stopped demo"
     )
+    run_demo.add_argument(
+        "--notebook",
+        nargs="?",
+        const="cleanbreak-demo.ipynb",
+        default=None,
+        metavar="PATH",
+        help="write the demo as a Jupyter notebook instead (default: cleanbreak-demo.ipynb), "
+        "to run its cells and press the interrupt button",
+    )
     return parser
 
 
@@ -553,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "demo" and args.notebook is not None:
+            return demo_notebook(args.notebook, args.blocks)
         if args.command == "demo":
             return demo(
                 args.workers or default_workers(), args.blocks, args.on_interrupt, args.fresh
