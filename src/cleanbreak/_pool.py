@@ -131,6 +131,13 @@ class Pool(Executor):
     same Ctrl-C semantics; it needs the ``dask`` extra. ``workers``, ``mp_context``,
     ``initializer`` and ``max_tasks_per_worker`` are for local pools only.
 
+    A function or class that a worker cannot import (defined in a notebook cell, the REPL or
+    ``python -c``, a lambda, a closure) goes by value (cloudpickle), once to each worker.
+
+    After an ``Interrupted``, the pool's next ``submit`` or ``map`` from the main thread starts
+    new workers, with the same options and journal: a pool held in a notebook's variable lives
+    on from cell to cell.
+
     ``reuse_memory`` (Linux with glibc): a worker that has moved a payload of 32 MiB or more
     keeps the memory its tasks free (up to 128 MiB while idle), and the next task's large blocks
     reuse it instead of taking fresh pages from the kernel. ``False`` leaves the C allocator of
