@@ -6,6 +6,7 @@ Press Ctrl-C and nothing new starts, the workers are reaped, and every finished 
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _signals
 from ._errors import (
     BrokenPool,
     CleanbreakError,
@@ -59,12 +60,24 @@ _LAZY = {
 }
 
 
+# The names whose first touch is a call that makes a pool: a Ctrl-C while their modules are
+# imported is the pool's (see _signals.collecting).
+_STARTS_A_POOL = frozenset({"Pool", "map"})
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cleanbreak' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
+    if name not in _STARTS_A_POOL:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    with _signals.collecting() as caught:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+    if caught:
+        raise _signals.early_interrupt(caught[0])
     return value
 
 

@@ -200,6 +200,7 @@ class Pool(Executor):
         self._signal: signal.Signals | None = None
         self._signals_seen = 0
         self._reported = False  # an Interrupted was raised for this pool
+        self._raised = False  # ... by the signal handler (perhaps in the caller's own code)
         self._index = itertools.count()
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
@@ -288,11 +289,25 @@ class Pool(Executor):
             self._close_journal()
             raise error
 
-    def settle(self) -> None:
+    def raising(self) -> None:
+        self._raised = True
+
+    def settle(self, over: bool = False) -> None:
         """If an ``Interrupted`` was raised outside any pool call (in the caller's own code),
         no call waited for the stop: wait for it now (every worker gone), and commit the
-        journal. Called before the pool is used again, and as a notebook cell ends."""
-        if self._signal is None or self._reported or self._gathering or self._closing:
+        journal. Called before the pool is used again, and as a notebook cell ends.
+
+        Only once the handler has raised it, or ``over`` (the cell has ended): a signal that
+        raised nothing yet (under asyncio, whose main task is being cancelled; the first
+        Ctrl-C of a drain) is still on its way to the caller, and a call made meanwhile must
+        not restart the pool."""
+        if (
+            self._signal is None
+            or self._reported
+            or not (self._raised or over)
+            or self._gathering
+            or self._closing
+        ):
             return
         self._stop(None)
         self._reported = True
@@ -319,6 +334,8 @@ class Pool(Executor):
         ):
             return
         self.settle()
+        if not self._reported:
+            return  # the Interrupted has not reached the caller yet: _check_open refuses
         journal = self._journal
         if journal is not None:
             from ._journal import Journal
@@ -329,6 +346,7 @@ class Pool(Executor):
         self._signal = None
         self._signals_seen = 0
         self._reported = False
+        self._raised = False
         self._last_run = None
         self._runs = weakref.WeakSet()
         self._start(journal)

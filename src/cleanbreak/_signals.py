@@ -86,8 +86,11 @@ class Listener(Protocol):
     def is_live(self) -> bool:
         """False once the pool has stopped: it no longer reacts to signals."""
 
-    def settle(self) -> None:
-        """Finish a stop that no pool call waited for (a notebook cell ends)."""
+    def settle(self, over: bool = False) -> None:
+        """Finish a stop that no pool call waited for (``over``: the notebook cell ended)."""
+
+    def raising(self) -> None:
+        """The handler is raising ``Interrupted`` in the main thread for this signal."""
 
 
 _lock = threading.RLock()  # the handler may run while the main thread holds it
@@ -215,7 +218,7 @@ def _after_cell(result: object = None) -> None:
     that when the cell is over every worker is gone, as after a pool call."""
     if in_main_thread():
         for listener in list(_listeners):
-            listener.settle()
+            listener.settle(over=True)
 
 
 def detach(listener: Listener) -> None:
@@ -243,10 +246,51 @@ def _still_wanted(sig: int, previous: Any) -> Any:
     return previous
 
 
+# ── the first touch of ``cleanbreak.Pool`` or ``cleanbreak.map`` ─────────────────────────────
+#
+# The package imports the pool's modules on first use (a worker needs none of them), and that
+# import takes a few milliseconds. A Ctrl-C then would end the user's line with a plain
+# KeyboardInterrupt in the middle of an import (SIGTERM: death, by its default action). So
+# while that import runs, our handler is in place and only records the signal; the line then
+# ends with ``Interrupted``, as it would a moment later inside ``Pool()``.
+
+_collected: list[signal.Signals] | None = None  # signals recorded meanwhile
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[signal.Signals]]:
+    """While the pool's modules are imported: SIGINT and SIGTERM are recorded, not acted on.
+    The caller raises ``early_interrupt`` for what was recorded. (Main thread only.)"""
+    global _collected
+    if not in_main_thread() or _collected is not None:
+        yield []
+        return
+    caught: list[signal.Signals] = []
+    with _lock:
+        _install()
+        _collected = caught
+    try:
+        yield caught
+    finally:
+        with _lock:
+            _collected = None
+            if not _listeners:
+                _restore()
+
+
+def early_interrupt(sig: signal.Signals) -> Interrupted:
+    """The ``Interrupted`` for a signal that came while the pool's modules were imported."""
+    interrupted(sig)
+    return Interrupted(sig)
+
+
 def _handler(signum: int, frame: FrameType | None) -> None:
     sig = signal.Signals(signum)
     if os.getpid() != _owner_pid:
         # A child forked by the fork start method, before the worker replaced this handler.
+        return
+    if _collected is not None:
+        _collected.append(sig)
         return
     live = [listener for listener in list(_listeners) if listener.is_live()]
     if not live:
@@ -264,6 +308,8 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if raise_now and _cancel_asyncio_main():
         return
     if raise_now:
+        for listener in live:
+            listener.raising()
         exc = Interrupted(sig)
         exc._counted = True
         raise exc

@@ -20,25 +20,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.abc
+import importlib.util
 import itertools
 import json
 import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
-import cleanbreak._manager
 from tests.system.scripts.sysprobe_tasks import emit, through_asyncio
 
-# The package imports these on first use; loaded now, so that between the ``begin`` mark and
-# the pool's own signal handlers there is only the making of the pool, not an import.
-_ = (cleanbreak.Pool, cleanbreak.map)
+# The package imports the pool's modules on the first touch of ``cleanbreak.Pool`` or
+# ``cleanbreak.map``: that import is inside the signal window (after the ``begin`` mark), as it
+# is in a user's program. So nothing here imports them before; the instrumentation of the
+# pool's gate goes in as ``_manager`` is imported (``_watch_gate``).
 
 APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 Spec = tuple[int, float, str]
@@ -98,14 +100,44 @@ def stress_task(spec: Spec) -> tuple[int, int]:
 
 
 def _watch_gate(events: str) -> None:
-    """Test instrumentation: report when the pool closes its gate."""
-    real = cleanbreak._manager.close_gate  # type: ignore[attr-defined]
+    """Test instrumentation: report when the pool closes its gate. Put in ``_manager`` as
+    that module is imported (by the first touch of ``cleanbreak.Pool`` or ``cleanbreak.map``),
+    without importing it earlier."""
 
-    def close_gate(gate: Any) -> None:
-        real(gate)
-        emit(events, "gate", time.monotonic_ns())
+    def instrument(manager: Any) -> None:
+        real = manager.close_gate
 
-    cleanbreak._manager.close_gate = close_gate  # type: ignore[attr-defined]
+        def close_gate(gate: Any) -> None:
+            real(gate)
+            emit(events, "gate", time.monotonic_ns())
+
+        manager.close_gate = close_gate
+
+    sys.meta_path.insert(0, _AfterImport("cleanbreak._manager", instrument))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``then(module)`` once the module ``name`` has been imported, by whoever."""
+
+    def __init__(self, name: str, then: Callable[[Any], None]) -> None:
+        self.name = name
+        self.then = then
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        assert spec is not None and spec.loader is not None
+        load = spec.loader.exec_module
+        then = self.then
+
+        def exec_module(module: Any) -> None:
+            load(module)
+            then(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def _lazy(specs: list[Spec]) -> Iterator[Spec]:
