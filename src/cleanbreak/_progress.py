@@ -5,11 +5,20 @@ paths (the manager thread, the caller's loop) only count. On a terminal it is a 
 by rich, when the ``cli`` extra is installed, or a line redrawn in place; elsewhere (a log, a
 pipe) it prints a plain line at every tenth of the way, and at least every 30 seconds. It writes
 to stderr, and ends with a one-line summary.
+
+In an IPython kernel (a notebook, JupyterLab, VS Code, nbclient) it is one display instead,
+sent with IPython's own display protocol and updated in place (``update_display_data``), which
+ends showing the summary; nothing goes to stderr then. It needs no package beyond IPython, which
+a kernel always has (rich's and tqdm's notebook displays need ipywidgets).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+import html
+import importlib
 import signal
 import sys
 import threading
@@ -21,6 +30,7 @@ from . import _signals
 
 POLL_SECONDS = 0.1
 PLAIN_EVERY_SECONDS = 30.0
+NOTEBOOK_EVERY_SECONDS = 0.25  # the least time between two updates of a kernel's display
 
 Counts = Callable[
     [], tuple[int, int, int]
@@ -60,10 +70,29 @@ class Progress:
         self._task: Any = None
         self._last_line = self._started
         self._last_tenth = 0
-        if self._tty:
+        self._display: Any = None  # the kernel's display handle, in a kernel
+        self._shown: tuple[int, int, int, int] | None = None  # what the display last showed
+        self._context = contextvars.copy_context()  # the caller's: in a kernel, the cell's
+        loop: Callable[[], None] = self._loop
+        if stream is None and _in_kernel():
+            with contextlib.suppress(Exception):
+                self._start_display()
+        if self._display is not None:
+            # The thread sends the display's updates in the context of this cell (this thread's
+            # context), so that they carry the cell's request as their parent whatever else the
+            # kernel runs meanwhile (another subshell's cell, a comm message): ipykernel files
+            # a message from a thread without it under whichever request came last.
+            loop = functools.partial(self._context.copy().run, self._loop)
+        elif self._tty:
             with contextlib.suppress(ImportError):
                 self._start_rich()
-        self._thread = _signals.start_quiet_thread(self._loop, "cleanbreak-progress")
+        self._thread = _signals.start_quiet_thread(loop, "cleanbreak-progress")
+
+    def _start_display(self) -> None:
+        display = importlib.import_module("IPython.display").display
+        self._display = display(self._view(0, 0, 0, 0.0), display_id=True)
+        self._shown = (0, 0, 0, 0)
+        self._last_line = time.monotonic()
 
     def _start_rich(self) -> None:
         from rich.console import Console
@@ -110,13 +139,22 @@ class Progress:
                     self._draw(*self._counts())
 
     def _draw(self, done: int, failed: int, reused: int) -> None:
+        now = time.monotonic()
+        took = now - self._started
+        if self._display is not None:
+            # An update when something shown changed (the counts, or the clock's second), and
+            # at most one every NOTEBOOK_EVERY_SECONDS.
+            shown = (done, failed, reused, int(took))
+            if shown != self._shown and now - self._last_line >= NOTEBOOK_EVERY_SECONDS:
+                self._shown = shown
+                self._last_line = now
+                self._display.update(self._view(done, failed, reused, took))
+            return
         # Outcomes reused from a journal come at once: they do not count in the rate.
-        took = time.monotonic() - self._started
         rate = (done - reused) / took if took > 0 else 0.0
         if self._rich is not None:
             self._rich.update(self._task, completed=done, failed=failed, rate=f"{rate:,.1f}/s")
             return
-        now = time.monotonic()
         of = f"/{self.total}" if self.total is not None else ""
         eta = ""
         if self.total is not None and rate > 0:
@@ -133,8 +171,9 @@ class Progress:
             print(line, file=self._stream, flush=True)
 
     def stop(self, how: str) -> str:
-        """Stop drawing and print the summary line: ``how`` is "done", "interrupted" or
-        "stopped" (the caller left the loop). Returns the summary."""
+        """Stop drawing and print the summary line (in a kernel: show it in the display, as
+        its last update): ``how`` is "done", "interrupted" or "stopped" (the caller left the
+        loop). Returns the summary."""
         with self._lock:
             if self._stopped:
                 return ""
@@ -143,7 +182,9 @@ class Progress:
         if self._thread is not threading.current_thread():
             self._thread.join(1.0)
         done, failed, reused = self._counts()
-        if self._rich is not None:
+        if self._display is not None:
+            pass  # its last update, the summary, is below
+        elif self._rich is not None:
             with contextlib.suppress(Exception):
                 self._rich.stop()
         elif self._tty:
@@ -158,9 +199,124 @@ class Progress:
         summary += f" in {took:.1f} s"
         if how != "done" and self._hint:
             summary += f"; {self._hint}"
+        if self._display is not None:
+            # The display ends showing the summary, in place of the summary line.
+            view = self._view(done, failed, reused, took, ended=how, summary=summary)
+            with contextlib.suppress(Exception):
+                self._context.copy().run(self._display.update, view)
+            return summary
         with contextlib.suppress(Exception):
             print(summary, file=self._stream, flush=True)
         return summary
+
+    def _view(
+        self,
+        done: int,
+        failed: int,
+        reused: int,
+        took: float,
+        *,
+        ended: str | None = None,
+        summary: str | None = None,
+    ) -> _View:
+        """What the kernel's display shows; ``ended``: how the run ended, once it has."""
+        rate = (done - reused) / took if took > 0 else 0.0
+        eta = None
+        if ended is None and self.total is not None and rate > 0:
+            eta = _clock((self.total - done) / rate)
+        total = self.total
+        if total is None and ended == "done":
+            total = done  # known now
+        bar = ended is None or total is not None  # no bar moving to and fro once it ended
+        return _View(
+            self._label, done, total, failed, reused, rate, _clock(took), eta, summary, bar
+        )
+
+
+class _View:
+    """What a kernel's display shows: a bar (``_repr_html_``), and the same as a line of text
+    for a front end that shows text only."""
+
+    def __init__(
+        self,
+        label: str,
+        done: int,
+        total: int | None,
+        failed: int,
+        reused: int,
+        rate: float,
+        elapsed: str,
+        eta: str | None,
+        summary: str | None,
+        bar: bool,
+    ) -> None:
+        self.label = label
+        self.done = done
+        self.total = total
+        self.failed = failed
+        self.reused = reused
+        self.rate = rate
+        self.elapsed = elapsed
+        self.eta = eta
+        self.summary = summary
+        self.bar = bar
+
+    def _counts(self) -> str:
+        of = f"/{self.total:,}" if self.total is not None else ""
+        line = f"{self.done:,}{of} done"
+        if self.total:
+            line += f" ({100 * self.done // self.total}%)"
+        line += f", {self.failed:,} failed"
+        if self.reused:
+            line += f" ({self.reused:,} from the journal)"
+        return line
+
+    def _timing(self) -> str:
+        line = f"{self.rate:,.1f}/s, {self.elapsed} elapsed"
+        if self.eta is not None:
+            line += f", ETA {self.eta}"
+        return line
+
+    def __repr__(self) -> str:
+        line = f"{self.label}: {self._counts()}, {self._timing()}"
+        if self.summary is not None:
+            line += f"\n{self.summary}"
+        return line
+
+    def _repr_html_(self) -> str:
+        bar = ""
+        if self.bar:
+            # No value: the bar of an unknown total, which moves to and fro.
+            value = "" if self.total is None else f' value="{self.done}" max="{self.total}"'
+            if self.total == 0:
+                value = ' value="1" max="1"'
+            bar = f'<progress{value} style="width: 20em; vertical-align: middle"></progress> '
+        counts = html.escape(self._counts())
+        if self.failed:
+            failed = html.escape(f"{self.failed:,} failed")
+            counts = counts.replace(failed, f'<span style="color: #c62828">{failed}</span>', 1)
+        parts = [
+            '<div class="cleanbreak-progress" style="font-family: monospace">',
+            f"<b>{html.escape(self.label)}</b> {bar}{counts}, {html.escape(self._timing())}",
+        ]
+        if self.summary is not None:
+            parts.append(f"<br>{html.escape(self.summary)}")
+        parts.append("</div>")
+        return "".join(parts)
+
+
+def _in_kernel() -> bool:
+    """Whether this runs in an IPython kernel (a notebook's); not in IPython in a terminal.
+    IPython is not imported for this."""
+    module = sys.modules.get("IPython")
+    get_ipython = getattr(module, "get_ipython", None)
+    if get_ipython is None:
+        return False
+    try:
+        shell = get_ipython()
+    except Exception:
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _isatty(stream: TextIO) -> bool:
