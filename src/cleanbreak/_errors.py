@@ -32,6 +32,7 @@ from __future__ import annotations
 import pickle
 import signal as _signal
 import sys
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -62,8 +63,12 @@ class Interrupted(KeyboardInterrupt):
 
     # Set by cleanbreak: _counted when its own signal handler raised this (the signal was
     # already counted), _filled once a pool call has put the finished results in .completed.
+    # _pending, for one the handler raised in the caller's own code (no pool call was there to
+    # gather the results): what fills .completed, once the pool has stopped, when it is first
+    # read (see Pool.raising).
     _counted = False
     _filled = False
+    _pending: Callable[[], tuple[dict[int, Any], int | None]] | None = None
 
     def __init__(
         self,
@@ -73,9 +78,25 @@ class Interrupted(KeyboardInterrupt):
         total: int | None = None,
     ) -> None:
         self.signal = _signal.Signals(signal)
-        self.completed: dict[int, Any] = {} if completed is None else completed
+        self.completed = {} if completed is None else completed
         self.total = total
         super().__init__(self._message())
+
+    @property
+    def completed(self) -> dict[int, Any]:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            gathered, total = pending()
+            self._completed.update(gathered)
+            if total is not None:
+                self.total = total
+            self._filled = True
+        return self._completed
+
+    @completed.setter
+    def completed(self, value: dict[int, Any]) -> None:
+        self._completed = value
 
     def _message(self) -> str:
         if not (self._filled or self.completed):
@@ -89,7 +110,9 @@ class Interrupted(KeyboardInterrupt):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_interrupted, (int(self.signal), self.completed, self.total), self.__dict__)
+        completed = self.completed
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_pending", "_completed")}
+        return (_rebuild_interrupted, (int(self.signal), completed, self.total), state)
 
     def _render_traceback_(self) -> list[str]:
         """What IPython shows for it, in place of a traceback: a notebook cell that the

@@ -80,6 +80,9 @@ class Host(Protocol):
     @property
     def _signal(self) -> signal.Signals | None: ...
 
+    def _owes_interrupt(self) -> signal.Signals | None:
+        """The pool's signal, if no ``Interrupted`` has been raised for it yet."""
+
     def _check_open(self) -> None: ...
 
     def _track(self, run: MapRun[Any]) -> None:
@@ -338,6 +341,14 @@ class MapRun(Generic[T]):
                     error, self._input_error = self._input_error, None
                     if error is not None:
                         raise error
+                    sig = self._host._owes_interrupt()
+                    if sig is not None:
+                        # Stopped by a signal that raised nothing yet (a drain's first Ctrl-C
+                        # while the caller's loop body ran): the map ends with it, not as if
+                        # it had run to its end.
+                        stop = Interrupted(sig)
+                        stop._counted = True
+                        raise stop
                     return None
                 if sink.cancelled:
                     sink.finished = True
@@ -391,6 +402,9 @@ class MapRun(Generic[T]):
         return max(1, min(int(CHUNK_SECONDS / per_item), self._max_chunk))
 
     def _top_up(self) -> None:
+        if self._host._signal is not None:
+            # The pool was stopped: no more input is read, and the map ends with what it has.
+            self._exhausted = True
         while not self._exhausted:
             chunk = self._chunk_size()
             if self._fixed_window is not None:

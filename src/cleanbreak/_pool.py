@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, PENDING, RUNNING
+from concurrent.futures._base import CANCELLED, FINISHED, PENDING, RUNNING
 from concurrent.futures._base import LOGGER as _LOGGER
 from multiprocessing.context import BaseContext
 from types import TracebackType
@@ -201,6 +201,8 @@ class Pool(Executor):
         self._signals_seen = 0
         self._reported = False  # an Interrupted was raised for this pool
         self._raised = False  # ... by the signal handler (perhaps in the caller's own code)
+        # The one the handler raised for this pool, until its .completed is filled (raising).
+        self._raised_exc: Interrupted | None = None
         self._index = itertools.count()
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
@@ -289,8 +291,50 @@ class Pool(Executor):
             self._close_journal()
             raise error
 
-    def raising(self) -> None:
+    def raising(self, exc: Interrupted) -> None:
+        """The handler is raising ``exc`` for this pool's signal, perhaps in the caller's own
+        code (a loop body, a notebook cell's sleep), where no pool call will gather the
+        results: it gets them when its ``.completed`` is first read, or when the pool is next
+        used or shut down, once every worker is gone (``_gather_raised``). A pool call that
+        catches it instead raises an ``Interrupted`` of its own, as before."""
         self._raised = True
+        if exc._pending is None:  # the first live pool gathers for it
+            self._raised_exc = exc
+            exc._pending = self._gather_raised
+
+    def _gather_raised(self) -> tuple[dict[int, Any], int | None]:
+        exc, self._raised_exc = self._raised_exc, None
+        if exc is None or self._reported:
+            return {}, None  # a pool call reported the stop since, with an Interrupted of its own
+        self._stop(exc)
+        completed, total = self._gather()
+        self._reported = True
+        self._close_journal(quick=True)
+        self._held = []
+        _signals.detach(self)
+        self._gathering = False
+        return completed, total
+
+    def _gather(self) -> tuple[dict[int, Any], int | None]:
+        """What an ``Interrupted`` raised outside a pool call keeps (every worker is gone): the
+        results of the map the caller was iterating, or else those of the live futures."""
+        run = self._last_run
+        open_runs = [r for r in list(self._runs) if not r.finished]
+        if run is None and len(open_runs) == 1:
+            run = open_runs[0]  # its iterator is still referenced, so it was not closed
+        if run is not None and not any(True for _ in self._futures.values()):
+            # Ctrl-C came while the loop body ran, outside the pool: the results of the map
+            # it was iterating are the ones to keep.
+            return run.gather(), run.total
+        return self._completed(), None
+
+    def _owes_interrupt(self) -> signal.Signals | None:
+        """The signal that stopped the pool, if no ``Interrupted`` for it has been raised yet
+        (the first Ctrl-C of a drain raises none while tasks run): a map that ends then raises
+        it, rather than end as if nothing had happened."""
+        if self._reported or self._raised:
+            return None
+        return self._signal
 
     def settle(self, over: bool = False) -> None:
         """If an ``Interrupted`` was raised outside any pool call (in the caller's own code),
@@ -301,6 +345,9 @@ class Pool(Executor):
         raised nothing yet (under asyncio, whose main task is being cancelled; the first
         Ctrl-C of a drain) is still on its way to the caller, and a call made meanwhile must
         not restart the pool."""
+        if self._raised_exc is not None and not (self._gathering or self._closing):
+            self._raised_exc.completed  # noqa: B018 - reading it gathers them, and ends the stop
+            return
         if (
             self._signal is None
             or self._reported
@@ -347,6 +394,7 @@ class Pool(Executor):
         self._signals_seen = 0
         self._reported = False
         self._raised = False
+        self._raised_exc = None
         self._last_run = None
         self._runs = weakref.WeakSet()
         self._start(journal)
@@ -583,6 +631,12 @@ class Pool(Executor):
                 # this thread wakes from its wait), and while the journal's last commit is made.
                 self._closing = True
                 self._backend.wait()
+                if self._raised_exc is not None:
+                    # The caller has had its Interrupted (raised in its own code): it gets
+                    # the results, and no second one comes from here.
+                    self._closing = False
+                    self.settle()
+                    self._closing = True
                 self._close_journal()
                 if self._signal is not None and not self._reported:
                     # Ctrl-C in drain mode while we waited (the running tasks were let finish),
@@ -620,15 +674,8 @@ class Pool(Executor):
                 # A pool call inside the block already gathered its results.
                 self._interrupted(exc, {})
                 return None
-            run = self._last_run
-            open_runs = [r for r in list(self._runs) if not r.finished]
-            if run is None and len(open_runs) == 1:
-                run = open_runs[0]  # its iterator is still referenced, so it was not closed
-            if run is not None and not any(True for _ in self._futures.values()):
-                # Ctrl-C came while the loop body ran, outside the pool: the results of the map
-                # it was iterating are the ones to keep.
-                raise self._interrupted(exc, run.gather(), run.total) from None
-            raise self._interrupted(exc, self._completed()) from None
+            completed, total = self._gather()
+            raise self._interrupted(exc, completed, total) from None
         self.shutdown(wait=True)
         return None
 
@@ -700,6 +747,7 @@ class Pool(Executor):
         """The Interrupted to raise once the pool has stopped (see ``_stop``), with the results
         that were gathered; our handler goes now."""
         self._reported = True
+        self._raised_exc = None  # a pool call caught it: this one is raised in its place
         self._close_journal(quick=True)  # every worker is gone: what finished is committed now
         self._held = []
         _signals.detach(self)
@@ -838,8 +886,21 @@ class _TaskFuture(Future[T]):
             with self._condition:
                 for part in _signals.sliced(timeout):
                     if self._state not in (PENDING, RUNNING):
-                        return
+                        break
                     self._condition.wait(part)
+            if self._state not in (PENDING, RUNNING, FINISHED):
+                # Cancelled, perhaps by a stop whose Interrupted a callback dropped (see
+                # _signals), or by a drain's that raised none yet: that is what the caller
+                # gets, not CancelledError.
+                put_off = _signals.take_put_off()
+                if put_off is not None:
+                    raise put_off.with_traceback(None)
+                owner = self.owner() if self.owner is not None else None
+                sig = None if owner is None else owner._owes_interrupt()
+                if sig is not None:
+                    stop = Interrupted(sig)
+                    stop._counted = True
+                    raise stop
         except KeyboardInterrupt as exc:
             pool = self.owner() if self.owner is not None else None
             if pool is None or (isinstance(exc, Interrupted) and exc._filled):

@@ -89,8 +89,8 @@ class Listener(Protocol):
     def settle(self, over: bool = False) -> None:
         """Finish a stop that no pool call waited for (``over``: the notebook cell ended)."""
 
-    def raising(self) -> None:
-        """The handler is raising ``Interrupted`` in the main thread for this signal."""
+    def raising(self, exc: Interrupted) -> None:
+        """The handler is raising ``exc`` in the main thread for this signal."""
 
 
 _lock = threading.RLock()  # the handler may run while the main thread holds it
@@ -171,6 +171,8 @@ def _install() -> None:
             _owner_pid = os.getpid()
             _saved[sig] = current
             signal.signal(sig, _handler)
+    if sys.unraisablehook is sys.__unraisablehook__ and _saved:
+        sys.unraisablehook = _unraisable
 
 
 # ── in a notebook ────────────────────────────────────────────────────────────────────────────
@@ -234,6 +236,8 @@ def _restore() -> None:
         if signal.getsignal(sig) is _handler:
             signal.signal(sig, _still_wanted(sig, previous))
         del _saved[sig]
+    if sys.unraisablehook is _unraisable:
+        sys.unraisablehook = sys.__unraisablehook__
 
 
 def _still_wanted(sig: int, previous: Any) -> Any:
@@ -284,7 +288,86 @@ def early_interrupt(sig: signal.Signals) -> Interrupted:
     return Interrupted(sig)
 
 
+# ── where an exception cannot be raised ──────────────────────────────────────────────────────
+#
+# A signal's handler runs between two bytecodes of whatever the main thread runs, and that may
+# be a weakref callback or a __del__ method that the garbage collector called: an exception
+# raised there is printed as "Exception ignored in ..." and dropped, so the caller would never
+# see its Interrupted (the pool stops all the same). So the raise is put off: the handler has
+# itself called again in a moment (``_put_off_raise``), and raises once the main thread has
+# left the callback. The weakref module's own callbacks and
+# __del__ methods are known by their frames; for any other callback, our hook of
+# ``sys.unraisablehook`` catches the dropped Interrupted (instead of printing it) and puts it
+# off in the same way. The hook goes in with our signal handler, only over Python's own.
+
+_FINALIZING_FILES = ("weakref.py", "_weakrefset.py")
+_put_off: Interrupted | None = None  # the Interrupted put off
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether the main thread runs a weakref callback or a ``__del__`` (a few frames deep)."""
+    for _ in range(3):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.endswith(_FINALIZING_FILES):
+            return True
+        if code is _unraisable.__code__ or code is _put_off_raise.__code__:
+            return True  # still in our hook: it has not returned to the callback's caller
+        frame = frame.f_back
+    return False
+
+
+_PUT_OFF_SECONDS = 0.002
+_putting_off = False
+_taken = 0  # Interrupteds put off and raised by a pool call before their signal came back
+
+
+def take_put_off() -> Interrupted | None:
+    """The Interrupted put off, for a pool call to raise now (a future cancelled by the stop
+    raises it, not CancelledError); the signal that was to bring it back is then ignored."""
+    global _put_off, _taken
+    exc, _put_off = _put_off, None
+    if exc is not None:
+        _taken += 1
+    return exc
+
+
+def _put_off_raise(exc: Interrupted) -> None:
+    """Have the handler called again in a moment to raise ``exc``: a thread of ours sends the
+    signal to the main thread (waking it from a blocking call), by which time the main thread
+    has left the callback (if not, it is put off again)."""
+    global _put_off, _putting_off
+    _put_off = exc
+    sig = exc.signal
+    if _putting_off:  # called again from in here: a thread is on its way
+        return
+    _putting_off = True
+    try:
+        main = threading.main_thread().ident
+        assert main is not None
+
+        def send() -> None:
+            time.sleep(_PUT_OFF_SECONDS)
+            signal.pthread_kill(main, sig)
+
+        start_quiet_thread(send, "cleanbreak-put-off")
+    finally:
+        _putting_off = False
+
+
+def _unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` while our handler is in place: an Interrupted of ours that a
+    callback dropped is raised again in a moment (see above)."""
+    exc = unraisable.exc_value
+    if isinstance(exc, Interrupted) and exc._counted and _put_off is None and in_main_thread():
+        _put_off_raise(exc)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _handler(signum: int, frame: FrameType | None) -> None:
+    global _put_off, _taken
     sig = signal.Signals(signum)
     if os.getpid() != _owner_pid:
         # A child forked by the fork start method, before the worker replaced this handler.
@@ -292,6 +375,18 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _collected is not None:
         _collected.append(sig)
         return
+    if _taken:
+        _taken -= 1  # it came back for one already raised (take_put_off)
+        return
+    if _put_off is not None:
+        # Called again for an Interrupted put off (see _in_finalizer), which is raised now
+        # unless the main thread is still in the callback. (A Ctrl-C that comes in this very
+        # moment counts as this one.)
+        if _in_finalizer(frame):
+            _put_off_raise(_put_off)
+            return
+        exc, _put_off = _put_off, None
+        raise exc.with_traceback(None)
     live = [listener for listener in list(_listeners) if listener.is_live()]
     if not live:
         _act_as_before(sig, frame)
@@ -308,10 +403,13 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if raise_now and _cancel_asyncio_main():
         return
     if raise_now:
-        for listener in live:
-            listener.raising()
         exc = Interrupted(sig)
         exc._counted = True
+        for listener in live:
+            listener.raising(exc)
+        if _in_finalizer(frame):
+            _put_off_raise(exc)
+            return
         raise exc
 
 

@@ -1,0 +1,150 @@
+"""Ctrl-C that lands in the caller's own code, not in a pool call: the body of the loop over a
+map, or a callback that the garbage collector runs (a weakref's, a ``__del__``).
+
+Without a ``with`` block, no pool call is there to gather the results when the handler raises
+``Interrupted`` in such code, so the exception gathers them when its ``.completed`` is read,
+once every worker is gone; and a drain that raised nothing while the loop body ran ends the map
+with ``Interrupted`` (not with the rest of the map, nor a ``RuntimeError`` for the input it
+could no longer send). An ``Interrupted`` raised in a callback would be printed as "Exception
+ignored" and dropped: it is raised again once the callback has returned.
+
+The child signals itself at a known point of its own code (``os.kill`` to itself runs the
+handler at the next bytecode), after writing down which results had reached it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.tasks import GUARD
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys, time, weakref
+    import cleanbreak
+
+    api = mode = holder = where = ""  # set by main(): a worker imports this script too
+    arrived = []  # the results that reached this process, as they were unpickled
+
+
+    def received(i):
+        arrived.append(i)
+        return i
+
+
+    class Receipt:
+        def __init__(self, i):
+            self.i = i
+
+        def __reduce__(self):
+            return (received, (self.i,))
+
+
+    def task(i):
+        time.sleep(0.005)
+        return Receipt(i)
+
+
+    class Trigger:
+        pass
+
+
+    def ctrl_c(_ref=None):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+        for _ in range(1000):
+            pass
+
+
+    def job(pool):
+        global trigger
+        if api == "map":
+            it = pool.map(task, range(200), chunksize=1)
+        elif api == "imap_unordered":
+            it = pool.imap_unordered(task, iter(range(200)), chunksize=1)
+        else:
+            it = (future.result() for future in [pool.submit(task, i) for i in range(200)])
+        for value in it:
+            got.append(value)
+            if len(got) == 5:
+                report["arrived"] = list(arrived)
+                if where == "body":
+                    ctrl_c()
+                else:
+                    trigger = None  # the weakref's callback runs now, and signals
+            time.sleep(0.01)
+
+
+    def main():
+        global trigger, api, mode, holder, where
+        api, mode, holder, where = sys.argv[1:5]
+        trigger = Trigger()
+        ref = weakref.ref(trigger, ctrl_c)
+        try:
+            if holder == "with":
+                with cleanbreak.Pool(2, on_interrupt=mode) as pool:
+                    job(pool)
+            else:
+                pool = cleanbreak.Pool(2, on_interrupt=mode)
+                try:
+                    job(pool)
+                except BaseException as exc:
+                    report["raised"] = type(exc).__name__  # by the pool call, not shutdown()
+                    raise
+                finally:
+                    pool.shutdown()
+            report["ended"] = "normally"
+        except cleanbreak.Interrupted as exc:
+            report["ended"] = "Interrupted"
+            report["completed"] = sorted(exc.completed)
+        except BaseException as exc:
+            report["ended"] = type(exc).__name__ + ": " + str(exc)
+        report["got"] = sorted(got)
+        del ref
+
+
+    got = []
+    report = {}
+    trigger = None
+    if __name__ == "__main__":
+        main()
+        print(json.dumps(report), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["body", "callback"])
+@pytest.mark.parametrize("holder", ["held", "with"])
+@pytest.mark.parametrize("mode", ["terminate", "drain"])
+@pytest.mark.parametrize("api", ["map", "imap_unordered", "submit"])
+def test_ctrl_c_in_the_callers_own_code_keeps_what_arrived(
+    api: str, mode: str, holder: str, where: str, tmp_path: Path
+) -> None:
+    # A script (a file), so that its top-level ``received`` goes by reference and runs here,
+    # in this process's own __main__, as each result arrives.
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.run(
+        [sys.executable, str(script), api, mode, holder, where],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=GUARD,
+    )
+    assert proc.stderr == "", proc.stderr  # nothing printed: no "Exception ignored"
+    report = json.loads(proc.stdout)
+    assert report["ended"] == "Interrupted", report
+    assert report.get("raised", "Interrupted") == "Interrupted", report
+    # Task i's result is i, and its index is i too (its input position, or the order of its
+    # submission).
+    kept = set(report["got"]) | set(report["completed"])
+    assert set(report["arrived"]) <= kept, report
