@@ -204,6 +204,8 @@ class Pool(Executor):
         # The one the handler raised for this pool, until its .completed is filled (raising).
         self._raised_exc: Interrupted | None = None
         self._index = itertools.count()
+        self._first_index = 0  # the first submission since the pool last (re)started
+        self._futures_ran = False  # some future had not finished when the signal came
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
@@ -322,9 +324,10 @@ class Pool(Executor):
         open_runs = [r for r in list(self._runs) if not r.finished]
         if run is None and len(open_runs) == 1:
             run = open_runs[0]  # its iterator is still referenced, so it was not closed
-        if run is not None and not any(True for _ in self._futures.values()):
+        if run is not None and not self._futures_ran:
             # Ctrl-C came while the loop body ran, outside the pool: the results of the map
-            # it was iterating are the ones to keep.
+            # it was iterating are the ones to keep (futures the caller still holds from
+            # before, all done at the signal, keep their own).
             return run.gather(), run.total
         return self._completed(), None
 
@@ -397,6 +400,8 @@ class Pool(Executor):
         self._raised_exc = None
         self._last_run = None
         self._runs = weakref.WeakSet()
+        self._futures_ran = False
+        self._first_index = next(self._index)  # (that number is never given to a task)
         self._start(journal)
 
     @property
@@ -686,6 +691,7 @@ class Pool(Executor):
         if self._signal is None:
             self._signal = signum
             self._held = list(self._futures.values())
+            self._futures_ran = any(not f.done() for f in self._held)
         levels = _ESCALATION[self._mode]
         level = levels[min(self._signals_seen, len(levels) - 1)]
         self._signals_seen += 1
@@ -731,9 +737,14 @@ class Pool(Executor):
 
     def _track(self, run: MapRun[Any]) -> None:
         self._runs.add(run)
+        self._last_run = None  # a map the caller left before this one is not the one to keep
 
     def _abandoned(self, run: MapRun[Any]) -> None:
-        self._last_run = run
+        # The caller left the map before its end: if that was the Interrupted going through
+        # its loop, this map's results are the ones to keep (see _gather). Leaving it early
+        # for any other reason (a break) says nothing of a later stop.
+        if self._signal is not None:
+            self._last_run = run
 
     def _stop_for(
         self, exc: KeyboardInterrupt, gather: Callable[[], dict[int, Any]], total: int | None
@@ -760,8 +771,12 @@ class Pool(Executor):
         return result
 
     def _completed(self) -> dict[int, Any]:
+        """The results of the futures still referenced, submitted since the pool last
+        (re)started: an earlier stop's futures were its own."""
         out: dict[int, Any] = {}
         for index, fut in list(self._futures.items()):
+            if index < self._first_index:
+                continue
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 out[index] = fut.result()
         return out
