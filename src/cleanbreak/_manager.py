@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import itertools
 import multiprocessing
 import os
@@ -1027,7 +1028,12 @@ def _start_fork_server() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     server: Any = forkserver._forkserver
     preload = list(server._preload_modules)
-    forkserver.set_forkserver_preload([*preload, "cleanbreak._forkserver_start"])
+    ours = ["cleanbreak._forkserver_start"]
+    if not _byvalue.main_importable() and importlib.util.find_spec("cloudpickle") is not None:
+        # A notebook's, the REPL's: its functions come by value, and every worker would
+        # import cloudpickle for the first of them (about 10 ms each).
+        ours.insert(0, "cloudpickle")
+    forkserver.set_forkserver_preload([*preload, *ours])
     try:
         forkserver.ensure_running()
     finally:
