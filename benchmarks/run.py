@@ -30,6 +30,7 @@ import bench_failures
 import bench_interrupt
 import bench_journal
 import bench_lazy
+import bench_notebook
 import bench_oneshot
 import bench_parentcpu
 import bench_payload
@@ -53,6 +54,10 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]
     "oneshot": ("10. one-shot calls: pool start to last result", bench_oneshot.run_oneshot),
     "parentcpu": ("11. the parent's CPU time per task", bench_parentcpu.run_parentcpu),
     "black": ("12. a real client: black through run_in_executor", bench_black.run_black),
+    "notebook": (
+        "13. notebook cells: by value against by reference, and the peers in a kernel",
+        bench_notebook.run_notebook,
+    ),
 }
 
 
