@@ -62,7 +62,7 @@ def test_the_demo_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
 
 
 def test_the_interrupt_button_then_the_same_cell_again_finishes_the_job(tmp_path: Path) -> None:
-    blocks = 40
+    blocks = 24
     cells = _write(tmp_path, blocks)
     kernel = Kernel(tmp_path)
     try:

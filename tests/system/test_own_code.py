@@ -129,10 +129,22 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("where", ["body", "callback"])
-@pytest.mark.parametrize("holder", ["held", "with"])
-@pytest.mark.parametrize("mode", ["terminate", "drain"])
-@pytest.mark.parametrize("api", ["map", "imap_unordered", "submit", "map_after_submit"])
+# Every API and both modes with a pool held without a with block, where no pool call gathers
+# the results; the with block, which gathers them itself, in terminate mode (the mode whose
+# handler raises in the caller's code).
+CASES = [
+    *[
+        (api, mode, "held", where)
+        for api in ("map", "imap_unordered", "submit")
+        for mode in ("terminate", "drain")
+        for where in ("body", "callback")
+    ],
+    *[(api, "terminate", "with", "callback") for api in ("map", "imap_unordered", "submit")],
+    *[("map_after_submit", "terminate", holder, "body") for holder in ("held", "with")],
+]
+
+
+@pytest.mark.parametrize(("api", "mode", "holder", "where"), CASES)
 def test_ctrl_c_in_the_callers_own_code_keeps_what_arrived(
     api: str, mode: str, holder: str, where: str, tmp_path: Path
 ) -> None:
