@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import importlib.abc
 import importlib.util
 import itertools
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -154,6 +156,8 @@ def main() -> int:
     parser.add_argument("--release", required=True)
     parser.add_argument("--journal", default=None, help="record the outcomes in this journal")
     args = parser.parse_args()
+    # A hung child's stacks, for the test's report (it sends SIGUSR1 to a child that hangs).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     rng = random.Random(args.seed)
     specs = [(i, rng.uniform(0.001, 0.040), args.events) for i in range(args.tasks)]
     _watch_gate(args.events)
