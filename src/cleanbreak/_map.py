@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ._errors import Interrupted
+from ._errors import BrokenPool, Interrupted
 from ._signals import CHECK_EVERY
 from ._units import Sink, TaskOptions, Unit, UnitQueue
 from ._wire import CALL_ONE, CALL_STAR
@@ -575,7 +575,9 @@ def collect(run: MapRun[T], return_exceptions: bool) -> list[Any]:
                 " The other results are in this exception's .completed, or pass "
                 "return_exceptions=True to get them all in the list."
             )
-        first.add_note(note)
+        if not (isinstance(first, BrokenPool) and len(failures) == len(results)):
+            # (A pool that could not run any task says why, and what to do, on its last line.)
+            first.add_note(note)
         _attach_completed(first, {i: value for i, value in enumerate(results) if i not in failures})
         raise first
     return results

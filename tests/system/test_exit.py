@@ -140,7 +140,8 @@ NO_GUARD = """\
     try:
         print(cleanbreak.map(double, range(4), workers=2, mp_context={method!r}))
     except cleanbreak.BrokenPool as exc:
-        print(f"BrokenPool: {{exc}}")
+        # Uncaught, its notes would be printed after it: it has none, so its fix stays last.
+        print(f"BrokenPool: {{exc}}{{getattr(exc, '__notes__', '')}}")
 """
 
 
@@ -174,6 +175,7 @@ def test_a_pool_started_without_the_main_guard_says_what_to_do(method: str, tmp_
     else:
         assert lines[0].startswith("BrokenPool: "), lines
         assert 'if __name__ == "__main__":' in lines[0], lines
+        assert lines[0].endswith("in every worker)"), lines  # the fix is its last word
 
 
 PRELOAD_MAIN = """\
