@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import operator
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +243,195 @@ def test_without_distributed_the_error_names_the_extra(tmp_path: Path) -> None:
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=tmp_path
     )
     assert "pip install 'cleanbreak[dask]'" in out.stdout, out.stderr
+
+
+# ── by value: functions the cluster cannot import ────────────────────────────────────────
+
+
+def _ship(pool: cleanbreak.Pool, fn: object) -> Any:
+    """How the pool sent ``fn`` to the cluster (``_dask._Ship``)."""
+    return pool._backend._ships[id(fn)]  # type: ignore[attr-defined]
+
+
+class Box:
+    """A class of the tests' own (a local module): its instances travel by value."""
+
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+
+def test_the_users_own_code_goes_by_value_and_installed_code_as_it_is() -> None:
+    assert _dask.is_local("tests.tasks") and _dask.is_local("__main__")
+    for name in ("json", "_operator", "cleanbreak._dask", "distributed", "pytest", "builtins"):
+        assert not _dask.is_local(name), name
+    assert not _dask.needs_value(operator.neg)
+    assert not _dask.needs_value(functools.partial(operator.mul, 2))
+    assert _dask.needs_value(tasks.square)
+    assert _dask.needs_value(functools.partial(operator.mul, Box(2)))
+    assert _dask.needs_value(lambda x: x)
+
+
+def test_lambdas_closures_and_local_classes_run(client: object) -> None:
+    scale = 3
+
+    def closure(x: int) -> int:
+        return x * scale
+
+    class Local:
+        def __init__(self, v: int) -> None:
+            self.v = v
+
+    def grow(p: Local) -> Local:
+        return Local(p.v * scale)
+
+    with cleanbreak.Pool(dask=client) as pool:
+        assert list(pool.map(lambda x: x + 1, range(20))) == [x + 1 for x in range(20)]
+        assert sorted(pool.imap_unordered(closure, range(20))) == [3 * x for x in range(20)]
+        assert pool.submit(closure, 5).result(GUARD) == 15
+        grown = list(pool.map(grow, [Local(v) for v in range(5)]))
+        boxes = list(pool.map(tasks.identity, [Box(v) for v in range(3)]))
+        assert list(pool.map(operator.neg, range(4))) == [0, -1, -2, -3]
+        assert _ship(pool, closure).packed and _ship(pool, tasks.identity).packed
+        assert not _ship(pool, operator.neg).packed  # the fast path, as Dask sends it
+    assert all(type(p) is Local for p in grown) and [p.v for p in grown] == [0, 3, 6, 9, 12]
+    assert all(type(b) is Box for b in boxes) and [b.v for b in boxes] == [0, 1, 2]
+    assert cleanbreak.map(closure, range(4), dask=client) == [0, 3, 6, 9]
+
+
+def test_a_function_is_unpickled_once_per_worker_process(client: object) -> None:
+    offset = 7
+    before = client.run(_dask.loads_here)  # type: ignore[attr-defined]
+    with cleanbreak.Pool(dask=client) as pool:
+        fn = lambda x: x + offset  # noqa: E731
+        assert list(pool.map(fn, range(200), chunksize=1)) == [x + 7 for x in range(200)]
+        assert len(_ship(pool, fn).payload) <= _dask.INLINE_LIMIT
+    after = client.run(_dask.loads_here)  # type: ignore[attr-defined]
+    loads = sum(n - before.get(worker, 0) for worker, n in after.items())
+    assert 1 <= loads <= len(after), (before, after)
+
+
+def test_a_large_function_goes_to_each_worker_once(client: object, distributed: Any) -> None:
+    blob = os.urandom(2 * _dask.INLINE_LIMIT)
+
+    def sized(x: int) -> int:
+        return len(blob) + x
+
+    with cleanbreak.Pool(dask=client) as pool:
+        assert list(pool.map(sized, range(40), chunksize=1)) == [len(blob) + x for x in range(40)]
+        ship = _ship(pool, sized)
+        assert isinstance(ship.ref, distributed.Future)  # a task of its own, which units need
+        first = ship.ref.key
+        client.cancel([ship.ref], force=True)  # type: ignore[attr-defined]
+        # Cancelled by someone else: made again.
+        assert list(pool.map(sized, range(10))) == [len(blob) + x for x in range(10)]
+        assert ship.ref.key != first and ship.ref.status == "finished"
+
+
+def test_a_large_function_survives_the_death_of_the_workers_holding_it(distributed: Any) -> None:
+    """A task that kills its worker (again and again, until Dask gives up on it) may take the
+    worker holding the large function with it: Dask makes that again (it is a task's result,
+    not scattered data), the killer fails with WorkerDied, the rest succeed. On a cluster of
+    its own: a nanny that restarts workers many times over may stop restarting them."""
+    blob = os.urandom(2 * _dask.INLINE_LIMIT)
+
+    def die_on(x: int, bad: int) -> int:
+        if x == bad:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return len(blob) + x
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as own,
+        cleanbreak.Pool(dask=own) as pool,
+    ):
+        rest = list(pool.map(die_on, range(20), itertools.repeat(3), return_exceptions=True))
+        assert list(pool.map(die_on, range(6), itertools.repeat(-1))) == [
+            len(blob) + x for x in range(6)
+        ]
+    assert isinstance(rest[3], cleanbreak.WorkerDied)
+    assert rest[:3] + rest[4:] == [len(blob) + x for x in range(20) if x != 3]
+
+
+def test_a_function_that_does_not_pickle_by_value_fails_once(client: object) -> None:
+    lock = threading.Lock()
+
+    def locked(x: int) -> int:
+        with lock:
+            return x
+
+    with cleanbreak.Pool(dask=client) as pool:
+        out: list[Any] = list(pool.map(locked, range(30), return_exceptions=True))
+        late = pool.submit(locked, 1)
+        assert late.exception(GUARD) is out[0]
+        assert list(pool.map(operator.neg, range(3))) == [0, -1, -2]  # the pool goes on
+    assert len({id(e) for e in out}) == 1
+    error = out[0]
+    assert isinstance(error, cleanbreak.BrokenPool)
+    assert str(error) == (
+        "cannot send tests.test_dask:test_a_function_that_does_not_pickle_by_value_fails_once."
+        "<locals>.locked to the Dask cluster: it does not pickle by value (TypeError: cannot "
+        "pickle '_thread.lock' object); let it make what does not pickle (a lock, a "
+        "connection) itself, or pass that as an argument"
+    )
+    with pytest.raises(cleanbreak.BrokenPool, match="does not pickle by value"):
+        cleanbreak.map(locked, range(5), dask=client)
+
+
+def test_an_argument_that_does_not_pickle_fails_alone(client: object) -> None:
+    lock = threading.Lock()
+    with cleanbreak.Pool(dask=client) as pool:
+        fast: list[Any] = list(pool.map(bool, [1, lock, 0], return_exceptions=True))
+        packed: list[Any] = list(pool.map(tasks.identity, [1, lock, 0], return_exceptions=True))
+        assert pool.submit(bool, 1).result(GUARD) is True  # the pool goes on
+    for out in (fast, packed):
+        assert out[0] in (1, True) and out[2] in (0, False), out
+        assert isinstance(out[1], cleanbreak.SerializationError), out
+        assert out[1].part == "arguments" and "cannot pickle '_thread.lock' object" in str(out[1])
+
+
+def test_functions_of_python_c_run_on_the_cluster(address: str, tmp_path: Path) -> None:
+    code = (
+        "import json, sys, cleanbreak\n"
+        "def square(x):\n"
+        "    return x * x\n"
+        "class Box:\n"
+        "    def __init__(self, v):\n"
+        "        self.v = v\n"
+        "def grow(b):\n"
+        "    return Box(b.v + 1)\n"
+        "offset = 10\n"
+        "def make():\n"
+        "    def add(x):\n"
+        "        return x + offset\n"
+        "    return add\n"
+        "with cleanbreak.Pool(dask=sys.argv[1]) as pool:\n"
+        "    got = {\n"
+        "        'map': list(pool.map(square, range(20))),\n"
+        "        'imap_unordered': sorted(pool.imap_unordered(lambda x: -x, range(20))),\n"
+        "        'submit': pool.submit(make(), 5).result(),\n"
+        "        'class': [type(b) is Box and b.v for b in pool.map(grow, map(Box, range(4)))],\n"
+        "    }\n"
+        "got['cleanbreak.map'] = cleanbreak.map(square, range(5), dask=sys.argv[1])\n"
+        "print(json.dumps(got))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, address],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=GUARD,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "map": [x * x for x in range(20)],
+        "imap_unordered": sorted(-x for x in range(20)),
+        "submit": 15,
+        "class": [1, 2, 3, 4],
+        "cleanbreak.map": [0, 1, 4, 9, 16],
+    }
 
 
 # ── Ctrl-C to a client process ───────────────────────────────────────────────────────────────

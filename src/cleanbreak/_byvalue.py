@@ -28,10 +28,12 @@ share the worker's real module.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import sys
 import types
+from collections import ChainMap
 from typing import Any
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -100,8 +102,17 @@ def pickler(main_by_value: bool) -> type[pickle.Pickler]:
         ) from None
 
     base: Any = cloudpickle.Pickler
+    table: Any = getattr(base, "dispatch_table", None)
+    reduce_code = None if table is None else table.get(types.CodeType)
 
     class ByValuePickler(base):  # type: ignore[misc]
+        if reduce_code is not None:
+            # Code keeps its file name (cloudpickle sends "<dynamic-code>"): a traceback from
+            # the worker then names the user's file, or the notebook cell, and its line.
+            dispatch_table = ChainMap(
+                {types.CodeType: functools.partial(_code_keeping_file, reduce_code)}, table
+            )
+
         def reducer_override(self, obj: Any) -> Any:
             if (
                 not main_by_value
@@ -117,6 +128,18 @@ def pickler(main_by_value: bool) -> type[pickle.Pickler]:
     )
     _picklers[main_by_value] = ByValuePickler
     return ByValuePickler
+
+
+def _code_keeping_file(reduce_code: Any, code: types.CodeType) -> Any:
+    made = reduce_code(code)
+    if isinstance(made, tuple) and len(made) == 2 and made[0] is types.CodeType:
+        return _code_in, (made[1], code.co_filename)
+    return made
+
+
+def _code_in(args: tuple[Any, ...], filename: str) -> types.CodeType:
+    """A code object sent by value, with its file name back (see ``pickler``)."""
+    return types.CodeType(*args).replace(co_filename=filename)
 
 
 def dumps(obj: object, main_by_value: bool = False) -> bytes:

@@ -122,7 +122,10 @@ class _Job:
                 current = run.current
                 assert current is not None
                 for k, value in enumerate(current.take(count), start):
-                    self.write(pending.pop(k), value, errors.get(k - start))
+                    exc = errors.get(k - start)
+                    if isinstance(exc, BrokenPool):
+                        raise exc  # no task can run: one line (see main), not one per task
+                    self.write(pending.pop(k), value, exc)
             how = "done"
         except KeyboardInterrupt:
             how = "interrupted"

@@ -23,21 +23,47 @@ How it keeps cleanbreak's promises on a cluster, where a thread in a worker cann
 - Only ``2 * threads`` units are submitted at a time, so a stop has little to cancel, and an
   endless input stays bounded (``map``'s window bounds what is read).
 - The cluster is left running for its other users; a ``Client`` the pool made is closed.
+
+By value: the cluster need not have the user's own code. Since distributed 2023.4 the scheduler
+unpickles each task, and a worker that cannot unpickle one ends. So each function is judged
+once per pool (``needs_value``): one that plain pickle cannot send (a lambda, a closure, a
+notebook's or ``python -c``'s function) or that names anything of the user's own modules
+(``is_local``: ``__main__``, and Python files outside the standard library and site-packages)
+goes *packed*: pickled here by cloudpickle with those modules by value (``dumps_by_value``), as
+are its units' items; ``run_unit`` unpickles the function once per worker process (by its
+digest), the items per unit, and sends the results back pickled the same way, so an instance of
+the user's class travels both ways. The scheduler sees bytes only. A payload up to
+``INLINE_LIMIT`` travels inline with each unit (as cheap as a dependency, measured); a larger
+one becomes the result of a task of its own, made once per pool, which Dask copies to each
+worker that needs it, once. Anything else (the standard library, installed packages) goes as
+before, as it is, Dask pickling it into the graph by reference; should the scheduler fail to
+unpickle such a task (its arguments hold an object of the user's module), that function goes
+packed from then on. What cannot be shipped fails once, with one line that says what to do:
+every unit of that function fails with the same ``BrokenPool`` (a function that does not pickle
+by value, a module the workers lack); a scheduler that cannot load cleanbreak's own task breaks
+the pool.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import hashlib
+import io
 import itertools
 import os
+import pickle
 import queue
+import sys
 import threading
 import time
-from collections import deque
+import types
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from ._errors import BrokenPool, TaskTimeout, WorkerDied
+from . import _byvalue
+from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._signals import start_quiet_thread
 from ._units import Intake, Unit, record_attempts
 from ._wire import CALL_ONE, CALL_STAR, DONE, STOPPED, CapturedError
@@ -71,6 +97,11 @@ _closed: set[str] = set()  # pools whose gate is closed on this worker
 _running: dict[int, tuple[str, str, int]] = {}  # thread id -> (pool token, task key, item)
 _expired: set[tuple[int, str, int]] = set()  # (thread id, task key, item) past their timeout
 TIMED_OUT = 99  # run_unit's status: the item after ``values`` ran past its timeout
+UNLOADABLE = 98  # run_unit's status: a packed unit's function or arguments did not load here
+WORKER_FUNCTIONS = 64  # functions sent by value that a worker process keeps, unpickled
+_loaded: OrderedDict[str, Callable[..., Any]] = OrderedDict()  # digest -> function
+_loaded_lock = threading.Lock()
+_loads = 0  # functions unpickled in this process (see loads_here)
 
 
 def _call(kind: int, fn: Callable[..., Any], item: Any) -> Any:
@@ -85,17 +116,46 @@ def _call(kind: int, fn: Callable[..., Any], item: Any) -> Any:
 def run_unit(
     token: str,
     kind: int,
-    fn: Callable[..., Any],
-    items: Sequence[Any],
+    fn: Any,
+    items: Any,
     timeout: float | None = None,
-) -> tuple[int, list[Any], dict[int, CapturedError], float, int]:
+    digest: str | None = None,
+) -> tuple[int, Any, dict[int, CapturedError], float, int]:
     """Run a unit's items on a Dask worker: ``(status, values, errors, seconds, pid)``.
 
     The gate is read before each item; ``STOPPED`` means the items after ``values`` did not
     run (the gate closed, or ``_Stop`` broke off the running one), ``TIMED_OUT`` that the item
     after ``values`` ran past ``timeout`` and was broken off. An item still running
     ``STOP_GRACE`` seconds after its timeout (stuck in C) ends the worker process; its nanny
-    starts a new one."""
+    starts a new one.
+
+    With a ``digest``, the unit came packed (see "By value" in the module docstring): ``fn``
+    is the function pickled (loaded once per worker process, by its digest), ``items`` the
+    items pickled, and ``values`` goes back as the pickle of ``(values, errors)``. If either
+    does not load here, the status is ``UNLOADABLE``, ``values`` names the part
+    (``"function"`` or ``"arguments"``) and ``errors[0]`` holds why."""
+    if digest is None:
+        return _run_items(token, kind, fn, items, timeout)
+    try:
+        call = _load_function(digest, fn)
+    except BaseException as exc:
+        return UNLOADABLE, "function", {0: CapturedError.capture(exc)}, 0.0, os.getpid()
+    try:
+        work = pickle.loads(items)
+    except BaseException as exc:
+        return UNLOADABLE, "arguments", {0: CapturedError.capture(exc)}, 0.0, os.getpid()
+    del fn, items
+    status, values, errors, seconds, pid = _run_items(token, kind, call, work, timeout)
+    return status, _pack_outcome(values, errors), {}, seconds, pid
+
+
+def _run_items(
+    token: str,
+    kind: int,
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    timeout: float | None,
+) -> tuple[int, list[Any], dict[int, CapturedError], float, int]:
     import distributed
     import distributed.worker
 
@@ -138,6 +198,49 @@ def run_unit(
     finally:
         _running.pop(me, None)
     return status, values, errors, time.perf_counter() - began, os.getpid()
+
+
+def _load_function(digest: str, payload: bytes) -> Callable[..., Any]:
+    """The function pickled in ``payload``, unpickled once per worker process."""
+    global _loads
+    with _loaded_lock:
+        fn = _loaded.get(digest)
+        if fn is not None:
+            _loaded.move_to_end(digest)
+            return fn
+    fn = pickle.loads(payload)
+    with _loaded_lock:
+        _loads += 1
+        _loaded[digest] = fn
+        while len(_loaded) > WORKER_FUNCTIONS:
+            _loaded.popitem(last=False)
+    return cast(Callable[..., Any], fn)
+
+
+def _pack_outcome(values: list[Any], errors: dict[int, CapturedError]) -> bytes:
+    """``(values, errors)`` pickled for the client, by value where the client's module is not
+    here (an instance of a class that came by value goes back by value). A value that does
+    not pickle fails its item alone."""
+    try:
+        return _byvalue.dumps((values, errors), True)
+    except BaseException:
+        pass
+    for k, value in enumerate(values):
+        if k in errors:
+            continue
+        try:
+            _byvalue.dumps(value, True)
+        except BaseException as exc:
+            reason = f"{type(value).__name__}: {type(exc).__name__}: {exc}"
+            errors[k] = CapturedError(SerializationError("result", reason), "")
+            values[k] = None
+    return _byvalue.dumps((values, errors), True)
+
+
+def loads_here() -> int:
+    """Run by ``Client.run``: how many functions this worker process has unpickled (for
+    tests: a function sent by value is unpickled once per worker process)."""
+    return _loads
 
 
 def _expire(tid: int, token: str, key: str, k: int, worker: Any) -> None:
@@ -190,19 +293,281 @@ def running_here() -> list[str]:
     return [key for _token, key, _k in list(_running.values())]
 
 
+# ── what the cluster has, and what goes by value (on the client) ─────────────────────────
+
+# On every machine of the cluster: run_unit is cleanbreak's, and the workers run Dask.
+REQUIRED = frozenset({"cleanbreak", "dask", "distributed"})
+INLINE_LIMIT = 64 * 1024  # a function pickled to at most this goes inline with each unit
+_local: dict[str, bool] = {}  # module name -> is_local
+_local_modules_seen: tuple[int, list[types.ModuleType]] = (-1, [])
+_registry_lock = threading.Lock()
+
+
+def _installed_roots() -> tuple[str, ...]:
+    import site
+    import sysconfig
+
+    paths = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    with contextlib.suppress(Exception):
+        paths.update(site.getsitepackages())
+    with contextlib.suppress(Exception):
+        paths.add(site.getusersitepackages())
+    return tuple(os.path.join(os.path.realpath(p), "") for p in paths if p)
+
+
+def is_local(name: str) -> bool:
+    """Whether module ``name`` is the user's own code, which the cluster need not have: the
+    client's ``__main__`` (a script, a notebook, the REPL), or a Python file outside the
+    standard library and site-packages (a module beside the script, a project checkout on
+    ``PYTHONPATH``, an editable install). The standard library, installed packages, built-in
+    and extension modules, and cleanbreak and Dask themselves are taken to be on the cluster.
+    """
+    known = _local.get(name)
+    if known is not None:
+        return known
+    found = _judge(name)
+    if name in sys.modules:  # judged by its file: for good
+        _local[name] = found
+    return found
+
+
+def _judge(name: str) -> bool:
+    if name == "__main__":
+        return True
+    if name.partition(".")[0] in REQUIRED or name in sys.builtin_module_names:
+        return False
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str) or not path.endswith((".py", ".pyc")):
+        return False  # built in, frozen, an extension module, or made at run time
+    real = os.path.realpath(path)
+    if real.startswith(_roots()):
+        return False
+    parts = real.split(os.sep)
+    return "site-packages" not in parts and "dist-packages" not in parts
+
+
+_roots_found: tuple[str, ...] | None = None
+
+
+def _roots() -> tuple[str, ...]:
+    global _roots_found
+    if _roots_found is None:
+        _roots_found = _installed_roots()
+    return _roots_found
+
+
+def _local_modules() -> list[types.ModuleType]:
+    """The user's own modules that this process has imported (see ``is_local``)."""
+    global _local_modules_seen
+    count = len(sys.modules)
+    if _local_modules_seen[0] != count:
+        found = [
+            module
+            for name, module in list(sys.modules.items())
+            if isinstance(module, types.ModuleType)
+            and name != "__main__"
+            and getattr(module, "__name__", None) == name
+            and is_local(name)
+        ]
+        _local_modules_seen = (count, found)
+    return _local_modules_seen[1]
+
+
+def dumps_by_value(obj: object) -> bytes:
+    """``obj`` pickled so that a machine without the user's own modules loads it: functions
+    and classes of ``__main__`` and of every module ``is_local`` names go by value
+    (cloudpickle, each such module registered with ``register_pickle_by_value`` for the
+    time of the call); everything else by reference."""
+    with _registry_lock:
+        try:
+            import cloudpickle
+        except ImportError:  # pragma: no cover - a dependency of cleanbreak and of distributed
+            return _byvalue.dumps(obj, True)  # raises PicklingError with the fix
+        have = cloudpickle.list_registry_pickle_by_value()
+        added = []
+        for module in _local_modules():
+            if module.__name__ not in have:
+                with contextlib.suppress(ValueError):
+                    cloudpickle.register_pickle_by_value(module)
+                    added.append(module)
+        try:
+            buffer = io.BytesIO()
+            _pickler()(buffer, _byvalue.PROTOCOL).dump(obj)
+            return buffer.getvalue()
+        finally:
+            for module in added:
+                with contextlib.suppress(ValueError):
+                    cloudpickle.unregister_pickle_by_value(module)
+
+
+def _pickler() -> type[pickle.Pickler]:
+    """``_byvalue``'s pickler, everything of ``__main__`` by value (a worker's ``__main__`` is
+    Dask's), code keeping its file name."""
+    return _byvalue.pickler(True)
+
+
+class _Discard(io.RawIOBase):
+    def write(self, b: Any) -> int:
+        return len(b)
+
+    def writable(self) -> bool:
+        return True
+
+
+class _Names(pickle.Pickler):
+    """Plain pickle that notes the module of each class, function and object it meets."""
+
+    def __init__(self) -> None:
+        super().__init__(_Discard(), _byvalue.PROTOCOL)
+        self.modules: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            name = getattr(obj, "__module__", None)
+        else:
+            name = type(obj).__module__
+        if isinstance(name, str):
+            self.modules.add(name)
+        return NotImplemented
+
+
+def needs_value(fn: object) -> bool:
+    """Whether the cluster may lack what ``fn`` needs, so that it goes packed and by value:
+    plain pickle cannot send it (a lambda, a closure, a nested function), or it names a
+    function, class or object of the user's own modules (``is_local``)."""
+    names = _Names()
+    try:
+        names.dump(fn)
+    except BaseException:
+        return True
+    return any(is_local(name) for name in names.modules)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _function_name(fn: object) -> str:
+    from ._journal import function_name
+
+    return function_name(cast(Callable[..., Any], fn))
+
+
+def _distribution(module: str) -> str:
+    """The distribution that installed ``module`` here, as ``pip install`` names it."""
+    with contextlib.suppress(Exception):
+        import importlib.metadata
+
+        names = importlib.metadata.packages_distributions().get(module)
+        if names:
+            return names[0]
+    return module
+
+
+class _Ship:
+    """How one function goes to the cluster.
+
+    Not ``packed``: as it is (Dask pickles it, and its units' items, into the task graph).
+    ``packed``: pickled here, by value where it must be (``payload``, sent inline or as the
+    ``ref`` of the task that holds it), with each unit's items pickled the same way, and the
+    results coming back pickled. ``failed``: it cannot reach the cluster; each of its units
+    fails with that.
+    """
+
+    __slots__ = ("by_value_error", "digest", "failed", "fn", "packed", "payload", "ref")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.packed = False
+        self.payload = b""
+        self.digest = ""
+        self.ref: Any = None  # for a large payload: the future of the task that holds it
+        self.failed: BrokenPool | None = None
+        self.by_value_error = ""  # why it went by reference although it was to go by value
+
+    def pack(self) -> None:
+        """From now on it goes packed: by value, or by reference where that fails."""
+        self.packed = True
+        try:
+            self.payload = dumps_by_value(self.fn)
+        except BaseException as exc:
+            self.by_value_error = _one_line(exc)
+            name = _function_name(self.fn)
+            try:
+                if name.startswith("__main__:"):
+                    raise
+                # The cluster may have its module after all (code on a shared file system).
+                self.payload = pickle.dumps(self.fn, _byvalue.PROTOCOL)
+            except BaseException:
+                self.failed = BrokenPool(
+                    f"cannot send {name} to the Dask cluster: it does not pickle by value "
+                    f"({self.by_value_error}); let it make what does not pickle (a lock, a "
+                    "connection) itself, or pass that as an argument"
+                )
+                return
+        self.digest = hashlib.blake2b(self.payload, digest_size=16).hexdigest()
+
+    def cannot_load(self, part: str, exc: BaseException) -> BrokenPool:
+        """The error of a function (or its arguments) that a Dask worker could not load."""
+        name = _function_name(self.fn)
+        what = name if part == "function" else f"the arguments of {name}"
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if self.by_value_error and part == "function":
+            hint = (
+                f"it did not pickle by value either ({self.by_value_error}): let it make what "
+                "does not pickle (a lock, a connection) itself, or make its module importable "
+                "on every Dask worker"
+            )
+        elif missing:
+            top = missing.partition(".")[0]
+            if is_local(top):
+                hint = f"make {top} importable on every Dask worker"
+            else:
+                hint = (
+                    f"install {_distribution(top)} on every Dask worker (the same version as "
+                    "on this client)"
+                )
+        else:
+            hint = (
+                "check that the Dask workers have the same versions as this client of the "
+                "packages it uses"
+            )
+        broken = BrokenPool(f"the Dask cluster cannot load {what} ({_one_line(exc)}): {hint}")
+        broken.__cause__ = exc
+        return broken
+
+
+_GONE = ("cancelled", "lost", "error")  # a future's status, once its result will not come
+
+
+def _payload_of(payload: bytes) -> bytes:
+    """The task that holds a large packed function (see ``DaskBackend._payload``)."""
+    return payload
+
+
+def _graph_error(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the scheduler's failure to unpickle a task it was sent."""
+    return isinstance(exc, RuntimeError) and "deserialization of the task graph" in str(exc)
+
+
 # ── on the client ────────────────────────────────────────────────────────────────────────────
 
 
 class _Flight:
     """A unit submitted to the cluster."""
 
-    __slots__ = ("future", "key", "outcome", "unit")
+    __slots__ = ("future", "key", "outcome", "packed", "ref", "ship", "unit")
 
-    def __init__(self, unit: Unit, future: Any) -> None:
+    def __init__(self, unit: Unit, future: Any, ship: _Ship) -> None:
         self.unit = unit
         self.future = future
         self.key = str(future.key)
-        self.outcome: tuple[int, list[Any], dict[int, CapturedError], float, int] = (
+        self.ship = ship
+        self.packed = ship.packed  # how it was sent: the ship may change while it flies
+        self.ref = ship.ref if ship.packed else None  # the task of the function it needs
+        self.outcome: tuple[int, Any, dict[int, CapturedError], float, int] = (
             DONE,
             [],
             {},
@@ -213,6 +578,8 @@ class _Flight:
 
 class DaskBackend(Intake):
     """Units run as tasks on a ``dask.distributed`` cluster, by one thread of the pool's."""
+
+    SHIPS = 64
 
     def __init__(self, target: Any) -> None:
         import uuid
@@ -260,6 +627,8 @@ class DaskBackend(Intake):
         # and the key of the one that runs now, while nothing else of ours does.
         self._suspects: set[int] = set()
         self._alone: str | None = None
+        # How each function goes to the cluster (see _ship), the latest SHIPS of them.
+        self._ships: OrderedDict[int, _Ship] = OrderedDict()
         self.finished = threading.Event()
         self.started = threading.Event()
         self.start_error: BaseException | None = None
@@ -304,6 +673,8 @@ class DaskBackend(Intake):
                 else:
                     if self._cancel_pending:
                         self._cancel_queue()
+                    if self._broken is not None:
+                        self._fail_queue(self._broken)
                     self._submit()
                     if self._closing and not self.pending and not self._flights:
                         break
@@ -324,6 +695,7 @@ class DaskBackend(Intake):
                 for flight in self._flights.values():
                     flight.unit.sink.cancel(flight.unit.current, flight.unit.left)
                 self._flights.clear()
+            self._ships.clear()  # the large functions' tasks are released
             with contextlib.suppress(Exception):
                 self._client.unsubscribe_topic(_topic(self._token))
             if self._own:
@@ -373,22 +745,102 @@ class DaskBackend(Intake):
                 for k in range(len(unit.items) - 1, -1, -1):
                     self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
                 continue
-            future = self._client.submit(
-                run_unit,
-                self._token,
-                unit.kind,
-                unit.fn,
-                list(unit.items),
-                timeout,
-                key=f"cleanbreak-{self._token[:8]}-{unit.uid}-{uuid.uuid4().hex[:8]}",
-                pure=False,
-                retries=0,
-            )
-            flight = _Flight(unit, future)
+            ship = self._ship(unit.fn)
+            if ship.failed is not None:
+                unit.sink.fail(unit.current, unit.left, ship.failed)
+                continue
+            key = f"cleanbreak-{self._token[:8]}-{unit.uid}-{uuid.uuid4().hex[:8]}"
+            if not ship.packed:
+                args: tuple[Any, ...] = (unit.fn, list(unit.items), timeout)
+            else:
+                try:
+                    items = dumps_by_value(list(unit.items))
+                except BaseException as exc:
+                    if not self._split(unit):
+                        reason = f"{type(exc).__name__}: {exc}"
+                        unit.sink.fail(
+                            unit.current, unit.left, SerializationError("arguments", reason)
+                        )
+                    continue
+                args = (self._payload(ship), items, timeout, ship.digest)
+            try:
+                future = self._client.submit(
+                    run_unit, self._token, unit.kind, *args, key=key, pure=False, retries=0
+                )
+            except concurrent.futures.CancelledError:
+                if ship.ref is None:
+                    raise
+                # The task that holds the function was cancelled just now: made again.
+                ship.ref = None
+                self.pending.appendleft(unit)
+                continue
+            except (TypeError, pickle.PicklingError) as exc:
+                # Dask could not pickle the task: an argument does not pickle (the function
+                # was pickled in _ship). That item fails alone, and the pool goes on.
+                if not self._split(unit):
+                    reason = _one_line(exc.__cause__ or exc)
+                    unit.sink.fail(unit.current, unit.left, SerializationError("arguments", reason))
+                continue
+            flight = _Flight(unit, future, ship)
             self._flights[flight.key] = flight
             if suspect:
                 self._alone = flight.key
             future.add_done_callback(self._done.put)
+
+    def _ship(self, fn: Callable[..., Any]) -> _Ship:
+        """How ``fn`` goes to the cluster: as it is where the cluster has what it needs, else
+        packed (see "By value" in the module docstring)."""
+        ship = self._ships.get(id(fn))
+        if ship is not None and ship.fn is fn:
+            self._ships.move_to_end(id(fn))
+            return ship
+        ship = _Ship(fn)
+        if needs_value(fn):
+            ship.pack()
+        self._ships[id(fn)] = ship
+        while len(self._ships) > self.SHIPS:
+            self._ships.popitem(last=False)
+        return ship
+
+    def _payload(self, ship: _Ship) -> Any:
+        """What carries a packed function to the workers: its pickle itself, or, for a large
+        one, the future of a task whose result it is, made once: Dask copies that result to
+        each worker that needs it, once. (Not ``Client.scatter``: scattered data that dies
+        with its workers is lost for good, and the tasks that need it with it, while this
+        task's result is made again from the copy in the scheduler.)"""
+        if len(ship.payload) <= INLINE_LIMIT:
+            return ship.payload
+        if ship.ref is None or ship.ref.status in _GONE:
+            key = f"cleanbreak-{self._token[:8]}-function-{next(self._uids)}"
+            ship.ref = self._client.submit(_payload_of, ship.payload, key=key, pure=False)
+        return ship.ref
+
+    def _split(self, unit: Unit) -> bool:
+        """Requeue each item of the unit alone, so that one bad item fails by itself. False
+        if the unit holds one item only."""
+        if unit.left <= 1:
+            return False
+        for k in range(len(unit.items) - 1, unit.received - 1, -1):
+            self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+        return True
+
+    def _break(self, exc: BrokenPool) -> None:
+        """Nothing can run on the cluster: fail everything, now and from now on."""
+        if self._broken is None:
+            self._broken = exc
+        flights = list(self._flights.values())
+        self._flights.clear()
+        self._alone = None
+        with contextlib.suppress(Exception):
+            self._client.cancel([f.future for f in flights], force=True)
+        for flight in flights:
+            flight.unit.sink.fail(flight.unit.current, flight.unit.left, exc)
+        self._fail_queue(exc)
+
+    def _fail_queue(self, exc: BaseException) -> None:
+        while self.pending:
+            unit = self.pending.popleft()
+            unit.sink.fail(unit.current, unit.left, exc)
 
     def _land(self, key: str) -> _Flight | None:
         """The flight of ``key`` is over (None: it was already)."""
@@ -408,10 +860,18 @@ class DaskBackend(Intake):
         if status in ("cancelled", "lost") and not ours:
             # Not our doing: the worker that held the result died before we fetched it (the
             # scheduler then runs the task again, or gives up on it). Run the unit again.
-            self._resubmit(unit)
+            if flight.ref is not None and flight.ref.status in _GONE:
+                # The task of the function it needs was cancelled (Client.cancel, by
+                # someone else): that is made again, and this does not count as a loss.
+                self.pending.appendleft(unit.part(next(self._uids), unit.received))
+            else:
+                self._resubmit(unit)
             return
         if status == "finished":
             outcome, values, errors, seconds, pid = flight.outcome
+            if outcome == UNLOADABLE:
+                self._unloadable(flight, str(values), errors[0].rebuild())
+                return
             if values:
                 rebuilt = {k: e.rebuild() for k, e in errors.items()}
                 if rebuilt and unit.opts.retries:
@@ -446,6 +906,20 @@ class DaskBackend(Intake):
             flight.outcome = (DONE, [], {}, 0.0, 0)
             self._fail(flight, exc)
             flight.unit.received = len(flight.unit.items)
+            return True
+        status, values, _errors, seconds, pid = flight.outcome
+        if flight.packed and status != UNLOADABLE:
+            try:
+                values, errors = pickle.loads(values)
+            except BaseException as exc:
+                flight.outcome = (DONE, [], {}, 0.0, 0)
+                reason = f"it was pickled on the Dask worker but does not unpickle here: {exc!r}"
+                flight.unit.sink.fail(
+                    flight.unit.current, flight.unit.left, SerializationError("result", reason)
+                )
+                flight.unit.received = len(flight.unit.items)
+                return True
+            flight.outcome = (status, values, errors, seconds, pid)
         return True
 
     def _resubmit(self, unit: Unit) -> None:
@@ -460,6 +934,9 @@ class DaskBackend(Intake):
 
     def _fail(self, flight: _Flight, exc: BaseException | None) -> None:
         unit = flight.unit
+        if exc is not None and _graph_error(exc):
+            self._unschedulable(flight, exc)
+            return
         if isinstance(exc, self._killed_worker):
             if unit.uid not in self._suspects:
                 # Dask gives up on every task that was on a worker as it died for the n-th
@@ -479,6 +956,45 @@ class DaskBackend(Intake):
             unit.sink.cancel(unit.current, unit.left)
             return
         unit.sink.fail(unit.current, unit.left, exc)
+
+    def _unschedulable(self, flight: _Flight, exc: BaseException) -> None:
+        """The scheduler could not unpickle the unit's task. Sent as it is, the function or
+        its arguments name a module the scheduler lacks: it goes packed from now on, and the
+        unit again. Sent packed, the task names nothing but cleanbreak's own ``run_unit``:
+        the scheduler lacks cleanbreak, and nothing can run."""
+        cause = exc.__cause__ or exc
+        missing = cause.name if isinstance(cause, ModuleNotFoundError) else None
+        ours = bool(missing) and str(missing).partition(".")[0] in REQUIRED
+        if not flight.packed and not ours:
+            if not flight.ship.packed:
+                flight.ship.pack()
+            unit = flight.unit
+            self.pending.appendleft(unit.part(next(self._uids), unit.received))
+            return
+        broken = BrokenPool(
+            f"the Dask scheduler cannot load cleanbreak's tasks ({_one_line(cause)}): install "
+            "cleanbreak on the scheduler's machine (the same version as on this client)"
+        )
+        broken.__cause__ = cause
+        flight.unit.sink.fail(flight.unit.current, flight.unit.left, broken)
+        self._break(broken)
+
+    def _unloadable(self, flight: _Flight, part: str, exc: BaseException) -> None:
+        """A Dask worker could not load a packed unit's function or arguments. Where the
+        cluster lacks a module (or the function does not load at all), every unit of that
+        function fails with one error that says what to install: the first failure ends
+        its run. Arguments that fail otherwise fail their own items only."""
+        unit = flight.unit
+        ship = flight.ship
+        environment = isinstance(exc, ImportError) or part == "function"
+        if not environment:
+            if not self._split(unit):
+                reason = f"they do not unpickle on the Dask worker: {_one_line(exc)}"
+                unit.sink.fail(unit.current, unit.left, SerializationError("arguments", reason))
+            return
+        if ship.failed is None:
+            ship.failed = ship.cannot_load(part, exc)
+        unit.sink.fail(unit.current, unit.left, ship.failed)
 
     def _timed_out(self, flight: _Flight, message: dict[str, Any]) -> None:
         """The unit's next item ran out of time: it fails (or is retried), and the items

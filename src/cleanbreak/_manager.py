@@ -224,6 +224,12 @@ class _Worker:
         return None if timeout is None else self.head_since + timeout
 
 
+# How a function (or a unit's items) is pickled for a worker: as plain pickle sends it where
+# that works (else by value); by value, with what ``__main__`` holds under its name sent by
+# reference (the worker runs the script too); everything by value, ``__main__`` included.
+PLAIN, BY_VALUE, WHOLE = 0, 1, 2
+
+
 class _Functions:
     """The functions the parent sends, each under a number of its own.
 
@@ -233,53 +239,54 @@ class _Functions:
     (a notebook's, a lambda, a closure over data), which may be large and slow to pickle.
 
     A function is first sent as plain pickle would send it, unless it has no importable home
-    (see ``_byvalue``). If a worker then cannot load it (a script's function defined under the
-    ``__main__`` guard, or after a fork), it is sent by value from then on, under a new number.
-    Entries hold their function, so that its ``id`` is not reused while it is listed.
+    (see ``_byvalue``). If a worker then cannot find a name it needs (a script's function
+    defined under the ``__main__`` guard, or after a fork), it is sent whole by value from then
+    on, under a new number. Entries hold their function, so that its ``id`` is not reused
+    while it is listed.
     """
 
     SIZE = 64
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[int, tuple[Callable[..., Any], int, bool]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[Callable[..., Any], int, int]] = OrderedDict()
         self._numbers = itertools.count(1)
 
-    def lookup(self, fn: Callable[..., Any]) -> tuple[int, bool]:
-        """The function's number, and whether it must go by value."""
+    def lookup(self, fn: Callable[..., Any]) -> tuple[int, int]:
+        """The function's number, and how it goes (``PLAIN``, ``BY_VALUE`` or ``WHOLE``)."""
         key = id(fn)
         entry = self._entries.get(key)
         if entry is not None and entry[0] is fn:
             self._entries.move_to_end(key)
             return entry[1], entry[2]
-        return self._put(fn, False)
+        return self._put(fn, PLAIN)
 
-    def sent_by_value(self, fn: Callable[..., Any], fid: int) -> None:
-        """It had to go by value (plain pickle failed): go so straight away next time."""
+    def sent_as(self, fn: Callable[..., Any], fid: int, how: int) -> None:
+        """It went ``how`` (plain pickle failed: by value): so straight away next time."""
         entry = self._entries.get(id(fn))
-        if entry is not None and entry[0] is fn and entry[1] == fid:
-            self._entries[id(fn)] = (fn, fid, True)
+        if entry is not None and entry[0] is fn and entry[1] == fid and how > entry[2]:
+            self._entries[id(fn)] = (fn, fid, how)
 
-    def by_value_from_now(self, fn: Callable[..., Any], fid: int) -> bool:
-        """A worker could not load ``fn`` sent as number ``fid``. True if it is to be sent
-        again, by value: it went by reference under that number, or has gone by value under
-        a newer one since."""
+    def whole_from_now(self, fn: Callable[..., Any], fid: int) -> bool:
+        """A worker could not find a name ``fn`` needs, sent as number ``fid``. True if it is
+        to be sent again: whole by value from now on, or it has been since, under a newer
+        number."""
         entry = self._entries.get(id(fn))
         if entry is None or entry[0] is not fn:
             return False
         if entry[1] != fid:
-            return entry[2]
-        if entry[2]:
-            return False  # it went by value, and still cannot be loaded
-        self._put(fn, True)
+            return entry[2] == WHOLE
+        if entry[2] == WHOLE:
+            return False  # it went whole by value, and still cannot be loaded
+        self._put(fn, WHOLE)
         return True
 
-    def _put(self, fn: Callable[..., Any], by_value: bool) -> tuple[int, bool]:
+    def _put(self, fn: Callable[..., Any], how: int) -> tuple[int, int]:
         fid = next(self._numbers)
-        self._entries[id(fn)] = (fn, fid, by_value)
+        self._entries[id(fn)] = (fn, fid, how)
         self._entries.move_to_end(id(fn))
         while len(self._entries) > self.SIZE:
             self._entries.popitem(last=False)
-        return fid, by_value
+        return fid, how
 
 
 class LocalBackend(Intake):
@@ -597,7 +604,7 @@ class LocalBackend(Intake):
                 self.pending.appendleft(unit.part(next(self._uids), budget))
                 unit = unit.part(unit.uid, 0, budget)
         exact = unit.opts.task_timeout is not None
-        fid, by_value = self._functions.lookup(unit.fn)
+        fid, how = self._functions.lookup(unit.fn)
         unit.fid = fid
         held = fid in w.functions
         # A user's object may raise anything while it is pickled, SystemExit included: that
@@ -605,15 +612,14 @@ class LocalBackend(Intake):
         fn_part: Packer | None = None
         if not held:
             try:
-                fn_part, by_value = self._pack(unit.fn, by_value)
+                fn_part, went = self._pack(unit.fn, how)
             except BaseException as exc:
                 reason = f"{unit.fn!r}: {type(exc).__name__}: {exc}"
                 unit.sink.fail(unit.current, unit.left, SerializationError("function", reason))
                 return
-            if by_value:
-                self._functions.sent_by_value(unit.fn, fid)
+            self._functions.sent_as(unit.fn, fid, went)
         try:
-            items_part, _ = self._pack(unit.items, unit.by_value)
+            items_part, _ = self._pack(unit.items, WHOLE if unit.by_value else PLAIN)
         except BaseException as exc:
             if fn_part is not None:
                 fn_part.release()
@@ -648,25 +654,25 @@ class LocalBackend(Intake):
             self._retire(w)
         self._flush(w)
 
-    def _pack(self, obj: object, by_value: bool) -> tuple[Packer, bool]:
-        """``obj`` pickled for a worker, and whether it went by value: as plain pickle sends
-        it where that works and the worker can import the main module, else by value (see
-        ``_byvalue``)."""
-        if not (by_value or self._main_by_value):
+    def _pack(self, obj: object, how: int) -> tuple[Packer, int]:
+        """``obj`` pickled for a worker ``how`` it is to go (see ``PLAIN``), and how it
+        went: as plain pickle sends it where that works and the worker can import the main
+        module, else by value (see ``_byvalue``)."""
+        if how == PLAIN and not self._main_by_value:
             try:
-                return Packer(self._segments).pack(obj), False
+                return Packer(self._segments).pack(obj), PLAIN
             except Exception:
                 pass  # a lambda, a closure, a local class: by value
-        # A function a worker could not import (``by_value``) goes by value whole, ``__main__``
+        # WHOLE: a function a worker could not find by name goes by value whole, ``__main__``
         # included: it was found there in this process, and not in the worker's.
         try:
-            pickler = _byvalue.pickler(self._main_by_value or by_value)
+            pickler = _byvalue.pickler(self._main_by_value or how == WHOLE)
         except _byvalue.CloudpickleMissing:
-            if not by_value:
+            if how != WHOLE:
                 with contextlib.suppress(Exception):  # what is importable still goes
-                    return Packer(self._segments).pack(obj), False
+                    return Packer(self._segments).pack(obj), PLAIN
             raise
-        return Packer(self._segments).pack(obj, pickler), True
+        return Packer(self._segments).pack(obj, pickler), max(how, BY_VALUE)
 
     def _flush(self, w: _Worker) -> None:
         try:
@@ -719,11 +725,7 @@ class LocalBackend(Intake):
             # A name the worker could not find (a function or class a script defines under
             # its __main__ guard, or after the fork): sent again by value.
             lookup = getattr(error, "lookup", False)
-            if (
-                lookup
-                and part == "function"
-                and self._functions.by_value_from_now(unit.fn, unit.fid)
-            ):
+            if lookup and part == "function" and self._functions.whole_from_now(unit.fn, unit.fid):
                 self.pending.appendleft(unit)
                 return
             if lookup and part == "arguments" and not unit.by_value:

@@ -1,11 +1,16 @@
 """A cluster started as a user would start one on two machines: ``dask scheduler`` and two
 ``dask worker`` processes, each from Dask's own command line. A client connects through the
 address, maps, and is Ctrl-C'd; the cluster must be idle after, and still serve a plain
-``Client.map``. ``cleanbreak run --dask`` runs a job on it from the shell."""
+``Client.map``. ``cleanbreak run --dask`` runs a job on it from the shell.
+
+The cluster has cleanbreak and the tests' modules, not the user's: a job module in a folder of
+its own, which goes by value (issue 18); what cannot be shipped fails once, with one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -17,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import cleanbreak
 from cleanbreak import _dask
 from tests import dask_tasks, tasks
 
@@ -157,3 +163,211 @@ def test_cleanbreak_run_on_the_cluster(address: str, tmp_path: Path) -> None:
         "cleanbreak run: error: --workers is for a local pool; with --dask the cluster's "
         "workers run the tasks: drop --workers"
     ]
+
+
+# ── the user's module, which the cluster does not have ───────────────────────────────────────
+
+JOB = """\
+import threading
+
+import jobhelp
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+
+def work(x):
+    \"\"\"An int gives a dict (for the command line); a Point gives a Point.\"\"\"
+    p = x if isinstance(x, Point) else Point(x)
+    q = Point(jobhelp.double(p.x))
+    return q if isinstance(x, Point) else {"x": p.x, "double": q.x}
+
+
+def _make():
+    lock = threading.Lock()
+
+    def locked(x):
+        with lock:
+            return x
+
+    return locked
+
+
+locked = _make()
+"""
+JOBHELP = "def double(x):\n    return 2 * x\n"
+# Needs a package that is installed here (in a site-packages folder) and not on the cluster.
+NEEDS = "import cbextra\n\n\ndef work(x):\n    return cbextra.twice(x)\n"
+CBEXTRA = "def twice(x):\n    return 2 * x\n"
+# The client, read from stdin: the job through the API, and a function that needs cbextra.
+API = """\
+import json, operator, sys
+import cleanbreak, job, needs
+
+address = sys.argv[1]
+with cleanbreak.Pool(dask=address) as pool:
+    points = list(pool.map(job.work, [job.Point(i) for i in range(10)]))
+    xs = list(pool.map(operator.attrgetter("x"), [job.Point(i) for i in range(5)]))
+    submitted = pool.submit(job.work, 4).result()
+    failed = list(pool.map(needs.work, range(20), return_exceptions=True))
+    late = pool.submit(needs.work, 1).exception()
+print(json.dumps({
+    "points": [type(p) is job.Point and p.x for p in points],
+    "xs": xs,
+    "submit": submitted,
+    "cleanbreak.map": cleanbreak.map(job.work, range(3), dask=address),
+    "failed": sorted({type(e).__name__ + ": " + str(e) for e in failed}),
+    "same": len({id(e) for e in failed}) == 1 and late is failed[0],
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def job_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("client")
+    (folder / "job.py").write_text(JOB)
+    (folder / "jobhelp.py").write_text(JOBHELP)
+    (folder / "needs.py").write_text(NEEDS)
+    (folder / "site-packages" / "cbextra").mkdir(parents=True)
+    (folder / "site-packages" / "cbextra" / "__init__.py").write_text(CBEXTRA)
+    (folder / "inputs.txt").write_text("".join(f"{x}\n" for x in range(40)))
+    return folder
+
+
+def _client_env(folder: Path, tmp_path: Path) -> dict[str, str]:
+    """The client's environment: cbextra installed; the job's folder is the current one."""
+    path = os.pathsep.join([str(ROOT), str(folder / "site-packages")])
+    return dict(os.environ, PYTHONPATH=path, XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+
+def _cli(
+    folder: Path, tmp_path: Path, target: str, address: str
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "cleanbreak", "run", target, "inputs.txt", "--dask", address]
+    return subprocess.run(
+        [*argv, "--output", str(tmp_path / "out.jsonl")],
+        env=_client_env(folder, tmp_path),
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+        check=False,
+    )
+
+
+def test_a_cluster_without_the_users_module_runs_the_job(
+    address: str, job_folder: Path, tmp_path: Path, distributed: Any
+) -> None:
+    with distributed.Client(address, set_as_default=False) as client:
+        for name in ("job", "jobhelp", "needs", "cbextra"):  # the cluster lacks them all
+            assert set(client.run(importlib.util.find_spec, name).values()) == {None}
+            assert client.run_on_scheduler(importlib.util.find_spec, name) is None
+        assert client.run(importlib.util.find_spec, "cleanbreak")
+    done = _cli(job_folder, tmp_path, "job:work", address)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["input"] for r in records) == list(range(40))
+    assert all(r["result"] == {"x": r["input"], "double": 2 * r["input"]} for r in records)
+    api = subprocess.run(
+        [sys.executable, "-", address],
+        input=API,
+        env=_client_env(job_folder, tmp_path),
+        cwd=job_folder,
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+        check=False,
+    )
+    assert api.returncode == 0, api.stderr
+    report = json.loads(api.stdout)
+    assert report["points"] == [2 * i for i in range(10)]  # Points that came back as Points
+    assert report["xs"] == list(range(5))  # operator's function over the job's objects
+    assert report["submit"] == {"x": 4, "double": 8}
+    assert report["cleanbreak.map"] == [{"x": i, "double": 2 * i} for i in range(3)]
+    # A module the workers lack: every task failed with one error, which says what to do.
+    assert report["failed"] == [
+        "BrokenPool: the Dask cluster cannot load needs:work (ModuleNotFoundError: No module "
+        "named 'cbextra'): install cbextra on every Dask worker (the same version as on this "
+        "client)"
+    ]
+    assert report["same"]
+
+
+@pytest.mark.parametrize(
+    ("target", "line"),
+    [
+        (
+            "needs:work",
+            "the Dask cluster cannot load needs:work (ModuleNotFoundError: No module named "
+            "'cbextra'): install cbextra on every Dask worker (the same version as on this "
+            "client)",
+        ),
+        (
+            "job:locked",
+            "cannot send job:_make.<locals>.locked to the Dask cluster: it does not pickle by "
+            "value (TypeError: cannot pickle '_thread.lock' object); let it make what does not "
+            "pickle (a lock, a connection) itself, or pass that as an argument",
+        ),
+    ],
+    ids=["module-missing-on-the-workers", "closure-over-a-lock"],
+)
+def test_cleanbreak_run_of_what_cannot_be_shipped_prints_one_line(
+    address: str, job_folder: Path, tmp_path: Path, target: str, line: str
+) -> None:
+    done = _cli(job_folder, tmp_path, target, address)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [x for x in done.stderr.splitlines() if "error" in x]
+    assert errors == [f"cleanbreak run: error: BrokenPool: {line}"], done.stderr
+    assert (tmp_path / "out.jsonl").read_text() == ""  # not one record per task
+
+
+def test_a_scheduler_without_cleanbreak_gets_one_line(tmp_path: Path, distributed: Any) -> None:
+    """The scheduler unpickles each task, ``run_unit`` included: it needs cleanbreak."""
+    info = tmp_path / "scheduler.json"
+    blocked = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'cleanbreak':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from distributed.cli.dask_scheduler import main\n"
+        "sys.argv[0] = 'dask-scheduler'\n"
+        "main()\n"
+    )
+    argv = ["--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"]
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", blocked, *argv, "--scheduler-file", str(info)],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + GUARD
+        while not info.exists() or not info.read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                tmp_path / "log"
+            ).read_text()
+            time.sleep(0.05)
+        addr = str(json.loads(info.read_text())["address"])
+        with cleanbreak.Pool(dask=addr) as pool:
+            out: list[Any] = list(pool.map(tasks.square, range(10), return_exceptions=True))
+            with pytest.raises(cleanbreak.BrokenPool):  # the pool is broken: nothing can run
+                pool.submit(operator.neg, 1)
+        with pytest.raises(cleanbreak.BrokenPool, match="cannot load cleanbreak's tasks"):
+            cleanbreak.map(operator.neg, range(10), dask=addr)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len({id(e) for e in out}) == 1
+    assert isinstance(out[0], cleanbreak.BrokenPool)
+    assert str(out[0]) == (
+        "the Dask scheduler cannot load cleanbreak's tasks (ModuleNotFoundError: No module "
+        "named 'cleanbreak'): install cleanbreak on the scheduler's machine (the same version "
+        "as on this client)"
+    )
