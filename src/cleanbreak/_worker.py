@@ -38,6 +38,8 @@ import os
 import pickle
 import select
 import signal
+import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -231,6 +233,7 @@ def worker_main(
     _lifeline_poll.register(_lifeline, select.POLLIN)
     view = memoryview(gate).cast("B")
     _start_watchdog(_lifeline)  # while both signals are still blocked here
+    _start_signal_relay()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)
@@ -342,6 +345,56 @@ def _start_watchdog(fd: int) -> None:
             _orphaned()
 
     start_quiet_thread(watch, "cleanbreak-watchdog")
+
+
+def _start_signal_relay() -> None:
+    """Make sure the SIGTERM handler runs in the main thread while it runs Python code.
+
+    Python 3.13.0 (at least): in a process forked from a thread other than the main one, as
+    a fork-method worker is (the pool's manager thread starts it), a signal's Python handler
+    does not run at the next bytecode, only when the main thread next checks for signals in a
+    call (a sleep or a read that the signal interrupts). A task busy in Python code would not
+    see the stop until SIGKILL came, 0.5 s later. So the C-level handler writes to a pipe
+    (``set_wakeup_fd``) that a thread of ours reads; it then turns on ``sys.monitoring``'s
+    LINE event, whose callback, in the main thread, calls ``os.kill(pid, 0)``, which checks
+    for signals: the handler runs there, at a line boundary, as it should have. Before 3.13
+    (and wherever no monitoring tool is free) the inherited wakeup descriptor, which is the
+    parent's, is only cleared.
+    """
+    tool = _free_monitoring_tool()
+    if tool is None:
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+        return
+    monitoring: Any = getattr(sys, "monitoring")  # noqa: B009 - not in 3.11's stubs
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    main = threading.get_ident()
+
+    def check(*_args: object) -> None:  # a LINE event, in whichever thread runs Python code
+        if threading.get_ident() == main:
+            monitoring.set_events(tool, 0)
+            os.kill(os.getpid(), 0)  # runs the pending handler here
+
+    def relay() -> None:
+        while os.read(read_fd, 64):
+            if not _stop_requested:  # its handler has not run yet
+                monitoring.set_events(tool, monitoring.events.LINE)
+
+    monitoring.use_tool_id(tool, "cleanbreak-signals")
+    monitoring.register_callback(tool, monitoring.events.LINE, check)
+    start_quiet_thread(relay, "cleanbreak-signals")
+
+
+def _free_monitoring_tool() -> int | None:
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None or sys.version_info < (3, 13):
+        return None
+    for tool in (4, 3):  # the two ids that sys.monitoring leaves unnamed
+        if monitoring.get_tool(tool) is None:
+            return tool
+    return None  # pragma: no cover - both in use
 
 
 def _orphaned() -> NoReturn:
