@@ -56,8 +56,8 @@ A run whose job ended before the interrupt counts only for leftovers (and must h
 result), as in the terminal test; so does one interrupted by the kernel's own
 ``KeyboardInterrupt`` before any pool existed (no task had started: nothing was at stake).
 
-Settings (environment): ``CLEANBREAK_NOTEBOOK_STRESS_RUNS`` (default 30: every API on every
-start method twice; the holder, the catching and the loop's body go round in a cycle of 8, so
+Settings (environment): ``CLEANBREAK_NOTEBOOK_STRESS_RUNS`` (default 15, for CI: every API on
+every start method once; the holder, the catching and the loop's body go round in a cycle of 8, so
 120 runs make every combination), ``_SEED``, ``_WORK_MS``; to narrow a failure down, ``_APIS``
 and ``_METHODS`` (comma-separated) and ``_LOG`` (a file that gets one JSON line per run: its
 combination, moment, stop, gate, leftovers and problems); to see a count fail, ``_BREAK`` (one
@@ -94,7 +94,7 @@ APIS = ["submit", "map", "imap_unordered", "cbmap", "drain"]
 # To narrow a failure down: only these APIs (comma-separated), only these start methods.
 APIS = os.environ.get("CLEANBREAK_NOTEBOOK_STRESS_APIS", ",".join(APIS)).split(",")
 METHODS = os.environ.get("CLEANBREAK_NOTEBOOK_STRESS_METHODS", ",".join(METHODS)).split(",")
-RUNS = int(os.environ.get("CLEANBREAK_NOTEBOOK_STRESS_RUNS", "30"))
+RUNS = int(os.environ.get("CLEANBREAK_NOTEBOOK_STRESS_RUNS", "15"))
 SEED = int(os.environ.get("CLEANBREAK_NOTEBOOK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
 TASKS = 60
 # How long the loop's body works on each result it takes, in the runs where it does.
