@@ -269,7 +269,7 @@ def test_updates_stay_with_their_cell_while_another_cell_runs(notebook: Notebook
         "    yield from range(20)\n"
         "    release.wait(GUARD)\n"
         "    yield from range(20, 40)\n"
-        "len(list(pool.imap_unordered(tasks.square, _items(), progress=True)))"
+        "n_done = len(list(pool.imap_unordered(tasks.square, _items(), progress=True)))"
     )
     # The other cell starts once this one runs (its display is there), so that it is the
     # request the kernel saw last.
@@ -288,7 +288,9 @@ def test_updates_stay_with_their_cell_while_another_cell_runs(notebook: Notebook
     for each in (other, third, cell):
         kernel.wait(each)
         assert each.status == "ok", each.summary()
-    assert cell.value() == 40
+    # Read in a cell of its own: ipykernel 7 may file a cell's execute_result under a subshell's
+    # request that started meanwhile (its display hook is shared), which is not what this tests.
+    assert kernel.ok("n_done").value() == 40
     assert other.displays == [] and third.displays == []
     last = _text(_the_display(notebook, cell)[-1])
     assert "\ndone: 40 done, 0 failed in " in last, last
