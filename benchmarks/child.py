@@ -20,6 +20,7 @@ import bench_failures
 import bench_interrupt
 import bench_journal
 import bench_lazy
+import bench_memory
 import bench_oneshot
 import bench_parentcpu
 import bench_payload
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Scenario] = {
     "map_rate": bench_throughput.child_map_rate,
     "payload": bench_payload.child_payload,
     "lazy": bench_lazy.child_lazy,
+    "memory": bench_memory.child_memory,
     "interrupt": bench_interrupt.child_interrupt,
     "crash": bench_failures.child_crash,
     "journal": bench_journal.child_journal,

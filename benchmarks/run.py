@@ -30,6 +30,7 @@ import bench_failures
 import bench_interrupt
 import bench_journal
 import bench_lazy
+import bench_memory
 import bench_notebook
 import bench_oneshot
 import bench_parentcpu
@@ -57,6 +58,10 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]
     "notebook": (
         "13. notebook cells: by value against by reference, and the peers in a kernel",
         bench_notebook.run_notebook,
+    ),
+    "memory": (
+        "14. the parent's peak memory while results stream through",
+        bench_memory.run_memory,
     ),
 }
 

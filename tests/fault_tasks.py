@@ -137,6 +137,17 @@ def die_at_7(x: int) -> int:
     return die_at(x, 7)
 
 
+def large_then_die(counter: str, bad: int, x: int) -> bytes:
+    """Record that item ``x`` ran (a line in ``counter``), then return 2 MB, past the worker's
+    flush size; the worker exits while running item ``bad``."""
+    with open(counter, "a") as f:
+        f.write(f"{x}\n")
+    if x == bad:
+        _no_core()
+        os._exit(7)
+    return bytes([x % 256]) * (2 << 20)
+
+
 def block_at(x: int, bad: int, release: str) -> int:
     """For ``map`` with a timeout: item ``bad`` blocks."""
     if x == bad:

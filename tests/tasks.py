@@ -54,6 +54,13 @@ def square(x: int) -> int:
     return x * x
 
 
+def square_below(n: int, x: int) -> int:
+    """``x * x`` at once for ``x < n``; the others block (up to GUARD)."""
+    if x >= n:
+        threading.Event().wait(GUARD)
+    return x * x
+
+
 def add(a: int, b: int) -> int:
     return a + b
 

@@ -13,7 +13,9 @@ printed (run with ``-s``), never asserted.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -253,6 +255,31 @@ def test_a_death_in_a_map_chunk_fails_only_that_item(method: str, tmp_path: Path
     assert isinstance(died, cleanbreak.WorkerDied), outcomes
     assert (died.task, died.exitcode) == (7, 7)
     assert outcomes[:7] + outcomes[8:] == [x * x for x in range(15) if x != 7], outcomes
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_worker_that_dies_mid_chunk_loses_only_what_it_had_not_sent(
+    method: str, tmp_path: Path
+) -> None:
+    """One chunk of 20 results of 2 MB, whose item 10 kills the worker, all within a few
+    milliseconds (well inside the worker's 50 ms flush): each result passes the flush size, so
+    the worker sent it as soon as it was done, and none of the 10 before the death runs again.
+    (Sent only at the chunk's end, all 10 were lost with the worker and ran twice.)"""
+    counter = tmp_path / "runs"
+    fn = functools.partial(ft.large_then_die, str(counter), 10)
+    outcomes = cleanbreak.map(
+        fn, range(20), workers=1, mp_context=method, chunksize=20, return_exceptions=True
+    )
+    assert isinstance(outcomes[10], cleanbreak.WorkerDied), outcomes[10]
+    assert [bytes(o[:1]) for o in outcomes[:10] + outcomes[11:]] == [
+        bytes([x]) for x in range(20) if x != 10
+    ]
+    runs = collections.Counter(int(line) for line in counter.read_text().split())
+    # Item 10 may run twice: the pool runs what the dead worker had not sent again, one item at
+    # a time, to find which item killed it.
+    twice = sorted(x for x, n in runs.items() if n > 1 and x != 10)
+    assert not twice, f"items the worker had finished and sent ran again: {twice}"
+    assert set(runs) == set(range(20))
 
 
 @pytest.mark.parametrize("how", ["death", "timeout", "cancel"])

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import cleanbreak
+from cleanbreak._map import PROBE_ITEMS
 from tests import tasks
 from tests.tasks import GUARD
 
@@ -79,7 +80,8 @@ def test_a_chunk_size_larger_than_the_default_window_still_runs(
     fs_pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The default window starts small (16 items per worker) and grows; a chunk of 1000 the user
-    # asked for does not wait for it to grow, and is not cut into pieces either.
+    # asked for does not wait for it to grow, and is not cut into pieces either, once the first
+    # results have shown that they are small (until then each worker gets one probe unit).
     sizes: list[int] = []
     real = fs_pool._backend.new_unit
 
@@ -90,7 +92,8 @@ def test_a_chunk_size_larger_than_the_default_window_still_runs(
     monkeypatch.setattr(fs_pool._backend, "new_unit", spy)
     results = fs_pool.map(tasks.square, iter(Counting()), chunksize=1000, timeout=GUARD)
     assert [next(results) for _ in range(5000)] == [i * i for i in range(5000)]
-    assert sizes and set(sizes) == {1000}, sizes
+    probes = fs_pool.workers
+    assert set(sizes[:probes]) == {PROBE_ITEMS} and set(sizes[probes:]) == {1000}, sizes
 
 
 def test_the_window_is_never_overrun_by_part_of_a_chunk(fs_pool: cleanbreak.Pool) -> None:

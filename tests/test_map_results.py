@@ -95,9 +95,12 @@ def test_a_failure_that_ends_the_iteration_carries_the_results_not_given(
     one_report_pool: cleanbreak.Pool, name: str
 ) -> None:
     """One chunk of six items, item 2 fails: the caller gets 0 and 1, then the error, which
-    holds the results of 3, 4 and 5 that finished with it."""
+    holds the results of 3, 4 and 5 that finished with it. (The window is set, so that the
+    chunk is not cut into probe units: see _map.PROBE_ITEMS.)"""
     pool = one_report_pool
-    results = _mapper(pool, name)(tasks.raise_task_error, [-1, -2, 3, -4, -5, -6], chunksize=6)
+    results = _mapper(pool, name)(
+        tasks.raise_task_error, [-1, -2, 3, -4, -5, -6], chunksize=6, buffersize=6
+    )
     assert [next(results), next(results)] == [-1, -2]
     with pytest.raises(tasks.TaskError) as info:
         next(results)

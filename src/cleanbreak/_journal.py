@@ -6,12 +6,13 @@ the function's qualified name and of its arguments (or of what the user's ``key=
 for them), computed by ``stable_digest`` so that it is the same in every process and on every
 machine (Python's ``hash()`` is salted per process, so it will not do).
 
-Writes go through one writer thread of the journal's own, in WAL mode, batched: a commit every
-``COMMIT_SECONDS`` or ``COMMIT_ROWS`` rows or ``COMMIT_BYTES`` bytes, whichever comes first.
+Writes go through one writer thread of the journal's own, in WAL mode, by group commit: as
+soon as the writer is free it commits, in one transaction, every outcome queued meanwhile.
 The pool's manager thread only pickles each outcome and queues it (a pickle taken at once, so
 that a caller who changes a result it was given cannot change what was recorded). ``close()``
-commits what is queued. A process killed with SIGKILL loses at most the batch not yet
-committed: SQLite's WAL never leaves a half-written transaction behind.
+commits what is queued. A process killed with SIGKILL loses only what had reached the parent in
+the last few milliseconds (the commit under way and what queued behind it): SQLite's WAL never
+leaves a half-written transaction behind.
 
 The file is created with mode 0600, since it holds pickles, and is opened only when it belongs
 to the user running the process: unpickling runs code, so a journal from someone else must
@@ -58,16 +59,13 @@ __all__ = ["Journal", "JournalError", "JournalStatus"]
 
 FORMAT = "cleanbreak-journal"
 VERSION = "1"
-COMMIT_SECONDS = 0.1
-COMMIT_ROWS = 1000
-COMMIT_BYTES = 64 << 20
 # The manager thread waits (the pool slows down) while this much is queued and not yet written:
 # results arriving faster than the disk takes them must not fill the memory.
 MAX_QUEUED_BYTES = 256 << 20
-# ... and while two batches of rows are: the writer takes about 100,000 small rows a second,
-# and tiny tasks come faster than that. So a SIGKILL loses at most the batch being written
-# and the next one, and the memory the queue holds stays small.
-MAX_QUEUED_ROWS = 2 * COMMIT_ROWS
+# ... and while this many rows are: the writer takes about 100,000 small rows a second, and
+# tiny tasks can come faster than that. So a SIGKILL loses at most this many, and the memory
+# the queue holds stays small.
+MAX_QUEUED_ROWS = 2000
 LOOKUP_BATCH = 500
 CHECKPOINT_SECONDS = 1.0  # how often the writer copies the WAL into the file
 # A task's outcome replaces a recorded failure (the task ran again), never a recorded result:
@@ -254,7 +252,6 @@ class Journal:
         self._queued = 0  # rows ever queued
         self._written = 0  # rows ever committed (or dropped after a write error)
         self._stopping = False
-        self._urgent = False  # flush() asks for a commit now
         self._writer: threading.Thread | None = None
         self._closer: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
@@ -443,8 +440,6 @@ class Journal:
         """Wait until every outcome recorded so far is committed. False on timeout."""
         with self._cond:
             target = self._queued
-            self._urgent = True
-            self._cond.notify_all()
             for part in _signals.sliced(timeout):
                 if self._written >= target or self._writer is None or not self._writer.is_alive():
                     return True
@@ -515,6 +510,9 @@ class Journal:
             self._fd = -1
 
     def _write_loop(self) -> None:
+        """Group commit: whenever the writer is free, it commits everything queued, in one
+        transaction. One result alone when results come slowly (on disk a few milliseconds
+        after it reached the parent), large batches when they come fast."""
         import sqlite3
 
         conn: sqlite3.Connection | None = None
@@ -522,49 +520,22 @@ class Journal:
             conn = _connect(self.path)
         except sqlite3.Error as exc:
             self._fail(exc)
-        batch: list[tuple[Any, ...]] = []
-        size = 0
-        since = 0.0
         while True:
             with self._cond:
-                while not self._queue and not self._stopping and not self._urgent:
-                    if batch:
-                        left = since + COMMIT_SECONDS - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
-                    else:
-                        self._cond.wait()
-                rows, self._queue = self._queue, []
-                stopping = self._stopping
-                urgent, self._urgent = self._urgent, False
-            if rows and not batch:
-                since = time.monotonic()
-            batch.extend(rows)
-            size += sum(len(r[2] or b"") for r in rows)
-            due = (
-                stopping
-                or urgent
-                or len(batch) >= COMMIT_ROWS
-                or size >= COMMIT_BYTES
-                or time.monotonic() - since >= COMMIT_SECONDS
-            )
-            if batch and due:
-                if conn is not None and self._error is None:
-                    self._commit(conn, batch)
-                with self._cond:
-                    for row in batch:
-                        if self._unwritten.get(row[0]) is row:
-                            del self._unwritten[row[0]]
-                    self._written += len(batch)
-                    self._queued_bytes -= size + 64 * len(batch)
-                    self._cond.notify_all()
-                batch = []
-                size = 0
-            if stopping and not batch:
-                with self._cond:
-                    if not self._queue:
-                        break
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+                if not batch:  # stopping, and nothing is left
+                    break
+            if conn is not None and self._error is None:
+                self._commit(conn, batch)
+            with self._cond:
+                for row in batch:
+                    if self._unwritten.get(row[0]) is row:
+                        del self._unwritten[row[0]]
+                self._written += len(batch)
+                self._queued_bytes -= sum(len(row[2] or b"") + 64 for row in batch)
+                self._cond.notify_all()
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()

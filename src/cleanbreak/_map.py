@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import math
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -50,6 +51,14 @@ WINDOW_PER_WORKER = 16
 # worker, whatever the task time: items can be large (images, records), and an endless input
 # must run in bounded memory. Chunks are then at most a quarter of it.
 LAZY_WINDOW_PER_WORKER = 50
+# The results a streaming run (``map``, ``imap_unordered``) holds for its caller stay under
+# about this many bytes, once the first results have shown how large a result is: the window
+# and the chunks shrink to fit it (a chunk size the caller set included: it is then an upper
+# bound). Until then, with a chunk size the caller set, each worker gets one unit of at most
+# PROBE_ITEMS. How large a result is: sys.getsizeof() of the last one of each piece (bytes, str,
+# an array that owns its data; a list or a dict counts shallowly).
+HELD_BYTES = 32 << 20
+PROBE_ITEMS = 4
 Piece = tuple[int, list[Any], dict[int, BaseException]]
 
 if TYPE_CHECKING:
@@ -112,6 +121,7 @@ class MapSink:
         "cond",
         "failures",
         "finished",
+        "item_bytes",
         "item_count",
         "item_seconds",
         "outcomes",
@@ -128,6 +138,7 @@ class MapSink:
         self.finished = False
         self.item_seconds = 0.0  # measured: seconds of work, over
         self.item_count = 0  # ... this many items
+        self.item_bytes = 0.0  # measured: the size of their results (see HELD_BYTES)
         self.outcomes = 0  # items with an outcome (for the progress display)
         self.failures = 0  # ... that failed
         self.reused = 0  # ... that a journal had
@@ -141,6 +152,8 @@ class MapSink:
         with self.cond:
             self.item_seconds += seconds
             self.item_count += len(values)
+            if values:
+                self.item_bytes += _size_of(values[-1]) * len(values)
             self.outcomes += len(values)
             self.failures += len(errors)
             self._put((start, values, errors))
@@ -171,6 +184,13 @@ class MapSink:
         self.store[piece[0]] = piece
         self.arrivals.append(piece[0])
         self.cond.notify()
+
+
+def _size_of(value: Any) -> int:
+    try:
+        return sys.getsizeof(value)
+    except Exception:  # a __sizeof__ of the user's that fails
+        return 0
 
 
 class Current:
@@ -237,6 +257,9 @@ class MapRun(Generic[T]):
         self._workers = host.workers
         self._fixed_chunk = chunk
         self._fixed_window = window
+        # The window shrinks to fit HELD_BYTES of results, unless the caller set it or keeps
+        # every result anyway (cleanbreak.map).
+        self._fits_bytes = window is None and not keep_all
         self._max_window: int | None = None
         if self.total is not None:
             # Like multiprocessing.Pool.map: at least four chunks per worker, for balance.
@@ -401,6 +424,19 @@ class MapRun(Generic[T]):
         per_item = max(sink.item_seconds / sink.item_count, 1e-9)
         return max(1, min(int(CHUNK_SECONDS / per_item), self._max_chunk))
 
+    def _results_fit(self) -> int | None:
+        """How many results fit in HELD_BYTES, as far as the results so far tell (None: no
+        limit). Before any result, with a chunk size the caller set: one probe unit each."""
+        if not self._fits_bytes:
+            return None
+        sink = self._sink
+        if not sink.item_count:
+            if self._fixed_chunk is None:
+                return None  # chunks hold one item until a first result
+            return self._workers * PROBE_ITEMS
+        per_item = max(sink.item_bytes / sink.item_count, 1.0)
+        return max(self._workers * 2, int(HELD_BYTES // per_item))
+
     def _top_up(self) -> None:
         if self._host._signal is not None:
             # The pool was stopped: no more input is read, and the map ends with what it has.
@@ -416,6 +452,11 @@ class MapRun(Generic[T]):
                 self._window = window = min(self._window, target)
                 if self._fixed_chunk is not None:  # one chunk the user set per worker fits
                     self._window = window = max(window, chunk * self._workers)
+            fits = self._results_fit()
+            if fits is not None and fits < window:  # a chunk the caller set: one per worker
+                window = fits
+                if self._fixed_chunk is not None:
+                    chunk = max(1, min(chunk, window // self._workers))
             if self._fixed_chunk is None:  # two chunks per worker fit in the window
                 chunk = max(1, min(chunk, window // (self._workers * 2)))
             # Never past the window. A chunk that does not fit waits, rather than go cut to

@@ -71,6 +71,13 @@ from ._wire import (
 # A unit that runs long reports what it has every FLUSH_EVERY seconds, so that a crash in the
 # middle of a large chunk loses at most that much work (a stop loses none: see _Stop).
 FLUSH_EVERY = 0.05
+# ... and sends what it holds once that passes FLUSH_BYTES, whatever its age: a chunk of large
+# results never waits in the worker (nor in the parent's memory) as a whole. How big a result
+# is: the larger of sys.getsizeof() of the last one (its own size: bytes, str, an array that
+# owns its data) and what each result of this worker's last message took on the wire (for a
+# list or a dict, which getsizeof measures shallowly).
+FLUSH_BYTES = 1 << 20
+_item_bytes = 0.0
 # Items run in batches between two reads of the clock and the lifeline. A batch grows while it
 # takes under 1 ms and shrinks when it takes over 4 ms, so tiny tasks pay for those checks once
 # per batch. The gate is read before every item all the same (see _results).
@@ -451,12 +458,13 @@ def _run_unit(
     since = time.monotonic()  # when the items in `values` began
     flush_at = since + flush_every
     stopped = False
+    cap = _MAX_BATCH  # how many results make FLUSH_BYTES, as far as the worker can tell
     while not stopped and (pos := offset + len(values)) < n:
         if _parent_gone():
             _orphaned()
         if _is_closed(gate) or _stop_requested:
             break
-        end = min(n, pos + batch)
+        end = min(n, pos + min(batch, cap))
         started = time.monotonic()
         while (pos := offset + len(values)) < end:
             try:
@@ -482,7 +490,9 @@ def _run_unit(
             batch *= 2
         elif took > _SLOW and batch > 1:
             batch //= 2
-        if not stopped and offset + len(values) < n and now >= flush_at:
+        if values:
+            cap = max(1, int(FLUSH_BYTES // _result_bytes(values[-1])))
+        if not stopped and offset + len(values) < n and (now >= flush_at or len(values) >= cap):
             _send(out, (uid, offset, values, errors, PARTIAL, now - since))
             since = now
             offset += len(values)
@@ -497,6 +507,15 @@ def _run_unit(
     else:
         status = SKIPPED
     _send(out, (uid, offset, values, errors, status, seconds))
+
+
+def _result_bytes(value: Any) -> float:
+    """How many bytes a result holds, as well as the worker can tell at once (at least 1)."""
+    try:
+        own = sys.getsizeof(value)
+    except Exception:  # a __sizeof__ of the user's that fails
+        own = 0
+    return max(1.0, own, _item_bytes)
 
 
 def _send_or_orphan(out: int, *parts: bytes | Packer) -> None:
@@ -523,8 +542,10 @@ def _send(out: int, message: tuple[Any, ...]) -> None:
         # fails alone, and the worker goes on.
         payload = _pack(_picklable(values, errors))
     _send_or_orphan(out, dumps((uid, offset, len(values), status, seconds)), payload)
-    global _sent
+    global _sent, _item_bytes
     _sent = max(_sent, largest(payload.layout))
+    if values:
+        _item_bytes = payload.total / len(values)
 
 
 def _pack(obj: object) -> Packer:
