@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 from collections.abc import Callable, Iterator
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 import cleanbreak
-from cleanbreak._map import PROBE_ITEMS
+from cleanbreak._map import HELD_BYTES, PROBE_ITEMS
 from tests import tasks
 from tests.tasks import GUARD
 
@@ -142,3 +143,27 @@ def test_map_zips_an_endless_iterable_with_a_finite_one(fs_pool: cleanbreak.Pool
     results = fs_pool.map(tasks.add, iter(source), [10, 20, 30], timeout=GUARD)
     assert list(results) == [10, 21, 32]
     assert source.produced <= 4
+
+
+@pytest.mark.parametrize("name", ["map", "imap_unordered"])
+def test_large_results_cut_the_chunks_to_fit_what_the_run_may_hold(
+    fs_pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Results of 1 MiB with chunks of 200 asked for: after one probe unit per worker, each
+    unit holds what fits in HELD_BYTES with one unit per worker, so that the results the run
+    holds for its caller stay under it (a unit of 200 would hold 200 MiB)."""
+    sizes: list[int] = []
+    real = fs_pool._backend.new_unit
+
+    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
+        sizes.append(len(items))
+        return real(kind, fn, items, *rest)
+
+    monkeypatch.setattr(fs_pool._backend, "new_unit", spy)
+    fn = functools.partial(tasks.blob, tasks.MiB)
+    results = _mapper(fs_pool, name)(fn, range(120), chunksize=200)
+    assert sum(len(r) for r in results) == 120 * tasks.MiB
+    fits = HELD_BYTES // tasks.MiB // fs_pool.workers
+    probes = fs_pool.workers
+    assert sum(sizes) == 120 and max(sizes[:probes]) <= PROBE_ITEMS, sizes
+    assert max(sizes[probes:]) <= fits, sizes
