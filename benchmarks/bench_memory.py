@@ -7,8 +7,9 @@ chunk size) runs in a fresh child process: the pool is opened and warmed up with
 the same size through the same call, then the parent's peak RSS is started afresh
 (``/proc/self/clear_refs``), its current RSS is read, the loop runs, and the figure is the peak
 (``getrusage``'s ``ru_maxrss``) above that RSS. Each result's bytes are read once (a result
-held in shared memory that was never touched would not count in the RSS yet). The chunk sizes: each library's default, then 1,
-10 and 200 (cleanbreak's default sizes chunks from the task time, about 50 ms each).
+held in shared memory that was never touched would not count in the RSS yet). The chunk
+sizes: each library's default, then 1, 10 and 200 (cleanbreak's default sizes chunks from the
+task time, about 50 ms each).
 
 The APIs: cleanbreak's ``Pool.map`` (ordered) and ``imap_unordered``;
 ``ProcessPoolExecutor.map`` (ordered; it has no unordered form); ``multiprocessing.Pool``'s

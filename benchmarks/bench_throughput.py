@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import tasks
@@ -169,5 +170,74 @@ def run_ms(settings: Settings) -> Section:
         section.notes.append(
             f"With {settings.workers} workers on {cores} cores, the parent and the pool's own "
             "threads compete with the workers for CPU, so 100% is out of reach."
+        )
+    return section
+
+
+PAIRS, PAIRS_QUICK = 11, 3
+
+
+def child_tiny_paired(params: dict[str, Any], report: Reporter) -> None:
+    """Both pools open in this one process, their ``map`` over the same list timed in turn
+    (which goes first alternates), so that both see the same machine at the same moments."""
+    import multiprocessing
+
+    import cleanbreak
+
+    n: int = params["n"]
+    workers: int = params["workers"]
+    items = list(range(n))
+    expected = sum(items) + n
+    pairs: list[tuple[float, float]] = []
+    with cleanbreak.Pool(workers) as cb, multiprocessing.Pool(workers) as mp:
+        runs: dict[str, Callable[[], int]] = {
+            "cb": lambda: sum(cb.map(tasks.inc, items)),
+            "mp": lambda: sum(mp.map(tasks.inc, items)),
+        }
+        for run in runs.values():  # warm-up: workers started, the task module imported
+            run()
+        for i in range(params["pairs"]):
+            took: dict[str, float] = {}
+            for name in ("cb", "mp") if i % 2 == 0 else ("mp", "cb"):
+                start = time.perf_counter()
+                if runs[name]() != expected:
+                    raise AssertionError(f"{name}: wrong results")
+                took[name] = time.perf_counter() - start
+            pairs.append((took["cb"], took["mp"]))
+    report({"pairs": pairs})
+
+
+def run_tiny_paired(settings: Settings) -> Section:
+    n = TINY_CALLS_QUICK if settings.quick else TINY_CALLS
+    count = PAIRS_QUICK if settings.quick else PAIRS
+    params = {"n": n, "workers": settings.workers, "pairs": count}
+    result, why = run_child("tiny_paired", params, timeout=600)
+    section = Section(
+        "tiny-paired",
+        f"1b. Tiny tasks, paired: cleanbreak's Pool.map and multiprocessing.Pool.map in turn, "
+        f"{n:,} calls of x -> x+1",
+        f"Both pools open in one process ({settings.workers} workers each, warm; "
+        "multiprocessing with its default start method), their `map` over the same list timed "
+        f"one after the other, {count} pairs, which one goes first alternating. Ratio: "
+        "multiprocessing's time over cleanbreak's in each pair (above 1: cleanbreak is faster).",
+        ["", "median", "min", "max"],
+    )
+    if result is None:
+        section.rows.append(["not measured", why, "", ""])
+        return section
+    cb = [p[0] for p in result["pairs"]]
+    mp = [p[1] for p in result["pairs"]]
+    ratios = [m / c for c, m in result["pairs"]]
+    section.rows.append(
+        [
+            "speed ratio, per pair",
+            fmt_ratio(median(ratios)),
+            fmt_ratio(min(ratios)),
+            fmt_ratio(max(ratios)),
+        ]
+    )
+    for label, times in (("cleanbreak `Pool.map`", cb), ("`multiprocessing.Pool.map`", mp)):
+        section.rows.append(
+            [label, fmt_seconds(median(times)), fmt_seconds(min(times)), fmt_seconds(max(times))]
         )
     return section

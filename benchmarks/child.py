@@ -31,6 +31,7 @@ Scenario = Callable[[dict[str, Any], Reporter], None]
 
 SCENARIOS: dict[str, Scenario] = {
     "map_rate": bench_throughput.child_map_rate,
+    "tiny_paired": bench_throughput.child_tiny_paired,
     "payload": bench_payload.child_payload,
     "lazy": bench_lazy.child_lazy,
     "memory": bench_memory.child_memory,

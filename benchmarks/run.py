@@ -41,6 +41,10 @@ from libs import LIBRARIES, available, version
 
 MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]]] = {
     "tiny": ("1. tiny tasks: per-call overhead", bench_throughput.run_tiny),
+    "tiny-paired": (
+        "1b. tiny tasks: Pool.map and multiprocessing.Pool.map in turn, in one process",
+        bench_throughput.run_tiny_paired,
+    ),
     "ms": ("2. 1 ms tasks: throughput and efficiency", bench_throughput.run_ms),
     "payload": (
         "3. 50 MB results and arguments: MB/s on first use and warm, peak RSS",
