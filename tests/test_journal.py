@@ -22,7 +22,7 @@ import pytest
 
 import cleanbreak
 from cleanbreak import Journal, JournalError
-from cleanbreak._journal import stable_digest
+from cleanbreak._journal import BIG_VALUE, stable_digest
 from tests import tasks
 from tests.tasks import TaskError, logged_square, runs_of
 
@@ -391,3 +391,63 @@ def test_the_writers_queue_is_bounded(journal: str, monkeypatch: pytest.MonkeyPa
         j.close()
     assert not over and recorded == list(range(50))
     assert _rows(journal) == {1: 50}
+
+
+# ── large results: files beside the journal ──────────────────────────────────────────────────
+
+
+def _big(counter: Path) -> functools.partial[bytes]:
+    """A task that returns 2 MiB (past BIG_VALUE) and writes a line to ``counter`` per run."""
+    from tests import fault_tasks
+
+    return functools.partial(fault_tasks.large_then_die, str(counter), -1)
+
+
+def test_large_results_are_files_beside_the_journal(tmp_path: Path, journal: str) -> None:
+    counter = tmp_path / "runs"
+    first = cleanbreak.map(_big(counter), range(4), workers=2, journal=journal)
+    folder = Path(journal + ".d")
+    files = sorted(folder.iterdir())
+    assert len(files) == 4 and all(f.name.endswith(".pickle") for f in files), files
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+    assert os.path.getsize(journal) < BIG_VALUE  # the results are not in the B-tree
+    assert Journal.status(journal).done == 4
+    # Run again: every result comes back from its file, and nothing runs.
+    again = cleanbreak.map(_big(counter), range(4), workers=2, journal=journal)
+    assert again == first and len(counter.read_text().split()) == 4
+
+
+def test_fresh_removes_the_files_and_open_removes_what_no_row_names(
+    tmp_path: Path, journal: str
+) -> None:
+    counter = tmp_path / "runs"
+    cleanbreak.map(_big(counter), range(2), workers=1, journal=journal)
+    folder = Path(journal + ".d")
+    # What a SIGKILL can leave: a file renamed into place whose row was not committed, and a
+    # file still under its temporary name.
+    (folder / ("ab" * 16 + ".pickle")).write_bytes(b"x")
+    (folder / ".cd.pickle.tmp").write_bytes(b"x")
+    cleanbreak.map(_big(counter), range(2), workers=1, journal=journal)
+    assert len(list(folder.iterdir())) == 2
+    assert len(counter.read_text().split()) == 2
+    cleanbreak.map(tasks.square, range(2), workers=1, journal=Journal(journal, fresh=True))
+    assert list(folder.iterdir()) == []
+
+
+def test_a_result_whose_file_is_gone_runs_again(tmp_path: Path, journal: str) -> None:
+    counter = tmp_path / "runs"
+    first = cleanbreak.map(_big(counter), range(3), workers=1, journal=journal)
+    next(Path(journal + ".d").iterdir()).unlink()
+    assert cleanbreak.map(_big(counter), range(3), workers=1, journal=journal) == first
+    assert len(counter.read_text().split()) == 4
+
+
+def test_a_folder_of_large_results_that_is_not_the_users_is_refused(
+    tmp_path: Path, journal: str
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, journal + ".d")
+    with pytest.raises(JournalError, match=r"is not a folder of yours.*remove it"):
+        cleanbreak.Pool(1, journal=journal)

@@ -14,6 +14,13 @@ commits what is queued. A process killed with SIGKILL loses only what had reache
 the last few milliseconds (the commit under way and what queued behind it): SQLite's WAL never
 leaves a half-written transaction behind.
 
+A result whose pickle passes ``BIG_VALUE`` bytes is not put in SQLite's B-tree (where it would
+be written twice, to the WAL and then into the file, in overflow pages): the writer writes it
+to a file of its own in the folder beside the journal (``PATH.d``, mode 0700), under a
+temporary name, renames it into place, and then commits a row that names it. A SIGKILL between
+the two leaves a file no row names, which the next open removes; a row never names a file
+that is not complete.
+
 The file is created with mode 0600, since it holds pickles, and is opened only when it belongs
 to the user running the process: unpickling runs code, so a journal from someone else must
 never be opened. A running job holds an ``flock`` on the file; a second job on the same journal
@@ -28,6 +35,7 @@ import functools
 import hashlib
 import os
 import pickle
+import stat
 import struct
 import sys
 import threading
@@ -67,6 +75,10 @@ MAX_QUEUED_BYTES = 256 << 20
 # the queue holds stays small.
 MAX_QUEUED_ROWS = 2000
 LOOKUP_BATCH = 500
+# A result whose pickle is this large or larger goes to a file beside the journal (see above).
+BIG_VALUE = 1 << 20
+_IN_FILE = b"cleanbreak-file:"  # a row's value that names such a file (no pickle starts so)
+_FILE_SUFFIX = ".pickle"
 CHECKPOINT_SECONDS = 1.0  # how often the writer copies the WAL into the file
 # A task's outcome replaces a recorded failure (the task ran again), never a recorded result:
 # when the same task runs twice in one run and fails once, its result is what counts.
@@ -317,6 +329,7 @@ class Journal:
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)", list(rows.items())
                 )
             self.function = found.get("function")
+            self._tidy_folder()
         except sqlite3.DatabaseError as exc:
             self._release()
             raise JournalError(
@@ -331,6 +344,60 @@ class Journal:
         self._checkpoints_done.clear()
         self._checkpointer = _signals.start_quiet_thread(self._checkpoint_loop, "cleanbreak-wal")
         _open_journals.add(self)
+
+    @property
+    def folder(self) -> str:
+        """Where results of ``BIG_VALUE`` bytes or more are kept, one file each."""
+        return self.path + ".d"
+
+    def _tidy_folder(self) -> None:
+        """Remove what no row names: every file after ``fresh``; otherwise the files a SIGKILL
+        left between their rename and their row's commit, and temporary files."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise JournalError(f"cannot read {self.folder}: {exc.strerror}") from None
+        _check_folder(self.folder)
+        assert self._reader is not None
+        for name in names:
+            keep = False
+            if not self.fresh and name.endswith(_FILE_SUFFIX):
+                with contextlib.suppress(ValueError):
+                    key = bytes.fromhex(name.removesuffix(_FILE_SUFFIX))
+                    row = self._reader.execute(
+                        "SELECT value FROM outcomes WHERE key = ?", (key,)
+                    ).fetchone()
+                    keep = row is not None and row[0] == _IN_FILE + name.encode()
+            if not keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.folder, name))
+
+    def _store(self, key: bytes, blob: bytes) -> bytes | None:
+        """Write a large pickle to its own file (see the module's docstring); what the row
+        holds in its place, or None if the file could not be written (the row then holds the
+        pickle itself)."""
+        name = key.hex() + _FILE_SUFFIX
+        final = os.path.join(self.folder, name)
+        tmp = os.path.join(self.folder, f".{name}.tmp")
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.folder, 0o700)
+            _check_folder(self.folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except (OSError, JournalError):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return None
+        return _IN_FILE + name.encode()
 
     def bind(self, name: str) -> None:
         """Check that the journal is ``name``'s, or make it so if it is new."""
@@ -543,6 +610,9 @@ class Journal:
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
         import sqlite3
 
+        if any(row[1] and len(row[2]) >= BIG_VALUE for row in batch):
+            batch = [self._out_of_tree(row) for row in batch]
+
         try:
             with conn:
                 conn.executemany(_UPSERT, batch)
@@ -561,6 +631,12 @@ class Journal:
             except (sqlite3.Error, OSError, MemoryError) as exc:
                 self._fail(exc)
                 return
+
+    def _out_of_tree(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not row[1] or len(row[2]) < BIG_VALUE:
+            return row
+        named = self._store(row[0], row[2])
+        return row if named is None else (row[0], 1, named, *row[3:])
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
@@ -683,6 +759,17 @@ def _open_locked(path: str) -> int:
     return fd
 
 
+def _check_folder(folder: str) -> None:
+    """The folder of large results must be a folder of this user's (not a link): its files
+    are pickles."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise JournalError(
+            f"{folder} is not a folder of yours; it holds a journal's pickles, and reading them "
+            "would run their code: remove it, or pass another journal path"
+        )
+
+
 def _writer_pid(path: str) -> str:
     import sqlite3
 
@@ -725,8 +812,14 @@ def _load(
 ) -> tuple[Any, BaseException | None] | None:
     if ok:
         try:
+            if blob is not None and blob.startswith(_IN_FILE):
+                name = blob[len(_IN_FILE) :].decode()
+                if os.sep in name or not name.endswith(_FILE_SUFFIX):
+                    return None
+                with open(os.path.join(path + ".d", name), "rb") as f:
+                    return pickle.load(f), None
             return pickle.loads(blob), None  # type: ignore[arg-type]
-        except Exception:
+        except Exception:  # unpickles no more, or its file is gone: it runs again
             return None
     exc: BaseException | None = None
     if blob is not None:
