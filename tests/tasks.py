@@ -61,6 +61,12 @@ def square_below(n: int, x: int) -> int:
     return x * x
 
 
+def blob_below(n: int, x: int) -> bytes:
+    """2 MiB at once for ``x < n`` (past the journal's BIG_VALUE); the others block."""
+    square_below(n, x)
+    return bytes([x % 256]) * (2 * MiB)
+
+
 def add(a: int, b: int) -> int:
     return a + b
 

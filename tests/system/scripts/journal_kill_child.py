@@ -1,5 +1,6 @@
 """A journaled run whose parent the test kills with SIGKILL: ``journal_kill_child.py JOURNAL N
-CHUNKSIZE METHOD``. Items below N return at once and the rest block; once the caller has N
+CHUNKSIZE METHOD [big]``. Items below N return at once (with ``big``, 2 MiB each) and the rest
+block; once the caller has N
 results it prints ``got N`` and waits to be killed."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tests import tasks
 
 def main() -> None:
     journal, n, chunksize, method = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    fn = functools.partial(tasks.square_below, n)
+    task = tasks.blob_below if sys.argv[5:] == ["big"] else tasks.square_below
+    fn = functools.partial(task, n)
     with cleanbreak.Pool(2, mp_context=method, journal=journal) as pool:
         for got, _ in enumerate(pool.imap_unordered(fn, range(n + 4), chunksize=chunksize), 1):
             if got == n:
