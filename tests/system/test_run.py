@@ -30,7 +30,7 @@ from ._harness import session_of
 
 GUARD = 60.0  # seconds: only a deadlock guard
 ROOT = Path(__file__).resolve().parents[2]
-KILL_RUNS = int(os.environ.get("CLEANBREAK_KILL_RUNS", "15"))
+KILL_RUNS = int(os.environ.get("CLEANBREAK_KILL_RUNS", "8"))
 
 
 @dataclass
