@@ -182,12 +182,14 @@ def _every_byte_is(data: Any, value: int) -> bool:
 
 
 def _disk_usage(record: Path) -> tuple[int, int, int]:
-    """Bytes, bytes allocated on disk and files of a journal (the file, ``-wal`` and ``-shm``)
-    or of a joblib cache folder."""
+    """Bytes, bytes allocated on disk and files of a journal (the file, ``-wal`` and ``-shm``,
+    and the folder of its large results) or of a joblib cache folder."""
     if record.is_dir():
         paths = [Path(d, f) for d, _, files in os.walk(record) for f in files]
     else:
         paths = [p for p in (Path(f"{record}{s}") for s in ("", "-wal", "-shm")) if p.exists()]
+        folder = Path(f"{record}.d")
+        paths += [Path(d, f) for d, _, files in os.walk(folder) for f in files]
     stats = [p.stat() for p in paths]
     return sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats), len(stats)
 
@@ -449,7 +451,7 @@ def _notes(section: Section, job: str, n: int, size: int, found: dict[str, Figur
     notes.append(
         "² cleanbreak.map closes its pool, which commits what the journal has queued. In the "
         "warm row, `pool.journal.flush()` after `map` returns times the last commit (the "
-        "journal commits every 0.1 s or 1000 rows)."
+        "journal's writer commits whatever is queued as soon as it is free)."
     )
     if job == "mb":
         notes.append(
