@@ -67,6 +67,28 @@ def blob_below(n: int, x: int) -> bytes:
     return bytes([x % 256]) * (2 * MiB)
 
 
+def block_from_2(folder: str, i: int) -> int:
+    """``i * i`` at once for items 0 and 1; the others write ``folder/started-<i>`` and block
+    (up to GUARD)."""
+    if i >= 2:
+        touch(os.path.join(folder, f"started-{i}"))
+        threading.Event().wait(GUARD)
+    return i * i
+
+
+def block_from_2_star(args: tuple[str, int]) -> int:
+    return block_from_2(*args)
+
+
+def sleep_then(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def sleep_star(args: tuple[float, Any]) -> Any:
+    return sleep_then(*args)
+
+
 def add(a: int, b: int) -> int:
     return a + b
 

@@ -1,0 +1,536 @@
+"""``multiprocessing.Pool``, on cleanbreak's pool: change the import and nothing else.
+
+    from cleanbreak.multiprocessing import Pool
+
+    with Pool(4) as pool:
+        print(pool.map(work, range(100)))
+
+The whole documented API of ``multiprocessing.pool.Pool`` is here, with its semantics, run by a
+``cleanbreak.Pool`` (this is a face, not a second pool). So it keeps cleanbreak's promise: on
+Ctrl-C or SIGTERM no task starts, the running ones stop (or finish, with
+``on_interrupt="drain"``), and the call that waits (``get()``, ``map``, the ``imap`` loop)
+raises ``cleanbreak.Interrupted`` at once, with no worker traceback. An ``AsyncResult`` that
+had finished still gives its value, and ``Interrupted.completed`` holds what a ``map``,
+``starmap``, ``map_async`` or ``imap`` had finished (``{index: result}``). A killed worker fails
+its own task with ``cleanbreak.WorkerDied``; nothing hangs.
+
+Where it differs from the stock pool (see the README's list): the default start method is
+cleanbreak's (forkserver) unless ``context=`` names another; ``terminate()`` fails the tasks
+it stops (their ``get()`` raises ``concurrent.futures.CancelledError``) instead of leaving
+them to wait for ever; a task's exception keeps cleanbreak's remote traceback as its
+``__cause__``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import CancelledError, Future
+from multiprocessing import TimeoutError
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from ._errors import Interrupted
+
+__all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult", "Pool", "TimeoutError"]
+
+_RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+_DEFAULT = object()  # imap's chunksize left to cleanbreak (the stock default is 1)
+
+Callback = Callable[[Any], object] | None
+
+
+def _run_chunk(fn: Callable[..., Any], star: bool, items: list[Any]) -> list[Any]:
+    """One chunk of a ``map_async`` or ``starmap_async``, in a worker."""
+    if star:
+        return list(itertools.starmap(fn, items))
+    return list(map(fn, items))
+
+
+def _terminated() -> CancelledError:
+    return CancelledError(
+        "the task was stopped before it finished (Ctrl-C, SIGTERM, or the pool's terminate())"
+    )
+
+
+def _outcome(fut: Future[Any]) -> tuple[Any, BaseException | None]:
+    """A done future's value or exception, read in its done-callback (the manager thread):
+    a future the pool's stop cancelled is never asked for its result, which would be a
+    pool call waiting for that stop."""
+    if fut.cancelled():
+        return None, _terminated()
+    error = fut.exception()
+    return (None, error) if error is not None else (fut.result(), None)
+
+
+def _star(fn: Callable[..., Any], args: Iterable[Any]) -> Any:
+    """``starmap``'s call, in a worker."""
+    return fn(*args)
+
+
+def _chunksize(n: int, workers: int) -> int:
+    """What the stock pool picks for ``map_async``: about four chunks per worker."""
+    chunksize, extra = divmod(n, workers * 4)
+    return chunksize + 1 if extra else max(chunksize, 1)
+
+
+class ApplyResult:
+    """What ``apply_async`` returns; ``AsyncResult`` is the same class."""
+
+    def __init__(self, pool: Pool, callback: Callback, error_callback: Callback) -> None:
+        self._pool = pool
+        self._event = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callback = callback
+        self._error_callback = error_callback
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._error is None
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        try:
+            if not self._event.wait(timeout):
+                raise TimeoutError
+        except Interrupted as exc:
+            self._on_interrupt(exc)
+            raise
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _on_interrupt(self, exc: Interrupted) -> None:
+        """An Interrupted raised while this waited: what it holds is this call's results."""
+
+    def _set(self, value: Any, error: BaseException | None) -> None:
+        self._value, self._error = value, error
+        try:
+            if error is None and self._callback is not None:
+                self._callback(value)
+            elif error is not None and self._error_callback is not None:
+                self._error_callback(error)
+        finally:
+            self._event.set()
+            self._pool._forget(self)
+
+    def _from_future(self, fut: Future[Any]) -> None:
+        self._set(*_outcome(fut))
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """What ``map_async`` and ``starmap_async`` return: ready when every chunk is done, or at
+    the first failure (as the stock pool)."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        chunks: list[tuple[int, list[Any]]],
+        callback: Callback,
+        error_callback: Callback,
+    ) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._n = sum(len(items) for _, items in chunks)
+        self._values: list[Any] = [None] * self._n
+        self._done: set[int] = set()  # first indices of the chunks that finished
+        self._sizes = {start: len(items) for start, items in chunks}
+        self._left = len(chunks)
+        self._lock = threading.Lock()
+        if not chunks:
+            self._set([], None)
+
+    def _chunk_done(self, start: int, fut: Future[Any]) -> None:
+        values, error = _outcome(fut)
+        with self._lock:
+            if self.ready():
+                return
+            if error is None:
+                self._values[start : start + len(values)] = values
+                self._done.add(start)
+                self._left -= 1
+                if self._left:
+                    return
+        if error is not None:
+            self._set(None, error)
+        else:
+            self._set(self._values, None)
+
+    def _on_interrupt(self, exc: Interrupted) -> None:
+        exc.completed  # noqa: B018 - gathers the pool's futures first (waits for its stop)
+        with self._lock:
+            completed = {
+                i: self._values[i]
+                for start in sorted(self._done)
+                for i in range(start, start + self._sizes[start])
+            }
+        _replace_completed(exc, completed, self._n)
+
+
+def _replace_completed(exc: Interrupted, completed: dict[int, Any], total: int | None) -> None:
+    exc._pending = None
+    exc.completed = completed
+    exc.total = total
+    exc._filled = True
+    exc.args = (str(exc),)
+
+
+class IMapIterator:
+    """What ``imap`` and ``imap_unordered`` return: an iterator, whose ``next(timeout)`` raises
+    ``multiprocessing.TimeoutError`` when no result came in time. A task's exception is raised
+    in its turn, and the iteration goes on after it, as in the stock pool."""
+
+    def __init__(self, pieces: Iterator[tuple[int, Any, bool]], total: int | None) -> None:
+        self._pieces = pieces
+        self._total = total
+        self._handed: dict[int, Any] = {}  # ordered: the count handed; only for completed
+        self._queue: queue.SimpleQueue[tuple[int, Any, bool] | BaseException | None] | None
+        self._queue = None
+        self._held: list[tuple[int, Any, bool]] = []  # taken by the thread, not yet handed
+
+    def __iter__(self) -> IMapIterator:
+        return self
+
+    def next(self, timeout: float | None = None) -> Any:
+        if timeout is None and self._queue is None:
+            _index, value, failed = next(self._pieces)
+        else:
+            _index, value, failed = self._next_in_time(timeout)
+        if failed:
+            raise value
+        return value
+
+    __next__ = next
+
+    def _next_in_time(self, timeout: float | None) -> tuple[int, Any, bool]:
+        """With a timeout, a thread takes the results and this waits for the next one."""
+        if self._queue is None:
+            self._queue = queue.SimpleQueue()
+            threading.Thread(target=self._feed, name="cleanbreak-imap", daemon=True).start()
+        try:
+            got = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        except Interrupted as exc:
+            self._on_interrupt(exc)
+            raise
+        if got is None:
+            self._queue.put(None)  # the end, for every later call too
+            raise StopIteration
+        if isinstance(got, BaseException):
+            self._queue.put(None)
+            raise got
+        return got
+
+    def _feed(self) -> None:
+        assert self._queue is not None
+        try:
+            for got in self._pieces:
+                self._queue.put(got)
+        except BaseException as exc:
+            self._queue.put(exc)
+        else:
+            self._queue.put(None)
+
+    def _on_interrupt(self, exc: Interrupted) -> None:
+        """Results the thread took but this did not hand over belong in ``completed``."""
+        completed = dict(exc.completed)
+        assert self._queue is not None
+        while True:
+            try:
+                got = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(got, tuple) and not got[2]:
+                completed[got[0]] = got[1]
+            elif isinstance(got, Interrupted):
+                completed.update(got.completed)
+        _replace_completed(exc, completed, self._total)
+
+
+IMapUnorderedIterator = IMapIterator
+
+
+def _pieces(run: Any) -> Iterator[tuple[int, Any, bool]]:
+    """A map run's outcomes, one by one, with their input index: ``(index, value, False)``,
+    or ``(index, exception, True)`` for a task that failed."""
+    how = "stopped"
+    try:
+        while (piece := run.next_piece()) is not None:
+            current = run.current
+            start, values, errors = piece
+            count = len(values)
+            del piece, values
+            for k in range(count):
+                value = current.rest.pop()
+                if errors and k in errors:
+                    yield start + k, errors[k], True
+                else:
+                    yield start + k, value, False
+        how = "done"
+    except KeyboardInterrupt:
+        how = "interrupted"
+        raise
+    finally:
+        run.close(how)
+
+
+class Pool:
+    """A drop-in for ``multiprocessing.Pool`` (see the module's docstring).
+
+    Beyond the stock arguments: ``on_interrupt`` ("terminate" or "drain"), ``task_timeout``,
+    ``retries``, ``retry_on`` and ``journal``, as for ``cleanbreak.Pool``.
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: BaseContext | None = None,
+        *,
+        on_interrupt: str = "terminate",
+        task_timeout: float | None = None,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (),
+        journal: Any = None,
+    ) -> None:
+        import cleanbreak
+
+        if processes is not None and (
+            isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
+        ):
+            raise ValueError("Number of processes must be at least 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if maxtasksperchild is not None and (
+            isinstance(maxtasksperchild, bool)
+            or not isinstance(maxtasksperchild, int)
+            or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        self._state = _RUN
+        self._lock = threading.Lock()
+        self._pending: set[ApplyResult] = set()
+        self._idle = threading.Condition(self._lock)
+        self._pool = cleanbreak.Pool(
+            processes,
+            on_interrupt=on_interrupt,  # type: ignore[arg-type]
+            mp_context=context,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_worker=maxtasksperchild,
+            task_timeout=task_timeout,
+            retries=retries,
+            retry_on=retry_on,
+            journal=journal,
+        )
+        self._processes = self._pool.workers
+
+    def __repr__(self) -> str:
+        name = f"{type(self).__module__}.{type(self).__qualname__}"
+        return f"<{name} state={self._state} pool_size={self._processes}>"
+
+    # ── the stock API ─────────────────────────────────────────────────────────────────────
+
+    def apply(
+        self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: Mapping[str, Any] = {}
+    ) -> Any:
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] = {},
+        callback: Callback = None,
+        error_callback: Callback = None,
+    ) -> ApplyResult:
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        self._remember(result)
+        fut = self._pool.submit(func, *tuple(args), **dict(kwds))
+        fut.add_done_callback(result._from_future)
+        return result
+
+    def map(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
+        return self._collect(self._run(func, (iterable,), chunksize, ordered=True))
+
+    def starmap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+    ) -> list[Any]:
+        return self._collect(self._run(func, (iterable,), chunksize, ordered=True, star=True))
+
+    def map_async(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callback = None,
+        error_callback: Callback = None,
+    ) -> MapResult:
+        return self._map_async(func, iterable, chunksize, callback, error_callback, star=False)
+
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callback = None,
+        error_callback: Callback = None,
+    ) -> MapResult:
+        return self._map_async(func, iterable, chunksize, callback, error_callback, star=True)
+
+    def imap(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Any = _DEFAULT
+    ) -> IMapIterator:
+        run = self._run(func, (iterable,), _chosen(chunksize), ordered=True)
+        return IMapIterator(_pieces(run), run.total)
+
+    def imap_unordered(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: Any = _DEFAULT
+    ) -> IMapIterator:
+        run = self._run(func, (iterable,), _chosen(chunksize), ordered=False)
+        return IMapIterator(_pieces(run), run.total)
+
+    def close(self) -> None:
+        """No more tasks; the workers exit once the queued ones are done (``join`` waits)."""
+        with self._lock:
+            if self._state == _RUN:
+                self._state = _CLOSE
+
+    def terminate(self) -> None:
+        """Stop the workers now; the tasks not finished fail with ``CancelledError``."""
+        with self._lock:
+            self._state = _TERMINATE
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for result in list(self._pending):
+            if not result.ready():
+                result._set(None, _terminated())
+
+    def join(self) -> None:
+        if self._state == _RUN:
+            raise ValueError("Pool is still running")
+        with self._idle:
+            while self._pending and self._state == _CLOSE:
+                self._idle.wait(0.05)
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    # ── internals ─────────────────────────────────────────────────────────────────────────
+
+    def _check_running(self) -> None:
+        if self._state != _RUN:
+            raise ValueError("Pool not running")
+
+    def _remember(self, result: ApplyResult) -> None:
+        with self._lock:
+            self._pending.add(result)
+
+    def _forget(self, result: ApplyResult) -> None:
+        with self._idle:
+            self._pending.discard(result)
+            self._idle.notify_all()
+
+    def _run(
+        self,
+        func: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        chunksize: int | None,
+        *,
+        ordered: bool,
+        star: bool = False,
+    ) -> Any:
+        """A cleanbreak map run (item by item: a killed worker or a Ctrl-C costs only the
+        items that had not finished)."""
+        from ._map import MapRun
+
+        self._check_running()
+        if chunksize is not None and (
+            isinstance(chunksize, bool) or not isinstance(chunksize, int)
+        ):
+            raise TypeError(f"chunksize must be an int, got {chunksize!r}")
+        pool = self._pool
+        pool._rearm()
+        if star:
+            func = functools.partial(_star, func)
+        run = MapRun(
+            pool,
+            pool._opts,
+            func,
+            iterables,
+            ordered=ordered,
+            timeout=None,
+            chunksize=max(chunksize, 1) if chunksize is not None else None,
+            buffersize=None,
+            journal=pool._journal,
+        )
+        return run
+
+    def _collect(self, run: Any) -> list[Any]:
+        """Every result in input order; the first failure (in input order) is raised, as the
+        stock pool's map raises it, once the map has stopped."""
+        values: dict[int, Any] = {}
+        try:
+            for index, value, failed in _pieces(run):
+                if failed:
+                    raise value
+                values[index] = value
+        except Interrupted as exc:
+            completed = dict(exc.completed)
+            completed.update(values)
+            _replace_completed(exc, completed, run.total)
+            raise
+        return [values[i] for i in range(len(values))]
+
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        callback: Callback,
+        error_callback: Callback,
+        *,
+        star: bool,
+    ) -> MapResult:
+        self._check_running()
+        items = list(iterable)
+        if chunksize is None:
+            chunksize = _chunksize(len(items), self._processes)
+        chunks = [(i, items[i : i + chunksize]) for i in range(0, len(items), chunksize)]
+        result = MapResult(self, chunks, callback, error_callback)
+        if not chunks:
+            return result
+        self._remember(result)
+        for start, chunk in chunks:
+            fut = self._pool.submit(_run_chunk, func, star, chunk)
+            fut.add_done_callback(functools.partial(result._chunk_done, start))
+        return result
+
+
+def _chosen(chunksize: Any) -> int | None:
+    return None if chunksize is _DEFAULT else chunksize

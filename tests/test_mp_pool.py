@@ -1,0 +1,143 @@
+"""``cleanbreak.multiprocessing.Pool``: the stock API and its semantics, with real workers.
+(``tests/system/test_mp_dropin.py`` sends it Ctrl-C.)"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import cleanbreak
+from cleanbreak.multiprocessing import Pool
+from tests import tasks
+from tests.tasks import GUARD, TaskError
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[Pool]:
+    with Pool(2) as p:
+        yield p
+
+
+def test_the_stock_calls_give_the_stock_results(pool: Pool) -> None:
+    assert pool.map(tasks.square, range(10)) == [x * x for x in range(10)]
+    assert pool.map(tasks.square, []) == []
+    assert pool.starmap(tasks.add, [(1, 2), (3, 4)]) == [3, 7]
+    assert pool.apply(tasks.add, (1, 2)) == 3
+    assert pool.apply(tasks.combine, (1,), {"b": 2, "scale": 3}) == 9
+    assert pool.apply_async(tasks.square, (7,)).get(GUARD) == 49
+    assert pool.map_async(tasks.square, range(9), 2).get(GUARD) == [x * x for x in range(9)]
+    assert pool.starmap_async(tasks.add, [(1, 1)] * 3).get(GUARD) == [2, 2, 2]
+    assert pool.map_async(tasks.square, []).get(GUARD) == []
+    assert list(pool.imap(tasks.square, range(5))) == [0, 1, 4, 9, 16]
+    assert list(pool.imap(tasks.square, range(5), 2)) == [0, 1, 4, 9, 16]
+    assert sorted(pool.imap_unordered(tasks.square, range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_async_results_say_what_they_are(pool: Pool) -> None:
+    result = pool.apply_async(tasks.square, (3,))
+    result.wait(GUARD)
+    assert result.ready() and result.successful() and result.get() == 9
+    failed = pool.apply_async(tasks.raise_task_error, (1,))
+    failed.wait(GUARD)
+    assert failed.ready() and not failed.successful()
+    with pytest.raises(TaskError):
+        failed.get()
+
+
+def test_get_times_out_with_multiprocessing_timeout_error(pool: Pool) -> None:
+    slow = pool.apply_async(tasks.sleep_then, (0.5, 1))
+    with pytest.raises(multiprocessing.TimeoutError):
+        slow.get(0.01)
+    with pytest.raises(ValueError, match="not ready"):
+        slow.successful()
+    assert slow.get(GUARD) == 1
+    it = pool.imap(tasks.sleep_star, [(0.5, 2)], 1)
+    with pytest.raises(multiprocessing.TimeoutError):
+        it.next(0.01)
+    assert it.next(GUARD) == 2
+    with pytest.raises(StopIteration):
+        it.next(GUARD)
+
+
+def test_callbacks_get_the_value_or_the_error(pool: Pool) -> None:
+    got: list[object] = []
+    done = threading.Event()
+
+    def keep(x: object) -> None:
+        got.append(x)
+        done.set()
+
+    pool.apply_async(tasks.square, (4,), callback=keep).wait(GUARD)
+    assert done.wait(GUARD) and got == [16]
+    done.clear()
+    pool.apply_async(tasks.raise_task_error, (1,), error_callback=keep).wait(GUARD)
+    assert done.wait(GUARD) and isinstance(got[1], TaskError)
+    done.clear()
+    pool.map_async(tasks.square, range(3), callback=keep).wait(GUARD)
+    assert done.wait(GUARD) and got[2] == [0, 1, 4]
+
+
+def test_imap_raises_a_failure_in_its_turn_and_goes_on(pool: Pool) -> None:
+    it = pool.imap(tasks.raise_task_error, [-1, 2, -3])
+    assert next(it) == -1
+    with pytest.raises(TaskError):
+        next(it)
+    assert next(it) == -3
+
+
+def test_map_raises_the_tasks_exception(pool: Pool) -> None:
+    with pytest.raises(TaskError):
+        pool.map(tasks.raise_task_error, [-1, 2, -3])
+    with pytest.raises(TaskError):
+        pool.map_async(tasks.raise_task_error, [-1, 2, -3], 1).get(GUARD)
+
+
+def test_a_killed_worker_fails_its_own_task_and_close_join_return() -> None:
+    p = Pool(2)
+    dead = p.apply_async(tasks.sigkill_self, ())
+    fine = p.apply_async(tasks.square, (5,))
+    with pytest.raises(cleanbreak.WorkerDied):
+        dead.get(GUARD)
+    assert fine.get(GUARD) == 25
+    outcomes = p.map_async(tasks.sigkill_on_3, range(6), 1)
+    with pytest.raises(cleanbreak.WorkerDied):
+        outcomes.get(GUARD)
+    assert p.map(tasks.square, range(4)) == [0, 1, 4, 9]  # the pool goes on
+    p.close()
+    p.join()
+
+
+def test_close_join_terminate_and_the_with_block() -> None:
+    p = Pool(1)
+    with pytest.raises(ValueError, match="still running"):
+        p.join()
+    result = p.map_async(tasks.square, range(20))
+    p.close()
+    with pytest.raises(ValueError, match="Pool not running"):
+        p.apply_async(tasks.square, (1,))
+    p.join()
+    assert result.get(0) == [x * x for x in range(20)]
+    with Pool(1) as q:
+        stuck = q.apply_async(tasks.sleep_then, (GUARD, 1))
+    # The with block's exit terminates, as the stock one does; the task it stopped fails.
+    with pytest.raises(Exception, match="stopped before it finished"):
+        stuck.get(GUARD)
+
+
+def test_the_constructor_takes_the_stock_arguments() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Pool(0)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        Pool(1, initializer=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="maxtasksperchild"):
+        Pool(1, maxtasksperchild=0)
+    ctx = multiprocessing.get_context("spawn")
+    with Pool(1, tasks.set_global, ("ready",), 2, ctx) as p:
+        assert p.apply(tasks.read_global) == "ready"
+        pids = {p.apply(tasks.getpid_of_worker) for _ in range(4)}
+        assert len(pids) >= 2  # maxtasksperchild=2: the worker was replaced
+        assert os.getpid() not in pids
