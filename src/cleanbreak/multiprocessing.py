@@ -38,6 +38,7 @@ from ._errors import Interrupted
 __all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult", "Pool", "TimeoutError"]
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+_STOPPING = 2  # the backends' stop level that terminates the running tasks (see _manager)
 _DEFAULT = object()  # imap's chunksize left to cleanbreak (the stock default is 1)
 
 Callback = Callable[[Any], object] | None
@@ -421,6 +422,9 @@ class Pool:
         """Stop the workers now; the tasks not finished fail with ``CancelledError``."""
         with self._lock:
             self._state = _TERMINATE
+        # The stop a signal makes, without the signal: no task starts, the running ones are
+        # stopped (SIGTERM, then SIGKILL after a grace), and their futures read as cancelled.
+        self._pool._backend.raise_level(_STOPPING)
         self._pool.shutdown(wait=True, cancel_futures=True)
         for result in list(self._pending):
             if not result.ready():
