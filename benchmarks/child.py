@@ -21,6 +21,7 @@ import bench_interrupt
 import bench_journal
 import bench_lazy
 import bench_memory
+import bench_mpface
 import bench_oneshot
 import bench_parentcpu
 import bench_payload
@@ -35,6 +36,8 @@ SCENARIOS: dict[str, Scenario] = {
     "payload": bench_payload.child_payload,
     "lazy": bench_lazy.child_lazy,
     "memory": bench_memory.child_memory,
+    "mpface_warm": bench_mpface.child_mpface_warm,
+    "mpface_first": bench_mpface.child_mpface_first,
     "interrupt": bench_interrupt.child_interrupt,
     "crash": bench_failures.child_crash,
     "journal": bench_journal.child_journal,

@@ -31,6 +31,7 @@ import bench_interrupt
 import bench_journal
 import bench_lazy
 import bench_memory
+import bench_mpface
 import bench_notebook
 import bench_oneshot
 import bench_parentcpu
@@ -66,6 +67,10 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]
     "memory": (
         "14. the parent's peak memory while results stream through",
         bench_memory.run_memory,
+    ),
+    "mpface": (
+        "15. the multiprocessing.Pool drop-in beside the stock pool",
+        bench_mpface.run_mpface,
     ),
 }
 

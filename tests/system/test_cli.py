@@ -85,6 +85,8 @@ def test_demo_stops_at_once_and_reports_what_it_kept(
         _gone, alive = psutil.wait_procs(workers, timeout=GUARD)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         assert not _session(proc.pid)
+        if not to_group:
+            return  # (the resume is the same after each signal: CI runs it once)
         # Run it again: it resumes from the journal, and says so.
         again = _start("--blocks", "100", "--workers", "2")
         out2, err2 = again.communicate(timeout=GUARD * 3)
