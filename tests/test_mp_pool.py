@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -141,3 +142,20 @@ def test_the_constructor_takes_the_stock_arguments() -> None:
         pids = {p.apply(tasks.getpid_of_worker) for _ in range(4)}
         assert len(pids) >= 2  # maxtasksperchild=2: the worker was replaced
         assert os.getpid() not in pids
+
+
+def test_errors_reach_get_as_the_stock_pool_raises_them(pool: Pool) -> None:
+    """A task's exception has a ``multiprocessing.pool.RemoteTraceback`` as its cause, and a
+    result that cannot be pickled raises ``MaybeEncodingError``, to the callback too."""
+    import multiprocessing.pool as stock
+
+    with pytest.raises(TaskError) as info:
+        pool.apply(tasks.raise_task_error, (1,))
+    cause: Any = info.value.__cause__
+    assert type(cause) is stock.RemoteTraceback  # type: ignore[attr-defined]
+    assert "raise_task_error" in cause.tb
+    seen: list[BaseException] = []
+    result = pool.apply_async(tasks.return_lock, (), error_callback=seen.append)
+    with pytest.raises(stock.MaybeEncodingError):  # type: ignore[attr-defined]
+        result.get(GUARD)
+    assert isinstance(seen[0], stock.MaybeEncodingError)  # type: ignore[attr-defined]

@@ -14,8 +14,10 @@ had finished still gives its value, and ``Interrupted.completed`` holds what a `
 ``starmap``, ``map_async`` or ``imap`` had finished (``{index: result}``). A killed worker fails
 its own task with ``cleanbreak.WorkerDied``; nothing hangs.
 
-Where it differs from the stock pool (see the README's list): the default start method is
-cleanbreak's (forkserver) unless ``context=`` names another; ``terminate()`` fails the tasks
+The start method is the stock pool's (``set_start_method()``'s choice, or the platform's
+default), unless ``context=`` names another. Where it differs from the stock pool (see the
+README's list): ``imap``'s ``chunksize=1`` lets cleanbreak size the chunks; ``terminate()``
+fails the tasks
 it stops (their ``get()`` raises ``concurrent.futures.CancelledError``) instead of leaving
 them to wait for ever; a task's exception keeps cleanbreak's remote traceback as its
 ``__cause__``.
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import multiprocessing
 import queue
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
 from multiprocessing import TimeoutError
@@ -49,6 +53,27 @@ def _run_chunk(fn: Callable[..., Any], star: bool, items: list[Any]) -> list[Any
     if star:
         return list(itertools.starmap(fn, items))
     return list(map(fn, items))
+
+
+def _stock(exc: BaseException) -> BaseException:
+    """A task's exception as the stock pool raises it: its worker's traceback as the cause, a
+    ``multiprocessing.pool.RemoteTraceback`` (cleanbreak's own is the same text)."""
+    import multiprocessing.pool as stock  # (its stubs lack the two classes used here)
+
+    from ._errors import RemoteTraceback, SerializationError
+
+    if isinstance(exc, SerializationError) and exc.part == "result":
+        # What the stock pool raises for a result that does not pickle (it names the
+        # result's repr, which only the worker had: here, what pickling it raised).
+        wrapped: BaseException = stock.MaybeEncodingError(  # type: ignore[attr-defined]
+            exc.reason, "the task's result"
+        )
+        wrapped.__cause__ = exc
+        return wrapped
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        exc.__cause__ = stock.RemoteTraceback(cause.tb)  # type: ignore[attr-defined]
+    return exc
 
 
 def _terminated() -> CancelledError:
@@ -108,13 +133,15 @@ class ApplyResult:
             self._on_interrupt(exc)
             raise
         if self._error is not None:
-            raise self._error
+            raise _stock(self._error)
         return self._value
 
     def _on_interrupt(self, exc: Interrupted) -> None:
         """An Interrupted raised while this waited: what it holds is this call's results."""
 
     def _set(self, value: Any, error: BaseException | None) -> None:
+        if error is not None:
+            error = _stock(error)
         self._value, self._error = value, error
         try:
             if error is None and self._callback is not None:
@@ -210,7 +237,7 @@ class IMapIterator:
         else:
             _index, value, failed = self._next_in_time(timeout)
         if failed:
-            raise value
+            raise _stock(value)
         return value
 
     __next__ = next
@@ -266,7 +293,8 @@ IMapUnorderedIterator = IMapIterator
 
 def _pieces(run: Any) -> Iterator[tuple[int, Any, bool]]:
     """A map run's outcomes, one by one, with their input index: ``(index, value, False)``,
-    or ``(index, exception, True)`` for a task that failed."""
+    or ``(index, exception, True)`` for a task that failed. (A piece without failures is
+    handed through C-level iterators: no bytecode here per item.)"""
     how = "stopped"
     try:
         while (piece := run.next_piece()) is not None:
@@ -274,12 +302,44 @@ def _pieces(run: Any) -> Iterator[tuple[int, Any, bool]]:
             start, values, errors = piece
             count = len(values)
             del piece, values
+            if not errors:
+                yield from zip(
+                    range(start, start + count), current.take(count), itertools.repeat(False)
+                )
+                continue
             for k in range(count):
                 value = current.rest.pop()
-                if errors and k in errors:
+                if k in errors:
                     yield start + k, errors[k], True
                 else:
                     yield start + k, value, False
+        how = "done"
+    except KeyboardInterrupt:
+        how = "interrupted"
+        raise
+    finally:
+        run.close(how)
+
+
+def _values(run: Any) -> Iterator[list[Any] | BaseException]:
+    """A map run's outcomes a piece at a time, for ``map``: the values of a piece without
+    failures as one list, or, in a piece with failures, each value or failure alone."""
+    how = "stopped"
+    try:
+        while (piece := run.next_piece()) is not None:
+            current = run.current
+            _start, values, errors = piece
+            count = len(values)
+            del piece, values
+            if not errors:
+                # Left in ``current`` until the caller has them: a Ctrl-C meanwhile finds
+                # them there (or in both places: the same values, by index).
+                yield current.rest[::-1]
+                current.rest.clear()
+                continue
+            for k in range(count):
+                value = current.rest.pop()
+                yield errors.get(k, [value])
         how = "done"
     except KeyboardInterrupt:
         how = "interrupted"
@@ -330,7 +390,10 @@ class Pool:
         self._pool = cleanbreak.Pool(
             processes,
             on_interrupt=on_interrupt,  # type: ignore[arg-type]
-            mp_context=context,
+            # The start method the stock pool would use: the one set_start_method() chose,
+            # or the platform's default (fork on Linux up to Python 3.13), so that code that
+            # relies on it runs unchanged. context= names another, as in the stock pool.
+            mp_context=context if context is not None else multiprocessing.get_context(),
             initializer=initializer,
             initargs=initargs,
             max_tasks_per_worker=maxtasksperchild,
@@ -340,6 +403,10 @@ class Pool:
             journal=journal,
         )
         self._processes = self._pool.workers
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if getattr(self, "_state", None) == _RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
 
     def __repr__(self) -> str:
         name = f"{type(self).__module__}.{type(self).__qualname__}"
@@ -498,18 +565,18 @@ class Pool:
     def _collect(self, run: Any) -> list[Any]:
         """Every result in input order; the first failure (in input order) is raised, as the
         stock pool's map raises it, once the map has stopped."""
-        values: dict[int, Any] = {}
+        values: list[Any] = []
         try:
-            for index, value, failed in _pieces(run):
-                if failed:
-                    raise value
-                values[index] = value
+            for part in _values(run):
+                if isinstance(part, BaseException):
+                    raise _stock(part)
+                values += part
         except Interrupted as exc:
             completed = dict(exc.completed)
-            completed.update(values)
+            completed.update(enumerate(values))
             _replace_completed(exc, completed, run.total)
             raise
-        return [values[i] for i in range(len(values))]
+        return values
 
     def _map_async(
         self,
@@ -537,4 +604,8 @@ class Pool:
 
 
 def _chosen(chunksize: Any) -> int | None:
-    return None if chunksize is _DEFAULT else chunksize
+    """``imap``'s chunk size: 1 (the stock default, which stock code writes out for results
+    one by one) lets cleanbreak size the chunks, which gives that (a worker sends what it has
+    every 50 ms, and tasks of 50 ms or more go one to a chunk) without a round trip per tiny
+    task; another size is kept."""
+    return None if chunksize is _DEFAULT or chunksize == 1 else chunksize
