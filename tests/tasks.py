@@ -89,6 +89,21 @@ def sleep_star(args: tuple[float, Any]) -> Any:
     return sleep_then(*args)
 
 
+def logged_sleep(folder: str, i: int, seconds: float) -> tuple[int, int]:
+    """Append ``start I NS`` to ``folder/log``, sleep, append ``done I NS``; ``(i, i * i)``."""
+    path = os.path.join(folder, "log")
+    with open(path, "a") as f:
+        f.write(f"start {i} {time.monotonic_ns()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"done {i} {time.monotonic_ns()}\n")
+    return i, i * i
+
+
+def logged_sleep_star(args: tuple[str, int, float]) -> tuple[int, int]:
+    return logged_sleep(*args)
+
+
 def add(a: int, b: int) -> int:
     return a + b
 

@@ -44,6 +44,7 @@ __all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult", "Pool", "T
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 _STOPPING = 2  # the backends' stop level that terminates the running tasks (see _manager)
 _DEFAULT = object()  # imap's chunksize left to cleanbreak (the stock default is 1)
+_FEEDER_GUARD = 10.0  # seconds: imap's thread ends once the stopped pool has ended its run
 
 Callback = Callable[[Any], object] | None
 
@@ -223,10 +224,9 @@ class IMapIterator:
     def __init__(self, pieces: Iterator[tuple[int, Any, bool]], total: int | None) -> None:
         self._pieces = pieces
         self._total = total
-        self._handed: dict[int, Any] = {}  # ordered: the count handed; only for completed
         self._queue: queue.SimpleQueue[tuple[int, Any, bool] | BaseException | None] | None
         self._queue = None
-        self._held: list[tuple[int, Any, bool]] = []  # taken by the thread, not yet handed
+        self._feeder: threading.Thread | None = None
 
     def __iter__(self) -> IMapIterator:
         return self
@@ -246,7 +246,8 @@ class IMapIterator:
         """With a timeout, a thread takes the results and this waits for the next one."""
         if self._queue is None:
             self._queue = queue.SimpleQueue()
-            threading.Thread(target=self._feed, name="cleanbreak-imap", daemon=True).start()
+            self._feeder = threading.Thread(target=self._feed, name="cleanbreak-imap", daemon=True)
+            self._feeder.start()
         try:
             got = self._queue.get(timeout=timeout)
         except queue.Empty:
@@ -273,9 +274,12 @@ class IMapIterator:
             self._queue.put(None)
 
     def _on_interrupt(self, exc: Interrupted) -> None:
-        """Results the thread took but this did not hand over belong in ``completed``."""
+        """Results the thread took but this did not hand over belong in ``completed``: once
+        the pool has stopped (reading ``completed`` waits for that), the thread ends, having
+        queued all it took."""
         completed = dict(exc.completed)
-        assert self._queue is not None
+        assert self._queue is not None and self._feeder is not None
+        self._feeder.join(_FEEDER_GUARD)
         while True:
             try:
                 got = self._queue.get_nowait()
@@ -383,7 +387,6 @@ class Pool:
             or maxtasksperchild <= 0
         ):
             raise ValueError("maxtasksperchild must be a positive int or None")
-        self._state = _RUN
         self._lock = threading.Lock()
         self._pending: set[ApplyResult] = set()
         self._idle = threading.Condition(self._lock)
@@ -403,6 +406,9 @@ class Pool:
             journal=journal,
         )
         self._processes = self._pool.workers
+        # Last: a pool whose making was interrupted (Ctrl-C while cleanbreak's pool started)
+        # is not one to warn about when it is collected.
+        self._state = _RUN
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         if getattr(self, "_state", None) == _RUN:
@@ -410,7 +416,8 @@ class Pool:
 
     def __repr__(self) -> str:
         name = f"{type(self).__module__}.{type(self).__qualname__}"
-        return f"<{name} state={self._state} pool_size={self._processes}>"
+        state = getattr(self, "_state", "unmade")
+        return f"<{name} state={state} pool_size={getattr(self, '_processes', None)}>"
 
     # ── the stock API ─────────────────────────────────────────────────────────────────────
 
