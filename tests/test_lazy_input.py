@@ -77,20 +77,26 @@ def test_buffersize_with_automatic_chunks(fs_pool: cleanbreak.Pool, name: str) -
         assert source.produced <= taken + (100 // 4 - 1) + 100, (taken, source.produced)
 
 
+def _unit_sizes(pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of items of each unit the pool makes from now on."""
+    sizes: list[int] = []
+    real = pool._backend.new_unit
+
+    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
+        sizes.append(len(items))
+        return real(kind, fn, items, *rest)
+
+    monkeypatch.setattr(pool._backend, "new_unit", spy)
+    return sizes
+
+
 def test_a_chunk_size_larger_than_the_default_window_still_runs(
     fs_pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The default window starts small (16 items per worker) and grows; a chunk of 1000 the user
     # asked for does not wait for it to grow, and is not cut into pieces either, once the first
     # results have shown that they are small (until then each worker gets one probe unit).
-    sizes: list[int] = []
-    real = fs_pool._backend.new_unit
-
-    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
-        sizes.append(len(items))
-        return real(kind, fn, items, *rest)
-
-    monkeypatch.setattr(fs_pool._backend, "new_unit", spy)
+    sizes = _unit_sizes(fs_pool, monkeypatch)
     results = fs_pool.map(tasks.square, iter(Counting()), chunksize=1000, timeout=GUARD)
     assert [next(results) for _ in range(5000)] == [i * i for i in range(5000)]
     probes = fs_pool.workers
@@ -152,14 +158,7 @@ def test_large_results_cut_the_chunks_to_fit_what_the_run_may_hold(
     """Results of 1 MiB with chunks of 200 asked for: after one probe unit per worker, each
     unit holds what fits in HELD_BYTES with one unit per worker, so that the results the run
     holds for its caller stay under it (a unit of 200 would hold 200 MiB)."""
-    sizes: list[int] = []
-    real = fs_pool._backend.new_unit
-
-    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
-        sizes.append(len(items))
-        return real(kind, fn, items, *rest)
-
-    monkeypatch.setattr(fs_pool._backend, "new_unit", spy)
+    sizes = _unit_sizes(fs_pool, monkeypatch)
     fn = functools.partial(tasks.blob, tasks.MiB)
     results = _mapper(fs_pool, name)(fn, range(120), chunksize=200)
     assert sum(len(r) for r in results) == 120 * tasks.MiB

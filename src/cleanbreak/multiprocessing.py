@@ -31,7 +31,7 @@ import multiprocessing
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
 from multiprocessing import TimeoutError
 from multiprocessing.context import BaseContext
@@ -295,61 +295,55 @@ class IMapIterator:
 IMapUnorderedIterator = IMapIterator
 
 
+def _each_piece(run: Any) -> Iterator[tuple[int, int, dict[int, BaseException], Any]]:
+    """A map run's pieces as ``(start, count, errors, current)``, where ``current`` hands the
+    values out; the run is closed at the end, saying how it ended."""
+    how = "stopped"
+    try:
+        while (piece := run.next_piece()) is not None:
+            start, values, errors = piece
+            count = len(values)
+            del piece, values
+            yield start, count, errors, run.current
+        how = "done"
+    except KeyboardInterrupt:
+        how = "interrupted"
+        raise
+    finally:
+        run.close(how)
+
+
 def _pieces(run: Any) -> Iterator[tuple[int, Any, bool]]:
     """A map run's outcomes, one by one, with their input index: ``(index, value, False)``,
     or ``(index, exception, True)`` for a task that failed. (A piece without failures is
     handed through C-level iterators: no bytecode here per item.)"""
-    how = "stopped"
-    try:
-        while (piece := run.next_piece()) is not None:
-            current = run.current
-            start, values, errors = piece
-            count = len(values)
-            del piece, values
-            if not errors:
-                yield from zip(
-                    range(start, start + count), current.take(count), itertools.repeat(False)
-                )
-                continue
-            for k in range(count):
-                value = current.rest.pop()
-                if k in errors:
-                    yield start + k, errors[k], True
-                else:
-                    yield start + k, value, False
-        how = "done"
-    except KeyboardInterrupt:
-        how = "interrupted"
-        raise
-    finally:
-        run.close(how)
+    for start, count, errors, current in _each_piece(run):
+        if not errors:
+            yield from zip(
+                range(start, start + count), current.take(count), itertools.repeat(False)
+            )
+            continue
+        for k in range(count):
+            value = current.rest.pop()
+            if k in errors:
+                yield start + k, errors[k], True
+            else:
+                yield start + k, value, False
 
 
-def _values(run: Any) -> Iterator[list[Any] | BaseException]:
+def _values(run: Any) -> Generator[list[Any] | BaseException]:
     """A map run's outcomes a piece at a time, for ``map``: the values of a piece without
     failures as one list, or, in a piece with failures, each value or failure alone."""
-    how = "stopped"
-    try:
-        while (piece := run.next_piece()) is not None:
-            current = run.current
-            _start, values, errors = piece
-            count = len(values)
-            del piece, values
-            if not errors:
-                # Left in ``current`` until the caller has them: a Ctrl-C meanwhile finds
-                # them there (or in both places: the same values, by index).
-                yield current.rest[::-1]
-                current.rest.clear()
-                continue
-            for k in range(count):
-                value = current.rest.pop()
-                yield errors.get(k, [value])
-        how = "done"
-    except KeyboardInterrupt:
-        how = "interrupted"
-        raise
-    finally:
-        run.close(how)
+    for _start, count, errors, current in _each_piece(run):
+        if not errors:
+            # Left in ``current`` until the caller has them: a Ctrl-C meanwhile finds them
+            # there (or in both places: the same values, by index).
+            yield current.rest[::-1]
+            current.rest.clear()
+            continue
+        for k in range(count):
+            value = current.rest.pop()
+            yield errors.get(k, [value])
 
 
 class Pool:
@@ -573,8 +567,11 @@ class Pool:
         """Every result in input order; the first failure (in input order) is raised, as the
         stock pool's map raises it, once the map has stopped."""
         values: list[Any] = []
+        # Closed on the way out, not when the traceback that holds it goes: a failure ends
+        # the run at once (its tasks not started are dropped).
+        parts = _values(run)
         try:
-            for part in _values(run):
+            for part in parts:
                 if isinstance(part, BaseException):
                     raise _stock(part)
                 values += part
@@ -583,6 +580,8 @@ class Pool:
             completed.update(enumerate(values))
             _replace_completed(exc, completed, run.total)
             raise
+        finally:
+            parts.close()
         return values
 
     def _map_async(
