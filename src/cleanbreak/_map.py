@@ -382,6 +382,9 @@ class MapRun(Generic[T]):
                         stop = Interrupted(sig)
                         stop._counted = True
                         raise stop
+                    broken = self._backend.broken
+                    if isinstance(broken, BrokenPool):  # e.g. the main module's missing guard
+                        raise BrokenPool(str(broken)) from broken
                     raise CancelledError("map() was cancelled: the pool was shut down")
                 self._wait(sink.cond)
         # Record the piece as taken, then remove it from the store (see the class docstring).

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from ._errors import BrokenPool
+
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
@@ -187,6 +189,10 @@ class UnitQueue(Protocol):
     ) -> Unit:
         """A unit with a fresh uid."""
 
+    @property
+    def broken(self) -> BaseException | None:
+        """Why the backend cannot run units (its workers could not start), if it cannot."""
+
     def put(self, unit: Unit) -> None:
         """Queue a unit. Raises RuntimeError once the backend has stopped accepting units."""
 
@@ -236,6 +242,7 @@ class Intake:
     _accepting: bool
     _closing: bool
     _cancel_pending: bool
+    _broken: BaseException | None
     finished: threading.Event
 
     def new_unit(
@@ -250,8 +257,12 @@ class Intake:
         return Unit(next(self._uids), kind, fn, items, sink, start, opts)
 
     def put(self, unit: Unit) -> None:
-        """Queue a unit. Raises RuntimeError once the backend has stopped accepting units."""
+        """Queue a unit. Raises the backend's ``BrokenPool`` once it broke (the workers could
+        not start), and RuntimeError once it has stopped accepting units otherwise."""
         with self._lock:
+            broken = self._broken
+            if isinstance(broken, BrokenPool):
+                raise BrokenPool(str(broken)) from broken
             if not self._accepting:
                 raise RuntimeError("cannot schedule new tasks: the pool has shut down")
             self.pending.append(unit)

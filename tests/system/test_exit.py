@@ -138,7 +138,7 @@ NO_GUARD = """\
         return 2 * x
 
     try:
-        print(cleanbreak.map(double, range(4), workers=2, mp_context={method!r}))
+        print({call})
     except cleanbreak.BrokenPool as exc:
         # Uncaught, its notes would be printed after it: it has none, so its fix stays last.
         print(f"BrokenPool: {{exc}}{{getattr(exc, '__notes__', '')}}")
@@ -169,13 +169,32 @@ def test_a_pool_started_without_the_main_guard_says_what_to_do(method: str, tmp_
     """Under forkserver and spawn, every worker imports the main module: a script that starts
     its pool at module level starts one in each worker too. The pool says, in one line, to put
     it under the guard; no worker prints a traceback. Under fork the script just works."""
-    lines = _one_clean_line(tmp_path, textwrap.dedent(NO_GUARD.format(method=method)))
+    call = f"cleanbreak.map(double, range(4), workers=2, mp_context={method!r})"
+    lines = _one_clean_line(tmp_path, textwrap.dedent(NO_GUARD.format(call=call)))
     if method == "fork":
         assert lines == ["[0, 2, 4, 6]"]
     else:
         assert lines[0].startswith("BrokenPool: "), lines
         assert 'if __name__ == "__main__":' in lines[0], lines
         assert lines[0].endswith("in every worker)"), lines  # the fix is its last word
+
+
+# Calls whose run goes on queueing units after the pool broke (many chunks, a journal), and
+# the other faces: each must end with the same line, not "the pool has shut down".
+CALLS = {
+    "map-many": "cleanbreak.map(double, range(5000), workers=2)[:4]",
+    "map-journal": "cleanbreak.map(double, range(5000), workers=2, journal='j.db')[:4]",
+    "pool-map": "list(cleanbreak.Pool(2).map(double, range(5000), chunksize=1))[:4]",
+    "imap-unordered": "sum(cleanbreak.Pool(2).imap_unordered(double, range(5000)))",
+    "submit": "cleanbreak.Pool(2).submit(double, 1).result()",
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_every_call_of_an_unguarded_module_says_what_to_do(call: str, tmp_path: Path) -> None:
+    lines = _one_clean_line(tmp_path, textwrap.dedent(NO_GUARD.format(call=CALLS[call])))
+    assert lines[0].startswith("BrokenPool: "), lines
+    assert lines[0].endswith("in every worker)"), lines
 
 
 PRELOAD_MAIN = """\
@@ -202,7 +221,8 @@ def test_a_fork_server_that_imports_the_unguarded_module_says_what_to_do(
 ) -> None:
     """Where the fork server itself imports the main module (Python 3.13.8 and later), the
     unguarded script's pool stops the fork server, not a worker: the pool says the same."""
-    body = textwrap.dedent(PRELOAD_MAIN) + textwrap.dedent(NO_GUARD.format(method="forkserver"))
+    call = "cleanbreak.map(double, range(4), workers=2, mp_context='forkserver')"
+    body = textwrap.dedent(PRELOAD_MAIN) + textwrap.dedent(NO_GUARD.format(call=call))
     lines = _one_clean_line(tmp_path, body)
     assert lines[0].startswith("BrokenPool: "), lines
     assert 'if __name__ == "__main__":' in lines[0], lines
