@@ -36,6 +36,7 @@ import bench_notebook
 import bench_oneshot
 import bench_parentcpu
 import bench_payload
+import bench_storage
 import bench_throughput
 from common import BENCH_DIR, Section, Settings, machine, progress
 from libs import LIBRARIES, available, version
@@ -56,6 +57,10 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Settings], Section | list[Section]]
     "crash": ("6. a worker SIGKILLed", bench_failures.run_crash),
     "orphans": ("7. the parent SIGKILLed", bench_failures.run_orphans),
     "journal": ("8. the journal's overhead, and joblib Memory's", bench_journal.run_journal),
+    "storage": (
+        "8c. where a large result is kept: files, SQLite blob I/O, the B-tree",
+        bench_storage.run_storage,
+    ),
     "dask": ("9. the Dask backend's overhead per task, against Client.map", bench_dask.run_dask),
     "oneshot": ("10. one-shot calls: pool start to last result", bench_oneshot.run_oneshot),
     "parentcpu": ("11. the parent's CPU time per task", bench_parentcpu.run_parentcpu),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pickle
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -418,6 +420,82 @@ def test_large_results_are_files_beside_the_journal(tmp_path: Path, journal: str
     assert again == first and len(counter.read_text().split()) == 4
 
 
+def _parent_pickles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the results this process pickles for the journal (the parent's path)."""
+    sizes: list[int] = []
+    real = Journal.record
+
+    def record(self: Journal, key: bytes, value: Any) -> None:
+        sizes.append(len(pickle.dumps(value, protocol=5)))
+        real(self, key, value)
+
+    monkeypatch.setattr(Journal, "record", record)
+    return sizes
+
+
+def test_the_workers_write_large_results_and_the_parent_pickles_none(
+    tmp_path: Path, journal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker writes its large results to the folder itself; the parent only renames
+    them into place (it would otherwise pickle each one again, and write it, in one thread)."""
+    sizes = _parent_pickles(monkeypatch)
+    counter = tmp_path / "runs"
+    with cleanbreak.Pool(2, journal=journal) as pool:
+        first = list(pool.map(_big(counter), range(6)))
+    assert sizes == []
+    folder = Path(journal + ".d")
+    assert sorted(f.name.endswith(".pickle") for f in folder.iterdir()) == [True] * 6
+    assert {stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()} == {0o600}
+    again = cleanbreak.map(_big(counter), range(6), workers=2, journal=journal)
+    assert again == first and len(counter.read_text().split()) == 6
+
+
+def test_the_parent_writes_what_a_worker_could_not(
+    tmp_path: Path, journal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder removed while the pool runs: the workers cannot write there until the
+    parent, recording their results itself, has made it again. And a file that is gone
+    before the parent renames it: the parent records that result itself too."""
+    sizes = _parent_pickles(monkeypatch)
+    counter = tmp_path / "runs"
+    folder = Path(journal + ".d")
+    with cleanbreak.Pool(1, journal=journal) as pool:
+        first = list(pool.map(_big(counter), range(1)))
+        shutil.rmtree(folder)
+        first += list(pool.map(_big(counter), range(1, 4)))
+    assert sizes and min(sizes) >= BIG_VALUE, sizes  # the first after the removal at least
+    assert len(list(folder.iterdir())) == 3  # the first result's file went with the folder
+
+    real = Journal.record_spilled
+
+    def vanished(self: Journal, key: bytes, name: str) -> bool:
+        os.unlink(os.path.join(self.folder, name))
+        return real(self, key, name)
+
+    monkeypatch.setattr(Journal, "record_spilled", vanished)
+    sizes.clear()
+    # Item 0 runs again (its file went with the folder), and items 4 and 5 run.
+    again = cleanbreak.map(_big(counter), range(6), workers=2, journal=journal)
+    assert again[:4] == first and len(counter.read_text().split()) == 7
+    assert len(sizes) == 3 and min(sizes) >= BIG_VALUE, sizes
+    assert len(list(folder.iterdir())) == 6
+    assert cleanbreak.map(_big(counter), range(6), workers=2, journal=journal) == again
+    assert len(counter.read_text().split()) == 7
+
+
+def test_a_file_a_killed_worker_left_half_written_is_removed_at_close(
+    tmp_path: Path, journal: str
+) -> None:
+    counter = tmp_path / "runs"
+    folder = Path(journal + ".d")
+    with cleanbreak.Pool(1, journal=journal) as pool:
+        list(pool.map(_big(counter), range(1)))
+        (folder / ".w99999-1.tmp").write_bytes(b"half")  # what a SIGKILL mid-write leaves
+    assert [f.name.endswith(".pickle") for f in folder.iterdir()] == [True]
+    cleanbreak.map(tasks.square, range(2), workers=1, journal=Journal(journal, fresh=True))
+    assert not folder.exists()  # emptied, and an empty folder goes when the journal closes
+
+
 def test_fresh_removes_the_files_and_open_removes_what_no_row_names(
     tmp_path: Path, journal: str
 ) -> None:
@@ -432,7 +510,7 @@ def test_fresh_removes_the_files_and_open_removes_what_no_row_names(
     assert len(list(folder.iterdir())) == 2
     assert len(counter.read_text().split()) == 2
     cleanbreak.map(tasks.square, range(2), workers=1, journal=Journal(journal, fresh=True))
-    assert list(folder.iterdir()) == []
+    assert not folder.exists()  # emptied, and an empty folder goes when the journal closes
 
 
 def test_a_result_whose_file_is_gone_runs_again(tmp_path: Path, journal: str) -> None:

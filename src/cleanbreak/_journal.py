@@ -19,7 +19,11 @@ be written twice, to the WAL and then into the file, in overflow pages): the wri
 to a file of its own in the folder beside the journal (``PATH.d``, mode 0700), under a
 temporary name, renames it into place, and then commits a row that names it. A SIGKILL between
 the two leaves a file no row names, which the next open removes; a row never names a file
-that is not complete.
+that is not complete. A pool's workers write such results there themselves (see
+``_worker``), under temporary names of their own, before they send them: the parent then only
+renames each file into place and queues its row. A worker killed in the middle of a write
+leaves a temporary file, which the journal removes when it closes (every worker is gone by
+then) or opens.
 
 The file is created with mode 0600, since it holds pickles, and is opened only when it belongs
 to the user running the process: unpickling runs code, so a journal from someone else must
@@ -270,6 +274,7 @@ class Journal:
         self._checkpoints_done = threading.Event()
         self._error: BaseException | None = None
         self._warned = False
+        self._spill: str | None = None  # the folder, once made and checked for the workers
         self.reused = 0  # results given from the journal, not run again
 
     def __repr__(self) -> str:
@@ -349,6 +354,51 @@ class Journal:
     def folder(self) -> str:
         """Where results of ``BIG_VALUE`` bytes or more are kept, one file each."""
         return self.path + ".d"
+
+    def spill_folder(self) -> str | None:
+        """The folder, made if need be and checked, for workers to write large results to;
+        None where it cannot be used (the parent then writes them, or says why)."""
+        if self._spill is None and self._error is None:
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.folder, 0o700)
+                _check_folder(self.folder)
+            except (OSError, JournalError):
+                return None
+            self._spill = self.folder
+        return self._spill
+
+    def record_spilled(self, key: bytes, name: str) -> bool:
+        """Record a result that a worker wrote to ``name`` in the folder: rename the file into
+        place and queue the row that names it. False (and the file is gone) if it could not."""
+        if os.sep in name or not name.startswith(".w"):
+            return False
+        final = key.hex() + _FILE_SUFFIX
+        try:
+            os.replace(os.path.join(self.folder, name), os.path.join(self.folder, final))
+        except OSError:
+            self.drop_spilled(name)
+            return False
+        self._put((key, 1, _IN_FILE + final.encode(), None, None, None, time.time()))
+        return True
+
+    def drop_spilled(self, name: str) -> None:
+        """Remove a file a worker wrote for a result that is not recorded."""
+        if os.sep not in name and name.startswith(".w"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.folder, name))
+
+    def _tidy_spilled(self) -> None:
+        """At close (every worker is gone): remove what workers left half-written, and the
+        folder if it holds nothing."""
+        spill, self._spill = self._spill, None
+        if spill is None:
+            return
+        with contextlib.suppress(OSError):
+            for name in os.listdir(spill):
+                if name.startswith(".w") and name.endswith(".tmp"):
+                    self.drop_spilled(name)
+            os.rmdir(spill)  # fails if it holds anything: what it holds is kept
 
     def _tidy_folder(self) -> None:
         """Remove what no row names: every file after ``fresh``; otherwise the files a SIGKILL
@@ -562,6 +612,7 @@ class Journal:
     def _let_go(self) -> None:
         import sqlite3
 
+        self._tidy_spilled()
         checkpointer = self._checkpointer
         if checkpointer is not None:  # its connection closes before the last one
             self._checkpoints_done.set()
@@ -847,13 +898,22 @@ class Recorder:
     """A sink in front of another, that records each outcome in the journal before passing
     it on. ``keys`` maps the caller's index of each item sent to run to its key."""
 
-    __slots__ = ("inner", "journal", "keys", "prefetch")
+    __slots__ = ("_files", "inner", "journal", "keys", "prefetch", "spill")
 
     def __init__(self, inner: Sink, journal: Journal) -> None:
         self.inner = inner
         self.journal = journal
         self.keys: dict[int, bytes] = {}
         self.prefetch = inner.prefetch
+        # The folder the workers write large results to (the backend reads it), and the files
+        # they wrote for results not delivered yet, by index.
+        self.spill = journal.spill_folder()
+        self._files: dict[int, str] = {}
+
+    def spilled(self, start: int, files: dict[int, str]) -> None:
+        """Results ``start + k`` that are coming were written by the worker to ``files[k]``."""
+        for k, name in files.items():
+            self._files[start + k] = name
 
     def start(self, unit: Unit) -> bool:
         return self.inner.start(unit)
@@ -863,18 +923,31 @@ class Recorder:
     ) -> None:
         keys = self.keys
         journal = self.journal
+        files = self._files
         for k, value in enumerate(values):
             key = keys.pop(start + k, None)
+            name = files.pop(start + k, None) if files else None
             if key is None:
+                if name is not None:
+                    journal.drop_spilled(name)
                 continue
             exc = errors.get(k) if errors else None
             if exc is None:
-                journal.record(key, value)
+                if name is None or not journal.record_spilled(key, name):
+                    journal.record(key, value)
             else:
                 journal.record_failure(key, exc)
         self.inner.deliver(start, values, errors, seconds)
 
+    def _drop(self, start: int, count: int) -> None:
+        for index in range(start, start + count):
+            name = self._files.pop(index, None)
+            if name is not None:
+                self.journal.drop_spilled(name)
+
     def fail(self, start: int, count: int, exc: BaseException) -> None:
+        if self._files:
+            self._drop(start, count)
         for index in range(start, start + count):
             key = self.keys.get(index)
             if key is not None and self.journal.record_failure(key, exc):
@@ -882,4 +955,6 @@ class Recorder:
         self.inner.fail(start, count, exc)
 
     def cancel(self, start: int, count: int) -> None:
+        if self._files:
+            self._drop(start, count)
         self.inner.cancel(start, count)

@@ -66,7 +66,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing import forkserver, resource_tracker, spawn
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from typing import Any
+from typing import Any, cast
 
 from . import _byvalue
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
@@ -644,8 +644,10 @@ class LocalBackend(Intake):
             w.head_since = time.monotonic()
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
+        # With a journal, the folder where the worker writes its large results (_worker).
+        spill = getattr(unit.sink, "spill", None)
         w.writer.put(
-            dumps((unit.uid, unit.kind, exact, fid)),
+            dumps((unit.uid, unit.kind, exact, fid, spill)),
             b"" if fn_part is None else fn_part,
             items_part,
         )
@@ -702,7 +704,9 @@ class LocalBackend(Intake):
             discard(layouts)
             return
         unit = w.inflight[0]
-        _uid, offset, count, status, seconds = pickle.loads(parts[0])
+        _uid, offset, count, status, seconds, files = pickle.loads(parts[0])
+        if files:  # results the worker wrote to the journal's folder (see _journal.Recorder)
+            cast(Any, unit.sink).spilled(unit.start + offset, files)
         try:
             values, errors = load(parts[1], layouts.get(1))
         except BaseException as exc:

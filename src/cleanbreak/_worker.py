@@ -28,6 +28,11 @@ result pipe, in order. It decides nothing about signals: the parent does.
   that a signal always reaches the main thread and wakes it from a blocking call.
 - Once the worker has moved a payload of 32 MiB or more, it keeps the memory its tasks free
   for the next task's large blocks, and gives back what piles up after each unit (``_heap``).
+- With a journal, a unit names the journal's folder of large results (``spill``): the worker
+  writes each result of ``SPILL_BYTES`` or more there itself, as a pickle under a temporary
+  name, before it sends the message that holds it, and the message says which. The parent
+  renames the file into place and commits a row naming it (see ``_journal``): the workers
+  write in parallel, and the parent neither pickles the result again nor writes it.
 """
 
 from __future__ import annotations
@@ -87,6 +92,12 @@ _MAX_BATCH = 4096
 GATE_SIZE = _MAX_BATCH
 
 UNREADABLE = 3  # status: the unit's function or items could not be unpickled here
+
+# A result this large or larger goes to a file of its own with a journal (see above); the same
+# size as the journal's own threshold (``_journal.BIG_VALUE``, which this module must not
+# import: a worker does not load the journal).
+SPILL_BYTES = 1 << 20
+_spilled = 0  # how many files this worker has written: their temporary names are numbered
 
 # The functions this worker holds, by the number the parent gave each (see
 # _manager._Functions): the last WORKER_FUNCTIONS it was sent, least recently used first. A
@@ -285,7 +296,7 @@ def _serve(
         meta = pickle.loads(parts[0])
         if meta is None:
             return
-        uid, kind, each, fid = meta
+        uid, kind, each, fid, spill = meta
         # The function and the items are pickled apart, so that a failure says which it was.
         part = "function"
         try:
@@ -299,7 +310,7 @@ def _serve(
             continue
         finally:
             del parts, frame
-        _run_unit(result_fd, gate, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY)
+        _run_unit(result_fd, gate, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY, spill)
         del fn, items  # before the next unit's arguments come in, and before tidy() counts
         if _stop_requested:
             return
@@ -441,9 +452,11 @@ def _run_unit(
     fn: Callable[..., Any],
     items: Sequence[Any],
     flush_every: float,
+    spill: str | None = None,
 ) -> None:
     """Run the items, reporting every ``flush_every`` seconds (0: after every item, which the
     parent asks for when the task has a timeout, so that it knows when each item started).
+    With ``spill`` (a folder), results of ``SPILL_BYTES`` or more go to files there.
 
     Each batch runs as ``values.extend(map(fn, compress(batch, gate)))``: no Python bytecode
     per item, and the gate read just before each one. When an item raises, ``extend`` keeps
@@ -493,7 +506,7 @@ def _run_unit(
         if values:
             cap = max(1, int(FLUSH_BYTES // _result_bytes(values[-1])))
         if not stopped and offset + len(values) < n and (now >= flush_at or len(values) >= cap):
-            _send(out, (uid, offset, values, errors, PARTIAL, now - since))
+            _send(out, (uid, offset, values, errors, PARTIAL, now - since), spill)
             since = now
             offset += len(values)
             values = []
@@ -506,7 +519,7 @@ def _run_unit(
         status = STOPPED
     else:
         status = SKIPPED
-    _send(out, (uid, offset, values, errors, status, seconds))
+    _send(out, (uid, offset, values, errors, status, seconds), spill)
 
 
 def _result_bytes(value: Any) -> float:
@@ -533,7 +546,7 @@ def _send_ready(out: int, error: CapturedError | None) -> None:
     _send_or_orphan(out, payload)
 
 
-def _send(out: int, message: tuple[Any, ...]) -> None:
+def _send(out: int, message: tuple[Any, ...], spill: str | None = None) -> None:
     uid, offset, values, errors, status, seconds = message
     try:
         payload = _pack((values, errors))
@@ -541,11 +554,77 @@ def _send(out: int, message: tuple[Any, ...]) -> None:
         # Some value would not pickle, or its pickling raised even SystemExit: that item
         # fails alone, and the worker goes on.
         payload = _pack(_picklable(values, errors))
-    _send_or_orphan(out, dumps((uid, offset, len(values), status, seconds)), payload)
+    # Only a message of SPILL_BYTES or more can hold a result that large: tiny results pay
+    # nothing for it.
+    files = None
+    if spill is not None and payload.total >= SPILL_BYTES:
+        files = _spill(spill, values, errors)
+    header = dumps((uid, offset, len(values), status, seconds, files))
+    _send_or_orphan(out, header, payload)
     global _sent, _item_bytes
     _sent = max(_sent, largest(payload.layout))
     if values:
         _item_bytes = payload.total / len(values)
+
+
+def _spill(folder: str, values: list[Any], errors: dict[int, Any] | None) -> dict[int, str] | None:
+    """Write each result of ``SPILL_BYTES`` or more to a file of its own in ``folder``; the
+    temporary name of each, by its index in ``values``. A result that does not pickle plainly
+    here, or a file that cannot be written, is left to the parent (which pickles it then)."""
+    files: dict[int, str] | None = None
+    for k, value in enumerate(values):
+        if (errors and k in errors) or _result_bytes(value) < SPILL_BYTES:
+            continue
+        name = _spill_one(folder, value)
+        if name is not None:
+            if files is None:
+                files = {}
+            files[k] = name
+    return files
+
+
+class _FileOut:
+    """What the pickler writes to: straight to the file's descriptor, each large payload (a
+    ``bytes``, an array's memory) as it is, without a copy into the pickle."""
+
+    __slots__ = ("fd", "size")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        while view:  # a write() of 2 GiB or more writes only part of it
+            view = view[os.write(self.fd, view) :]
+        self.size += n
+        return n
+
+
+def _spill_one(folder: str, value: Any) -> str | None:
+    global _spilled
+    _spilled += 1
+    name = f".w{os.getpid()}-{_spilled}.tmp"
+    path = os.path.join(folder, name)
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+    except OSError:
+        return None
+    out = _FileOut(fd)
+    try:
+        pickle.Pickler(out, protocol=5).dump(value)
+    except BaseException:  # does not pickle plainly here (a by-value class), a full disk
+        out.size = 0
+    finally:
+        os.close(fd)
+    if out.size < SPILL_BYTES:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    return name
 
 
 def _pack(obj: object) -> Packer:
