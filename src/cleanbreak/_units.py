@@ -17,15 +17,16 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from ._errors import BrokenPool
 
 
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
-    """How each task runs: its timeout, and how often it is retried, and after which errors."""
+class TaskOptions(NamedTuple):
+    """How each task runs: its timeout, and how often it is retried, and after which errors.
+
+    (A named tuple, not a dataclass: ``dataclasses`` takes some 10 ms to import, and this
+    module is on the path of every first call.)"""
 
     task_timeout: float | None = None
     retries: int = 0
