@@ -30,7 +30,7 @@ from ._harness import session_of
 
 GUARD = 60.0  # seconds: only a deadlock guard
 ROOT = Path(__file__).resolve().parents[2]
-KILL_RUNS = int(os.environ.get("CLEANBREAK_KILL_RUNS", "6"))
+KILL_RUNS = int(os.environ.get("CLEANBREAK_KILL_RUNS", "4"))
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _check_complete(job: Job) -> None:
 
 @pytest.mark.parametrize("mode", ["terminate", "drain"])
 def test_ctrl_c_then_the_same_command_finishes_the_job(tmp_path: Path, mode: str) -> None:
-    job = Job(tmp_path, 200)
+    job = Job(tmp_path, 100)
     proc = job.start("--on-interrupt", mode)
     job.wait_started(30)
     os.killpg(proc.pid, signal.SIGINT)
@@ -182,7 +182,7 @@ def test_ctrl_c_then_the_same_command_finishes_the_job(tmp_path: Path, mode: str
 
 
 def test_sigkill_to_the_parent_then_the_same_command_finishes_the_job(tmp_path: Path) -> None:
-    job = Job(tmp_path, 200)
+    job = Job(tmp_path, 100)
     proc = job.start()
     job.wait_started(60)
     os.kill(proc.pid, signal.SIGKILL)
