@@ -49,13 +49,6 @@ _FEEDER_GUARD = 10.0  # seconds: imap's thread ends once the stopped pool has en
 Callback = Callable[[Any], object] | None
 
 
-def _run_chunk(fn: Callable[..., Any], star: bool, items: list[Any]) -> list[Any]:
-    """One chunk of a ``map_async`` or ``starmap_async``, in a worker."""
-    if star:
-        return list(itertools.starmap(fn, items))
-    return list(map(fn, items))
-
-
 def _stock(exc: BaseException) -> BaseException:
     """A task's exception as the stock pool raises it: its worker's traceback as the cause, a
     ``multiprocessing.pool.RemoteTraceback`` (cleanbreak's own is the same text)."""
@@ -98,12 +91,6 @@ def _star(fn: Callable[..., Any], args: Iterable[Any]) -> Any:
     return fn(*args)
 
 
-def _chunksize(n: int, workers: int) -> int:
-    """What the stock pool picks for ``map_async``: about four chunks per worker."""
-    chunksize, extra = divmod(n, workers * 4)
-    return chunksize + 1 if extra else max(chunksize, 1)
-
-
 class ApplyResult:
     """What ``apply_async`` returns; ``AsyncResult`` is the same class."""
 
@@ -114,6 +101,8 @@ class ApplyResult:
         self._error: BaseException | None = None
         self._callback = callback
         self._error_callback = error_callback
+        self._settled = False
+        self._settle_lock = threading.Lock()
 
     def ready(self) -> bool:
         return self._event.is_set()
@@ -141,13 +130,21 @@ class ApplyResult:
         """An Interrupted raised while this waited: what it holds is this call's results."""
 
     def _set(self, value: Any, error: BaseException | None) -> None:
+        with self._settle_lock:  # once: terminate() and the map's own end may both come
+            if self._settled:
+                return
+            self._settled = True
         if error is not None:
             error = _stock(error)
         self._value, self._error = value, error
         try:
             if error is None and self._callback is not None:
                 self._callback(value)
-            elif error is not None and self._error_callback is not None:
+            elif (
+                error is not None
+                and self._error_callback is not None
+                and not isinstance(error, Interrupted)  # not a task's failure
+            ):
                 self._error_callback(error)
         finally:
             self._event.set()
@@ -161,51 +158,55 @@ AsyncResult = ApplyResult
 
 
 class MapResult(ApplyResult):
-    """What ``map_async`` and ``starmap_async`` return: ready when every chunk is done, or at
-    the first failure (as the stock pool)."""
+    """What ``map_async`` and ``starmap_async`` return: ready when every item is done, or at
+    the first failure (as the stock pool). A cleanbreak map run underneath, item by item,
+    taken by a thread of its own: at a Ctrl-C, every item that had finished is in
+    ``Interrupted.completed``, those of a chunk that was still running included."""
 
-    def __init__(
-        self,
-        pool: Pool,
-        chunks: list[tuple[int, list[Any]]],
-        callback: Callback,
-        error_callback: Callback,
-    ) -> None:
+    def __init__(self, pool: Pool, run: Any, callback: Callback, error_callback: Callback) -> None:
         super().__init__(pool, callback, error_callback)
-        self._n = sum(len(items) for _, items in chunks)
-        self._values: list[Any] = [None] * self._n
-        self._done: set[int] = set()  # first indices of the chunks that finished
-        self._sizes = {start: len(items) for start, items in chunks}
-        self._left = len(chunks)
-        self._lock = threading.Lock()
-        if not chunks:
-            self._set([], None)
+        self._run = run
+        self._total: int | None = run.total
+        self._got: list[Any] = []  # the values taken so far, in input order
+        self._stopped: Interrupted | None = None  # how the run ended, if by a signal
+        self._feeder = threading.Thread(target=self._feed, name="cleanbreak-map-async", daemon=True)
 
-    def _chunk_done(self, start: int, fut: Future[Any]) -> None:
-        values, error = _outcome(fut)
-        with self._lock:
-            if self.ready():
-                return
-            if error is None:
-                self._values[start : start + len(values)] = values
-                self._done.add(start)
-                self._left -= 1
-                if self._left:
+    def _start(self) -> None:
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        parts = _values(self._run)
+        try:
+            for part in parts:
+                if isinstance(part, BaseException):  # the first failure fails the whole map
+                    self._set(None, part)
                     return
-        if error is not None:
-            self._set(None, error)
-        else:
-            self._set(self._values, None)
+                self._got += part
+        except Interrupted as exc:  # it holds what the run had and this had not taken
+            # The main thread may be waiting in get() with nothing to wake it (a drain: the
+            # signal raised nothing there): it raises this, holding every finished item.
+            self._stopped = exc
+            self._fill(exc)
+            self._set(None, exc)
+            return
+        except BaseException as exc:  # terminate(), a broken pool
+            self._set(None, exc)
+            return
+        finally:
+            parts.close()
+        self._set(self._got, None)
 
     def _on_interrupt(self, exc: Interrupted) -> None:
         exc.completed  # noqa: B018 - gathers the pool's futures first (waits for its stop)
-        with self._lock:
-            completed = {
-                i: self._values[i]
-                for start in sorted(self._done)
-                for i in range(start, start + self._sizes[start])
-            }
-        _replace_completed(exc, completed, self._n)
+        self._feeder.join(_FEEDER_GUARD)  # the stopped run ends the thread
+        self._fill(exc)
+
+    def _fill(self, exc: Interrupted) -> None:
+        """Make ``exc.completed`` every item this map finished: those the thread took, and
+        those the run had that it had not."""
+        completed = dict(self._stopped.completed) if self._stopped is not None else {}
+        completed.update(enumerate(self._got))
+        _replace_completed(exc, completed, self._total)
 
 
 def _replace_completed(exc: Interrupted, completed: dict[int, Any], total: int | None) -> None:
@@ -594,18 +595,11 @@ class Pool:
         *,
         star: bool,
     ) -> MapResult:
-        self._check_running()
-        items = list(iterable)
-        if chunksize is None:
-            chunksize = _chunksize(len(items), self._processes)
-        chunks = [(i, items[i : i + chunksize]) for i in range(0, len(items), chunksize)]
-        result = MapResult(self, chunks, callback, error_callback)
-        if not chunks:
-            return result
+        items = list(iterable)  # at once, as the stock pool does
+        run = self._run(func, (items,), chunksize, ordered=True, star=star)
+        result = MapResult(self, run, callback, error_callback)
         self._remember(result)
-        for start, chunk in chunks:
-            fut = self._pool.submit(_run_chunk, func, star, chunk)
-            fut.add_done_callback(functools.partial(result._chunk_done, start))
+        result._start()
         return result
 
 

@@ -11,7 +11,7 @@ touch of the drop-in's module to the job's end. Counted, as the terminal stress 
 - results wrong: a kept result that is not its task's
 - tasks started late: a task that started 20 ms or more after the signal
 
-``CLEANBREAK_MP_STRESS_RUNS`` runs (default 7: each call once, the three signals in turn), seed
+``CLEANBREAK_MP_STRESS_RUNS`` runs (default 8: each call once, the three signals in turn), seed
 ``CLEANBREAK_STRESS_SEED``.
 """
 
@@ -31,9 +31,18 @@ import psutil
 from ._harness import EXIT_GUARD, TIMEOUT, record
 
 SCRIPT = Path(__file__).parent / "scripts" / "mp_stress_child.py"
-MODES = ["apply_async", "map_async", "map", "starmap", "imap", "imap_unordered", "imap_timeout"]
+MODES = [
+    "apply_async",
+    "map_async",
+    "map_async_chunks",
+    "map",
+    "starmap",
+    "imap",
+    "imap_unordered",
+    "imap_timeout",
+]
 HOWS = ["sigint-group", "sigint-parent", "sigterm-parent"]
-RUNS = int(os.environ.get("CLEANBREAK_MP_STRESS_RUNS", "7"))
+RUNS = int(os.environ.get("CLEANBREAK_MP_STRESS_RUNS", "8"))
 SEED = int(os.environ.get("CLEANBREAK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
 
 

@@ -40,6 +40,8 @@ def main() -> None:
                     kept[i] = r.get()  # type: ignore[attr-defined]
             elif mode == "map_async":
                 kept.update(enumerate(pool.starmap_async(tasks.logged_sleep, args, 1).get()))
+            elif mode == "map_async_chunks":  # chunks of 6: items finish inside running chunks
+                kept.update(enumerate(pool.starmap_async(tasks.logged_sleep, args, 6).get()))
             elif mode == "map":
                 kept.update(enumerate(pool.map(tasks.logged_sleep_star, args)))
             elif mode == "starmap":
