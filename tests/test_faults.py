@@ -282,6 +282,34 @@ def test_a_worker_that_dies_mid_chunk_loses_only_what_it_had_not_sent(
     assert set(runs) == set(range(20))
 
 
+def test_results_finished_before_a_slow_item_of_their_chunk_arrive_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    """The worker checks the age of what it holds between batches only (tiny tasks pay
+    nothing per item), and a batch that ends with an item that runs long would hold the fast
+    results before it until that item ends. The worker's flusher thread sends them once they
+    are 50 ms old: here they all arrive while the last item of their chunk still waits."""
+    release = tmp_path / "release"
+    specs = [(None, None, i) for i in range(30)] + [(str(release), None, -1)]
+    all_came = threading.Event()
+    guard_released = threading.Event()
+
+    def deadlock_guard() -> None:
+        if not all_came.wait(tasks.GUARD):
+            guard_released.set()
+            tasks.touch(release)
+
+    threading.Thread(target=deadlock_guard, daemon=True).start()
+    with cleanbreak.Pool(1) as pool:
+        it = pool.imap_unordered(tasks.staged, specs, chunksize=len(specs))
+        fast = [next(it) for _ in range(30)]
+        all_came.set()
+        tasks.touch(release)
+        rest = list(it)
+    assert not guard_released.is_set(), "the fast results came only once the slow item ended"
+    assert sorted(fast) == list(range(30)) and rest == [-1]
+
+
 @pytest.mark.parametrize("how", ["death", "timeout", "cancel"])
 @pytest.mark.parametrize("method", METHODS)
 def test_processes_a_task_started_die_with_its_worker(

@@ -444,6 +444,94 @@ def _results(kind: int, fn: Callable[..., Any], items: Iterable[Any]) -> Iterato
     return (fn(*args, **kwargs) for args, kwargs in items)
 
 
+class _Held:
+    """What a running unit has finished and not sent yet. The main thread adds each result
+    as its item finishes, and sends what is held between batches, once it is ``flush_every``
+    old or ``FLUSH_BYTES`` big; the flusher thread sends it while an item runs on past that
+    age (see ``_flusher``). Every send holds ``_send_lock``, so frames never interleave.
+    ``values[:sent]`` went already (sent by the flusher); ``offset`` is the unit's index of
+    ``values[0]``."""
+
+    __slots__ = ("due", "errors", "flush_every", "offset", "out", "sent", "since", "spill", "uid")
+
+    def __init__(self, out: int, uid: int, flush_every: float, spill: str | None) -> None:
+        self.out = out
+        self.uid = uid
+        self.flush_every = flush_every
+        self.spill = spill
+        self.offset = 0
+        self.sent = 0
+        self.errors: dict[int, CapturedError] | None = None
+        self.since = time.monotonic()  # when the items not sent yet began
+        self.due = self.since + flush_every
+
+    def send(self, values: list[Any], status: int, now: float) -> None:
+        """Send ``values[sent:]``, with ``status``: the main thread's send (the list is then
+        done with: the caller starts a new one)."""
+        errors = self.errors
+        part = values
+        if self.sent:
+            part = values[self.sent :]
+            if errors:
+                errors = {k - self.sent: e for k, e in errors.items() if k >= self.sent} or None
+        _send(
+            self.out,
+            (self.uid, self.offset + self.sent, part, errors, status, now - self.since),
+            self.spill,
+        )
+        self.offset += len(values)
+        self.sent = 0
+        self.errors = None
+        self.since = now
+        self.due = now + self.flush_every
+
+    def send_some(self, values: list[Any], now: float) -> None:
+        """The flusher's send: what ``values`` holds now, while the main thread goes on adding
+        to it."""
+        n = len(values)
+        if n <= self.sent:
+            return
+        begin = self.sent
+        errors = None
+        if self.errors:
+            errors = {k - begin: e for k, e in self.errors.items() if begin <= k < n} or None
+        _send(
+            self.out,
+            (self.uid, self.offset + begin, values[begin:n], errors, PARTIAL, now - self.since),
+            self.spill,
+        )
+        self.sent = n
+        self.since = now
+        self.due = now + self.flush_every
+
+
+_send_lock = threading.Lock()
+_held: tuple[_Held, list[Any]] | None = None  # the running unit's, for the flusher
+_unit_started = threading.Event()
+_flusher_started = False
+
+
+def _flusher() -> None:
+    """Send what a unit holds once it is ``flush_every`` old, while the main thread is inside
+    a batch (an item that runs long): the results finished before it reach the parent now,
+    not when it ends, and a worker killed meanwhile loses only what had not been sent. The
+    main thread checks the age only between batches, so that tiny tasks pay nothing per item."""
+    while True:
+        current = _held
+        if current is None:
+            _unit_started.wait()
+            _unit_started.clear()
+            continue
+        held, values = current
+        now = time.monotonic()
+        if now >= held.due and len(values) > held.sent:
+            with _send_lock:
+                if _held is current:  # the main thread did not send it meanwhile
+                    held.send_some(values, time.monotonic())
+        wait = held.due - time.monotonic()
+        time.sleep(min(max(wait, 0.005), FLUSH_EVERY))
+
+
 def _run_unit(
     out: int,
     gate: memoryview,
@@ -461,65 +549,80 @@ def _run_unit(
     Each batch runs as ``values.extend(map(fn, compress(batch, gate)))``: no Python bytecode
     per item, and the gate read just before each one. When an item raises, ``extend`` keeps
     the values before it, the item gets its error, and the batch goes on from the next item.
+    While a batch runs, the flusher thread sends what it holds once that is ``flush_every``
+    old (see ``_Held``).
     """
+    global _held, _flusher_started
     n = len(items)
     source = iter(items)
-    offset = 0  # index of values[0] in the unit
+    held = _Held(out, uid, flush_every, spill)
     values: list[Any] = []
-    errors: dict[int, CapturedError] | None = None
     batch = 1
-    since = time.monotonic()  # when the items in `values` began
-    flush_at = since + flush_every
     stopped = False
     cap = _MAX_BATCH  # how many results make FLUSH_BYTES, as far as the worker can tell
-    while not stopped and (pos := offset + len(values)) < n:
-        if _parent_gone():
-            _orphaned()
-        if _is_closed(gate) or _stop_requested:
-            break
-        end = min(n, pos + min(batch, cap))
-        started = time.monotonic()
-        while (pos := offset + len(values)) < end:
-            try:
-                with _interruptible_zone():
-                    chosen = itertools.compress(itertools.islice(source, end - pos), iter(gate))
-                    values.extend(_results(kind, fn, chosen))
-            except BaseException as exc:
-                if _stop_requested:
-                    # Broken off by the stop (or failed because of it): it did not finish.
-                    stopped = True
-                    break
-                if errors is None:
-                    errors = {}
-                errors[len(values)] = CapturedError.capture(exc)
-                values.append(None)
-            else:
-                if offset + len(values) < end:  # the gate closed: the rest was not run
-                    stopped = True
-                    break
-        now = time.monotonic()
-        took = now - started
-        if took < _FAST and batch < _MAX_BATCH and flush_every:
-            batch *= 2
-        elif took > _SLOW and batch > 1:
-            batch //= 2
-        if values:
-            cap = max(1, int(FLUSH_BYTES // _result_bytes(values[-1])))
-        if not stopped and offset + len(values) < n and (now >= flush_at or len(values) >= cap):
-            _send(out, (uid, offset, values, errors, PARTIAL, now - since), spill)
-            since = now
-            offset += len(values)
-            values = []
-            errors = None
-            flush_at = now + flush_every
-    seconds = time.monotonic() - since
-    if offset + len(values) >= n:
+    if flush_every:
+        if not _flusher_started:
+            _flusher_started = True
+            start_quiet_thread(_flusher, "cleanbreak-flusher")
+        _held = (held, values)
+        _unit_started.set()
+    try:
+        while not stopped and (pos := held.offset + len(values)) < n:
+            if _parent_gone():
+                _orphaned()
+            if _is_closed(gate) or _stop_requested:
+                break
+            end = min(n, pos + min(batch, cap))
+            started = time.monotonic()
+            while (pos := held.offset + len(values)) < end:
+                try:
+                    with _interruptible_zone():
+                        chosen = itertools.compress(itertools.islice(source, end - pos), iter(gate))
+                        values.extend(_results(kind, fn, chosen))
+                except BaseException as exc:
+                    if _stop_requested:
+                        # Broken off by the stop (or failed because of it): it did not finish.
+                        stopped = True
+                        break
+                    error = CapturedError.capture(exc)
+                    with _send_lock:  # the flusher reads the errors
+                        if held.errors is None:
+                            held.errors = {}
+                        held.errors[len(values)] = error
+                        values.append(None)
+                else:
+                    if held.offset + len(values) < end:  # the gate closed: the rest was not run
+                        stopped = True
+                        break
+            now = time.monotonic()
+            took = now - started
+            if took < _FAST and batch < _MAX_BATCH and flush_every:
+                batch *= 2
+            elif took > _SLOW and batch > 1:
+                batch //= 2
+            if values:
+                cap = max(1, int(FLUSH_BYTES // _result_bytes(values[-1])))
+            if (
+                not stopped
+                and held.offset + len(values) < n
+                and (now >= held.due or len(values) - held.sent >= cap)
+            ):
+                with _send_lock:
+                    held.send(values, PARTIAL, now)
+                    values = []
+                    if flush_every:
+                        _held = (held, values)
+    finally:
+        if flush_every:
+            with _send_lock:  # the flusher sends nothing of this unit from now on
+                _held = None
+    if held.offset + len(values) >= n:
         status = DONE
     elif _stop_requested:
         status = STOPPED
     else:
         status = SKIPPED
-    _send(out, (uid, offset, values, errors, status, seconds), spill)
+    held.send(values, status, time.monotonic())
 
 
 def _result_bytes(value: Any) -> float:
