@@ -69,6 +69,7 @@ class Interrupted(KeyboardInterrupt):
     _counted = False
     _filled = False
     _pending: Callable[[], tuple[dict[int, Any], int | None]] | None = None
+    _gatherer_working = False  # the pool that set _pending was working at the signal
 
     def __init__(
         self,
@@ -111,7 +112,8 @@ class Interrupted(KeyboardInterrupt):
 
     def __reduce__(self) -> tuple[Any, ...]:
         completed = self.completed
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_pending", "_completed")}
+        dropped = ("_pending", "_completed", "_gatherer_working")
+        state = {k: v for k, v in self.__dict__.items() if k not in dropped}
         return (_rebuild_interrupted, (int(self.signal), completed, self.total), state)
 
     def _render_traceback_(self) -> list[str]:

@@ -206,6 +206,7 @@ class Pool(Executor):
         self._index = itertools.count()
         self._first_index = 0  # the first submission since the pool last (re)started
         self._futures_ran = False  # some future had not finished when the signal came
+        self._working = False  # ... or a map was open: the signal stopped work of this pool's
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
@@ -300,9 +301,17 @@ class Pool(Executor):
         used or shut down, once every worker is gone (``_gather_raised``). A pool call that
         catches it instead raises an ``Interrupted`` of its own, as before."""
         self._raised = True
-        if exc._pending is None:  # the first live pool gathers for it
+        claimed = exc._pending
+        # The first live pool gathers for it; but a pool that was working at the signal takes
+        # it from one that was idle (a notebook's earlier pool, held, whose futures are all
+        # done): what the caller was waiting for is this one's.
+        if claimed is None or (self._working and not exc._gatherer_working):
+            idle = getattr(claimed, "__self__", None)
+            if isinstance(idle, Pool):
+                idle._raised_exc = None  # it settles as a pool that raised nothing of its own
             self._raised_exc = exc
             exc._pending = self._gather_raised
+            exc._gatherer_working = self._working
 
     def _gather_raised(self) -> tuple[dict[int, Any], int | None]:
         exc, self._raised_exc = self._raised_exc, None
@@ -401,6 +410,7 @@ class Pool(Executor):
         self._last_run = None
         self._runs = weakref.WeakSet()
         self._futures_ran = False
+        self._working = False
         self._first_index = next(self._index)  # (that number is never given to a task)
         self._start(journal)
 
@@ -636,9 +646,10 @@ class Pool(Executor):
                 # this thread wakes from its wait), and while the journal's last commit is made.
                 self._closing = True
                 self._backend.wait()
-                if self._raised_exc is not None:
+                if self._raised_exc is not None or self._raised:
                     # The caller has had its Interrupted (raised in its own code): it gets
-                    # the results, and no second one comes from here.
+                    # the results, and no second one comes from here (nor from a pool whose
+                    # signal another pool's Interrupted reported: see raising).
                     self._closing = False
                     self.settle()
                     self._closing = True
@@ -692,6 +703,7 @@ class Pool(Executor):
             self._signal = signum
             self._held = list(self._futures.values())
             self._futures_ran = any(not f.done() for f in self._held)
+            self._working = self._futures_ran or any(not r.finished for r in list(self._runs))
         levels = _ESCALATION[self._mode]
         level = levels[min(self._signals_seen, len(levels) - 1)]
         self._signals_seen += 1

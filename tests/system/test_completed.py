@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from ._harness import METHODS, assert_cleaned_up
+from ._harness import EXIT_GUARD, METHODS, TIMEOUT, assert_cleaned_up
 from .conftest import StartChild
 
 
@@ -118,3 +126,35 @@ def test_ctrl_c_while_the_input_is_read_keeps_every_guarantee(
     child.drain_events()
     assert child.started_after(sent) == []
     assert_cleaned_up(child, f"Ctrl-C while the input is read, {api}")
+
+
+def test_an_idle_pool_does_not_take_the_interrupt_of_a_working_one(tmp_path: Path) -> None:
+    """A notebook holds two pools: an idle one, whose done future is still referenced, and one
+    whose ``map`` the cell iterates. The Ctrl-C lands in the loop body: ``completed`` holds
+    the working pool's results (the first live pool took the gathering, and gave the idle
+    pool's future in their place: found by the notebook stress test, seed 185303)."""
+    script = Path(__file__).parent / "scripts" / "two_pools_child.py"
+    with subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as proc:
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not (tmp_path / "body").exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the loop body never ran"
+                time.sleep(0.005)
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=EXIT_GUARD)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    # (Before the fix, the working pool's own Interrupted came again from its with block.)
+    assert proc.returncode == 0 and "Traceback" not in err.decode(), err.decode()
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    assert report.get("exc") == "Interrupted", (report, err.decode())
+    completed = {int(k): v for k, v in report["completed"].items()}
+    assert 1_000_000 not in completed.values(), completed
+    assert all(v == k * k for k, v in completed.items()), completed
