@@ -523,13 +523,16 @@ def _flusher() -> None:
             _unit_started.clear()
             continue
         held, values = current
-        now = time.monotonic()
-        if now >= held.due and len(values) > held.sent:
+        if time.monotonic() >= held.due and len(values) > held.sent:
             with _send_lock:
                 if _held is current:  # the main thread did not send it meanwhile
                     held.send_some(values, time.monotonic())
-        wait = held.due - time.monotonic()
-        time.sleep(min(max(wait, 0.005), FLUSH_EVERY))
+        due = held.due
+        # Nothing of the unit's is held while this sleeps: its results are freed by the main
+        # thread, when it is done with them, not here later (a task's memory, and glibc's
+        # count of mapped blocks, which a task may read, must not change under it).
+        del current, held, values
+        time.sleep(min(max(due - time.monotonic(), 0.005), FLUSH_EVERY))
 
 
 def _run_unit(
@@ -609,9 +612,10 @@ def _run_unit(
             ):
                 with _send_lock:
                     held.send(values, PARTIAL, now)
-                    values = []
+                    done, values = values, []
                     if flush_every:
                         _held = (held, values)
+                done.clear()  # freed here, even if the flusher still holds the list
     finally:
         if flush_every:
             with _send_lock:  # the flusher sends nothing of this unit from now on
@@ -623,6 +627,7 @@ def _run_unit(
     else:
         status = SKIPPED
     held.send(values, status, time.monotonic())
+    values.clear()  # freed here, even if the flusher still holds the list
 
 
 def _result_bytes(value: Any) -> float:
