@@ -25,11 +25,13 @@ them to wait for ever; a task's exception keeps cleanbreak's remote traceback as
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import multiprocessing
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
@@ -220,23 +222,36 @@ def _replace_completed(exc: Interrupted, completed: dict[int, Any], total: int |
 class IMapIterator:
     """What ``imap`` and ``imap_unordered`` return: an iterator, whose ``next(timeout)`` raises
     ``multiprocessing.TimeoutError`` when no result came in time. A task's exception is raised
-    in its turn, and the iteration goes on after it, as in the stock pool."""
+    in its turn, and the iteration goes on after it, as in the stock pool.
+
+    With a timeout, a thread takes the results from the run into ``_items`` and drops a token
+    in ``_wake`` for each; ``next`` waits on a token (``SimpleQueue.get``: a Ctrl-C there
+    leaves the queue as it was), then takes the item from ``_items``, naming it in
+    ``_returning`` before it removes it: a Ctrl-C at any moment finds every result this has
+    not returned in one of the two (see ``_on_interrupt``)."""
 
     def __init__(self, pieces: Iterator[tuple[int, Any, bool]], total: int | None) -> None:
         self._pieces = pieces
         self._total = total
-        self._queue: queue.SimpleQueue[tuple[int, Any, bool] | BaseException | None] | None
-        self._queue = None
+        self._items: collections.deque[tuple[int, Any, bool] | BaseException | None] | None
+        self._items = None
+        self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._returning: tuple[int, Any, bool] | None = None
         self._feeder: threading.Thread | None = None
 
     def __iter__(self) -> IMapIterator:
         return self
 
     def next(self, timeout: float | None = None) -> Any:
-        if timeout is None and self._queue is None:
+        if timeout is None and self._items is None:
             _index, value, failed = next(self._pieces)
         else:
-            _index, value, failed = self._next_in_time(timeout)
+            self._returning = None  # the caller has the one before: it called again
+            try:
+                _index, value, failed = self._next_in_time(timeout)
+            except Interrupted as exc:
+                self._on_interrupt(exc)
+                raise
         if failed:
             raise _stock(value)
         return value
@@ -244,52 +259,55 @@ class IMapIterator:
     __next__ = next
 
     def _next_in_time(self, timeout: float | None) -> tuple[int, Any, bool]:
-        """With a timeout, a thread takes the results and this waits for the next one."""
-        if self._queue is None:
-            self._queue = queue.SimpleQueue()
+        if self._items is None:
+            self._items = collections.deque()
             self._feeder = threading.Thread(target=self._feed, name="cleanbreak-imap", daemon=True)
             self._feeder.start()
-        try:
-            got = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError from None
-        except Interrupted as exc:
-            self._on_interrupt(exc)
-            raise
+        items = self._items
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not items:  # (a token may be left over from an item taken already: look again)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                self._wake.get(timeout=left)
+            except queue.Empty:
+                raise TimeoutError from None
+        got = items[0]
         if got is None:
-            self._queue.put(None)  # the end, for every later call too
-            raise StopIteration
+            raise StopIteration  # the end, left in place for every later call
         if isinstance(got, BaseException):
-            self._queue.put(None)
+            items[0] = None
             raise got
+        self._returning = got
+        items.popleft()
         return got
 
     def _feed(self) -> None:
-        assert self._queue is not None
+        assert self._items is not None
+        items = self._items
         try:
             for got in self._pieces:
-                self._queue.put(got)
+                items.append(got)
+                self._wake.put(True)
         except BaseException as exc:
-            self._queue.put(exc)
+            items.append(exc)
         else:
-            self._queue.put(None)
+            items.append(None)
+        self._wake.put(True)
 
     def _on_interrupt(self, exc: Interrupted) -> None:
-        """Results the thread took but this did not hand over belong in ``completed``: once
-        the pool has stopped (reading ``completed`` waits for that), the thread ends, having
+        """Results the thread took but this did not return belong in ``completed``: once the
+        pool has stopped (reading ``completed`` waits for that), the thread ends, having
         queued all it took."""
         completed = dict(exc.completed)
-        assert self._queue is not None and self._feeder is not None
+        assert self._items is not None and self._feeder is not None
         self._feeder.join(_FEEDER_GUARD)
-        while True:
-            try:
-                got = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        taken = [self._returning] if self._returning is not None else []
+        for got in [*taken, *self._items]:
             if isinstance(got, tuple) and not got[2]:
                 completed[got[0]] = got[1]
             elif isinstance(got, Interrupted):
                 completed.update(got.completed)
+        self._returning = None
         _replace_completed(exc, completed, self._total)
 
 
