@@ -27,7 +27,7 @@ Counted, each of which must be 0:
 - results not journaled: every other run records its outcomes in a journal; a result the
   client got that the journal does not hold once it exited
 
-The number of runs is ``CLEANBREAK_DASK_STRESS_RUNS`` (default 4, for CI: each run starts a
+The number of runs is ``CLEANBREAK_DASK_STRESS_RUNS`` (default 3, for CI: each run starts a
 Python that imports distributed, about a second); the seed ``CLEANBREAK_STRESS_SEED``.
 """
 
@@ -64,7 +64,7 @@ pytestmark = [
 CHILD = Path(__file__).parent / "scripts" / "dask_child.py"
 APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 SIGNALS = ["sigint-group", "sigterm-parent"]
-RUNS = int(os.environ.get("CLEANBREAK_DASK_STRESS_RUNS", "4"))
+RUNS = int(os.environ.get("CLEANBREAK_DASK_STRESS_RUNS", "3"))
 SEED = int(os.environ.get("CLEANBREAK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
 GUARD = 60.0
 MARGIN_NS = 1_000_000  # a result computed this long before the signal must be kept

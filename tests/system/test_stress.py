@@ -31,8 +31,8 @@ Counted, each of which must be 0:
   value. (``CLEANBREAK_STRESS_JOURNAL=0`` leaves the journal out.)
 
 The number of runs is ``CLEANBREAK_STRESS_RUNS`` (CI: one round of the 54 combinations is
-too long, so by default 8 runs, drawn from them at random), and ``CLEANBREAK_STRESS_KILLS`` for the
-SIGKILL test (default 3). The counts are printed in the figures summary.
+too long, so by default 6 runs, drawn from them at random), and ``CLEANBREAK_STRESS_KILLS`` for the
+SIGKILL test (default 2). The counts are printed in the figures summary.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ from .conftest import StartCommand
 SCRIPT = Path(__file__).parent / "scripts" / "stress_child.py"
 APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 SIGNALS = ["sigint-group", "sigint-parent", "sigterm-parent"]
-RUNS = int(os.environ.get("CLEANBREAK_STRESS_RUNS", "8"))
-KILLS = int(os.environ.get("CLEANBREAK_STRESS_KILLS", "3"))
+RUNS = int(os.environ.get("CLEANBREAK_STRESS_RUNS", "6"))
+KILLS = int(os.environ.get("CLEANBREAK_STRESS_KILLS", "2"))
 JOURNAL = os.environ.get("CLEANBREAK_STRESS_JOURNAL", "1") == "1"
 SEED = int(os.environ.get("CLEANBREAK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
 LEFT_AFTER = 1.0  # seconds after the child's exit by which nothing of it may be left
