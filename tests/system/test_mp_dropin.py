@@ -33,11 +33,7 @@ def test_ctrl_c_stops_at_once_and_keeps_what_finished(tmp_path: Path, mode: str)
         start_new_session=True,
     ) as proc:
         try:
-            deadline = time.monotonic() + TIMEOUT
-            while not all((tmp_path / f"started-{i}").exists() for i in blocking):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "the blocking tasks never started"
-                time.sleep(0.005)
+            _wait_for(tmp_path, [f"started-{i}" for i in blocking], proc)
             sent = time.monotonic_ns()
             os.killpg(proc.pid, signal.SIGINT)
             out, err = proc.communicate(timeout=EXIT_GUARD)
