@@ -130,6 +130,17 @@ def getpid_of_worker(_: object = None) -> int:
     return os.getpid()
 
 
+def meet(folder: str, i: int, other: int | None) -> bool:
+    """Write ``folder/started-<i>``, then wait for ``started-<other>`` (up to GUARD): whether
+    it came, so whether the two items ran at the same time."""
+    touch(os.path.join(folder, f"started-{i}"))
+    return other is None or wait_for_path(os.path.join(folder, f"started-{other}"))
+
+
+def meet_star(args: tuple[str, int, int | None]) -> bool:
+    return meet(*args)
+
+
 def touch_and_return(path: str, value: int) -> int:
     """Leave a trace that the task ran, then return ``value``."""
     touch(path)

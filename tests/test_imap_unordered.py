@@ -37,6 +37,20 @@ def test_yields_in_completion_order(pool: cleanbreak.Pool, tmp_path: Path) -> No
         next(results)
 
 
+@pytest.mark.parametrize("call", ["map", "imap_unordered"])
+def test_a_unit_is_not_held_behind_a_long_item_while_a_worker_comes_free(
+    pool: cleanbreak.Pool, tmp_path: Path, call: str
+) -> None:
+    # Items 2 and 3 each wait for the other to start; item 1 holds its worker until item 2
+    # has started. When 2 and 3 are queued, one worker is free and the other busy: 3 must wait
+    # for the busy one to come free, not be sent ahead behind 2 (which would then wait for it
+    # until tasks.GUARD and report False).
+    folder = str(tmp_path)
+    items = [(folder, 0, None), (folder, 1, 2), (folder, 2, 3), (folder, 3, 2)]
+    results = list(getattr(pool, call)(tasks.meet_star, items))
+    assert results == [True] * 4
+
+
 def test_a_failed_task_is_raised_and_ends_the_iteration(pool: cleanbreak.Pool) -> None:
     outcomes = tasks.collect(pool.imap_unordered(tasks.raise_task_error, [-1, -2, 3, -4]))
     assert isinstance(outcomes[-1], tasks.TaskError), outcomes

@@ -15,13 +15,11 @@ still pending is dropped.
   process normally has.
 
 It also imports what each of our workers would otherwise import as it starts (about 6 ms
-each): the worker's own modules, ``multiprocessing.sharedctypes`` for the pool's gate,
+each): the worker's own modules, ``multiprocessing.heap`` for the pool's gate,
 ``popen_forkserver``, and ``pkgutil``, which ``runpy`` takes to run the main module. The fork
 server's children have them already.
 """
 
-import multiprocessing.popen_forkserver
-import multiprocessing.sharedctypes  # noqa: F401
 import pkgutil  # noqa: F401
 import signal
 from multiprocessing import forkserver

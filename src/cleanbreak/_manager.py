@@ -32,7 +32,9 @@ Actors:
   pidfd, enforces task deadlines, and runs the stop sequence. Nothing here sleeps to poll: every
   wake-up is an event or a deadline (the select's timeout).
 - *Workers* run units in order (see ``_worker``). A worker holds at most ``PREFETCH`` map
-  chunks, so that it never waits for the next one. A ``submit`` task is sent only to an idle
+  chunks, so that it never waits for the next one; a chunk is sent ahead to a busy worker
+  only while at least one waits for each worker (at the tail, the first worker that is free
+  takes it: one sent ahead could wait behind a long item while the others go idle). A ``submit`` task is sent only to an idle
   worker, which starts it on arrival: until then it is in the parent, where
   ``Future.cancel()`` can still stop it.
 
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import itertools
 import multiprocessing
 import os
@@ -63,7 +64,6 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from multiprocessing import forkserver, resource_tracker, spawn
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any, cast
@@ -322,7 +322,7 @@ class LocalBackend(Intake):
         self._commands: deque[int] = deque()  # uids to stop, from Pool.cancel
         self._uids = itertools.count()
         # Closed by the signal handler in the main thread, read by workers before each item.
-        self.gate: Any = new_gate(ctx)
+        self.gate: Any = new_gate()
         self.level = RUNNING
         self._level_seen = RUNNING
         self._closing = False
@@ -591,6 +591,11 @@ class LocalBackend(Intake):
                         return  # in order: what follows waits behind it
                     if depth > 1 and w.last_bytes >= PREFETCH_MAX_BYTES:
                         break
+                    if depth > 1 and len(self.pending) < len(live):
+                        # The tail: a unit sent ahead could wait behind a long item while
+                        # another worker, busy for a moment only, goes idle. It waits here for
+                        # the first worker that is free.
+                        return
                     self._send(w, self.pending.popleft())
                 if not self.pending:
                     return
@@ -938,6 +943,8 @@ class LocalBackend(Intake):
         if method == "forkserver":
             _start_fork_server()
         elif method != "fork":
+            from multiprocessing import resource_tracker
+
             # Started on the way by spawn otherwise. It ends by *unblocking* SIGINT and SIGTERM
             # in the thread that started it (it does not restore the mask it found), which
             # would let the worker start with them unblocked: block them again first.
@@ -1030,6 +1037,9 @@ def _start_fork_server() -> None:
     instead.) The resource tracker is started first: its start unblocks both in the calling
     thread.
     """
+    import importlib.util
+    from multiprocessing import forkserver, resource_tracker
+
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     server: Any = forkserver._forkserver
@@ -1056,6 +1066,8 @@ def _skip_missing_main() -> None:
     (``multiprocessing.Pool`` too). Its functions come by value instead (see ``_byvalue``).
     Done once, for the whole process: a path that is no file could only kill the worker.
     """
+    from multiprocessing import spawn
+
     real: Any = spawn.get_preparation_data
     if getattr(real, "cleanbreak", False):
         return
@@ -1077,6 +1089,8 @@ def _fork_server_found_no_guard(ctx: BaseContext) -> bool:
     it (``WNOWAIT``): multiprocessing reaps it itself when it starts the next one."""
     if ctx.get_start_method() != "forkserver":
         return False
+    from multiprocessing import forkserver
+
     pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
     if pid is None:
         return False

@@ -41,11 +41,13 @@ T = TypeVar("T")
 # Chunks are sized from the measured time per item, so that each takes about this long: long
 # enough that the cost of sending it is small beside the work, short enough that the last
 # chunks do not leave a worker idle for long. Until a first result says how long an item takes,
-# chunks hold one item.
+# each worker gets one unit of one item: a probe (a unit costs a round trip, so a tiny task's
+# map does not start with many of them).
 CHUNK_SECONDS = 0.05
 # The window starts at this many items per worker and at most doubles each time the caller
 # takes a piece, up to about four chunks per worker: the input is not read far ahead before the
 # caller has shown that it keeps up, and tiny tasks still reach full speed after a few pieces.
+# A map that returns a list takes every piece as it comes: its window starts at full size.
 WINDOW_PER_WORKER = 16
 # With lazy input (a generator), the default window never holds more than this many items per
 # worker, whatever the task time: items can be large (images, records), and an endless input
@@ -237,6 +239,7 @@ class MapRun(Generic[T]):
         chunksize: int | None,
         buffersize: int | None,
         keep_all: bool = False,
+        eager: bool = False,
         journal: Journal | None = None,
         key: Callable[..., Any] | None = None,
         progress: ProgressFactory | None = None,
@@ -294,7 +297,9 @@ class MapRun(Generic[T]):
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._kept: list[Piece] | None = [] if keep_all else None  # pieces taken
         self.current: Current | None = None  # the piece being handed out
-        self._window = self._workers * WINDOW_PER_WORKER
+        # The caller takes each piece as it comes (``keep_all``, ``eager``: a map that returns
+        # a list): nothing to wait for before the window is at its full size.
+        self._window = sys.maxsize if keep_all or eager else self._workers * WINDOW_PER_WORKER
         self._pulled = 0  # items read from the input
         self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next
@@ -455,6 +460,8 @@ class MapRun(Generic[T]):
                 self._window = window = min(self._window, target)
                 if self._fixed_chunk is not None:  # one chunk the user set per worker fits
                     self._window = window = max(window, chunk * self._workers)
+            if self._fixed_chunk is None and not self._sink.item_count:
+                window = min(window, self._workers)  # a probe per worker (see CHUNK_SECONDS)
             fits = self._results_fit()
             if fits is not None and fits < window:  # a chunk the caller set: one per worker
                 window = fits

@@ -49,7 +49,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.context import BaseContext
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -142,11 +141,18 @@ _gate: Any = None  # the pool's gate (below)
 # ones while items may start, all zeros once the pool stops. A batch runs its items through
 # itertools.compress with the gate's bytes as selectors, so each item reads one byte of the
 # gate, in C, just before it starts: about 8 ns an item, where a Python-level check costs 40.
-# A batch never holds more than GATE_SIZE items, so it never runs out of selectors.
+# A batch never holds more than GATE_SIZE items, so it never runs out of selectors. It is a
+# block of multiprocessing's shared heap, as a RawArray would be, without a RawArray's ctypes
+# (whose import costs a pool's first use about 3 ms): it reaches workers by inheritance or, with
+# spawn and a fork server, as a descriptor passed when they start.
 
 
-def new_gate(ctx: BaseContext) -> Any:
-    return ctx.RawArray("B", b"\x01" * GATE_SIZE)
+def new_gate() -> Any:
+    from multiprocessing.heap import BufferWrapper
+
+    gate = BufferWrapper(GATE_SIZE)
+    gate.create_memoryview()[:] = b"\x01" * GATE_SIZE
+    return gate
 
 
 _GATE_BLOCK = 64
@@ -163,7 +169,7 @@ def close_gate(gate: Any) -> None:
     which moves forward one item at a time, cannot overtake a block being written.
     (``memset`` writes in an order of its own: some write the first bytes first.)
     """
-    view = memoryview(gate).cast("B")
+    view = gate.create_memoryview()
     for start in range(GATE_SIZE - _GATE_BLOCK, -1, -_GATE_BLOCK):
         view[start : start + _GATE_BLOCK] = _CLOSED_BLOCK
 
@@ -249,7 +255,7 @@ def worker_main(
     result_fd = _take_fd(results)
     _lifeline = _take_fd(lifeline)
     _lifeline_poll.register(_lifeline, select.POLLIN)
-    view = memoryview(gate).cast("B")
+    view = gate.create_memoryview()
     _start_watchdog(_lifeline)  # while both signals are still blocked here
     _start_signal_relay()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)

@@ -457,7 +457,7 @@ class Pool:
     def map(
         self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
     ) -> list[Any]:
-        return self._collect(self._run(func, (iterable,), chunksize, ordered=True))
+        return self._collect(self._run(func, (iterable,), chunksize, ordered=True, eager=True))
 
     def starmap(
         self,
@@ -465,7 +465,9 @@ class Pool:
         iterable: Iterable[Iterable[Any]],
         chunksize: int | None = None,
     ) -> list[Any]:
-        return self._collect(self._run(func, (iterable,), chunksize, ordered=True, star=True))
+        return self._collect(
+            self._run(func, (iterable,), chunksize, ordered=True, star=True, eager=True)
+        )
 
     def map_async(
         self,
@@ -555,6 +557,7 @@ class Pool:
         *,
         ordered: bool,
         star: bool = False,
+        eager: bool = False,
     ) -> Any:
         """A cleanbreak map run (item by item: a killed worker or a Ctrl-C costs only the
         items that had not finished)."""
@@ -578,6 +581,7 @@ class Pool:
             timeout=None,
             chunksize=max(chunksize, 1) if chunksize is not None else None,
             buffersize=None,
+            eager=eager,
             journal=pool._journal,
         )
         return run
@@ -614,7 +618,7 @@ class Pool:
         star: bool,
     ) -> MapResult:
         items = list(iterable)  # at once, as the stock pool does
-        run = self._run(func, (items,), chunksize, ordered=True, star=star)
+        run = self._run(func, (items,), chunksize, ordered=True, star=star, eager=True)
         result = MapResult(self, run, callback, error_callback)
         self._remember(result)
         result._start()

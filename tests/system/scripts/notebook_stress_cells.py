@@ -109,9 +109,9 @@ def setup() -> None:
     manager: Any = cleanbreak._manager
     real_new, real_close = manager.new_gate, manager.close_gate
 
-    def new_gate(ctx: Any) -> Any:
-        gate = real_new(ctx)
-        gate.nb_stress_tag = _tag  # (a ctypes array: unhashable, but it takes attributes)
+    def new_gate() -> Any:
+        gate = real_new()
+        gate.nb_stress_tag = _tag  # (a block of multiprocessing's heap: it takes attributes)
         return gate
 
     def close_gate(gate: Any) -> None:
