@@ -37,7 +37,6 @@ SCENARIOS: dict[str, Scenario] = {
     "lazy": bench_lazy.child_lazy,
     "memory": bench_memory.child_memory,
     "mpface_warm": bench_mpface.child_mpface_warm,
-    "mpface_first": bench_mpface.child_mpface_first,
     "interrupt": bench_interrupt.child_interrupt,
     "crash": bench_failures.child_crash,
     "journal": bench_journal.child_journal,

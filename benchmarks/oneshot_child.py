@@ -1,5 +1,5 @@
 """The child of measurement 10: ``oneshot_child.py oneshot PARAMS OUT``, one library's one-shot
-call in a process whose main module is this small script.
+call in a process whose main module is this small script (and of measurement 15's first use).
 
 A script that calls a pool once is usually short: it imports the library and its task module,
 builds its input and makes the call. Pools that start their workers from a fresh interpreter
@@ -86,8 +86,28 @@ def _one_shot(key: str, workers: int, chunksize: int) -> OneShot:
     raise ValueError(f"unknown one-shot form {key!r}")
 
 
+def first_use(params: dict[str, Any], report: Reporter) -> None:
+    """Measurement 15's first use: ``from ... import Pool``, then ``with Pool(2) as p:
+    p.map(f, range(1000))``, timed from the import statement (the drop-in's whole cost is the
+    changed import), in this small script as a user's would be."""
+    start = time.perf_counter()
+    if params["pool"] == "ours":
+        from cleanbreak.multiprocessing import Pool
+    else:
+        from multiprocessing import Pool  # type: ignore[assignment]
+    with Pool(2) as pool:
+        total = sum(pool.map(tasks.inc, range(1000)))
+    seconds = time.perf_counter() - start
+    if total != sum(range(1, 1001)):
+        raise AssertionError(f"{params['pool']}: wrong results")
+    report({"seconds": seconds})
+
+
 def run(params: dict[str, Any], report: Reporter) -> None:
     """Time the one-shot call ``params["form"]`` on ``params["n"]`` items; check its results."""
+    if "pool" in params:
+        first_use(params, report)
+        return
     task: str = params["task"]
     n: int = params["n"]
     fn = {"inc": tasks.inc, "busy_10ms": tasks.busy_10ms}[task]
