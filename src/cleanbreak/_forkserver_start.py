@@ -20,6 +20,8 @@ each): the worker's own modules, ``multiprocessing.heap`` for the pool's gate,
 server's children have them already.
 """
 
+import multiprocessing.heap
+import multiprocessing.popen_forkserver  # noqa: F401
 import pkgutil  # noqa: F401
 import signal
 from multiprocessing import forkserver

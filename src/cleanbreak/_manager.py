@@ -34,9 +34,9 @@ Actors:
 - *Workers* run units in order (see ``_worker``). A worker holds at most ``PREFETCH`` map
   chunks, so that it never waits for the next one; a chunk is sent ahead to a busy worker
   only while at least one waits for each worker (at the tail, the first worker that is free
-  takes it: one sent ahead could wait behind a long item while the others go idle). A ``submit`` task is sent only to an idle
-  worker, which starts it on arrival: until then it is in the parent, where
-  ``Future.cancel()`` can still stop it.
+  takes it: one sent ahead could wait behind a long item while the others go idle). A
+  ``submit`` task is sent only to an idle worker, which starts it on arrival: until then it is
+  in the parent, where ``Future.cancel()`` can still stop it.
 
 A worker runs its units in the order they were sent, so the head of its ``inflight`` queue is
 the unit it is running, and ``head_since`` is when its current item started: when the previous
