@@ -22,7 +22,6 @@ from typing import Any
 import tasks
 from bench_oneshot import LEAN_CHILD
 from common import (
-    Child,
     Section,
     Settings,
     fmt_ratio,
@@ -101,8 +100,7 @@ def run_mpface(settings: Settings) -> Section:
             progress(f"  mpface: first use, {pool}, rep {rep + 1}/{reps}")
             # In the small script of measurement 10, as a user's script would be: a child
             # with the whole suite imported has most of either pool's modules already.
-            with Child("oneshot", {"pool": pool}, LEAN_CHILD) as child:
-                got = child.result() if child.wait(120) else None
+            got, _why = run_child("oneshot", {"pool": pool}, 120, LEAN_CHILD)
             if got is not None:
                 first[pool].append(got["seconds"])
     if first["ours"] and first["stock"]:

@@ -287,9 +287,12 @@ def session_members(sid: int, exclude: int | None = None) -> list[psutil.Process
     return out
 
 
-def run_child(scenario: str, params: Params, timeout: float) -> tuple[Params | None, str]:
-    """Run a child to completion. Returns its result, or None and why there is none."""
-    with Child(scenario, params) as child:
+def run_child(
+    scenario: str, params: Params, timeout: float, script: Path | None = None
+) -> tuple[Params | None, str]:
+    """Run a child (``script``: another main module than child.py) to completion. Returns its
+    result, or None and why there is none."""
+    with Child(scenario, params, script) as child:
         if not child.wait(timeout):
             return None, f"no result within {timeout:.0f} s"
         result = child.result()
