@@ -194,10 +194,16 @@ def _catch_sigterm(index: int, events: str) -> Receipt:
 
 
 async def through_asyncio(
-    pool_args: dict[str, Any], fn: Any, specs: list[Any], yielded: list[Any]
+    pool_args: dict[str, Any],
+    fn: Any,
+    specs: list[Any],
+    yielded: list[Any],
+    on_done: Any = None,
 ) -> None:
     """The stress children's asyncio API: ``fn`` over ``specs`` through ``run_in_executor``.
-    The user's view of the results is the asyncio futures: they keep theirs."""
+    The user's view of the results is the asyncio futures: they keep theirs. ``on_done`` is
+    called once every result is in, while the pool is still open (after it, and during
+    ``asyncio.run``'s teardown, a SIGTERM is the program's own: it ends the process)."""
     import asyncio
 
     import cleanbreak
@@ -207,5 +213,7 @@ async def through_asyncio(
         futures = [loop.run_in_executor(pool, fn, s) for s in specs]
         try:
             await asyncio.gather(*futures)
+            if on_done is not None:
+                on_done()
         finally:
             yielded.extend(f.result() for f in futures if f.done() and not f.cancelled())
