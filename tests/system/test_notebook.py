@@ -31,6 +31,7 @@ from ._kernel import Cell, Kernel
 pytest.importorskip("ipykernel")
 
 STOP_WITHIN_NS = 100_000_000  # the interrupt button stops a running map within 0.1 s
+SLOW_TRIES = 3  # presses before a slow stop fails the test (see the test's comment)
 LEFT_AFTER = 1.0  # seconds by which a stopped worker must be gone (a deadlock guard)
 
 
@@ -218,22 +219,37 @@ def _press_when_running(kernel: Kernel, cell: Cell, marks: Path) -> int:
 def test_the_interrupt_button_stops_keeps_and_leaves_nothing(
     kernel: Kernel, marks: Path, method: str, api: str
 ) -> None:
+    # A time is a wall-clock figure over four processes: on a loaded machine (CI runs two tests
+    # at once on two cores) one press in many is slowed by the scheduler. A stop over the bound
+    # is pressed again, in a fresh folder, up to SLOW_TRIES times, and every press must pass
+    # every other check; only a stop that is slow each time fails (a wait on the workers' grace
+    # period, or on anything else of the pool's own, is).
     kernel.ok(TASK)
-    cell = kernel.start(_job_cell(api, method, catch=True))
-    sent = _press_when_running(kernel, cell, marks)
-    kernel.wait(cell)
-    assert cell.status == "ok", cell.summary()
-    report = json.loads(cell.stdout.strip().splitlines()[-1])
-    took = report["caught"] - sent
-    record(f"notebook: interrupt button to Interrupted, {api} (ms)", took / 1e6)
-    assert took < STOP_WITHIN_NS, f"Interrupted {took / 1e6:.1f} ms after the button"
-    kept = set(report["got"]) | {int(k) * 10 for k in report["completed"]}
-    assert {0, 10} <= kept, report
-    started = _started(marks)
-    assert set(started) == {2, 3}, f"a task started after the interrupt: {sorted(started)}"
-    assert _gone(set(started.values())) == []
-    _no_worker_output(cell)
-    _alive_kernel(kernel)
+    times = []
+    for attempt in range(SLOW_TRIES):
+        here = marks / f"try-{attempt}"
+        here.mkdir()
+        kernel.ok(f"MARKS = {str(here)!r}")
+        cell = kernel.start(_job_cell(api, method, catch=True))
+        sent = _press_when_running(kernel, cell, here)
+        kernel.wait(cell)
+        assert cell.status == "ok", cell.summary()
+        report = json.loads(cell.stdout.strip().splitlines()[-1])
+        took = report["caught"] - sent
+        record(f"notebook: interrupt button to Interrupted, {api} (ms)", took / 1e6)
+        kept = set(report["got"]) | {int(k) * 10 for k in report["completed"]}
+        assert {0, 10} <= kept, report
+        started = _started(here)
+        assert set(started) == {2, 3}, f"a task started after the interrupt: {sorted(started)}"
+        assert _gone(set(started.values())) == []
+        _no_worker_output(cell)
+        _alive_kernel(kernel)
+        times.append(took / 1e6)
+        if took < STOP_WITHIN_NS:
+            break
+    else:
+        shown = ", ".join(f"{t:.0f}" for t in times)
+        raise AssertionError(f"Interrupted {shown} ms after the button, each time")
 
 
 @pytest.mark.parametrize("api", ["map", "submit", "cbmap"])
