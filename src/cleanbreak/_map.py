@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from ._errors import BrokenPool, Interrupted
 from ._signals import CHECK_EVERY
 from ._units import Sink, TaskOptions, Unit, UnitQueue
-from ._wire import CALL_ONE, CALL_STAR
+from ._wire import CALL_ONE, CALL_STAR, size_of
 
 T = TypeVar("T")
 
@@ -155,7 +155,7 @@ class MapSink:
             self.item_seconds += seconds
             self.item_count += len(values)
             if values:
-                self.item_bytes += _size_of(values[-1]) * len(values)
+                self.item_bytes += size_of(values[-1]) * len(values)
             self.outcomes += len(values)
             self.failures += len(errors)
             self._put((start, values, errors))
@@ -186,13 +186,6 @@ class MapSink:
         self.store[piece[0]] = piece
         self.arrivals.append(piece[0])
         self.cond.notify()
-
-
-def _size_of(value: Any) -> int:
-    try:
-        return sys.getsizeof(value)
-    except Exception:  # a __sizeof__ of the user's that fails
-        return 0
 
 
 class Current:

@@ -40,6 +40,7 @@ import errno
 import os
 import pickle
 import struct
+import sys
 import traceback
 from collections import deque
 from typing import Any, Final
@@ -85,6 +86,16 @@ def make_pipe() -> tuple[int, int]:
 
 def dumps(obj: object) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
+
+
+def size_of(value: object) -> int:
+    """``sys.getsizeof(value)``: how large a result is, as far as can be told at once (the
+    worker's flush and spill thresholds, the parent's bound on the results it holds); 0 where
+    the value's own ``__sizeof__`` fails."""
+    try:
+        return sys.getsizeof(value)
+    except Exception:  # a __sizeof__ of the user's that fails
+        return 0
 
 
 def dumps_any(obj: object) -> bytes:

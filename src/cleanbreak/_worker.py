@@ -69,6 +69,7 @@ from ._wire import (
     dumps_any,
     recv_frame,
     send_frame,
+    size_of,
     split,
 )
 
@@ -638,11 +639,7 @@ def _run_unit(
 
 def _result_bytes(value: Any) -> float:
     """How many bytes a result holds, as well as the worker can tell at once (at least 1)."""
-    try:
-        own = sys.getsizeof(value)
-    except Exception:  # a __sizeof__ of the user's that fails
-        own = 0
-    return max(1.0, own, _item_bytes)
+    return max(1.0, size_of(value), _item_bytes)
 
 
 def _send_or_orphan(out: int, *parts: bytes | Packer) -> None:
