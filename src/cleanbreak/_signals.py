@@ -250,6 +250,33 @@ def _still_wanted(sig: int, previous: Any) -> Any:
     return previous
 
 
+# ── a child forked from this process ────────────────────────────────────────────────────────
+#
+# A process forked from this one while a pool lives (by a stock ``multiprocessing.Pool`` or
+# ``Process`` with the fork start method, or by ``os.fork``) is a copy with our handler in it,
+# and none of the pools: they stay the parent's. It gets back the handlers it would have had
+# without cleanbreak, at once, so that ``Process.terminate()`` and a stock pool's
+# ``terminate()`` end it, and Ctrl-C does what it did before. Our own workers are forked with
+# both signals blocked and set their own handlers before they unblock them.
+
+
+def _forget_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()  # a thread of the parent may have held it at the fork
+    for sig, previous in list(_saved.items()):
+        if signal.getsignal(sig) is _handler:
+            with contextlib.suppress(ValueError):  # not the main thread (cannot be: see below)
+                signal.signal(sig, _still_wanted(sig, previous))
+    _saved.clear()
+    _listeners.clear()
+    if sys.unraisablehook is _unraisable:
+        sys.unraisablehook = sys.__unraisablehook__
+
+
+# In the child, the thread that forked is the main thread, whichever it was in the parent.
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 # ── the first touch of ``cleanbreak.Pool`` or ``cleanbreak.map`` ─────────────────────────────
 #
 # The package imports the pool's modules on first use (a worker needs none of them), and that
@@ -370,7 +397,10 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     global _put_off, _taken
     sig = signal.Signals(signum)
     if os.getpid() != _owner_pid:
-        # A child forked by the fork start method, before the worker replaced this handler.
+        # A child forked where no at-fork hook ran (a fork from C): as _forget_in_child does.
+        previous = _saved.get(sig, _DEFAULTS[sig])
+        _forget_in_child()
+        _deliver_as(previous, sig, frame)
         return
     if _collected is not None:
         _collected.append(sig)
@@ -478,6 +508,11 @@ def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:
     with _lock:
         if not _listeners:
             _restore()
+    _deliver_as(previous, sig, frame)
+
+
+def _deliver_as(previous: Any, sig: signal.Signals, frame: FrameType | None) -> None:
+    """Do what ``previous``, the handler ours replaced, does with ``sig``."""
     if previous is signal.default_int_handler:
         raise KeyboardInterrupt
     if previous == signal.SIG_DFL:

@@ -1,0 +1,118 @@
+"""A process forked while a pool lives is not the pool's: it gets back the handlers it would
+have had without cleanbreak.
+
+While a pool is open, cleanbreak's SIGINT and SIGTERM handler is in place, and a process forked
+then (a stock ``multiprocessing.Process`` or ``Pool`` with the fork start method, ``os.fork``)
+is a copy with that handler in it. It used to ignore both signals there, so that
+``Process.terminate()`` and a stock pool's ``terminate()`` waited for ever. Real processes;
+handshakes through events, deadlock guards only.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import pytest
+
+import cleanbreak
+import cleanbreak.multiprocessing
+from tests import tasks
+
+GUARD = 30.0  # only reached when the child ignores the signal
+FORK = multiprocessing.get_context("fork")
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
+
+
+def _wait_then_exit(ready: Any, code_on_interrupt: int) -> None:
+    try:
+        ready.set()  # in the try: the signal may come before set() has returned
+        time.sleep(GUARD)
+    except KeyboardInterrupt:
+        os._exit(code_on_interrupt)
+    os._exit(0)
+
+
+def _ended(proc: Any) -> int | None:
+    proc.join(GUARD)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        return None
+    return int(proc.exitcode)
+
+
+def test_a_forked_process_ends_at_terminate_while_a_pool_lives() -> None:
+    with cleanbreak.Pool(1) as pool:
+        assert pool.submit(tasks.square, 3).result() == 9  # the pool is live, its handler in
+        ready = FORK.Event()
+        proc = FORK.Process(target=_wait_then_exit, args=(ready, 7))
+        proc.start()
+        assert ready.wait(GUARD)
+        proc.terminate()
+        assert _ended(proc) == -signal.SIGTERM
+
+
+def test_a_forked_process_takes_ctrl_c_as_it_would_without_the_pool() -> None:
+    with cleanbreak.Pool(1) as pool:
+        assert pool.submit(tasks.square, 3).result() == 9
+        ready = FORK.Event()
+        proc = FORK.Process(target=_wait_then_exit, args=(ready, 7))
+        proc.start()
+        assert ready.wait(GUARD)
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGINT)
+        assert _ended(proc) == 7  # KeyboardInterrupt, Python's default handler
+
+
+def test_os_fork_child_dies_of_sigterm_while_a_pool_lives() -> None:
+    with cleanbreak.Pool(1) as pool:
+        assert pool.submit(tasks.square, 3).result() == 9
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(GUARD)
+            finally:
+                os._exit(3)
+        deadline = time.monotonic() + GUARD
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def test_a_stock_fork_pool_beside_the_drop_in_terminates() -> None:
+    # Where it was found. The stock pool's terminate() sends its workers SIGTERM and joins
+    # them; it hung only when a worker had not yet taken its exit sentinel, so this one may
+    # pass without the fix (the tests above may not).
+    with cleanbreak.multiprocessing.Pool(2) as ours, FORK.Pool(2) as stock:
+        assert ours.map(tasks.square, range(10)) == stock.map(tasks.square, range(10))
+        workers = list(stock._pool)  # type: ignore[attr-defined]
+        started = time.monotonic()
+        stock.terminate()  # joins every worker: hangs if one ignores SIGTERM
+        assert time.monotonic() - started < GUARD
+    assert all(w.exitcode is not None for w in workers)
+
+
+def test_the_pool_still_stops_at_ctrl_c_after_forking_a_child() -> None:
+    # Forgetting in the child leaves the parent's handler and pools alone.
+    with cleanbreak.Pool(1) as pool:
+        ready = FORK.Event()
+        proc = FORK.Process(target=_wait_then_exit, args=(ready, 7))
+        proc.start()
+        assert ready.wait(GUARD)
+        proc.terminate()
+        assert _ended(proc) == -signal.SIGTERM
+        assert getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "cleanbreak._signals"
+        assert pool.submit(tasks.square, 4).result() == 16
