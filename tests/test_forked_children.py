@@ -116,3 +116,76 @@ def test_the_pool_still_stops_at_ctrl_c_after_forking_a_child() -> None:
         assert _ended(proc) == -signal.SIGTERM
         assert getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "cleanbreak._signals"
         assert pool.submit(tasks.square, 4).result() == 16
+
+
+# ── a process a task forks, inside a worker ──────────────────────────────────────────────────
+
+# Run as a script, so that its stderr (the workers' too, on every start method) is the test's to
+# read: a stock fork pool inside a task (its exit terminates its workers with SIGTERM), then a
+# forked Process that the task terminates, and one it sends SIGINT.
+NESTED = """
+import json, multiprocessing, os, signal, sys, time
+import cleanbreak
+
+def sq(x):
+    return x * x
+
+def wait_then_exit(ready):
+    # Short sleeps, each followed by an explicit check for signals (os.kill(pid, 0)): on
+    # Python 3.13, in a process descended from a fork made in a thread other than the main one
+    # (a fork-method worker is), a handler runs only when a call checks for signals, so a
+    # SIGINT that came between two calls would wait for the next interrupted one.
+    try:
+        ready.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            os.kill(os.getpid(), 0)
+    except KeyboardInterrupt:
+        os._exit(7)
+    os._exit(0)
+
+def nested(n):
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as p:
+        total = sum(p.map(sq, range(n)))
+    codes = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        ready = ctx.Event()
+        q = ctx.Process(target=wait_then_exit, args=(ready,))
+        q.start()
+        ready.wait(30)
+        os.kill(q.pid, sig)
+        q.join(30)
+        if q.exitcode is None:
+            q.kill()
+            q.join()
+        codes.append(q.exitcode)
+    return total, codes
+
+if __name__ == "__main__":
+    out = {}
+    for method in ("fork", "forkserver", "spawn"):
+        with cleanbreak.Pool(1, mp_context=method) as pool:
+            out[method] = pool.submit(nested, 100).result()
+    print(json.dumps(out))
+"""
+
+
+def test_a_process_a_task_forks_is_not_a_worker(tmp_path: Any) -> None:
+    import json
+    import subprocess
+
+    script = tmp_path / "nested.py"
+    script.write_text(NESTED)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=3 * GUARD,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no traceback from the worker's handler in a forked child
+    expected = [sum(x * x for x in range(100)), [-signal.SIGTERM, 7]]
+    assert json.loads(done.stdout) == {m: expected for m in ("fork", "forkserver", "spawn")}

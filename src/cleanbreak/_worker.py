@@ -192,12 +192,35 @@ _interruptible = False  # the main thread is in task code, or idle: _Stop may be
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     global _stop_requested, _interruptible
+    if os.getpid() != _worker_pid:
+        # A process the task forked, before _forget_in_child ran (or where no at-fork hook
+        # runs): it is not the worker, and dies of SIGTERM as any process would.
+        die_of(signal.SIGTERM)
     _stop_requested = True
     if _interruptible:
         # Once only: whatever the task does with it, the next SIGTERM must not land in the
         # worker's own bookkeeping.
         _interruptible = False
         raise _Stop
+
+
+# A process a task forks (a stock fork pool's workers, a ``multiprocessing.Process``,
+# ``os.fork``) is not a worker: it gets the handlers a process normally has, as soon as it
+# exists, so that its own parent's ``terminate()`` (SIGTERM) and SIGINT act on it as usual. The
+# worker's own SIGINT and SIGTERM handlers stay in place only where they are still the worker's.
+_worker_pid: int | None = None  # this process's pid, once it runs as a worker
+
+
+def _forget_in_child() -> None:
+    if _worker_pid is None or os.getpid() == _worker_pid:
+        return
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @contextlib.contextmanager
@@ -245,6 +268,8 @@ def worker_main(
     # SIGINT and SIGTERM are blocked here: inherited from the manager thread (fork, spawn), or
     # blocked on arrival (BlockedOnArrival). A Ctrl-C that came while the worker started is
     # pending, and SIG_IGN discards it.
+    global _worker_pid
+    _worker_pid = os.getpid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     with contextlib.suppress(OSError):  # pragma: no cover - already a group leader
