@@ -47,27 +47,26 @@ def _ended(proc: Any) -> int | None:
     return int(proc.exitcode)
 
 
-def test_a_forked_process_ends_at_terminate_while_a_pool_lives() -> None:
+@pytest.mark.parametrize(
+    ("sig", "code"),
+    [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 7)],  # 7: the child's KeyboardInterrupt
+    ids=["sigterm", "sigint"],
+)
+def test_a_forked_process_takes_signals_as_it_would_without_the_pool(
+    sig: signal.Signals, code: int
+) -> None:
     with cleanbreak.Pool(1) as pool:
         assert pool.submit(tasks.square, 3).result() == 9  # the pool is live, its handler in
         ready = FORK.Event()
         proc = FORK.Process(target=_wait_then_exit, args=(ready, 7))
         proc.start()
         assert ready.wait(GUARD)
-        proc.terminate()
-        assert _ended(proc) == -signal.SIGTERM
-
-
-def test_a_forked_process_takes_ctrl_c_as_it_would_without_the_pool() -> None:
-    with cleanbreak.Pool(1) as pool:
-        assert pool.submit(tasks.square, 3).result() == 9
-        ready = FORK.Event()
-        proc = FORK.Process(target=_wait_then_exit, args=(ready, 7))
-        proc.start()
-        assert ready.wait(GUARD)
         assert proc.pid is not None
-        os.kill(proc.pid, signal.SIGINT)
-        assert _ended(proc) == 7  # KeyboardInterrupt, Python's default handler
+        os.kill(proc.pid, sig)  # SIGTERM: what Process.terminate() sends
+        assert _ended(proc) == code
+        # The parent keeps its handler and its pool.
+        assert getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "cleanbreak._signals"
+        assert pool.submit(tasks.square, 4).result() == 16
 
 
 def test_os_fork_child_dies_of_sigterm_while_a_pool_lives() -> None:
@@ -103,19 +102,6 @@ def test_a_stock_fork_pool_beside_the_drop_in_terminates() -> None:
         stock.terminate()  # joins every worker: hangs if one ignores SIGTERM
         assert time.monotonic() - started < GUARD
     assert all(w.exitcode is not None for w in workers)
-
-
-def test_the_pool_still_stops_at_ctrl_c_after_forking_a_child() -> None:
-    # Forgetting in the child leaves the parent's handler and pools alone.
-    with cleanbreak.Pool(1) as pool:
-        ready = FORK.Event()
-        proc = FORK.Process(target=_wait_then_exit, args=(ready, 7))
-        proc.start()
-        assert ready.wait(GUARD)
-        proc.terminate()
-        assert _ended(proc) == -signal.SIGTERM
-        assert getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "cleanbreak._signals"
-        assert pool.submit(tasks.square, 4).result() == 16
 
 
 # ── a process a task forks, inside a worker ──────────────────────────────────────────────────
