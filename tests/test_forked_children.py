@@ -10,9 +10,11 @@ handshakes through events, deadlock guards only.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -159,9 +161,6 @@ if __name__ == "__main__":
 
 
 def test_a_process_a_task_forks_is_not_a_worker(tmp_path: Any) -> None:
-    import json
-    import subprocess
-
     script = tmp_path / "nested.py"
     script.write_text(NESTED)
     done = subprocess.run(

@@ -265,7 +265,7 @@ def _forget_in_child() -> None:
     _lock = threading.RLock()  # a thread of the parent may have held it at the fork
     for sig, previous in list(_saved.items()):
         if signal.getsignal(sig) is _handler:
-            with contextlib.suppress(ValueError):  # not the main thread (cannot be: see below)
+            with contextlib.suppress(ValueError):  # defensive: the forking thread is main
                 signal.signal(sig, _still_wanted(sig, previous))
     _saved.clear()
     _listeners.clear()
