@@ -15,7 +15,8 @@ Counted, each of which must be 0:
 - results lost: a task that left its ``end`` mark at least 1 ms before the signal whose
   result is neither yielded nor in ``Interrupted.completed`` (drain: any task that ended)
 - results wrong: a kept result with the wrong value
-- tasks started late: a task that started more than ``LATE_NS`` after the signal. The stop
+- tasks started late: a task that started more than ``LATE_NS`` (50 ms; 150 ms under
+  pytest-xdist) after the signal. The stop
   reaches the workers as a broadcast, so a task the scheduler had already handed to a
   worker may start in the moment before it arrives; the figures report the latest start
 - tracebacks: a traceback on the client's stderr
@@ -52,7 +53,7 @@ import pytest
 
 from tests import dask_tasks, tasks
 
-from ._harness import record
+from ._harness import SHARED_CORES, record
 
 pytestmark = [
     pytest.mark.stress,
@@ -68,7 +69,10 @@ RUNS = int(os.environ.get("CLEANBREAK_DASK_STRESS_RUNS", "3"))
 SEED = int(os.environ.get("CLEANBREAK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
 GUARD = 60.0
 MARGIN_NS = 1_000_000  # a result computed this long before the signal must be kept
-LATE_NS = 50_000_000  # the stop's broadcast reaches every worker within this
+# The stop's broadcast reaches every worker within this: 50 ms alone, 150 ms when two tests
+# share the two cores (CI; see _harness.SLOW_STOP_NS): there a run's first two tasks once
+# started more than 50 ms after a Ctrl-C that came as they were handed out.
+LATE_NS = 150_000_000 if SHARED_CORES else 50_000_000
 SLOW_NS = 1_000_000_000
 COUNTS = [
     "hangs",
