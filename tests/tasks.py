@@ -141,6 +141,14 @@ def meet_star(args: tuple[str, int, int | None]) -> bool:
     return meet(*args)
 
 
+def meet_all(args: tuple[str, int, int]) -> bool:
+    """Write ``folder/started-<i>``, then wait for ``started-1`` .. ``started-<last>`` (up to
+    GUARD each): whether they all came while this ran."""
+    folder, i, last = args
+    touch(os.path.join(folder, f"started-{i}"))
+    return all(wait_for_path(os.path.join(folder, f"started-{k}")) for k in range(1, last + 1))
+
+
 def touch_and_return(path: str, value: int) -> int:
     """Leave a trace that the task ran, then return ``value``."""
     touch(path)

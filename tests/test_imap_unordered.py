@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
 
 import cleanbreak
+from cleanbreak.multiprocessing import Pool
 from tests import tasks
 
 
@@ -49,6 +51,41 @@ def test_a_unit_is_not_held_behind_a_long_item_while_a_worker_comes_free(
     items = [(folder, 0, None), (folder, 1, 2), (folder, 2, 3), (folder, 3, 2)]
     results = list(getattr(pool, call)(tasks.meet_star, items))
     assert results == [True] * 4
+
+
+@pytest.mark.parametrize("face", ["cleanbreak", "drop-in"])
+def test_a_unit_sent_ahead_behind_a_long_item_is_taken_back_by_a_free_worker(
+    pool: cleanbreak.Pool, start_method: str, tmp_path: Path, face: str
+) -> None:
+    # Item 0 runs until every other item has started; the others return at once. In chunks
+    # of one, a busy worker is sent one ahead while many wait: the one sent ahead behind
+    # item 0 must go to the other worker once that has run the rest, as a free worker takes
+    # the next task in the stock pool (else item 0 waits for it until tasks.GUARD: False).
+    folder, last = str(tmp_path), 12
+    items = [(folder, i, last if i == 0 else 0) for i in range(last + 1)]
+    if face == "cleanbreak":
+        results = sorted(pool.imap_unordered(tasks.meet_all, items, chunksize=1))
+    else:  # the stock API's list map, which reads its input at once
+        with Pool(2, context=multiprocessing.get_context(start_method)) as stock_face:
+            results = stock_face.map(tasks.meet_all, items, 1)
+    assert results == [True] * (last + 1)
+
+
+@pytest.mark.parametrize("face", ["cleanbreak.map", "drop-in"])
+def test_a_list_map_goes_on_past_a_long_first_item(
+    start_method: str, tmp_path: Path, face: str
+) -> None:
+    # Item 0 runs until the 100 others have started, more than the window a lazy map keeps
+    # ahead: a map that returns a list reads on while its first item runs, as the stock
+    # pool's map does (else item 0 waits until tasks.GUARD: False).
+    folder, last = str(tmp_path), 100
+    items = [(folder, i, last if i == 0 else 0) for i in range(last + 1)]
+    if face == "cleanbreak.map":
+        results = cleanbreak.map(tasks.meet_all, items, workers=2, mp_context=start_method)
+    else:
+        with Pool(2, context=multiprocessing.get_context(start_method)) as stock_face:
+            results = stock_face.map(tasks.meet_all, items, 1)
+    assert results == [True] * (last + 1)
 
 
 def test_a_failed_task_is_raised_and_ends_the_iteration(pool: cleanbreak.Pool) -> None:

@@ -34,7 +34,8 @@ Actors:
 - *Workers* run units in order (see ``_worker``). A worker holds at most ``PREFETCH`` map
   chunks, so that it never waits for the next one; a chunk is sent ahead to a busy worker
   only while at least one waits for each worker (at the tail, the first worker that is free
-  takes it: one sent ahead could wait behind a long item while the others go idle). A
+  takes it: one sent ahead could wait behind a long item while the others go idle). A chunk
+  sent ahead can still be taken back while it waits: see "Taking back" below. A
   ``submit`` task is sent only to an idle worker, which starts it on arrival: until then it is
   in the parent, where ``Future.cancel()`` can still stop it.
 
@@ -42,6 +43,17 @@ A worker runs its units in the order they were sent, so the head of its ``inflig
 the unit it is running, and ``head_since`` is when its current item started: when the previous
 item's outcome arrived, or when the unit was sent to an idle, ready worker. Units with a
 timeout report after every item, which keeps that exact.
+
+Taking back: a chunk sent ahead waits behind the worker's running item, which may turn out to
+be long while the other workers run out of work (the stock pool's workers take each task from
+one shared queue, so a free worker never waits while a task waits behind a busy one). So each
+chunk sent ahead has a *claim*: an 8-byte number the manager writes to the worker's claim pipe
+before the chunk itself. The worker reads a claim before it starts such a chunk, and a worker
+with nothing left to do makes the manager read one for it: a pipe hands each byte to one reader
+only, so the chunk runs in exactly one of the two places. A worker that finds its chunk's claim
+gone skips the chunk (it still takes in the function, whose numbering both sides keep in step)
+and says nothing; the manager has sent it to the free worker. Claims are read in the order they
+were written, so reading one also tells which earlier ones the worker took.
 
 When a worker dies, the manager knows which unit it was running but, for a chunk that reports
 every 50 ms, not which item: it retries each item without an outcome alone, so the one at fault
@@ -99,6 +111,7 @@ PREFETCH = 2
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
 # moment that prefetching saves, and each queued copy would sit in the parent's memory.
 PREFETCH_MAX_BYTES = 1 << 20
+_CLAIM_BYTES = 8  # a claim: the number of a chunk sent ahead (see "Taking back")
 # After SIGTERM, a worker (or a process it started) that is still alive this long is killed.
 STOP_GRACE = 0.5
 # Workers that die this many times in a row before they are ready mean something in their
@@ -164,6 +177,10 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 class _Worker:
     __slots__ = (
+        "ahead_seq",
+        "claimed_upto",
+        "claims_r",
+        "claims_w",
         "deathfd",
         "dispatched",
         "doom",
@@ -185,8 +202,13 @@ class _Worker:
         "writer",
     )
 
-    def __init__(self, proc: Any, task_fd: int, result_fd: int) -> None:
+    def __init__(self, proc: Any, task_fd: int, result_fd: int, claims: tuple[int, int]) -> None:
         self.proc = proc
+        # The claim pipe of the chunks sent ahead (see "Taking back"): the manager's copy of
+        # its read end, and its write end; and the claims known to be read (numbered 1, 2, ...).
+        self.claims_r, self.claims_w = claims
+        self.claimed_upto = 0
+        self.ahead_seq = 0  # the number of the last chunk sent ahead
         self.pid: int = proc.pid
         self.writer = FrameWriter(task_fd)
         self.reader = FrameReader(result_fd)
@@ -581,8 +603,14 @@ class LocalBackend(Intake):
     # ── sending ──────────────────────────────────────────────────────────────────────────
 
     def _dispatch(self) -> None:
-        if self.level or self._broken is not None or not self.pending:
+        if self.level or self._broken is not None:
             return
+        if self.pending:
+            self._send_pending()
+        if not self.pending:
+            self._take_back_for_idle()
+
+    def _send_pending(self) -> None:
         live = [w for w in self._workers.values() if not w.retiring]
         for depth in range(1, PREFETCH + 1):
             for w in live:
@@ -599,6 +627,46 @@ class LocalBackend(Intake):
                     self._send(w, self.pending.popleft())
                 if not self.pending:
                     return
+
+    def _take_back_for_idle(self) -> None:
+        """A worker that is free while nothing waits here takes a chunk that waits, sent ahead,
+        behind another worker's running item (see "Taking back")."""
+        workers = self._workers.values()
+        idle = [w for w in workers if w.ready and not w.inflight and not w.retiring]
+        if not idle:
+            return
+        for w in workers:
+            if w.doom is None and any(u.ahead > w.claimed_upto for u in w.inflight):
+                unit = self._take_back(w)
+                if unit is not None:
+                    self._send(idle.pop(), unit)
+                    if not idle:
+                        return
+
+    def _take_back(self, w: _Worker) -> Unit | None:
+        """The oldest chunk of ``w``'s whose claim the worker has not read, if any: out of its
+        queue. (The worker skips it when it comes to it.)"""
+        try:
+            claim = os.read(w.claims_r, _CLAIM_BYTES)
+        except (BlockingIOError, OSError):
+            claim = b""
+        if len(claim) != _CLAIM_BYTES:  # the worker has read every claim written so far
+            w.claimed_upto = max((u.ahead for u in w.inflight), default=0)
+            return None
+        seq = int.from_bytes(claim, "little")
+        w.claimed_upto = seq  # the claims before it were the worker's
+        for unit in w.inflight:
+            if unit.ahead == seq:
+                break
+        else:  # pragma: no cover - every claim written belongs to a chunk in its queue
+            return None
+        if unit is w.inflight[0]:
+            w.head_since = time.monotonic()  # the next chunk starts now
+        w.inflight.remove(unit)
+        w.segments.pop(unit.uid, None)  # the worker removes them as it skips the chunk
+        w.dispatched -= len(unit.items)
+        unit.ahead = 0
+        return unit
 
     def _send(self, w: _Worker, unit: Unit) -> None:
         if not unit.sink.start(unit):
@@ -647,12 +715,17 @@ class LocalBackend(Intake):
             w.segments[unit.uid] = sent
         if not w.inflight:
             w.head_since = time.monotonic()
+            unit.ahead = 0
+        else:  # sent ahead: with a claim, written first (see "Taking back")
+            w.ahead_seq += 1
+            unit.ahead = w.ahead_seq
+            os.write(w.claims_w, unit.ahead.to_bytes(_CLAIM_BYTES, "little"))
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
         # With a journal, the folder where the worker writes its large results (_worker).
         spill = getattr(unit.sink, "spill", None)
         w.writer.put(
-            dumps((unit.uid, unit.kind, exact, fid, spill)),
+            dumps((unit.uid, unit.kind, exact, fid, spill, unit.ahead)),
             b"" if fn_part is None else fn_part,
             items_part,
         )
@@ -955,6 +1028,9 @@ class LocalBackend(Intake):
         child_tasks = Connection(task_r, writable=False)
         child_results = Connection(result_w, readable=False)
         lifeline = Connection(os.dup(self._lifeline_r), writable=False)
+        claims_r, claims_w = os.pipe()
+        child_claims = Connection(claims_r, writable=False)
+        claims = (_own(os.dup(claims_r)), _own(claims_w))  # (non-blocking, both ends' too)
         _own(task_w)
         _own(result_r)
         proc = self._ctx.Process(  # type: ignore[attr-defined]
@@ -964,6 +1040,7 @@ class LocalBackend(Intake):
                 child_tasks,
                 child_results,
                 lifeline,
+                child_claims,
                 self.gate,
                 self._initializer,
                 self._initargs,
@@ -979,7 +1056,8 @@ class LocalBackend(Intake):
             child_tasks.close()
             child_results.close()
             lifeline.close()
-        worker = _Worker(proc, task_w, result_r)
+            child_claims.close()
+        worker = _Worker(proc, task_w, result_r, claims)
         self._workers[result_r] = worker
         self._sel.register(result_r, selectors.EVENT_READ, worker)
         self._sel.register(worker.deathfd, selectors.EVENT_READ, worker)
@@ -990,6 +1068,8 @@ class LocalBackend(Intake):
             if fd in self._sel.get_map():
                 self._sel.unregister(fd)
             _close(fd)
+        _close(w.claims_r)
+        _close(w.claims_w)
         if w.has_pidfd:
             _close(w.deathfd)
         del self._workers[w.reader.fd]

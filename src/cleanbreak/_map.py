@@ -61,6 +61,13 @@ LAZY_WINDOW_PER_WORKER = 50
 # an array that owns its data; a list or a dict counts shallowly).
 HELD_BYTES = 32 << 20
 PROBE_ITEMS = 4
+
+
+class _Late:
+    """What ``MapRun._wait_for_piece`` returns when the next piece is late (see there)."""
+
+
+_LATE = _Late()
 Piece = tuple[int, list[Any], dict[int, BaseException]]
 
 if TYPE_CHECKING:
@@ -293,6 +300,7 @@ class MapRun(Generic[T]):
         # The caller takes each piece as it comes (``keep_all``, ``eager``: a map that returns
         # a list): nothing to wait for before the window is at its full size.
         self._window = sys.maxsize if keep_all or eager else self._workers * WINDOW_PER_WORKER
+        self._eager = keep_all or eager
         self._pulled = 0  # items read from the input
         self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next
@@ -351,12 +359,43 @@ class MapRun(Generic[T]):
         # only one out, that top-up may find no room for a chunk.)
         self._top_up()
         sink = self._sink
+        while isinstance(piece := self._wait_for_piece(), _Late):
+            # In order, the next piece is late while later ones came in: room for more input.
+            # A list map's window grows once the workers are running out of items, as the
+            # stock pool's go on to the next tasks while a long one runs.
+            running = self._pulled - sink.outcomes
+            self._top_up(grow=self._eager and running < 2 * self._workers * self._chunk_size())
+        if piece is None:
+            return None
+        start = piece[0]
+        # Record the piece as taken, then remove it from the store (see the class docstring).
+        if self._kept is not None:
+            self._kept.append(piece)
+        else:
+            self.current = Current(*piece)
+        with sink.cond:
+            del sink.store[start]
+            if not self._ordered:
+                sink.arrivals.popleft()
+        count = len(piece[1])
+        self._next = start + count
+        self._window *= 2
+        # Before the piece counts as handed: none of it is yet, and the window bounds the items
+        # read and not yet handed to the caller, these included.
+        self._top_up()
+        self._handed += count
+        return piece
+
+    def _wait_for_piece(self) -> Piece | _Late | None:
+        """The next piece; None at the map's end; or ``_LATE``, in order, when outcomes came in
+        while the next piece did not."""
+        sink = self._sink
         with sink.cond:
             while True:
                 start = self._next if self._ordered else (sink.arrivals[0] if sink.arrivals else -1)
                 piece = sink.store.get(start)
                 if piece is not None:
-                    break
+                    return piece
                 if self._exhausted and self._handed >= self._pulled:
                     sink.finished = True
                     error, self._input_error = self._input_error, None
@@ -384,24 +423,10 @@ class MapRun(Generic[T]):
                     if isinstance(broken, BrokenPool):  # e.g. the main module's missing guard
                         raise BrokenPool(str(broken)) from broken
                     raise CancelledError("map() was cancelled: the pool was shut down")
+                seen = sink.outcomes
                 self._wait(sink.cond)
-        # Record the piece as taken, then remove it from the store (see the class docstring).
-        if self._kept is not None:
-            self._kept.append(piece)
-        else:
-            self.current = Current(*piece)
-        with sink.cond:
-            del sink.store[start]
-            if not self._ordered:
-                sink.arrivals.popleft()
-        count = len(piece[1])
-        self._next = start + count
-        self._window *= 2
-        # Before the piece counts as handed: none of it is yet, and the window bounds the items
-        # read and not yet handed to the caller, these included.
-        self._top_up()
-        self._handed += count
-        return piece
+                if sink.outcomes != seen and self._ordered and not self._exhausted:
+                    return _LATE
 
     def _wait(self, cond: threading.Condition) -> None:
         """Wait for the next outcome, ``CHECK_EVERY`` seconds at most at a time (see
@@ -438,7 +463,11 @@ class MapRun(Generic[T]):
         per_item = max(sink.item_bytes / sink.item_count, 1.0)
         return max(self._workers * 2, int(HELD_BYTES // per_item))
 
-    def _top_up(self) -> None:
+    def _top_up(self, grow: bool = False) -> None:
+        """Read input into units while the window has room. ``grow``: the next piece of a list
+        map is late (a long item) while the workers finish later ones: the window doubles."""
+        if grow and self._fixed_window is None:
+            self._window = max(self._window, 2 * (self._pulled - self._handed))
         if self._host._signal is not None:
             # The pool was stopped: no more input is read, and the map ends with what it has.
             self._exhausted = True
@@ -448,6 +477,8 @@ class MapRun(Generic[T]):
                 window = self._fixed_window
             else:
                 target = max(self._workers * WINDOW_PER_WORKER, chunk * self._workers * 4)
+                if grow:
+                    target = max(target, self._window)
                 if self._max_window is not None:
                     target = min(target, self._max_window)
                 self._window = window = min(self._window, target)

@@ -115,6 +115,7 @@ class Unit:
     """Items that travel to a worker together, and where their outcomes go."""
 
     __slots__ = (
+        "ahead",
         "by_value",
         "cancelled",
         "fid",
@@ -154,6 +155,8 @@ class Unit:
         # Its items go by value, ``__main__``'s classes included: a worker could not load them
         # by reference (a class a script defines under its ``__main__`` guard).
         self.by_value = False
+        # Its number as a chunk sent ahead to a busy worker (its claim, see _manager), or 0.
+        self.ahead = 0
 
     @property
     def left(self) -> int:

@@ -259,6 +259,7 @@ def worker_main(
     tasks: Connection,
     results: Connection,
     lifeline: Connection,
+    claims: Connection,
     gate: Any,
     initializer: Callable[..., object] | None,
     initargs: Sequence[Any],
@@ -280,12 +281,15 @@ def worker_main(
     task_fd = _take_fd(tasks)
     result_fd = _take_fd(results)
     _lifeline = _take_fd(lifeline)
+    global _claims
+    _claims = _take_fd(claims)
+    os.set_blocking(_claims, False)
     _lifeline_poll.register(_lifeline, select.POLLIN)
     view = gate.create_memoryview()
     _start_watchdog(_lifeline)  # while both signals are still blocked here
     _start_signal_relay()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-    for fd in (task_fd, result_fd):
+    for fd in (task_fd, result_fd, _claims):
         os.set_inheritable(fd, False)
     with contextlib.suppress(_Stop):
         _serve(task_fd, result_fd, view, initializer, initargs, reuse_memory)
@@ -328,7 +332,16 @@ def _serve(
         meta = pickle.loads(parts[0])
         if meta is None:
             return
-        uid, kind, each, fid, spill = meta
+        uid, kind, each, fid, spill, ahead = meta
+        if ahead and not _claim(ahead):
+            # The parent took this unit back for an idle worker (see _manager, "Taking back"):
+            # it is not ours to run or report. Its function still comes in (both sides keep
+            # the same list of functions held), its items' shared memory goes.
+            with contextlib.suppress(BaseException):  # (what it raises is held with it)
+                _function(fid, parts[1], layouts.pop(1, None))
+            discard(layouts)
+            del parts, frame
+            continue
         # The function and the items are pickled apart, so that a failure says which it was.
         part = "function"
         try:
@@ -351,6 +364,32 @@ def _serve(
             reuse_memory = heap is not None
         if heap is not None:
             heap.tidy()
+
+
+_claims = -1  # the read end of this worker's claim pipe (see _manager, "Taking back")
+_claims_held: set[int] = set()  # claims read ahead of their unit's turn
+_CLAIM_BYTES = 8
+
+
+def _claim(ahead: int) -> bool:
+    """Take the claim of unit number ``ahead`` (one sent ahead): False if the parent took it
+    first. Claims are read in the order written; one read past ours says ours was taken."""
+    if ahead in _claims_held:
+        _claims_held.discard(ahead)
+        return True
+    while True:
+        try:
+            claim = os.read(_claims, _CLAIM_BYTES)
+        except BlockingIOError:
+            return False
+        if len(claim) != _CLAIM_BYTES:  # pragma: no cover - the parent has gone
+            return False
+        seq = int.from_bytes(claim, "little")
+        if seq == ahead:
+            return True
+        if seq > ahead:
+            _claims_held.add(seq)
+            return False
 
 
 def _function(fid: int, data: memoryview, layout: Any) -> Callable[..., Any]:
