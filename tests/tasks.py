@@ -141,6 +141,19 @@ def meet_star(args: tuple[str, int, int | None]) -> bool:
     return meet(*args)
 
 
+def log_and_sleep(args: tuple[str, int, float]) -> int:
+    """Append ``i`` to the file ``log`` (one line: each run of the task is seen), sleep
+    ``seconds``, return ``i * i``."""
+    log, i, seconds = args
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{i}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return i * i
+
+
 def meet_all(args: tuple[str, int, int]) -> bool:
     """Write ``folder/started-<i>``, then wait for ``started-1`` .. ``started-<last>`` (up to
     GUARD each): whether they all came while this ran."""

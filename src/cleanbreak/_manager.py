@@ -351,6 +351,7 @@ class LocalBackend(Intake):
         self._cancel_pending = False
         self._broken: BaseException | None = None
         self._barren_deaths = 0
+        self.taken_back = 0  # chunks sent ahead and taken back for a free worker (for tests)
         self._kill_at: float | None = None
         self.finished = threading.Event()
         # Reentrant: wake() runs in the signal handler, which may interrupt the main thread
@@ -666,6 +667,7 @@ class LocalBackend(Intake):
         w.segments.pop(unit.uid, None)  # the worker removes them as it skips the chunk
         w.dispatched -= len(unit.items)
         unit.ahead = 0
+        self.taken_back += 1
         return unit
 
     def _send(self, w: _Worker, unit: Unit) -> None:
