@@ -84,8 +84,9 @@ def _outcome(fut: Future[Any]) -> tuple[Any, BaseException | None]:
     pool call waiting for that stop."""
     if fut.cancelled():
         return None, _terminated()
-    error = fut.exception()
-    return (None, error) if error is not None else (fut.result(), None)
+    # Done: the base class's reads, without the pool future's waits in slices.
+    error = Future.exception(fut, 0)
+    return (None, error) if error is not None else (Future.result(fut, 0), None)
 
 
 def _star(fn: Callable[..., Any], args: Iterable[Any]) -> Any:
