@@ -326,13 +326,24 @@ def early_interrupt(sig: signal.Signals) -> Interrupted:
 # __del__ methods are known by their frames; for any other callback, our hook of
 # ``sys.unraisablehook`` catches the dropped Interrupted (instead of printing it) and puts it
 # off in the same way. The hook goes in with our signal handler, only over Python's own.
+#
+# The same holds, and worse, for the import system's own code: the weakref callback that drops
+# a module's import lock takes the global import lock before its ``try``, so an exception raised
+# between the two leaves that lock held for good, and the next ``os.fork()`` (which takes it)
+# or import in another thread waits for ever (a stress run hung so: the manager thread in
+# ``fork``, starting a worker). While the main thread runs importlib's bytecode, nothing is
+# raised there: it is put off too.
 
 _FINALIZING_FILES = ("weakref.py", "_weakrefset.py")
+_IMPORT_MACHINERY = "<frozen importlib._bootstrap"  # and _bootstrap_external
 _put_off: Interrupted | None = None  # the Interrupted put off
 
 
 def _in_finalizer(frame: FrameType | None) -> bool:
-    """Whether the main thread runs a weakref callback or a ``__del__`` (a few frames deep)."""
+    """Whether the main thread runs a weakref callback or a ``__del__`` (a few frames deep), or
+    the import system's own code (the frame it is in)."""
+    if in_import_machinery(frame):
+        return True
     for _ in range(3):
         if frame is None:
             return False
@@ -343,6 +354,11 @@ def _in_finalizer(frame: FrameType | None) -> bool:
             return True  # still in our hook: it has not returned to the callback's caller
         frame = frame.f_back
     return False
+
+
+def in_import_machinery(frame: FrameType | None) -> bool:
+    """Whether ``frame`` is importlib's own code (not a module's that it imports)."""
+    return frame is not None and frame.f_code.co_filename.startswith(_IMPORT_MACHINERY)
 
 
 _PUT_OFF_SECONDS = 0.002
@@ -371,16 +387,22 @@ def _put_off_raise(exc: Interrupted) -> None:
         return
     _putting_off = True
     try:
-        main = threading.main_thread().ident
-        assert main is not None
-
-        def send() -> None:
-            time.sleep(_PUT_OFF_SECONDS)
-            signal.pthread_kill(main, sig)
-
-        start_quiet_thread(send, "cleanbreak-put-off")
+        _send_again_soon(sig)
     finally:
         _putting_off = False
+
+
+def _send_again_soon(sig: signal.Signals) -> None:
+    """Send ``sig`` to the main thread in a moment, from a thread of ours (waking it from a
+    blocking call)."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def send() -> None:
+        time.sleep(_PUT_OFF_SECONDS)
+        signal.pthread_kill(main, sig)
+
+    start_quiet_thread(send, "cleanbreak-put-off")
 
 
 def _unraisable(unraisable: Any) -> None:
@@ -508,6 +530,12 @@ def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:
     with _lock:
         if not _listeners:
             _restore()
+    if in_import_machinery(frame) and callable(previous):
+        # It may raise (Python's own raises KeyboardInterrupt): not in importlib's code (see
+        # _in_finalizer). The signal comes back in a moment, to whichever handler is then in
+        # place.
+        _send_again_soon(sig)
+        return
     _deliver_as(previous, sig, frame)
 
 

@@ -24,6 +24,9 @@ result pipe, in order. It decides nothing about signals: the parent does.
   the lifeline itself, and starts nothing once it has reached end-of-file. Linux's
   parent-death signal (PR_SET_PDEATHSIG) was rejected: it fires when the *thread* that forked
   the worker exits, and under forkserver the worker's parent is the fork server, not the pool.
+- A unit the parent sent ahead, while this worker was busy, comes with a claim in the worker's
+  claim pipe: the worker reads it before it starts the unit, and skips the unit, silently, if
+  the parent read it first to give the unit to a free worker (``_manager``, "Taking back").
 - Threads of the worker's own (the watchdog, the copy helpers) block SIGINT and SIGTERM, so
   that a signal always reaches the main thread and wakes it from a blocking call.
 - Once the worker has moved a payload of 32 MiB or more, it keeps the memory its tasks free
@@ -275,13 +278,12 @@ def worker_main(
     signal.signal(signal.SIGTERM, _on_sigterm)
     with contextlib.suppress(OSError):  # pragma: no cover - already a group leader
         os.setpgid(0, 0)
-    global _segments, _lifeline, _gate
+    global _segments, _lifeline, _gate, _claims
     _segments = Segments(shm_prefix)
     _gate = gate
     task_fd = _take_fd(tasks)
     result_fd = _take_fd(results)
     _lifeline = _take_fd(lifeline)
-    global _claims
     _claims = _take_fd(claims)
     os.set_blocking(_claims, False)
     _lifeline_poll.register(_lifeline, select.POLLIN)
