@@ -10,8 +10,10 @@ Modes: ``apply_async`` (in a loop, then ``.get()`` each), ``map_async`` (``.get(
 ``map``, ``starmap``, ``imap`` (a loop), ``imap_unordered``, ``imap_timeout`` (``next(60)``);
 ``map_async_chunk`` and ``map_chunk``: the four items in one chunk, so one worker runs them in
 turn and item 3 never starts (the items of a chunk still running are kept one by one);
-``drain``: ``Pool(2, on_interrupt="drain")`` and ``starmap_async`` of eight items, of which 2
-and 3 wait for ``DIR/release``; the child writes ``DIR/draining`` once the pool drains.
+``drain``: ``Pool(2, on_interrupt="drain")`` and ``starmap_async`` of eight items, of which 0
+and 1 return at once and 2 to 7 wait for ``DIR/release`` (which two of them run first, one on
+each worker, is the scheduler's: a later item may start before an earlier one that waits
+behind a running item); the child writes ``DIR/draining`` once the pool drains.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ def main() -> None:
             out["values"] = pool.starmap_async(tasks.block_from_2, args, 4).get(0xFFFF)
         elif mode == "drain":
             staged = [
-                (os.path.join(folder, f"started-{i}"), os.path.join(folder, "go"), i * i)
-                if i < 2 or i > 3
-                else (os.path.join(folder, f"started-{i}"), os.path.join(folder, "release"), i * i)
+                (
+                    os.path.join(folder, f"started-{i}"),
+                    os.path.join(folder, "go" if i < 2 else "release"),
+                    i * i,
+                )
                 for i in range(8)
             ]
             out["values"] = pool.starmap_async(tasks.release_after, staged, 1).get(0xFFFF)
