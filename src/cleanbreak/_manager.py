@@ -246,6 +246,10 @@ class _Worker:
         return None if timeout is None else self.head_since + timeout
 
 
+def _running_since(w: _Worker) -> float:
+    return w.head_since
+
+
 # How a function (or a unit's items) is pickled for a worker: as plain pickle sends it where
 # that works (else by value); by value, with what ``__main__`` holds under its name sent by
 # reference (the worker runs the script too); everything by value, ``__main__`` included.
@@ -614,6 +618,11 @@ class LocalBackend(Intake):
     def _send_pending(self) -> None:
         live = [w for w in self._workers.values() if not w.retiring]
         for depth in range(1, PREFETCH + 1):
+            if depth == 2:
+                # Ahead first to the worker whose current item started first, the likeliest to
+                # come free first: the next task then starts next, as from the stock pool's
+                # one queue, rather than behind an item that has just begun.
+                live.sort(key=_running_since)
             for w in live:
                 while len(w.inflight) < depth and self.pending and not w.retiring:
                     if depth > 1 and not self.pending[0].sink.prefetch:
