@@ -34,12 +34,14 @@ SCRIPT = Path(__file__).parent / "scripts" / "sysprobe_child.py"
 
 # A stop of the random-moment stress tests counts as slow after this long once a task had
 # started: the contract's 0.1 s when the test runs alone (as the README's stress runs do,
-# with -n 0), 0.3 s when two tests share the two cores (pytest-xdist, as the suite runs in CI).
+# with -n 0), 0.45 s when two tests share the two cores (pytest-xdist, as the suite runs in CI).
 # There the main thread may wait that long for a core before the handler even runs (seen: the
-# gate closed 117 ms after the interrupt, then Interrupted 33 ms later). A wait on the workers'
-# grace period (0.5 s) or a hang is slow either way; the single-moment stop tests keep 0.1 s.
+# gate closed 117 ms after the interrupt, then Interrupted 33 ms later; and, in CI on
+# 2026-12-06, 307 ms under asyncio, where the same case alone stops in 3-20 ms, old code and
+# new alike). A wait on the workers' grace period (0.5 s) or a hang is slow either way; the
+# single-moment stop tests keep 0.1 s.
 SHARED_CORES = "PYTEST_XDIST_WORKER" in os.environ
-SLOW_STOP_NS = 300_000_000 if SHARED_CORES else 100_000_000
+SLOW_STOP_NS = 450_000_000 if SHARED_CORES else 100_000_000
 
 # Figures measured by the tests, printed in the terminal summary (see conftest.py).
 FIGURES: dict[str, list[float]] = {}
