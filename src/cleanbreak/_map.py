@@ -297,6 +297,10 @@ class MapRun(Generic[T]):
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._kept: list[Piece] | None = [] if keep_all else None  # pieces taken
         self.current: Current | None = None  # the piece being handed out
+        # An ordered map whose pieces a thread of ours takes for the caller (the drop-in's
+        # map_async): the values it took, in input order. Kept at a Ctrl-C that finds the
+        # caller outside that map's get() (see MapResult).
+        self.taken_by_thread: list[Any] | None = None
         # The caller takes each piece as it comes (``keep_all``, ``eager``: a map that returns
         # a list): nothing to wait for before the window is at its full size.
         self._window = sys.maxsize if keep_all or eager else self._workers * WINDOW_PER_WORKER
@@ -335,6 +339,8 @@ class MapRun(Generic[T]):
         """Every finished result this call is to report: those the caller was not given (all
         of them with ``keep_all``)."""
         out: dict[int, Any] = {}
+        if self.taken_by_thread is not None:
+            out.update(enumerate(list(self.taken_by_thread)))
         for piece in self._kept or ():
             _add(out, piece)
         if self.current is not None:

@@ -333,6 +333,12 @@ class Pool(Executor):
         open_runs = [r for r in list(self._runs) if not r.finished]
         if run is None and len(open_runs) == 1:
             run = open_runs[0]  # its iterator is still referenced, so it was not closed
+        if run is None and not open_runs:
+            # A map whose results a thread of ours took for the caller, who has not had them
+            # (the drop-in's map_async, stopped before the caller was in its get()).
+            held = [r for r in list(self._runs) if r.taken_by_thread is not None]
+            if len(held) == 1:
+                run = held[0]
         if run is not None and not self._futures_ran:
             # Ctrl-C came while the loop body ran, outside the pool: the results of the map
             # it was iterating are the ones to keep (futures the caller still holds from

@@ -344,13 +344,13 @@ def _in_finalizer(frame: FrameType | None) -> bool:
     the import system's own code (the frame it is in)."""
     if in_import_machinery(frame):
         return True
-    for _ in range(3):
+    for _ in range(4):
         if frame is None:
             return False
         code = frame.f_code
         if code.co_name == "__del__" or code.co_filename.endswith(_FINALIZING_FILES):
             return True
-        if code is _unraisable.__code__ or code is _put_off_raise.__code__:
+        if code in _OURS_PUTTING_OFF:
             return True  # still in our hook: it has not returned to the callback's caller
         frame = frame.f_back
     return False
@@ -413,6 +413,10 @@ def _unraisable(unraisable: Any) -> None:
         _put_off_raise(exc)
         return
     sys.__unraisablehook__(unraisable)
+
+
+# The frames of our own put-off code (up to the thread start that sends the signal again).
+_OURS_PUTTING_OFF = (_unraisable.__code__, _put_off_raise.__code__, _send_again_soon.__code__)
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:

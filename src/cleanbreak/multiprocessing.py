@@ -171,6 +171,9 @@ class MapResult(ApplyResult):
         self._run = run
         self._total: int | None = run.total
         self._got: list[Any] = []  # the values taken so far, in input order
+        # A Ctrl-C may come before the caller is in get() (still in map_async, or in its own
+        # code): the pool's Interrupted then gathers from the run, which must know these.
+        run.taken_by_thread = self._got
         self._stopped: Interrupted | None = None  # how the run ended, if by a signal
         self._feeder = threading.Thread(target=self._feed, name="cleanbreak-map-async", daemon=True)
 
@@ -182,6 +185,7 @@ class MapResult(ApplyResult):
         try:
             for part in parts:
                 if isinstance(part, BaseException):  # the first failure fails the whole map
+                    self._run.taken_by_thread = None
                     self._set(None, part)
                     return
                 self._got += part
@@ -193,10 +197,12 @@ class MapResult(ApplyResult):
             self._set(None, exc)
             return
         except BaseException as exc:  # terminate(), a broken pool
+            self._run.taken_by_thread = None
             self._set(None, exc)
             return
         finally:
             parts.close()
+        self._run.taken_by_thread = None  # get() gives them to the caller
         self._set(self._got, None)
 
     def _on_interrupt(self, exc: Interrupted) -> None:
