@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 # Upper bound on any handshake: only ever reached when something is broken.
@@ -48,6 +49,21 @@ def wait_for_path(path: str | os.PathLike[str], timeout: float = GUARD) -> bool:
 
 
 # ── plain tasks ──────────────────────────────────────────────────────────────────────────────
+
+
+def run_script(script: Path, timeout: float, cwd: Path | None = None) -> Any:
+    """Run ``python script`` to its end (``timeout``: a deadlock guard); its
+    ``subprocess.CompletedProcess``, with stdout and stderr as text."""
+    import subprocess  # here: the workers import this module too
+
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+    )
 
 
 def square(x: int) -> int:

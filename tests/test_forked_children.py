@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Any
@@ -163,13 +162,7 @@ if __name__ == "__main__":
 def test_a_process_a_task_forks_is_not_a_worker(tmp_path: Any) -> None:
     script = tmp_path / "nested.py"
     script.write_text(NESTED)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=3 * GUARD,
-    )
+    done = tasks.run_script(script, 3 * GUARD)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no traceback from the worker's handler in a forked child
     expected = [sum(x * x for x in range(100)), [-signal.SIGTERM, 7]]

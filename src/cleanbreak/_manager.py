@@ -96,7 +96,9 @@ from ._wire import (
     discard,
     dumps,
     make_pipe,
+    read_claim,
     split,
+    write_claim,
 )
 from ._worker import (
     UNREADABLE,
@@ -111,7 +113,6 @@ PREFETCH = 2
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
 # moment that prefetching saves, and each queued copy would sit in the parent's memory.
 PREFETCH_MAX_BYTES = 1 << 20
-_CLAIM_BYTES = 8  # a claim: the number of a chunk sent ahead (see "Taking back")
 # After SIGTERM, a worker (or a process it started) that is still alive this long is killed.
 STOP_GRACE = 0.5
 # Workers that die this many times in a row before they are ready mean something in their
@@ -244,10 +245,6 @@ class _Worker:
             return None
         timeout = self.inflight[0].opts.task_timeout
         return None if timeout is None else self.head_since + timeout
-
-
-def _running_since(w: _Worker) -> float:
-    return w.head_since
 
 
 # How a function (or a unit's items) is pickled for a worker: as plain pickle sends it where
@@ -622,7 +619,7 @@ class LocalBackend(Intake):
                 # Ahead first to the worker whose current item started first, the likeliest to
                 # come free first: the next task then starts next, as from the stock pool's
                 # one queue, rather than behind an item that has just begun.
-                live.sort(key=_running_since)
+                live.sort(key=lambda w: w.head_since)
             for w in live:
                 while len(w.inflight) < depth and self.pending and not w.retiring:
                     if depth > 1 and not self.pending[0].sink.prefetch:
@@ -656,14 +653,10 @@ class LocalBackend(Intake):
     def _take_back(self, w: _Worker) -> Unit | None:
         """The oldest chunk of ``w``'s whose claim the worker has not read, if any: out of its
         queue. (The worker skips it when it comes to it.)"""
-        try:
-            claim = os.read(w.claims_r, _CLAIM_BYTES)
-        except (BlockingIOError, OSError):
-            claim = b""
-        if len(claim) != _CLAIM_BYTES:  # the worker has read every claim written so far
+        seq = read_claim(w.claims_r)
+        if seq is None:  # the worker has read every claim written so far
             w.claimed_upto = max((u.ahead for u in w.inflight), default=0)
             return None
-        seq = int.from_bytes(claim, "little")
         w.claimed_upto = seq  # the claims before it were the worker's
         for unit in w.inflight:
             if unit.ahead == seq:
@@ -730,7 +723,7 @@ class LocalBackend(Intake):
         else:  # sent ahead: with a claim, written first (see "Taking back")
             w.ahead_seq += 1
             unit.ahead = w.ahead_seq
-            os.write(w.claims_w, unit.ahead.to_bytes(_CLAIM_BYTES, "little"))
+            write_claim(w.claims_w, unit.ahead)
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
         # With a journal, the folder where the worker writes its large results (_worker).

@@ -303,8 +303,8 @@ class MapRun(Generic[T]):
         self.taken_by_thread: list[Any] | None = None
         # The caller takes each piece as it comes (``keep_all``, ``eager``: a map that returns
         # a list): nothing to wait for before the window is at its full size.
-        self._window = sys.maxsize if keep_all or eager else self._workers * WINDOW_PER_WORKER
         self._eager = keep_all or eager
+        self._window = sys.maxsize if self._eager else self._workers * WINDOW_PER_WORKER
         self._pulled = 0  # items read from the input
         self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next

@@ -342,7 +342,7 @@ _put_off: Interrupted | None = None  # the Interrupted put off
 def _in_finalizer(frame: FrameType | None) -> bool:
     """Whether the main thread runs a weakref callback or a ``__del__`` (a few frames deep), or
     the import system's own code (the frame it is in)."""
-    if in_import_machinery(frame):
+    if _in_import_machinery(frame):
         return True
     for _ in range(4):
         if frame is None:
@@ -356,7 +356,7 @@ def _in_finalizer(frame: FrameType | None) -> bool:
     return False
 
 
-def in_import_machinery(frame: FrameType | None) -> bool:
+def _in_import_machinery(frame: FrameType | None) -> bool:
     """Whether ``frame`` is importlib's own code (not a module's that it imports)."""
     return frame is not None and frame.f_code.co_filename.startswith(_IMPORT_MACHINERY)
 
@@ -534,7 +534,7 @@ def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:
     with _lock:
         if not _listeners:
             _restore()
-    if in_import_machinery(frame) and callable(previous):
+    if _in_import_machinery(frame) and callable(previous):
         # It may raise (Python's own raises KeyboardInterrupt): not in importlib's code (see
         # _in_finalizer). The signal comes back in a moment, to whichever handler is then in
         # place.

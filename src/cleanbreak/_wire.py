@@ -98,6 +98,25 @@ def size_of(value: object) -> int:
         return 0
 
 
+# A claim on a unit sent ahead to a busy worker (see _manager, "Taking back"): the unit's
+# number, in 8 bytes, on that worker's claim pipe. A pipe gives each write of up to PIPE_BUF
+# bytes to one reader whole, so a claim read by the parent is one the worker will not find.
+_CLAIM = struct.Struct("<Q")
+
+
+def write_claim(fd: int, seq: int) -> None:
+    os.write(fd, _CLAIM.pack(seq))
+
+
+def read_claim(fd: int) -> int | None:
+    """The oldest claim on the (non-blocking) pipe ``fd``, or None if there is none."""
+    try:
+        data = os.read(fd, _CLAIM.size)
+    except (BlockingIOError, OSError):
+        return None
+    return _CLAIM.unpack(data)[0] if len(data) == _CLAIM.size else None
+
+
 def dumps_any(obj: object) -> bytes:
     """``obj`` pickled plainly, or, where that fails, with what has no importable home (a
     class that came by value, a lambda) sent by value (see ``_byvalue``)."""

@@ -70,6 +70,7 @@ from ._wire import (
     discard,
     dumps,
     dumps_any,
+    read_claim,
     recv_frame,
     send_frame,
     size_of,
@@ -370,7 +371,6 @@ def _serve(
 
 _claims = -1  # the read end of this worker's claim pipe (see _manager, "Taking back")
 _claims_held: set[int] = set()  # claims read ahead of their unit's turn
-_CLAIM_BYTES = 8
 
 
 def _claim(ahead: int) -> bool:
@@ -379,19 +379,13 @@ def _claim(ahead: int) -> bool:
     if ahead in _claims_held:
         _claims_held.discard(ahead)
         return True
-    while True:
-        try:
-            claim = os.read(_claims, _CLAIM_BYTES)
-        except BlockingIOError:
-            return False
-        if len(claim) != _CLAIM_BYTES:  # pragma: no cover - the parent has gone
-            return False
-        seq = int.from_bytes(claim, "little")
+    while (seq := read_claim(_claims)) is not None:
         if seq == ahead:
             return True
         if seq > ahead:
             _claims_held.add(seq)
             return False
+    return False
 
 
 def _function(fid: int, data: memoryview, layout: Any) -> Callable[..., Any]:

@@ -182,27 +182,28 @@ class MapResult(ApplyResult):
 
     def _feed(self) -> None:
         parts = _values(self._run)
+        stopped = False
         try:
             for part in parts:
                 if isinstance(part, BaseException):  # the first failure fails the whole map
-                    self._run.taken_by_thread = None
                     self._set(None, part)
                     return
                 self._got += part
         except Interrupted as exc:  # it holds what the run had and this had not taken
             # The main thread may be waiting in get() with nothing to wake it (a drain: the
             # signal raised nothing there): it raises this, holding every finished item.
+            stopped = True
             self._stopped = exc
             self._fill(exc)
             self._set(None, exc)
             return
         except BaseException as exc:  # terminate(), a broken pool
-            self._run.taken_by_thread = None
             self._set(None, exc)
             return
         finally:
             parts.close()
-        self._run.taken_by_thread = None  # get() gives them to the caller
+            if not stopped:  # the caller has them, or an error instead, from get()
+                self._run.taken_by_thread = None
         self._set(self._got, None)
 
     def _on_interrupt(self, exc: Interrupted) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tasks import run_script
+
 from ._harness import EXIT_GUARD, METHODS, TIMEOUT, Child
 from .conftest import StartCommand
 
@@ -261,13 +263,6 @@ def test_the_fork_server_is_left_with_the_mask_a_process_has(tmp_path: Path) -> 
     terminated)."""
     script = tmp_path / "mask.py"
     script.write_text(textwrap.dedent(FORK_SERVER_MASK))
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-        cwd=tmp_path,
-    )
+    proc = run_script(script, TIMEOUT, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", (proc.stdout, proc.stderr)

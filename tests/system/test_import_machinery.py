@@ -14,12 +14,10 @@ come a moment later in the caller's code, and the import lock be free.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from tests.tasks import GUARD
+from tests.tasks import GUARD, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,14 +71,7 @@ CHILD = textwrap.dedent(
 def test_a_ctrl_c_in_importlib_code_is_raised_after_it(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=GUARD,
-        cwd=ROOT,
-    )
+    proc = run_script(script, GUARD, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"imported": 1, "ended": "Interrupted", "import lock held": False}, report
