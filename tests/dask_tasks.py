@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import time
@@ -12,26 +13,59 @@ def spin_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
     """Leave ``start-<i>-<ns>`` in the folder, spin on the CPU (pure Python, so a stop can
     break in), then leave ``end-<i>-<ns>``; returns ``(i, 7 * i)``."""
     index, seconds, folder = spec
-    _mark(folder, "start", index)
+    mark(folder, "start", index)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
-    _mark(folder, "end", index)
+    mark(folder, "end", index)
     return index, 7 * index
 
 
-def _mark(folder: str, what: str, index: int) -> None:
-    with open(os.path.join(folder, f"{what}-{index}-{time.monotonic_ns()}"), "w"):
-        pass
+KINDS = ("begin", "start", "end")
+SLOTS = 4096  # items per kind of mark
+_SIZE = len(KINDS) * SLOTS * 8
+_MARKS = "marks.bin"
+_maps: dict[str, mmap.mmap] = {}
+
+
+def _slots(folder: str) -> mmap.mmap:
+    """The folder's marks: an 8-byte slot per kind and item, shared by the processes."""
+    mapped = _maps.get(folder)
+    if mapped is None:
+        fd = os.open(os.path.join(folder, _MARKS), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < _SIZE:
+                os.ftruncate(fd, _SIZE)  # the same size from each process: never shrinks
+            mapped = _maps[folder] = mmap.mmap(fd, _SIZE)
+        finally:
+            os.close(fd)
+    return mapped
+
+
+def mark(folder: str, what: str, index: int) -> None:
+    """Leave the ``what`` mark of item ``index``: the monotonic clock, now. Stored in shared
+    memory, with the GIL held from the clock to the store, so that the store cannot wait
+    behind another thread: an item whose ``end`` mark is old has returned, or was about to
+    (a Dask worker process has other threads; with a file's ``open``, which lets the GIL go,
+    the mark could be made milliseconds before a stop that still met the item running)."""
+    slots = _slots(folder)
+    at = (KINDS.index(what) * SLOTS + index) * 8
+    slots[at : at + 8] = time.monotonic_ns().to_bytes(8, "little")
 
 
 def marks(folder: str, what: str) -> dict[int, int]:
     """index -> monotonic ns of each ``what`` mark in the folder."""
+    try:
+        with open(os.path.join(folder, _MARKS), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}
+    base = KINDS.index(what) * SLOTS * 8
     out: dict[int, int] = {}
-    for name in os.listdir(folder):
-        kind, index, ns = name.split("-")
-        if kind == what:
-            out[int(index)] = int(ns)
+    for index in range(min(SLOTS, max(0, (len(data) - base) // 8))):
+        ns = int.from_bytes(data[base + index * 8 : base + index * 8 + 8], "little")
+        if ns:
+            out[index] = ns
     return out
 
 
@@ -75,9 +109,9 @@ def stress_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
     index, seconds, folder = spec
     if index % 2:
         return spin_marked(spec)
-    _mark(folder, "start", index)
+    mark(folder, "start", index)
     time.sleep(seconds)
-    _mark(folder, "end", index)
+    mark(folder, "end", index)
     return index, 7 * index
 
 

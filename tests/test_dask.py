@@ -5,11 +5,13 @@ Dask's own command line.)"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import operator
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -41,7 +43,7 @@ CHILD = ROOT / "tests" / "system" / "scripts" / "dask_child.py"
 @pytest.fixture(scope="module")
 def cluster(distributed: Any) -> Iterator[object]:
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as local:
         yield local
 
@@ -490,3 +492,61 @@ def test_ctrl_c_on_the_client_stops_the_cluster_work_and_keeps_results(
     assert _idle(client)
     # The cluster still serves its other users.
     assert client.gather(client.map(tasks.square, range(10))) == [x * x for x in range(10)]  # type: ignore[attr-defined]
+
+
+STOP_RACE_RUNS = int(os.environ.get("CLEANBREAK_DASK_STOP_RACE_RUNS", "300"))
+
+
+def _run_unit_in_thread(token: str, ran: list[int], out: dict[str, Any]) -> None:
+    try:
+        out["outcome"] = _dask._run_items(token, 0, ran.append, range(20_000), None)
+        for _ in range(2_000):  # room for a late _Stop to break in, if one does
+            pass
+    except _dask._Stop:
+        out["escaped"] = True
+
+
+def test_a_stop_that_meets_an_item_as_it_ends_keeps_its_value_and_stays_in_the_unit(
+    distributed: Any,
+) -> None:
+    """``stop_units`` breaks into a worker thread at random moments of a unit of tiny items
+    (``list.append`` of a shared list: in C, so an item has run exactly when its number is in
+    that list). Every item that ran must come back with a value, and no ``_Stop`` may break in
+    once the unit has returned (on a Dask worker, in Dask's own code). Threads switch as often
+    as they can, so that the stop meets every moment of an item."""
+    rng = random.Random(int(os.environ.get("CLEANBREAK_STRESS_SEED", "7")))
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    lost: list[int] = []
+    escaped: list[int] = []
+    stopped = 0
+    try:
+        for run in range(STOP_RACE_RUNS):
+            token = f"race-{run}-{os.getpid()}"
+            ran: list[int] = []
+            out: dict[str, Any] = {}
+            thread = threading.Thread(target=_run_unit_in_thread, args=(token, ran, out))
+            thread.start()
+            while not ran and thread.is_alive():  # handshake: the unit runs
+                pass
+            for _ in range(rng.randrange(20_000)):
+                pass
+            with contextlib.suppress(StopIteration):
+                _dask.stop_units(token, True).send(None)  # the coroutine has no await
+            thread.join(GUARD)
+            assert not thread.is_alive()
+            if out.get("escaped"):
+                escaped.append(run)
+                continue
+            status, values, _errors, _seconds, _pid = out["outcome"]
+            stopped += status != 0
+            if len(values) != len(ran):
+                lost.append(run)
+    finally:
+        sys.setswitchinterval(before)
+    print(
+        f"\nstop race: {STOP_RACE_RUNS} runs, {stopped} stopped mid-unit, lost {lost}, "
+        f"escaped {escaped}"
+    )
+    assert not lost and not escaped
+    assert stopped > STOP_RACE_RUNS // 2  # the stops did meet the units as they ran

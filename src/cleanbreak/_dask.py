@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import io
 import itertools
@@ -59,7 +60,7 @@ import threading
 import time
 import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 from . import _byvalue
@@ -96,6 +97,10 @@ class _Stop(BaseException):
 _closed: set[str] = set()  # pools whose gate is closed on this worker
 _running: dict[int, tuple[str, str, int]] = {}  # thread id -> (pool token, task key, item)
 _expired: set[tuple[int, str, int]] = set()  # (thread id, task key, item) past their timeout
+# A _Stop is made (_raise_in) only with this lock held and the item on _running; a thread
+# leaves _running with it held, and calls off a _Stop made for it that came too late.
+_raise_lock = threading.Lock()
+_raised: set[int] = set()  # threads a _Stop was made for, since they last left an item
 TIMED_OUT = 99  # run_unit's status: the item after ``values`` ran past its timeout
 UNLOADABLE = 98  # run_unit's status: a packed unit's function or arguments did not load here
 WORKER_FUNCTIONS = 64  # functions sent by value that a worker process keeps, unpickled
@@ -104,13 +109,16 @@ _loaded_lock = threading.Lock()
 _loads = 0  # functions unpickled in this process (see loads_here)
 
 
-def _call(kind: int, fn: Callable[..., Any], item: Any) -> Any:
+def _calls(kind: int, fn: Callable[..., Any], item: Any) -> Iterator[Any]:
+    """An iterator, in C, that calls ``fn`` on ``item`` once: ``list.extend`` over it stores
+    the value with no Python code between the function's return and the store, where a
+    ``_Stop`` could break in and lose a result that was made (see ``_run_items``)."""
     if kind == CALL_ONE:
-        return fn(item)
+        return map(fn, (item,))
     if kind == CALL_STAR:
-        return fn(*item)
+        return itertools.starmap(fn, (item,))
     args, kwargs = item
-    return fn(*args, **kwargs)
+    return itertools.starmap(functools.partial(fn, **kwargs), (args,))
 
 
 def run_unit(
@@ -167,6 +175,7 @@ def _run_items(
     status = DONE
     began = time.perf_counter()
     k = 0
+    timer: threading.Timer | None = None
     try:
         for k, item in enumerate(items):
             if token in _closed:
@@ -179,24 +188,42 @@ def _run_items(
                 timer = threading.Timer(timeout, _expire, (me, token, key, k, worker))
                 timer.daemon = True
                 timer.start()
+            calls = _calls(kind, fn, item)
+            failure: BaseException | None = None
             _running[me] = (token, key, k)
             try:
-                value = _call(kind, fn, item)
-            except _Stop:
-                raise
-            except BaseException as exc:
-                errors[k] = CapturedError.capture(exc)
-                value = None
+                try:
+                    values.extend(calls)
+                except _Stop:
+                    raise
+                except BaseException as exc:
+                    failure = exc  # captured below, where no _Stop can break in
             finally:
-                _running.pop(me, None)
-                if timer is not None:
-                    timer.cancel()
-            values.append(value)
+                # From here on no raise reaches this thread: none is made once the item is
+                # off _running, and one made too late (the item had ended) is called off.
+                with _raise_lock:
+                    _running.pop(me, None)
+                    if me in _raised:
+                        _raised.discard(me)
+                        _call_off(me)
+            if timer is not None:
+                timer.cancel()
+            if len(values) == k:
+                if failure is None:  # map() and starmap() swallow a StopIteration
+                    failure = StopIteration(f"{_function_name(fn)} raised StopIteration")
+                errors[k] = CapturedError.capture(failure)
+                values.append(None)
     except _Stop:
-        status = TIMED_OUT if (me, key, k) in _expired else STOPPED
-        _expired.discard((me, key, k))
-    finally:
-        _running.pop(me, None)
+        # Nothing more can break in (see above). The item's value is kept if it had one.
+        if timer is not None:
+            timer.cancel()
+        if (me, key, k) in _expired:
+            _expired.discard((me, key, k))
+            status = TIMED_OUT  # the client fails item k as timed out: its value goes
+            del values[k:]
+            errors.pop(k, None)
+        else:
+            status = STOPPED
     return status, values, errors, time.perf_counter() - began, os.getpid()
 
 
@@ -247,10 +274,11 @@ def _expire(tid: int, token: str, key: str, k: int, worker: Any) -> None:
     """A timed item's deadline, in a timer thread of the worker: break it off, tell the
     client (which cancels the task, so that Dask does not run it again elsewhere), and end
     the worker process if the item is still running ``STOP_GRACE`` seconds later."""
-    if _running.get(tid) != (token, key, k):
-        return
-    _expired.add((tid, key, k))
-    _raise_in(tid)
+    with _raise_lock:
+        if _running.get(tid) != (token, key, k):
+            return
+        _expired.add((tid, key, k))
+        _raise_in(tid)
     with contextlib.suppress(Exception):
         message = {"key": key, "item": k, "worker": worker.address, "pid": os.getpid()}
         worker.loop.add_callback(worker.log_event, _topic(token), message)
@@ -264,9 +292,19 @@ def _topic(token: str) -> str:
 
 
 def _raise_in(tid: int) -> None:
+    """Make ``_Stop`` break into thread ``tid`` (with ``_raise_lock`` held, the item checked
+    to be running there)."""
     import ctypes
 
+    _raised.add(tid)
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_Stop))
+
+
+def _call_off(tid: int) -> None:
+    """Cancel a ``_Stop`` made for thread ``tid`` that has not broken in yet."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
 
 
 async def stop_units(token: str, terminate: bool, keys: Sequence[str] | None = None) -> None:
@@ -277,9 +315,10 @@ async def stop_units(token: str, terminate: bool, keys: Sequence[str] | None = N
         _closed.add(token)
     if not terminate:
         return
-    for tid, (owner, key, _k) in list(_running.items()):
-        if owner == token and (keys is None or key in keys):
-            _raise_in(tid)
+    with _raise_lock:
+        for tid, (owner, key, _k) in list(_running.items()):
+            if owner == token and (keys is None or key in keys):
+                _raise_in(tid)
 
 
 async def exit_worker() -> None:

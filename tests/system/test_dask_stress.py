@@ -92,7 +92,7 @@ COUNTS = [
 def client(distributed: Any) -> Iterator[Any]:
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster.scheduler_address, set_as_default=False) as c,
     ):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
-from tests.dask_tasks import spin_marked, stress_marked
+from tests.dask_tasks import mark, spin_marked, stress_marked
 from tests.system.scripts.sysprobe_tasks import through_asyncio
 
 # The package imports these on first use; loaded now, so that between the ``begin`` mark and
@@ -78,8 +77,7 @@ def main() -> int:
     report: dict[str, object] = {"yielded": yielded, "completed": {}, "signal": None}
     status = 0
     if args.seed is not None:
-        with open(os.path.join(args.folder, f"begin-0-{time.monotonic_ns()}"), "w"):
-            pass
+        mark(args.folder, "begin", 0)
     try:
         _run(args.api, fn, specs, pool_args, yielded)
     except cleanbreak.Interrupted as exc:
