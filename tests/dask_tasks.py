@@ -10,8 +10,8 @@ from typing import Any
 
 
 def spin_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
-    """Leave ``start-<i>-<ns>`` in the folder, spin on the CPU (pure Python, so a stop can
-    break in), then leave ``end-<i>-<ns>``; returns ``(i, 7 * i)``."""
+    """Leave the ``start`` mark (see ``mark``), spin on the CPU (pure Python, so a stop can
+    break in), then leave the ``end`` mark; returns ``(i, 7 * i)``."""
     index, seconds, folder = spec
     mark(folder, "start", index)
     end = time.monotonic() + seconds
@@ -48,9 +48,7 @@ def mark(folder: str, what: str, index: int) -> None:
     behind another thread: an item whose ``end`` mark is old has returned, or was about to
     (a Dask worker process has other threads; with a file's ``open``, which lets the GIL go,
     the mark could be made milliseconds before a stop that still met the item running)."""
-    slots = _slots(folder)
-    at = (KINDS.index(what) * SLOTS + index) * 8
-    slots[at : at + 8] = time.monotonic_ns().to_bytes(8, "little")
+    memoryview(_slots(folder)).cast("Q")[KINDS.index(what) * SLOTS + index] = time.monotonic_ns()
 
 
 def marks(folder: str, what: str) -> dict[int, int]:
@@ -60,13 +58,9 @@ def marks(folder: str, what: str) -> dict[int, int]:
             data = f.read()
     except FileNotFoundError:
         return {}
-    base = KINDS.index(what) * SLOTS * 8
-    out: dict[int, int] = {}
-    for index in range(min(SLOTS, max(0, (len(data) - base) // 8))):
-        ns = int.from_bytes(data[base + index * 8 : base + index * 8 + 8], "little")
-        if ns:
-            out[index] = ns
-    return out
+    base = KINDS.index(what) * SLOTS
+    kind = memoryview(data).cast("Q")[base : base + SLOTS]
+    return {index: ns for index, ns in enumerate(kind) if ns}
 
 
 def sleep_then(x: int, seconds: float) -> int:
