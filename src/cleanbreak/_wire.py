@@ -71,6 +71,8 @@ STOPPED: Final = 4  # (3 is the worker's UNREADABLE)
 # Reads and writes are capped so that one busy worker cannot starve the others in the
 # manager's loop, and so that a read buffer does not grow without bound.
 _IO_STEP: Final = 1 << 20
+_IOV_MAX: Final = 16  # views handed to one writev: POSIX lets no system take fewer
+_READ_AHEAD: Final = 1 << 16  # what the parent asks of a result pipe at once (see FrameReader)
 _PIPE_SIZE: Final = 1 << 20
 
 
@@ -175,15 +177,40 @@ def discard(layouts: dict[int, Layout]) -> None:
 
 def send_frame(fd: int, *parts: bytes | Packer) -> None:
     """Write one frame, blocking until the manager has taken it all."""
-    for piece in frame(*parts):
-        _write_all(fd, piece)
+    queue = _views(frame(*parts))
+    while queue:
+        _advance(queue, os.writev(fd, _batch(queue)))
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view[:_IO_STEP])
-        view = view[n:]
+def _views(pieces: list[Any]) -> deque[memoryview]:
+    return deque(memoryview(piece) for piece in pieces if piece)
+
+
+def _batch(queue: deque[memoryview]) -> list[memoryview]:
+    """The views at the head of ``queue`` for one ``writev``: a small frame goes whole in one
+    write, so that the reader wakes once for it, and finds all of it."""
+    batch: list[memoryview] = []
+    room = _IO_STEP
+    for view in queue:
+        if len(view) >= room:
+            batch.append(view[:room])
+            break
+        batch.append(view)
+        room -= len(view)
+        if len(batch) == _IOV_MAX:
+            break
+    return batch
+
+
+def _advance(queue: deque[memoryview], written: int) -> None:
+    """Drop the ``written`` bytes at the head of ``queue``."""
+    while written:
+        head = queue[0]
+        if written < len(head):
+            queue[0] = head[written:]
+            return
+        queue.popleft()
+        written -= len(head)
 
 
 def recv_frame(fd: int) -> bytearray | None:
@@ -211,14 +238,20 @@ def _read_exact(fd: int, size: int) -> bytearray | None:
 
 
 class FrameReader:
-    """Reassembles frames from a non-blocking pipe, a chunk at a time."""
+    """Reassembles frames from a non-blocking pipe.
 
-    __slots__ = ("_body", "_got", "_head", "fd")
+    It reads ahead: one ``os.read`` of up to ``_READ_AHEAD`` bytes takes a small frame whole
+    (a worker writes each frame with one ``writev``), or several, and a read that comes back
+    short says the pipe is empty, with no further read to fail with ``EAGAIN``: one system
+    call per small result. A large body is read straight into its own buffer.
+    """
+
+    __slots__ = ("_ahead", "_body", "_got", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._head = bytearray()
-        self._body: bytearray | None = None
+        self._ahead = bytearray()  # bytes read past the last whole frame: less than a header
+        self._body: bytearray | None = None  # a large frame's body, ``_got`` bytes of it in
         self._got = 0
 
     def read(self) -> tuple[list[bytearray], bool]:
@@ -227,34 +260,50 @@ class FrameReader:
         while True:
             try:
                 if self._body is None:
-                    chunk = os.read(self.fd, HEADER.size - len(self._head))
+                    chunk = os.read(self.fd, _READ_AHEAD)
                     if not chunk:
                         return frames, True
-                    self._head += chunk
-                    if len(self._head) < HEADER.size:
-                        continue
-                    (size,) = HEADER.unpack(self._head)
-                    self._head.clear()
-                    self._body = bytearray(size)
-                    self._got = 0
-                    if size:
-                        continue
+                    self._ahead += chunk
+                    self._split(frames)
+                    short = len(chunk) < _READ_AHEAD
                 else:
                     view = memoryview(self._body)[self._got : self._got + _IO_STEP]
-                    n = os.readv(self.fd, [view])
-                    if n == 0:
+                    got = os.readv(self.fd, [view])
+                    if got == 0:
                         return frames, True
-                    self._got += n
-                    if self._got < len(self._body):
-                        continue
-                frames.append(self._body)
-                self._body = None
+                    short = got < len(view)
+                    del view
+                    self._got += got
+                    if self._got == len(self._body):
+                        frames.append(self._body)
+                        self._body = None
+                if short:  # the pipe is empty: select says when more comes
+                    return frames, False
             except BlockingIOError:
                 return frames, False
             except OSError as exc:  # pragma: no cover - EBADF after a race with close
                 if exc.errno in (errno.EBADF, errno.EIO):
                     return frames, True
                 raise
+
+    def _split(self, frames: list[bytearray]) -> None:
+        """Move the whole frames out of ``_ahead``; a frame begun there and not ended becomes
+        ``_body``."""
+        ahead = self._ahead
+        pos = 0
+        while len(ahead) - pos >= HEADER.size:
+            (size,) = HEADER.unpack_from(ahead, pos)
+            pos += HEADER.size
+            have = len(ahead) - pos
+            if have < size:
+                self._body = bytearray(size)
+                self._body[:have] = ahead[pos:]
+                self._got = have
+                pos = len(ahead)
+                break
+            frames.append(ahead[pos : pos + size])
+            pos += size
+        del ahead[:pos]
 
 
 class FrameWriter:
@@ -267,7 +316,7 @@ class FrameWriter:
         self._queue: deque[memoryview] = deque()
 
     def put(self, *parts: bytes | Packer) -> None:
-        self._queue.extend(memoryview(piece) for piece in frame(*parts) if piece)
+        self._queue.extend(_views(frame(*parts)))
 
     @property
     def pending(self) -> bool:
@@ -278,15 +327,11 @@ class FrameWriter:
         worker is gone."""
         queue = self._queue
         while queue:
-            head = queue[0]
             try:
-                n = os.write(self.fd, head[:_IO_STEP])
+                written = os.writev(self.fd, _batch(queue))
             except BlockingIOError:
                 return
-            if n == len(head):
-                queue.popleft()
-            else:
-                queue[0] = head[n:]
+            _advance(queue, written)
 
 
 # ── errors that cross the boundary ───────────────────────────────────────────────────────────
