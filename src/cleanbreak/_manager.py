@@ -26,8 +26,10 @@ How a task and its result travel::
 Actors:
 
 - *Caller threads* append ``Unit`` objects to ``pending`` (a deque, safe to append to from any
-  thread) and write a byte to the wake pipe. They never touch a worker.
-- *The manager thread* owns every worker, pipe and in-flight unit. It pickles units, writes
+  thread) and write a byte to the wake pipe, or send the unit themselves while the manager
+  waits (see "Sending from the caller's thread").
+- *The manager thread* owns every worker, pipe and in-flight unit (a caller's thread that
+  sends for it holds them only while it does). It pickles units, writes
   them without blocking, reads results as they arrive, notices deaths through each worker's
   pidfd, enforces task deadlines, and runs the stop sequence. Nothing here sleeps to poll: every
   wake-up is an event or a deadline (the select's timeout).
@@ -55,6 +57,19 @@ gone skips the chunk (it still takes in the function, whose numbering both sides
 and says nothing; the manager has sent it to the free worker. Claims are read in the order they
 were written, so reading one also tells which earlier ones the worker took.
 
+Sending from the caller's thread: a task submitted while the manager waits in select would
+cost a wake-up of the manager (the wake pipe, then the manager's turn at the GIL) before it
+reaches a worker, the largest part of a round trip's time in the parent. So the manager holds
+``_state`` at all times except while select waits, and ``put`` tries to take it without waiting:
+if it can, the caller's thread runs ``_dispatch`` itself, with everything the manager would do
+(pickling, the function list, claims, the selector's write interest, which epoll sees at once),
+and wakes the manager only if something is left (a unit that does not pickle goes back for
+the manager to report from its own thread, so no callback runs inside ``submit``; a deadline
+to keep). If it cannot, the manager is busy and will dispatch anyway: the byte goes as before.
+In the main thread this runs only while the signal handlers that can run there are ours, and
+with ``_signals.holding`` set: a Ctrl-C that comes meanwhile stops the pool at once (the gate
+closes) and its ``Interrupted`` is raised a moment later, never half-way through a send.
+
 When a worker dies, the manager knows which unit it was running but, for a chunk that reports
 every 50 ms, not which item: it retries each item without an outcome alone, so the one at fault
 fails by itself and the others keep their results.
@@ -80,7 +95,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any, cast
 
-from . import _byvalue
+from . import _byvalue, _signals
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
 from ._shm import Packer, Segments, load, remove_unread
 from ._signals import HANDLED
@@ -133,6 +148,12 @@ RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3
 
 # Why the manager killed a worker.
 _TIMEOUT, _CANCEL = "timeout", "cancel"
+
+_MAIN = threading.main_thread()
+
+
+class _LeftToManager(Exception):
+    """A caller's thread leaves the unit it could not pickle to the manager thread."""
 
 
 # ── file descriptors a forked child must not keep ────────────────────────────────────────────
@@ -353,6 +374,7 @@ class LocalBackend(Intake):
         self._broken: BaseException | None = None
         self._barren_deaths = 0
         self.taken_back = 0  # chunks sent ahead and taken back for a free worker (for tests)
+        self.sent_by_callers = 0  # units a caller's thread sent itself (for tests)
         self._kill_at: float | None = None
         self.finished = threading.Event()
         # Reentrant: wake() runs in the signal handler, which may interrupt the main thread
@@ -360,6 +382,11 @@ class LocalBackend(Intake):
         self._lock = threading.RLock()
         self._accepting = True
         self._wake_pending = False
+        # Held by the manager thread except while it waits in select, and by a caller's thread
+        # that sends for it meanwhile (see "Sending from the caller's thread").
+        self._state = threading.Lock()
+        self._from_caller = False  # a caller's thread runs _dispatch (holding _state)
+        self._then_wake = False  # ...and what it sent needs the manager (a deadline to keep)
 
         wake_r, wake_w = os.pipe()
         self._wake_r = _own(wake_r)
@@ -389,6 +416,38 @@ class LocalBackend(Intake):
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     # ── called from caller threads ───────────────────────────────────────────────────────
+
+    def put(self, unit: Unit) -> None:
+        self._queue(unit)
+        if not self._send_from_caller():
+            self.wake()
+
+    def _send_from_caller(self) -> bool:
+        """Send what waits, from this (the caller's) thread, if the manager is idle in select:
+        whether that left the manager nothing to do (see "Sending from the caller's thread")."""
+        main = threading.current_thread() is _MAIN
+        if main and not _signals.raises_only_ours():
+            return False
+        if main:
+            _signals.holding = True  # first: from here on, no signal raises in this thread
+        try:
+            if not self._state.acquire(blocking=False):
+                return False
+            try:
+                self._from_caller = True
+                self._dispatch()
+                return not self.pending and not self._then_wake
+            except _LeftToManager:
+                return False
+            except BaseException as exc:  # pragma: no cover - a bug: as in the manager's loop
+                self._broken = RuntimeError(f"cleanbreak failed to send a task: {exc!r}")
+                raise
+            finally:
+                self._from_caller = self._then_wake = False
+                self._state.release()
+        finally:
+            if main:
+                _signals.holding = False
 
     def wake(self) -> None:
         # One byte in the pipe is enough: skip the write while one is already waiting (see
@@ -426,6 +485,7 @@ class LocalBackend(Intake):
         # handler, and Ctrl-C would wait for that lock. Blocked here, it goes to the main thread.
         # (Workers forked from this thread inherit the mask; worker_main unblocks it.)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        self._state.acquire()  # for good: released only while select waits
         try:
             self._start_workers()
             while True:
@@ -438,7 +498,13 @@ class LocalBackend(Intake):
                 # before it could leave the loop blocked in select with nothing left to wake it.
                 if self._done():
                     break
-                for key, mask in self._sel.select(self._timeout()):
+                timeout = self._timeout()
+                self._state.release()
+                try:
+                    events = self._sel.select(timeout)
+                finally:
+                    self._state.acquire()
+                for key, mask in events:
                     worker = key.data
                     if worker is None:
                         self._drain_wake()
@@ -691,6 +757,7 @@ class LocalBackend(Intake):
             try:
                 fn_part, went = self._pack(unit.fn, how)
             except BaseException as exc:
+                self._leave_to_manager(unit)
                 reason = f"{unit.fn!r}: {type(exc).__name__}: {exc}"
                 unit.sink.fail(unit.current, unit.left, SerializationError("function", reason))
                 return
@@ -700,6 +767,7 @@ class LocalBackend(Intake):
         except BaseException as exc:
             if fn_part is not None:
                 fn_part.release()
+            self._leave_to_manager(unit)
             if self._split(unit):
                 return
             reason = f"{type(exc).__name__}: {exc}"
@@ -726,6 +794,9 @@ class LocalBackend(Intake):
             write_claim(w.claims_w, unit.ahead)
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
+        if self._from_caller:
+            self.sent_by_callers += 1
+            self._then_wake = self._then_wake or exact  # the manager is to keep its deadline
         # With a journal, the folder where the worker writes its large results (_worker).
         spill = getattr(unit.sink, "spill", None)
         w.writer.put(
@@ -737,6 +808,14 @@ class LocalBackend(Intake):
             w.recycle = True
             self._retire(w)
         self._flush(w)
+
+    def _leave_to_manager(self, unit: Unit) -> None:
+        """In a caller's thread: the unit does not pickle. It goes back to the head of the
+        queue for the manager, which tries again and reports the failure from its own thread,
+        as it reports every outcome (a callback never runs inside ``submit``)."""
+        if self._from_caller:
+            self.pending.appendleft(unit)
+            raise _LeftToManager
 
     def _pack(self, obj: object, how: int) -> tuple[Packer, int]:
         """``obj`` pickled for a worker ``how`` it is to go (see ``PLAIN``), and how it

@@ -304,9 +304,12 @@ def collecting() -> Iterator[list[signal.Signals]]:
         yield caught
     finally:
         with _lock:
-            _collected = None
+            # Restored while signals are still recorded: a signal that came after ``_collected``
+            # was cleared and before the default handler was back found no pool and raised
+            # KeyboardInterrupt in the middle of the restore (a stress run saw it).
             if not _listeners:
                 _restore()
+            _collected = None
 
 
 def early_interrupt(sig: signal.Signals) -> Interrupted:
@@ -339,10 +342,39 @@ _IMPORT_MACHINERY = "<frozen importlib._bootstrap"  # and _bootstrap_external
 _put_off: Interrupted | None = None  # the Interrupted put off
 
 
+# And while the main thread sends a unit to a worker itself (``_manager.LocalBackend.put``), it
+# changes the manager's state step by step: an exception raised in between could lose the unit.
+# It sets ``holding`` for that while (tens of microseconds), and only while the handlers that can
+# run are ours (``raises_only_ours``); the handler still does its work at once (the stop closes
+# the gate, so no task starts late), and only the raise is put off.
+
+# The C function (``signal`` imports it): signal.getsignal makes SIG_DFL and SIG_IGN enum
+# members, 50 times slower.
+_getsignal: Callable[[int], Any] = getattr(
+    sys.modules.get("_signal"), "getsignal", signal.getsignal
+)
+holding = False  # the main thread is inside a step that no exception may break (see above)
+
+
+def raises_only_ours() -> bool:
+    """Whether every Python handler for SIGINT and SIGTERM is ours, chaining none, so that a
+    signal raises nothing in the main thread while ``holding`` is set. (``SIG_IGN``,
+    ``SIG_DFL`` and a handler set from C run no Python code there; a framework's handler that
+    ours chains, asyncio's, may raise ``KeyboardInterrupt`` itself: see ``_in_loop``.)"""
+    for sig in HANDLED:
+        handler = _getsignal(sig)
+        if handler is _handler:
+            if _saved.get(sig) is not _DEFAULTS[sig]:  # it chains a framework's (see _install)
+                return False
+        elif callable(handler):
+            return False
+    return True
+
+
 def _in_finalizer(frame: FrameType | None) -> bool:
     """Whether the main thread runs a weakref callback or a ``__del__`` (a few frames deep), or
-    the import system's own code (the frame it is in)."""
-    if _in_import_machinery(frame):
+    the import system's own code (the frame it is in), or holds (see ``holding``)."""
+    if holding or _in_import_machinery(frame):
         return True
     for _ in range(4):
         if frame is None:
@@ -534,7 +566,7 @@ def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:
     with _lock:
         if not _listeners:
             _restore()
-    if _in_import_machinery(frame) and callable(previous):
+    if (holding or _in_import_machinery(frame)) and callable(previous):
         # It may raise (Python's own raises KeyboardInterrupt): not in importlib's code (see
         # _in_finalizer). The signal comes back in a moment, to whichever handler is then in
         # place.

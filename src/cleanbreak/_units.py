@@ -263,6 +263,10 @@ class Intake:
     def put(self, unit: Unit) -> None:
         """Queue a unit. Raises the backend's ``BrokenPool`` once it broke (the workers could
         not start), and RuntimeError once it has stopped accepting units otherwise."""
+        self._queue(unit)
+        self.wake()
+
+    def _queue(self, unit: Unit) -> None:
         with self._lock:
             broken = self._broken
             if isinstance(broken, BrokenPool):
@@ -270,7 +274,6 @@ class Intake:
             if not self._accepting:
                 raise RuntimeError("cannot schedule new tasks: the pool has shut down")
             self.pending.append(unit)
-        self.wake()
 
     def stop_unit(self, uid: int) -> None:
         """Stop the unit if it runs: it reads as cancelled (``Pool.cancel``)."""

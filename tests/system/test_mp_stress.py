@@ -11,7 +11,7 @@ touch of the drop-in's module to the job's end. Counted, as the terminal stress 
 - results wrong: a kept result that is not its task's
 - tasks started late: a task that started 20 ms or more after the signal
 
-``CLEANBREAK_MP_STRESS_RUNS`` runs (default 8: each call once, the three signals in turn), seed
+``CLEANBREAK_MP_STRESS_RUNS`` runs (default 9: each call once, the three signals in turn), seed
 ``CLEANBREAK_STRESS_SEED``.
 """
 
@@ -31,8 +31,10 @@ import psutil
 from ._harness import EXIT_GUARD, TIMEOUT, record
 
 SCRIPT = Path(__file__).parent / "scripts" / "mp_stress_child.py"
+TASKS = {"apply_round_trips": 1000}  # how many tasks a mode runs (the child's TASKS): else 24
 MODES = [
     "apply_async",
+    "apply_round_trips",
     "map_async",
     "map_async_chunks",
     "map",
@@ -41,8 +43,10 @@ MODES = [
     "imap_unordered",
     "imap_timeout",
 ]
+# CLEANBREAK_MP_STRESS_MODES: a comma-separated subset of the modes, to stress those alone.
+MODES = os.environ.get("CLEANBREAK_MP_STRESS_MODES", ",".join(MODES)).split(",")
 HOWS = ["sigint-group", "sigint-parent", "sigterm-parent"]
-RUNS = int(os.environ.get("CLEANBREAK_MP_STRESS_RUNS", "8"))
+RUNS = int(os.environ.get("CLEANBREAK_MP_STRESS_RUNS", "9"))
 SEED = int(os.environ.get("CLEANBREAK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
 
 
@@ -62,6 +66,7 @@ def _one_run(tmp: Path, mode: str, how: str, rng: random.Random) -> list[str]:
     folder = tmp / f"run-{rng.randrange(1 << 30)}"
     folder.mkdir()
     label = f"{mode}, {how}"
+    count = TASKS.get(mode, 24)
     with subprocess.Popen(
         [
             sys.executable,
@@ -108,7 +113,7 @@ def _one_run(tmp: Path, mode: str, how: str, rng: random.Random) -> list[str]:
         # ended it (a KeyboardInterrupt's traceback, or death by SIGTERM), as the test allows
         # below for a report printed first. Otherwise what it had is lost.
         ended = {int(i) for what, i, ns in log if what == "done" and int(ns) < sent}
-        if len(ended) == 24 and proc.returncode in (1, -signal.SIGINT, -signal.SIGTERM):
+        if len(ended) == count and proc.returncode in (1, -signal.SIGINT, -signal.SIGTERM):
             return problems
         return [*problems, f"results lost: {label}: no report; stderr: {err.decode()[-3000:]}"]
     if err.strip():
@@ -121,7 +126,7 @@ def _one_run(tmp: Path, mode: str, how: str, rng: random.Random) -> list[str]:
     if report["how"] == "done":
         # The job ended before the signal: from then on the signal is the program's, and may
         # end it as its default action does.
-        if proc.returncode not in (0, -signal.SIGINT, -signal.SIGTERM) or len(kept) != 24:
+        if proc.returncode not in (0, -signal.SIGINT, -signal.SIGTERM) or len(kept) != count:
             problems.append(f"results lost: {label}: ended {proc.returncode}, {len(kept)} kept")
     elif proc.returncode != expected:
         problems.append(f"results lost: {label}: exit status {proc.returncode}")

@@ -2,12 +2,14 @@
 
 It imports the drop-in's module (the user's import line), prints ``begin`` just before its
 first call, ``Pool(2)``, which imports the pool itself (the signal may land from then on), then
-runs 24 tasks of 5 to 40 ms through MODE on a
-``cleanbreak.multiprocessing.Pool(2)``. Each task appends ``start I NS`` and ``done I NS`` to
-``FOLDER/log`` (``time.monotonic_ns()``). At the end, or at the ``Interrupted``, it prints one
-JSON line: ``kept`` (index -> result: what the caller was given, what the finished
-``AsyncResult``s hold, and ``Interrupted.completed``), and ``how`` ("done" or the exception's
-type), then exits 0, or 130 (SIGINT) / 143 (SIGTERM) after the interrupt.
+runs 24 tasks of 5 to 40 ms through MODE on a ``cleanbreak.multiprocessing.Pool(2)``
+(``apply_round_trips``: 1,000 tasks that do not sleep, each ``apply_async(...).get()`` in turn,
+so that the main thread is often inside a send of its own: see ``_manager``, "Sending from the
+caller's thread"). Each task appends ``start I NS`` and ``done I NS`` to ``FOLDER/log``
+(``time.monotonic_ns()``). At the end, or at the ``Interrupted``, it prints one JSON line:
+``kept`` (index -> result: what the caller was given, what the finished ``AsyncResult``s hold,
+and ``Interrupted.completed``), and ``how`` ("done" or the exception's type), then exits 0, or
+130 (SIGINT) / 143 (SIGTERM) after the interrupt.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
@@ -22,11 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from cleanbreak.multiprocessing import Pool
 from tests import tasks
 
+# How many tasks a mode runs: 24 unless named here.
+TASKS: dict[str, int] = defaultdict(lambda: 24, apply_round_trips=1000)
+
 
 def main() -> None:
     mode, folder, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rng = random.Random(seed)
-    args = [(folder, i, rng.uniform(0.005, 0.04)) for i in range(24)]
+    if mode == "apply_round_trips":
+        args = [(folder, i, 0.0) for i in range(TASKS[mode])]
+    else:
+        args = [(folder, i, rng.uniform(0.005, 0.04)) for i in range(TASKS[mode])]
     kept: dict[int, int] = {}
     results: list[object] = []
     status = 0
@@ -38,6 +47,10 @@ def main() -> None:
                 results = [pool.apply_async(tasks.logged_sleep, a) for a in args]
                 for i, r in enumerate(results):
                     kept[i] = r.get()  # type: ignore[attr-defined]
+            elif mode == "apply_round_trips":
+                for a in args:
+                    results.append(pool.apply_async(tasks.logged_sleep, a))
+                    kept[a[1]] = results[-1].get()  # type: ignore[attr-defined]
             elif mode == "map_async":
                 kept.update(enumerate(pool.starmap_async(tasks.logged_sleep, args, 1).get()))
             elif mode == "map_async_chunks":  # chunks of 6: items finish inside running chunks
