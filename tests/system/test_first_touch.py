@@ -3,9 +3,10 @@ pool's modules (the package imports them on first use) ends the line with ``Inte
 with a plain ``KeyboardInterrupt`` in the middle of an import, nor with SIGTERM's default
 action.
 
-The child parks that import at its start (an import hook that reads a byte from stdin), the
-test signals it as a terminal would (the process group of a child in a session of its own),
-then lets the import go on.
+The child parks that import at its start (an import hook that reads a byte from stdin), or at
+its very end, as the handlers that were there before are put back (``restore``), the test
+signals it as a terminal would (the process group of a child in a session of its own), then
+lets the import go on.
 """
 
 from __future__ import annotations
@@ -36,8 +37,21 @@ CHILD = textwrap.dedent(
                 os.read(0, 1)  # until the test has sent its signal
             return None
 
-    sys.meta_path.insert(0, Park())
-    name, catch = sys.argv[1], sys.argv[2] == "catch"
+    name, catch, moment = sys.argv[1], sys.argv[2] == "catch", sys.argv[3]
+    if moment == "import":
+        sys.meta_path.insert(0, Park())
+    else:
+        from cleanbreak import _signals
+
+        restore = _signals._restore
+
+        def parked():
+            _signals._restore = restore
+            print("importing", flush=True)
+            os.read(0, 1)
+            restore()
+
+        _signals._restore = parked
     try:
         if name == "map":
             cleanbreak.map(abs, [-1, -2], workers=1)
@@ -56,11 +70,12 @@ CHILD = textwrap.dedent(
 @pytest.mark.parametrize("name", ["Pool", "map"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("catch", [True, False])
+@pytest.mark.parametrize("moment", ["import", "restore"])
 def test_a_signal_while_the_first_touch_imports_gives_interrupted(
-    name: str, sig: signal.Signals, catch: bool
+    name: str, sig: signal.Signals, catch: bool, moment: str
 ) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, name, "catch" if catch else "raise"],
+        [sys.executable, "-c", CHILD, name, "catch" if catch else "raise", moment],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
