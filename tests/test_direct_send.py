@@ -156,3 +156,74 @@ def test_a_ctrl_c_while_the_main_thread_sends_is_raised_after_the_send(
     # CancelledError.)
     assert out["states"] and set(out["states"]) <= {"value", "interrupted", "CancelledError"}
     assert "Traceback" not in done.stderr, done.stderr
+
+
+# The signal that brings a put-off Interrupted back comes a moment later, from a thread of
+# ours: here long after the pool call that took the Interrupted (``after="result"``), or after
+# the pool was shut down with it still put off (``after="shutdown"``). Either way, it must not
+# reach Python's own handler (a KeyboardInterrupt traceback, which a CI run saw): exactly one
+# Interrupted, and then the handler the program had is back.
+_LATE = """
+import json, os, signal, sys, threading, time
+sys.path.insert(0, {root!r})
+import cleanbreak
+from cleanbreak import _manager, _signals
+from tests import tasks
+
+_signals._PUT_OFF_SECONDS = 0.3
+after = {after!r}
+fired = False
+real = _manager.LocalBackend._send
+
+def wrapped(self, *args):
+    global fired
+    if not fired and self._from_caller and threading.current_thread() is threading.main_thread():
+        fired = True
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+    return real(self, *args)
+
+_manager.LocalBackend._send = wrapped
+
+if __name__ == "__main__":
+    raised = []
+    pool = cleanbreak.Pool(1)
+    futures = []
+    try:
+        while not fired and len(futures) < 2000:
+            futures.append(pool.submit(tasks.square, 3))
+            if not fired:
+                futures[-1].result(tasks.GUARD)
+        if after == "result":
+            futures[-1].result(tasks.GUARD)
+    except cleanbreak.Interrupted:
+        raised.append("call")
+    try:
+        pool.shutdown()
+    except cleanbreak.Interrupted:
+        raised.append("shutdown")
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    except cleanbreak.Interrupted:
+        raised.append("later")
+    restored = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    print(json.dumps({{"fired": fired, "raised": raised, "restored": restored}}))
+"""
+
+
+@pytest.mark.parametrize("after", ["result", "shutdown"])
+def test_the_signal_that_brings_back_a_put_off_interrupted_never_reaches_another_handler(
+    tmp_path: Path, after: str
+) -> None:
+    script = tmp_path / "late.py"
+    script.write_text(textwrap.dedent(_LATE.format(root=str(ROOT), after=after)))
+    done = tasks.run_script(script, timeout=tasks.GUARD * 2)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr
+    out = json.loads(lines[-1])
+    assert out["fired"], out
+    assert len(out["raised"]) == 1, out
+    assert out["restored"], out
+    assert done.returncode == 0, done.stderr

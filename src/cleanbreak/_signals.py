@@ -232,6 +232,8 @@ def detach(listener: Listener) -> None:
 
 
 def _restore() -> None:
+    if _put_off is not None:
+        return  # its signal is still to come back to our handler (see take_put_off)
     for sig, previous in list(_saved.items()):
         if signal.getsignal(sig) is _handler:
             signal.signal(sig, _still_wanted(sig, previous))
@@ -261,8 +263,11 @@ def _still_wanted(sig: int, previous: Any) -> Any:
 
 
 def _forget_in_child() -> None:
-    global _lock
+    global _lock, _send_lock, _put_off, _unsent, _taken
     _lock = threading.RLock()  # a thread of the parent may have held it at the fork
+    _send_lock = threading.Lock()
+    _put_off = _unsent = None  # the parent's: no thread here sends their signal back
+    _taken = 0
     for sig, previous in list(_saved.items()):
         if signal.getsignal(sig) is _handler:
             with contextlib.suppress(ValueError):  # defensive: the forking thread is main
@@ -398,14 +403,39 @@ _putting_off = False
 _taken = 0  # Interrupteds put off and raised by a pool call before their signal came back
 
 
+# The signal that brings a put-off Interrupted back is sent by a thread of ours, a moment later.
+# A pool call may take the Interrupted first (``take_put_off``): the signal is then called off if
+# it has not gone yet, and ignored when it comes if it has. Either way it must never reach a
+# handler other than ours, so the handlers are not handed back while an Interrupted is put off
+# (a CI run saw the signal come back after the pool's shutdown had restored Python's handler:
+# a KeyboardInterrupt traceback). ``_send_lock`` makes "not yet sent" and "sent" exact.
+_send_lock = threading.Lock()
+_unsent: object | None = None  # the token of the thread that is to send the signal back
+
+
 def take_put_off() -> Interrupted | None:
     """The Interrupted put off, for a pool call to raise now (a future cancelled by the stop
-    raises it, not CancelledError); the signal that was to bring it back is then ignored."""
-    global _put_off, _taken
-    exc, _put_off = _put_off, None
+    raises it, not CancelledError); the signal that was to bring it back is called off, or
+    ignored when it comes."""
+    global _put_off, _taken, _unsent
+    with _send_lock:
+        exc, _put_off = _put_off, None
+        if exc is not None:
+            if _unsent is not None:
+                _unsent = None  # its thread will not send it
+            else:
+                _taken += 1
     if exc is not None:
-        _taken += 1
+        _restore_if_unused()
     return exc
+
+
+def _restore_if_unused() -> None:
+    """Hand the handlers back if no pool is left (see ``detach``) now that no Interrupted is
+    put off."""
+    with _lock:
+        if not _listeners and in_main_thread():
+            _restore()
 
 
 def _put_off_raise(exc: Interrupted) -> None:
@@ -419,20 +449,30 @@ def _put_off_raise(exc: Interrupted) -> None:
         return
     _putting_off = True
     try:
-        _send_again_soon(sig)
+        _send_again_soon(sig, callable_off=True)
     finally:
         _putting_off = False
 
 
-def _send_again_soon(sig: signal.Signals) -> None:
+def _send_again_soon(sig: signal.Signals, callable_off: bool = False) -> None:
     """Send ``sig`` to the main thread in a moment, from a thread of ours (waking it from a
-    blocking call)."""
+    blocking call); with ``callable_off``, unless ``take_put_off`` calls it off first."""
+    global _unsent
     main = threading.main_thread().ident
     assert main is not None
+    token = object()
+    if callable_off:
+        _unsent = token
 
     def send() -> None:
+        global _unsent
         time.sleep(_PUT_OFF_SECONDS)
-        signal.pthread_kill(main, sig)
+        with _send_lock:
+            if callable_off:
+                if _unsent is not token:
+                    return  # called off, or a later thread sends it
+                _unsent = None
+            signal.pthread_kill(main, sig)
 
     start_quiet_thread(send, "cleanbreak-put-off")
 
@@ -474,6 +514,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
             _put_off_raise(_put_off)
             return
         exc, _put_off = _put_off, None
+        _restore_if_unused()
         raise exc.with_traceback(None)
     live = [listener for listener in list(_listeners) if listener.is_live()]
     if not live:
