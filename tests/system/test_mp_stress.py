@@ -4,7 +4,8 @@ touch of the drop-in's module to the job's end. Counted, as the terminal stress 
 
 - hangs: the child did not exit within EXIT_GUARD seconds
 - processes left: a process of the child's session still there 1 s after it exited
-- tracebacks: anything on the child's stderr
+- tracebacks: anything on the child's stderr, but Python's own KeyboardInterrupt for a SIGINT
+  that came once the job was over (see ``_the_programs_own``)
 - results lost: a task that had finished (its ``done`` line written 5 ms or more before the
   signal) whose result the caller neither got nor found in ``Interrupted.completed`` or a
   finished ``AsyncResult``; or a child that ended in another way than the signal's exit status
@@ -17,6 +18,7 @@ touch of the drop-in's module to the job's end. Counted, as the terminal stress 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -61,6 +63,28 @@ def _session(sid: int) -> list[psutil.Process]:
     return found
 
 
+_after_the_job: list[str] = []  # runs whose stderr was the program's own KeyboardInterrupt
+
+
+def _the_programs_own(
+    report: dict[str, object], log: list[list[str]], count: int, sent: int, err: str
+) -> bool:
+    """Whether ``err`` is Python's own KeyboardInterrupt for a SIGINT that came after the job:
+    every task had ended before it and the pool was gone (the report says "done"). The signal
+    is then the program's, and Python does what it always does, which includes printing the
+    KeyboardInterrupt, or "Exception ignored" for one raised while the interpreter exits or in
+    a ``__del__`` (seen: ``threading._shutdown``; the drop-in's ``Pool.__del__``, as the stock
+    pool's, of a pool closed before)."""
+    ended = [int(ns) for what, _i, ns in log if what == "done"]
+    last_line = err.strip().splitlines()[-1]
+    return (
+        report["how"] == "done"
+        and len(ended) == count
+        and max(ended) < sent
+        and last_line.startswith("KeyboardInterrupt")
+    )
+
+
 def _one_run(tmp: Path, mode: str, how: str, rng: random.Random) -> list[str]:
     """One run; what went wrong, as ``count: detail`` lines."""
     folder = tmp / f"run-{rng.randrange(1 << 30)}"
@@ -94,7 +118,8 @@ def _one_run(tmp: Path, mode: str, how: str, rng: random.Random) -> list[str]:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGABRT)  # faulthandler prints every thread's stack
             _out, err = proc.communicate()
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # the abort ended the whole group
+                os.killpg(proc.pid, signal.SIGKILL)
             return [f"hangs: {label}: {err.decode()[-6000:]}"]
         exited = time.monotonic()
     problems = []
@@ -116,9 +141,12 @@ def _one_run(tmp: Path, mode: str, how: str, rng: random.Random) -> list[str]:
         if len(ended) == count and proc.returncode in (1, -signal.SIGINT, -signal.SIGTERM):
             return problems
         return [*problems, f"results lost: {label}: no report; stderr: {err.decode()[-3000:]}"]
-    if err.strip():
-        problems.append(f"tracebacks: {label}: {err.decode()[-2000:]}")
     report = json.loads(lines[-1])
+    if err.strip():
+        if _the_programs_own(report, log, count, sent, err.decode()):
+            _after_the_job.append(label)
+        else:
+            problems.append(f"tracebacks: {label}: {err.decode()[-2000:]}")
     kept = {int(k): v for k, v in report["kept"].items()}
     finished = {int(i) for what, i, ns in log if what == "done" and int(ns) < sent - 5_000_000}
     late = [int(i) for what, i, ns in log if what == "start" and int(ns) > sent + 20_000_000]
@@ -163,4 +191,5 @@ def test_the_drop_in_at_random_moments_loses_nothing_and_leaves_nothing(tmp_path
     for kind, n in counts.items():
         record(f"drop-in stress: {kind}", n)
     print(f"\ndrop-in stress, {RUNS} runs (seed {SEED}): {counts}")
+    print(f"(a KeyboardInterrupt of Python's after the job, allowed: {len(_after_the_job)})")
     assert not problems, "\n".join(problems)
