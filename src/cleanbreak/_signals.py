@@ -341,9 +341,18 @@ def early_interrupt(sig: signal.Signals) -> Interrupted:
 # or import in another thread waits for ever (a stress run hung so: the manager thread in
 # ``fork``, starting a worker). While the main thread runs importlib's bytecode, nothing is
 # raised there: it is put off too.
+#
+# And for ``threading.Condition.__enter__``, which is Python code around a C acquire: the
+# handler runs as that call returns, so an exception raised there leaves ``__enter__`` with the
+# lock taken and the ``with`` block never entered, and nothing releases it. A future's condition
+# was left so by the main thread's ``add_done_callback`` (under ``apply_async``), and the
+# manager then waited for it for ever as it set the result (a stress run of the drop-in hung).
+# Put off only once the condition is held: a signal that comes while the acquire still waits
+# breaks it, as before.
 
 _FINALIZING_FILES = ("weakref.py", "_weakrefset.py")
 _IMPORT_MACHINERY = "<frozen importlib._bootstrap"  # and _bootstrap_external
+_CONDITION_ENTER = threading.Condition.__enter__.__code__
 _put_off: Interrupted | None = None  # the Interrupted put off
 
 
@@ -378,8 +387,9 @@ def raises_only_ours() -> bool:
 
 def _in_finalizer(frame: FrameType | None) -> bool:
     """Whether the main thread runs a weakref callback or a ``__del__`` (a few frames deep), or
-    the import system's own code (the frame it is in), or holds (see ``holding``)."""
-    if holding or _in_import_machinery(frame):
+    the import system's own code (the frame it is in), or has just taken a condition's lock in
+    ``Condition.__enter__``, or holds (see ``holding``)."""
+    if holding or _in_import_machinery(frame) or _entering_condition(frame):
         return True
     for _ in range(4):
         if frame is None:
@@ -391,6 +401,17 @@ def _in_finalizer(frame: FrameType | None) -> bool:
             return True  # still in our hook: it has not returned to the callback's caller
         frame = frame.f_back
     return False
+
+
+def _entering_condition(frame: FrameType | None) -> bool:
+    """Whether ``frame`` is ``Condition.__enter__`` with its lock held (see above)."""
+    if frame is None or frame.f_code is not _CONDITION_ENTER:
+        return False
+    is_owned = getattr(frame.f_locals.get("self"), "_is_owned", None)
+    try:
+        return is_owned is None or bool(is_owned())
+    except Exception:  # pragma: no cover - not a threading.Condition after all
+        return True
 
 
 def _in_import_machinery(frame: FrameType | None) -> bool:
