@@ -775,6 +775,10 @@ class Pool(Executor):
     ) -> Interrupted:
         """The Interrupted to raise once the pool has stopped (see ``_stop``), with the results
         that were gathered; our handler goes now."""
+        if _signals.in_main_thread():
+            # It is raised in place of one the handler put off for this stop, if any: that one
+            # is not raised after it (see _signals.take_put_off).
+            _signals.take_put_off()
         self._reported = True
         self._raised_exc = None  # a pool call caught it: this one is raised in its place
         self._close_journal(quick=True)  # every worker is gone: what finished is committed now

@@ -39,6 +39,7 @@ from multiprocessing import TimeoutError
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from . import _signals
 from ._errors import Interrupted
 
 __all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult", "Pool", "TimeoutError"]
@@ -125,8 +126,18 @@ class ApplyResult:
         except Interrupted as exc:
             self._on_interrupt(exc)
             raise
-        if self._error is not None:
-            raise _stock(self._error)
+        error = self._error
+        if error is not None:
+            if isinstance(error, (CancelledError, Interrupted)) and _signals.in_main_thread():
+                # The stop's outcome, where the handler may have put the signal's Interrupted
+                # off (the main thread was sending a task itself: see _manager). A cancelled
+                # task raises that Interrupted, not CancelledError; an Interrupted from the
+                # map's thread is raised in its place (it is not raised twice).
+                put_off = _signals.take_put_off()
+                if put_off is not None and not isinstance(error, Interrupted):
+                    self._on_interrupt(put_off)
+                    raise put_off.with_traceback(None)
+            raise _stock(error)
         return self._value
 
     def _on_interrupt(self, exc: Interrupted) -> None:
