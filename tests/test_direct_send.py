@@ -80,6 +80,16 @@ def test_a_task_sent_by_the_callers_thread_keeps_its_timeout(start_method: str) 
         pytest.fail("the caller's thread never sent the task")
 
 
+def _run_child(script: Path, template: str, **fields: object) -> tuple[Any, Any]:
+    """Run ``template`` (filled in with ``fields``) as ``script``: the finished process, and the
+    JSON report on its last line of output."""
+    script.write_text(textwrap.dedent(template.format(root=str(ROOT), **fields)))
+    done = tasks.run_script(script, timeout=tasks.GUARD * 2)
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr
+    return done, json.loads(lines[-1])
+
+
 # The main thread is made to take a Ctrl-C while it sends a task itself, at each of the send's
 # steps in turn: the signal stops the pool at once, and its Interrupted is raised only once the
 # send is done (never half-way, which would lose the task).
@@ -143,12 +153,7 @@ if __name__ == "__main__":
 def test_a_ctrl_c_while_the_main_thread_sends_is_raised_after_the_send(
     tmp_path: Path, step: int
 ) -> None:
-    script = tmp_path / "window.py"
-    script.write_text(textwrap.dedent(_WINDOW.format(root=str(ROOT), step=step)))
-    done = tasks.run_script(script, timeout=tasks.GUARD * 2)
-    lines = done.stdout.strip().splitlines()
-    assert lines, done.stderr
-    out = json.loads(lines[-1])
+    done, out = _run_child(tmp_path / "window.py", _WINDOW, step=step)
     assert out["interrupted"], out
     assert not out["inside"], "Interrupted was raised inside submit, half-way through a send"
     # Every future has an outcome: none was lost between the queue and a worker (its result
@@ -241,13 +246,8 @@ if __name__ == "__main__":
 def test_the_signal_that_brings_back_a_put_off_interrupted_never_reaches_another_handler(
     tmp_path: Path, after: str
 ) -> None:
-    script = tmp_path / "late.py"
-    script.write_text(textwrap.dedent(_LATE.format(root=str(ROOT), after=after)))
-    done = tasks.run_script(script, timeout=tasks.GUARD * 2)
+    done, out = _run_child(tmp_path / "late.py", _LATE, after=after)
     assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert lines, done.stderr
-    out = json.loads(lines[-1])
     assert out["fired"], out
     # Once, from the call (or, left put off, from the wait after the shutdown): the Interrupted
     # a call raises for the stop takes the one put off, and a get() whose task the stop

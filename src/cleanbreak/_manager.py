@@ -149,8 +149,6 @@ RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3
 # Why the manager killed a worker.
 _TIMEOUT, _CANCEL = "timeout", "cancel"
 
-_MAIN = threading.main_thread()
-
 
 class _LeftToManager(Exception):
     """A caller's thread leaves the unit it could not pickle to the manager thread."""
@@ -425,7 +423,7 @@ class LocalBackend(Intake):
     def _send_from_caller(self) -> bool:
         """Send what waits, from this (the caller's) thread, if the manager is idle in select:
         whether that left the manager nothing to do (see "Sending from the caller's thread")."""
-        main = threading.current_thread() is _MAIN
+        main = _signals.in_main_thread()
         if main and not _signals.raises_only_ours():
             return False
         if main:
