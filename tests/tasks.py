@@ -142,6 +142,11 @@ def star(spec: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
     return fn(*args)
 
 
+def imported(name: str) -> bool:
+    """Whether this process has imported the module ``name``."""
+    return name in sys.modules
+
+
 def getpid_of_worker(_: object = None) -> int:
     return os.getpid()
 

@@ -179,6 +179,92 @@ def test_a_script_read_from_stdin_runs_what_it_defines(method: str) -> None:
     assert out == EXPECTED
 
 
+# In `python -c` (as in a notebook or the REPL) no worker can import the main module, so
+# what is of it goes by value; what is not still goes as plain pickle sends it.
+MAINLESS = textwrap.dedent(
+    """
+    import functools, json, operator, sys
+    import cleanbreak
+    from tests import tasks
+
+    def f(x):
+        return ("old", x)
+
+    class Box:
+        def __init__(self, v):
+            self.v = v
+        def get(self):
+            return ("old", self.v)
+
+    class Bag(dict):
+        pass
+
+    DATA = [None, True, 1.5, 2**80, "s", b"b", (1, [2]), {3: {4}}, frozenset({5}), bytearray(b"x")]
+    pool = cleanbreak.Pool(2, mp_context=sys.argv[1])  # a forked worker has the old ones
+    plain = {
+        "map": list(pool.map(operator.neg, range(6), chunksize=2)),
+        "star": list(pool.map(tasks.combine, [1, 2], [10, 20])),
+        "submit": pool.submit(tasks.combine, 1, 2, scale=3).result(),
+        "data": repr(pool.submit(tasks.identity, DATA).result()),
+    }
+    parent_plain = "cloudpickle" in sys.modules
+    workers_plain = any(pool.map(tasks.imported, ["cloudpickle"] * 8, chunksize=1))
+
+    def f(x):  # redefined, as at the REPL: the workers must run these, not the old ones
+        return ("new", x)
+
+    class Box:
+        def __init__(self, v):
+            self.v = v
+        def get(self):
+            return ("new", self.v)
+
+    class Bag(dict):
+        def __reduce__(self):
+            return (f, (dict(self),))
+
+    main = {
+        "function": list(pool.map(f, range(2))),
+        "partial": pool.submit(functools.partial(f, 5)).result(),
+        "nested": pool.submit(tasks.star, (f, (7,))).result(),
+        "method": pool.submit(Box(2).get).result(),
+        "argument": list(pool.map(operator.methodcaller("get"), [Box(3)])),
+        "reduce": pool.submit(tasks.identity, Bag(a=1)).result(),
+    }
+    pool.shutdown()
+    print(json.dumps([plain, parent_plain, workers_plain, main]))
+    """
+)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_with_no_main_module_only_what_is_of_it_goes_by_value(method: str) -> None:
+    plain, parent_plain, workers_plain, main = _run_script([sys.executable, "-c", MAINLESS, method])
+    assert plain == {
+        "map": [0, -1, -2, -3, -4, -5],
+        "star": [11, 22],
+        "submit": 9,
+        "data": repr(
+            [None, True, 1.5, 2**80, "s", b"b", (1, [2]), {3: {4}}, frozenset({5}), bytearray(b"x")]
+        ),
+    }
+    # Importable functions and plain data went as plain pickle sends them: nobody imported
+    # cloudpickle for them (a fork server preloads it where the main module is not
+    # importable, once for all its workers: see _manager._start_fork_server).
+    assert parent_plain is False
+    assert workers_plain is (method == "forkserver")
+    # Everything of __main__ went by value, wherever it was: the workers ran what the caller
+    # has now (a forked worker holds the old ones under the same names).
+    assert main == {
+        "function": [["new", 0], ["new", 1]],
+        "partial": ["new", 5],
+        "nested": ["new", 7],
+        "method": ["new", 2],
+        "argument": [["new", 3]],
+        "reduce": ["new", {"a": 1}],
+    }
+
+
 GUARDED = textwrap.dedent(
     """
     import json, operator, sys

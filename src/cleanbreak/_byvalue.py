@@ -46,6 +46,32 @@ class CloudpickleMissing(pickle.PicklingError):
     """Something must go by value, and cloudpickle (a dependency) is not installed."""
 
 
+class NamesMain(pickle.PicklingError):
+    """What ``MainlessPickler`` was pickling holds something of ``__main__``."""
+
+
+class MainlessPickler(pickle.Pickler):
+    """Plain pickle that refuses anything of ``__main__`` (``NamesMain``).
+
+    For a process whose main module no worker can import (a notebook, the REPL, ``python -c``):
+    what names nothing of it (an importable function, the usual arguments) still goes as plain
+    pickle sends it, at its speed and without importing cloudpickle; the rest is sent again by
+    value. (A forked worker may hold a name of ``__main__``, but from before the fork: a cell
+    run again since would not be the one it runs.) Plain pickle names a function, a class, or
+    an instance's class by its ``__module__``, and asks ``reducer_override`` first about every
+    object but ``None``, the booleans and exact ``int``, ``float``, ``str``, ``bytes``,
+    ``bytearray``, ``list``, ``tuple``, ``dict``, ``set`` and ``frozenset``, none of which
+    names a module: so nothing of ``__main__`` gets past it. (An instance's ``__module__`` is
+    its class's; a bound method's, its function's.)
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        module = getattr(obj, "__module__", None)
+        if isinstance(module, str) and module == "__main__":
+            raise NamesMain  # (not its repr: the user's code, and nobody reads this)
+        return NotImplemented
+
+
 def main_importable() -> bool:
     """Whether a worker that spawn or a fork server starts runs this process's main module
     again, so that its top-level functions and classes can be found there by name.

@@ -819,11 +819,15 @@ class LocalBackend(Intake):
         """``obj`` pickled for a worker ``how`` it is to go (see ``PLAIN``), and how it
         went: as plain pickle sends it where that works and the worker can import the main
         module, else by value (see ``_byvalue``)."""
-        if how == PLAIN and not self._main_by_value:
+        if how == PLAIN:
             try:
-                return Packer(self._segments).pack(obj), PLAIN
+                if not self._main_by_value:
+                    return Packer(self._segments).pack(obj), PLAIN
+                # No worker can import the main module: what names nothing of it (an
+                # importable function; the usual arguments) still goes plain, at its speed.
+                return Packer(self._segments).pack(obj, _byvalue.MainlessPickler), PLAIN
             except Exception:
-                pass  # a lambda, a closure, a local class: by value
+                pass  # a lambda, a closure, a local class, something of __main__: by value
         # WHOLE: a function a worker could not find by name goes by value whole, ``__main__``
         # included: it was found there in this process, and not in the worker's.
         try:
