@@ -9,8 +9,8 @@ tables:
   with the same function by reference and by value in turn (``notebook_child.py``), so that the
   ratio compares two calls on the same pool, a moment apart. In two kinds of process: a script
   (a main module that workers can import: by value is a nested function), and ``python -c``
-  (no main module to import, as in a notebook: by value is a function of ``__main__``, and
-  cleanbreak pickles everything it sends with cloudpickle's pickler).
+  (no main module to import, as in a notebook: by value is a function of ``__main__``; the
+  arguments, which name nothing of ``__main__``, still go by plain pickle).
 - **13b, one-shot**: ``cleanbreak.map(fn, xs, workers=N)`` as the first call of a fresh process,
   timed whole (workers started and stopped inside it), for each (process kind, function), on
   the jobs of 13a and on a few tiny tasks, where the start is all there is.
@@ -328,9 +328,10 @@ def _warm(settings: Settings, counts: dict[str, int]) -> Section:
         "By value: cleanbreak sends the function with cloudpickle once to each worker, "
         "which keeps it; later chunks name it by number, so a warm pass costs the same as by "
         "reference unless the function's own code differs. In a `python -c` process (and a "
-        "notebook, the REPL, stdin) cleanbreak pickles every chunk of arguments with "
-        "cloudpickle's pickler as well, by reference too: the last column shows what that "
-        "costs against a script's plain pickle (a ratio of medians from different processes)."
+        "notebook, the REPL, stdin) what names nothing of `__main__` (the arguments here, an "
+        "importable function) goes by plain pickle too, as from a script; the last column "
+        "compares each row with the script's by reference (a ratio of medians from different "
+        "processes)."
     )
     for (context, job), runs in found.items():
         section.notes.append(
