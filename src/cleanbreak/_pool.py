@@ -144,6 +144,7 @@ class Pool(Executor):
     the workers as it is.
     """
 
+    @_signals.making_a_pool
     def __init__(
         self,
         workers: int | None = None,
@@ -243,6 +244,10 @@ class Pool(Executor):
         self._pending_level = 0
         try:
             _signals.attach(self)
+            if _signals.in_main_thread() and _signals.asyncio_took_a_ctrl_c():
+                # A Ctrl-C came as this started, and asyncio's handler took it: it only asked
+                # to cancel the main task, which ran on into Pool(). It is the pool's.
+                raise KeyboardInterrupt
             self._backend: Backend = self._make_backend()
         except KeyboardInterrupt:  # a handler of the user's raised it before ours was in place
             _signals.detach(self)

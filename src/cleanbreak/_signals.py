@@ -59,9 +59,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, ParamSpec, Protocol
 
 from ._errors import Interrupted
+
+_P = ParamSpec("_P")
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 # The longest the main thread sleeps in one wait inside cleanbreak (see the module docstring).
@@ -315,6 +317,23 @@ def collecting() -> Iterator[list[signal.Signals]]:
             if not _listeners:
                 _restore()
             _collected = None
+
+
+def making_a_pool(init: Callable[_P, None]) -> Callable[_P, None]:
+    """For a pool's ``__init__``: a plain ``KeyboardInterrupt`` out of it (a Ctrl-C that came
+    before the pool put its handler in place, raised by Python's, in the middle of checking
+    the arguments) is the pool's, as one a moment later would be: ``Interrupted``."""
+
+    @functools.wraps(init)
+    def made(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            init(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            raise early_interrupt(signal.SIGINT) from None
+
+    return made
 
 
 def early_interrupt(sig: signal.Signals) -> Interrupted:
@@ -579,6 +598,20 @@ def _main_task(handler: object) -> Any:
     """The main task of ``asyncio.Runner``'s SIGINT handler (a ``functools.partial``), or
     None for any other handler."""
     return handler.keywords.get("main_task") if isinstance(handler, functools.partial) else None
+
+
+def asyncio_took_a_ctrl_c() -> bool:
+    """Whether the asyncio run whose SIGINT handler ours chains took a Ctrl-C that it has not
+    yet delivered: its handler only asks to cancel the main task, which runs on until its next
+    ``await``, and so into ``Pool()`` (the signal came between the start of the run and our
+    handler's). (Main thread, with ours in place.)"""
+    handler = _saved.get(signal.SIGINT)
+    task = _main_task(handler)
+    if task is None or not chainable(handler) or task.done():
+        return False
+    runner = getattr(getattr(handler, "func", None), "__self__", None)
+    # asyncio's own record (Python 3.11-3.13): the signals it took, and a cancel not delivered.
+    return getattr(runner, "_interrupt_count", 0) > 0 and bool(getattr(task, "_must_cancel", False))
 
 
 def _cancel_asyncio_main() -> bool:

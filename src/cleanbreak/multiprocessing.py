@@ -391,6 +391,7 @@ class Pool:
     ``retries``, ``retry_on`` and ``journal``, as for ``cleanbreak.Pool``.
     """
 
+    @_signals.making_a_pool
     def __init__(
         self,
         processes: int | None = None,

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,62 @@ def test_ctrl_c_while_asyncio_sets_a_result_prints_nothing(method: str) -> None:
     proc = _run_script("asyncio_race_child.py", method)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("touched", ["touched", "first touch"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_ctrl_c_asyncio_took_just_before_the_pool_stops_it(
+    method: str, touched: str, tmp_path: Path
+) -> None:
+    """Ctrl-C under ``asyncio.run`` after asyncio put its handler in place and before the pool
+    put ours (``scripts/asyncio_before_pool_child.py``). asyncio's handler only asks to cancel
+    the main task, which ran on into ``Pool()``: the pool started its workers and took the
+    tasks, the cancel came at the first ``await``, and asyncio raised its plain
+    ``KeyboardInterrupt`` (the results of a stress run's job were lost so). ``Pool()`` raises
+    ``Interrupted`` and starts nothing."""
+    proc = _run_script("asyncio_before_pool_child.py", str(tmp_path), method, touched)
+    assert proc.stdout.splitlines() == ["Interrupted SIGINT", "[]"], proc.stdout + proc.stderr
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+
+
+# Ctrl-C as a pool checks its arguments, before its handler is in place: iterating over
+# ``retry_on`` sends it to the process group, as a terminal would.
+CHECKING = textwrap.dedent(
+    """
+    import os, signal, sys
+    import cleanbreak
+    import cleanbreak.multiprocessing
+
+    class Kinds:
+        def __iter__(self):
+            os.killpg(os.getpgrp(), signal.SIGINT)
+            return iter([ValueError])
+
+    make = cleanbreak.Pool if sys.argv[1] == "Pool" else cleanbreak.multiprocessing.Pool
+    try:
+        make(1, retry_on=Kinds())
+        print("made")
+    except cleanbreak.Interrupted as exc:
+        print("Interrupted", exc.signal.name)
+    """
+)
+
+
+@pytest.mark.parametrize("face", ["Pool", "multiprocessing.Pool"])
+def test_a_ctrl_c_while_a_pool_checks_its_arguments_is_the_pools(face: str) -> None:
+    """Python's handler raises a plain ``KeyboardInterrupt`` there; ``Pool()`` raises
+    ``Interrupted``, as it does a moment later, once its own handler is in place."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECKING, face],
+        cwd=Path(__file__).parents[2],
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_GUARD,
+        check=False,
+    )
+    assert (proc.stdout, proc.stderr) == ("Interrupted SIGINT\n", "")
 
 
 def test_ctrl_c_as_the_fork_server_unblocks_it_prints_nothing() -> None:
