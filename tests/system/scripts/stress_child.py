@@ -173,7 +173,13 @@ def main() -> int:
     yielded: list[Any] = []
     report: dict[str, Any] = {"yielded": yielded, "completed": {}, "signal": None}
     status = 0
-    emit(args.events, "begin", time.monotonic_ns())
+
+    def begin() -> None:
+        """Just before the pool is made (under asyncio, once ``asyncio.run`` has started)."""
+        emit(args.events, "begin", time.monotonic_ns())
+
+    if args.api != "asyncio":
+        begin()
 
     def done() -> None:
         """The job's end, stamped while the pool is still open: once it is closed, a SIGTERM
@@ -184,7 +190,7 @@ def main() -> int:
         if args.api == "cbmap":
             yielded.extend(cleanbreak.map(stress_task, specs, **pool_args))
         elif args.api == "asyncio":
-            asyncio.run(through_asyncio(pool_args, stress_task, specs, yielded, done))
+            asyncio.run(through_asyncio(pool_args, stress_task, specs, yielded, done, begin))
         else:
             with cleanbreak.Pool(**pool_args) as pool:
                 if args.api == "submit":

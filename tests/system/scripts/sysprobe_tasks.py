@@ -199,16 +199,22 @@ async def through_asyncio(
     specs: list[Any],
     yielded: list[Any],
     on_done: Any = None,
+    on_begin: Any = None,
 ) -> None:
     """The stress children's asyncio API: ``fn`` over ``specs`` through ``run_in_executor``.
     The user's view of the results is the asyncio futures: they keep theirs. ``on_done`` is
     called once every result is in, while the pool is still open (after it, and during
-    ``asyncio.run``'s teardown, a SIGTERM is the program's own: it ends the process)."""
+    ``asyncio.run``'s teardown, a SIGTERM is the program's own: it ends the process).
+    ``on_begin`` is called just before the pool is made (the first touch of
+    ``cleanbreak.Pool``): before it, inside ``asyncio.run``'s own start, a Ctrl-C is the
+    program's, and asyncio raises ``KeyboardInterrupt`` for it."""
     import asyncio
 
     import cleanbreak
 
     loop = asyncio.get_running_loop()
+    if on_begin is not None:
+        on_begin()
     with cleanbreak.Pool(**pool_args) as pool:
         futures = [loop.run_in_executor(pool, fn, s) for s in specs]
         try:
