@@ -62,7 +62,8 @@ class MainlessPickler(pickle.Pickler):
     object but ``None``, the booleans and exact ``int``, ``float``, ``str``, ``bytes``,
     ``bytearray``, ``list``, ``tuple``, ``dict``, ``set`` and ``frozenset``, none of which
     names a module: so nothing of ``__main__`` gets past it. (An instance's ``__module__`` is
-    its class's; a bound method's, its function's.)
+    its class's; a bound method's, its function's.) What it refuses is pickled a second time,
+    by value: a ``__reduce__`` with side effects runs twice.
     """
 
     def reducer_override(self, obj: Any) -> Any:
