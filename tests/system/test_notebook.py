@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.tasks import wait_for_path
+from tests.tasks import GUARD, wait_for_path
 
 from ._harness import METHODS, record
 from ._kernel import Cell, Kernel
@@ -81,9 +81,22 @@ def _started(marks: Path) -> dict[int, int]:
 
 
 def _wait_started(marks: Path, i: int, cell: Cell) -> None:
-    """Wait until task ``i`` has started; if it does not, say which did, and on which worker:
-    where a task waits (seen once in CI, on 3.13: task 3 did not start within the guard)."""
+    """Wait until task ``i`` has started; if it does not, say which did, and on which worker."""
     assert wait_for_path(marks / f"started-{i}"), f"started: {_started(marks)}\n{cell.summary()}"
+
+
+def _wait_two_running(marks: Path, cell: Cell) -> set[int]:
+    """Wait until two of the blocking tasks (2 and later) run, one on each worker: which.
+
+    Usually 2 and 3; but a map's chunk sent ahead to a worker may wait there behind a blocking
+    task while the other worker starts a later one (seen once in CI, on 3.13: 2 and a later
+    task ran, and 3 waited behind 2). Which ones run is scheduling, not the promise tested
+    here: that none starts after the button, and that every finished result is kept."""
+    deadline = time.monotonic() + GUARD
+    while len(running := set(_started(marks))) < 2:
+        assert time.monotonic() < deadline, f"started: {running}\n{cell.summary()}"
+        time.sleep(0.002)
+    return running
 
 
 def _gone(pids: set[int]) -> list[int]:
@@ -212,12 +225,12 @@ def _job_cell(api: str, method: str, catch: bool, mode: str = "terminate") -> st
     return body
 
 
-def _press_when_running(kernel: Kernel, cell: Cell, marks: Path) -> int:
-    """Wait until tasks 2 and 3 run, then press the interrupt button; when it was pressed.
-    (Their workers sent the results of tasks 0 and 1 before they started them.)"""
-    for i in (2, 3):
-        _wait_started(marks, i, cell)
-    return kernel.interrupt()
+def _press_when_running(kernel: Kernel, cell: Cell, marks: Path) -> tuple[int, set[int]]:
+    """Wait until two blocking tasks run (usually 2 and 3), then press the interrupt button:
+    when it was pressed, and which tasks ran. (Their workers sent the results of tasks 0 and 1
+    before they started them.)"""
+    running = _wait_two_running(marks, cell)
+    return kernel.interrupt(), running
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -237,7 +250,7 @@ def test_the_interrupt_button_stops_keeps_and_leaves_nothing(
         here.mkdir()
         kernel.ok(f"MARKS = {str(here)!r}")
         cell = kernel.start(_job_cell(api, method, catch=True))
-        sent = _press_when_running(kernel, cell, here)
+        sent, running = _press_when_running(kernel, cell, here)
         kernel.wait(cell)
         assert cell.status == "ok", cell.summary()
         report = json.loads(cell.stdout.strip().splitlines()[-1])
@@ -246,7 +259,7 @@ def test_the_interrupt_button_stops_keeps_and_leaves_nothing(
         kept = set(report["got"]) | {int(k) * 10 for k in report["completed"]}
         assert {0, 10} <= kept, report
         started = _started(here)
-        assert set(started) == {2, 3}, f"a task started after the interrupt: {sorted(started)}"
+        assert set(started) == running, f"a task started after the interrupt: {sorted(started)}"
         assert _gone(set(started.values())) == []
         _no_worker_output(cell)
         _alive_kernel(kernel)
@@ -264,7 +277,7 @@ def test_uncaught_the_cell_shows_one_line_and_the_results_stay_reachable(
 ) -> None:
     kernel.ok(TASK)
     cell = kernel.start(_job_cell(api, "forkserver", catch=False))
-    _press_when_running(kernel, cell, marks)
+    _, running = _press_when_running(kernel, cell, marks)
     kernel.wait(cell)
     assert cell.status == "error"
     assert cell.error is not None
@@ -275,7 +288,7 @@ def test_uncaught_the_cell_shows_one_line_and_the_results_stay_reachable(
     where = "sys.last_exc" if "last_exc" in shown[0] else "sys.last_value"
     kept = kernel.ok(f"sorted(set(got) | {{v for v in {where}.completed.values()}})").value()
     assert {0, 10} <= set(kept)
-    assert set(_started(marks)) == {2, 3}
+    assert set(_started(marks)) == running
     assert _gone(set(_started(marks).values())) == []
     _no_worker_output(cell)
     _alive_kernel(kernel)
@@ -284,7 +297,7 @@ def test_uncaught_the_cell_shows_one_line_and_the_results_stay_reachable(
 def test_drain_lets_the_running_tasks_finish_and_keeps_them(kernel: Kernel, marks: Path) -> None:
     kernel.ok(TASK)
     cell = kernel.start(_job_cell("drain", "forkserver", catch=True, mode="drain"))
-    _press_when_running(kernel, cell, marks)
+    _, running = _press_when_running(kernel, cell, marks)
     # Once the pool has closed its gate, the running tasks are let go: they finish, and
     # nothing else starts.
     assert wait_for_path(marks / "gate"), cell.summary()
@@ -292,8 +305,8 @@ def test_drain_lets_the_running_tasks_finish_and_keeps_them(kernel: Kernel, mark
     kernel.wait(cell)
     report = json.loads(cell.stdout.strip().splitlines()[-1])
     kept = set(report["got"]) | {int(k) * 10 for k in report["completed"]}
-    assert kept == {0, 10, 20, 30}, report
-    assert set(_started(marks)) == {2, 3}
+    assert kept == {0, 10} | {10 * i for i in running}, report
+    assert set(_started(marks)) == running
     _no_worker_output(cell)
     _alive_kernel(kernel)
 
@@ -331,10 +344,10 @@ def test_a_futures_result_interrupted_carries_the_finished_futures(
         "except cleanbreak.Interrupted as exc:\n"
         "    print(json.dumps(exc.completed))\n"
     )
-    _press_when_running(kernel, cell, marks)
+    _, running = _press_when_running(kernel, cell, marks)
     kernel.wait(cell)
     assert json.loads(cell.stdout.strip().splitlines()[-1]) == {"0": 0, "1": 10}
-    assert set(_started(marks)) == {2, 3}
+    assert set(_started(marks)) == running == {2, 3}  # submit sends only to a free worker
     assert _gone(set(_started(marks).values())) == []
     _no_worker_output(cell)
     kernel.ok("held.shutdown()")
