@@ -249,15 +249,12 @@ class Pool(Executor):
                 # to cancel the main task, which ran on into Pool(). It is the pool's.
                 raise KeyboardInterrupt
             self._backend: Backend = self._make_backend()
-        except KeyboardInterrupt:  # a handler of the user's raised it before ours was in place
+        except BaseException as exc:  # no pool, no handler
             _signals.detach(self)
             self._close_journal()
-            _signals.interrupted(signal.SIGINT)
-            raise Interrupted(signal.SIGINT) from None
-        except BaseException:  # out of descriptors, memory, threads: no pool, no handler
-            _signals.detach(self)
-            self._close_journal()
-            raise
+            if isinstance(exc, KeyboardInterrupt):  # a handler of the user's raised it before
+                raise _signals.early_interrupt(signal.SIGINT) from None  # ours was in place
+            raise  # out of descriptors, memory, threads
         finally:
             self._starting = False
         try:
