@@ -244,9 +244,10 @@ class Pool(Executor):
         self._pending_level = 0
         try:
             _signals.attach(self)
-            if _signals.in_main_thread() and _signals.asyncio_took_a_ctrl_c():
-                # A Ctrl-C came as this started, and asyncio's handler took it: it only asked
-                # to cancel the main task, which ran on into Pool(). It is the pool's.
+            if _signals.in_main_thread() and _signals.a_framework_took_a_ctrl_c():
+                # A Ctrl-C came as this started, and asyncio's or a notebook kernel's handler
+                # took it: it only asked to cancel the coroutine, which ran on into Pool().
+                # It is the pool's.
                 raise KeyboardInterrupt
             self._backend: Backend = self._make_backend()
         except BaseException as exc:  # no pool, no handler

@@ -600,18 +600,70 @@ def _main_task(handler: object) -> Any:
     return handler.keywords.get("main_task") if isinstance(handler, functools.partial) else None
 
 
-def asyncio_took_a_ctrl_c() -> bool:
-    """Whether the asyncio run whose SIGINT handler ours chains took a Ctrl-C that it has not
-    yet delivered: its handler only asks to cancel the main task, which runs on until its next
-    ``await``, and so into ``Pool()`` (the signal came between the start of the run and our
-    handler's). (Main thread, with ours in place.)"""
+def a_framework_took_a_ctrl_c() -> bool:
+    """Whether the framework whose SIGINT handler ours chains took a Ctrl-C that it has not
+    yet delivered. asyncio's handler (``asyncio.run``) and an IPython kernel's (a cell that
+    awaits) only ask, each in its own way, to cancel the coroutine that runs, which runs on
+    until its next ``await``, and so into ``Pool()``: the signal came after the run or the
+    cell started and before our handler was in place. It is the pool's, as one a moment later
+    would be. (Main thread, with ours in place.)"""
     handler = _saved.get(signal.SIGINT)
-    task = _main_task(handler)
-    if task is None or not chainable(handler) or task.done():
+    if handler is None or not chainable(handler):
         return False
-    runner = getattr(getattr(handler, "func", None), "__self__", None)
-    # asyncio's own record (Python 3.11-3.13): the signals it took, and a cancel not delivered.
-    return getattr(runner, "_interrupt_count", 0) > 0 and bool(getattr(task, "_must_cancel", False))
+    task = _main_task(handler)
+    if task is not None:
+        if task.done():
+            return False
+        runner = getattr(getattr(handler, "func", None), "__self__", None)
+        # asyncio's own record (3.11-3.13): the signals it took, and a cancel not delivered.
+        return getattr(runner, "_interrupt_count", 0) > 0 and bool(
+            getattr(task, "_must_cancel", False)
+        )
+    return _kernel_took_a_ctrl_c(handler)
+
+
+def _kernel_took_a_ctrl_c(handler: Any) -> bool:
+    """An IPython kernel's handler for a cell that awaits (``IPythonKernel._cancel_on_sigint``)
+    took a Ctrl-C whose cancel has not reached the cell: the handler queues a callback on the
+    event loop that completes a future of its own (``sigint_future``), whose done-callback, also
+    queued, cancels the cell's task; the cancel reaches the cell's code at its next ``await``.
+    Either callback may be waiting in the loop's queue while the cell's code runs (the second
+    when the cell awaited once since the press): look for each. What it reads is
+    ipykernel's closure and the loop's queue, both private (ipykernel 6-7, Python 3.11-3.13),
+    so anything unexpected reads as "no"."""
+    pending = _closure(handler).get("sigint_future")
+    loop = _running_loop()
+    asyncio = sys.modules.get("asyncio")
+    if loop is None or asyncio is None or not isinstance(pending, asyncio.Future):
+        return False
+    if pending.cancelled():  # the cell's task is over: the kernel no longer listens
+        return False
+    cell_task = asyncio.current_task(loop)
+    try:
+        queued = list(getattr(loop, "_ready", ()))
+    except RuntimeError:  # pragma: no cover - changed by another thread as it was read
+        return False
+    for handle in queued:
+        for call in (getattr(handle, "_callback", None), *(getattr(handle, "_args", None) or ())):
+            func = getattr(call, "func", None)  # both are functools.partial objects
+            if func is None:
+                continue
+            held = _closure(func).values()
+            if any(v is pending for v in held) and not pending.done():  # set_sigint_result
+                return True
+            if call.args[:1] == (cell_task,) and cell_task is not None and pending.done():
+                return True  # cancel_unless_done(cell_task), sigint_future's done-callback
+    return False
+
+
+def _closure(func: Any) -> dict[str, Any]:
+    """The variables a nested function holds from the ones around it, by name."""
+    names = getattr(getattr(func, "__code__", None), "co_freevars", ())
+    held = {}
+    for name, cell in zip(names, getattr(func, "__closure__", None) or (), strict=False):
+        with contextlib.suppress(ValueError):  # a variable not yet assigned
+            held[name] = cell.cell_contents
+    return held
 
 
 def _cancel_asyncio_main() -> bool:

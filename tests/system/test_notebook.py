@@ -374,3 +374,56 @@ def test_a_held_pool_works_in_the_next_cell_after_an_interrupt(kernel: Kernel, m
     assert pid not in old
     _no_worker_output(cell)
     kernel.ok("held.shutdown()")
+
+
+# A cell that awaits runs as a coroutine, and the kernel then has a SIGINT handler of its own:
+# it queues a callback that cancels the cell's coroutine, which runs on until its next
+# ``await``. The cell below waits (a handshake, reading the loop's private queue) until the
+# kernel's handler has taken the press, and only then makes its pool: with ``settle``, after
+# one ``await`` that lets the kernel's callback run and queue the cancel itself.
+PRESS_BEFORE_THE_POOL = """
+def _kernel_took_it():
+    for h in list(asyncio.get_running_loop()._ready):
+        for call in (h._callback, *(h._args or ())):
+            if "set_sigint_result" in getattr(getattr(call, "func", None), "__qualname__", ""):
+                return True
+    return False
+print("press", flush=True)
+deadline = time.monotonic() + 30
+while not _kernel_took_it():
+    assert time.monotonic() < deadline, "the button did not reach the kernel"
+{settle}{job}await asyncio.sleep(0)
+print("result", r)
+"""
+
+AWAITING_JOBS = {
+    "run_in_executor": "with cleanbreak.Pool(2, mp_context='fork') as pool:\n"
+    "    r = await asyncio.get_running_loop().run_in_executor(pool, task, 7)\n",
+    "cbmap": "r = cleanbreak.map(task, [7], workers=2, mp_context='fork')[0]\n",
+    "multiprocessing": "with MPPool(2) as pool:\n    r = pool.apply_async(task, (7,)).get()\n",
+}
+
+
+@pytest.mark.parametrize("settle", [False, True], ids=["queued", "after-an-await"])
+@pytest.mark.parametrize("api", list(AWAITING_JOBS))
+def test_a_press_the_kernel_took_just_before_the_pool_stops_it(
+    kernel: Kernel, marks: Path, api: str, settle: bool
+) -> None:
+    kernel.ok(TASK + "import asyncio\nfrom cleanbreak.multiprocessing import Pool as MPPool\n")
+    code = PRESS_BEFORE_THE_POOL.format(
+        settle="await asyncio.sleep(0)\n" if settle else "", job=AWAITING_JOBS[api]
+    )
+    cell = kernel.start(code)
+    kernel.wait_for_output(cell, "press")
+    kernel.interrupt()
+    kernel.wait(cell)
+    assert cell.error is not None, cell.summary()
+    assert cell.error["ename"] == "Interrupted", cell.summary()  # not CancelledError
+    assert len(cell.error["traceback"]) == 1, cell.summary()  # one line
+    assert _started(marks) == {}
+    _no_worker_output(cell)
+    # The next cell, the same code with no press, runs.
+    (marks / "release").touch()
+    cell = kernel.ok(code.replace('print("press", flush=True)', "_kernel_took_it = lambda: True"))
+    assert "result 70" in cell.stdout, cell.summary()
+    assert set(_started(marks)) == {7}
