@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -99,9 +100,17 @@ def test_a_stock_fork_pool_beside_the_drop_in_terminates() -> None:
     with cleanbreak.multiprocessing.Pool(2) as ours, FORK.Pool(2) as stock:
         assert ours.map(tasks.square, range(10)) == stock.map(tasks.square, range(10))
         workers = list(stock._pool)  # type: ignore[attr-defined]
-        started = time.monotonic()
-        stock.terminate()  # joins every worker: hangs if one ignores SIGTERM
-        assert time.monotonic() - started < GUARD
+        # terminate() joins every worker: it hangs if one ignores SIGTERM. Called in a thread,
+        # so that a hang is a failure that names the workers left (killed, to let it return),
+        # not a CI run that never ends.
+        ended = threading.Event()
+        threading.Thread(target=lambda: (stock.terminate(), ended.set()), daemon=True).start()
+        if not ended.wait(GUARD):
+            alive = [w.pid for w in workers if w.is_alive()]
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            ended.wait(GUARD)
+            pytest.fail(f"the stock pool's terminate() hung on its workers {alive} (killed)")
     assert all(w.exitcode is not None for w in workers)
 
 

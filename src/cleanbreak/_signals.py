@@ -564,7 +564,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     for listener in live:
         raise_now = listener.on_signal(sig) or raise_now
     previous = _saved.get(sig)
-    if previous is not None and chainable(previous):
+    if previous is not None and chainable(previous) and not (raise_now and _in_cell(frame)):
         # The framework runs the main thread: let it know, and let it unwind (asyncio cancels
         # its main task; the pool calls in it then raise Interrupted).
         _in_loop(previous, signum)
@@ -580,6 +580,23 @@ def _handler(signum: int, frame: FrameType | None) -> None:
             _put_off_raise(exc)
             return
         raise exc
+
+
+def _in_cell(frame: FrameType | None) -> bool:
+    """Whether the main thread, stopped at ``frame``, runs a notebook cell's own code (or what
+    it calls), as the cell's coroutine when the cell awaits. The kernel's handler for such a
+    cell only cancels it, at its next ``await`` that waits: a cell that works between its
+    awaits (on results already in) would run on. Raised here, ``Interrupted`` goes up through
+    the cell's code to IPython's ``run_code``, which shows every exception of the cell's, as
+    in a cell that does not await; outside the cell's code (the event loop's own, while the
+    cell waits), the kernel's handler cancels it as before."""
+    child = None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "run_code" and "IPython" in code.co_filename:
+            return child is not None and child.f_code is frame.f_locals.get("code_obj")
+        child, frame = frame, frame.f_back
+    return False
 
 
 def _running_loop() -> Any:

@@ -427,3 +427,48 @@ def test_a_press_the_kernel_took_just_before_the_pool_stops_it(
     cell = kernel.ok(code.replace('print("press", flush=True)', "_kernel_took_it = lambda: True"))
     assert "result 70" in cell.stdout, cell.summary()
     assert set(_started(marks)) == {7}
+
+
+# A cell that awaits, whose own code runs (here, a loop) when the button is pressed: the
+# kernel's handler would cancel it only at its next await that waits, which may be far off
+# (every result it awaits next may be in already). The pool raises Interrupted there and then,
+# as in a cell that does not await. (The loop's body calls something: on Python 3.13, an
+# exception a signal handler raises at the jump back of a loop whose body is only ``pass``
+# escapes the ``try`` around it, CPython gh-130279, whoever raises it.)
+OWN_CODE_OF_AN_AWAITING_CELL = """
+got = [await asyncio.get_running_loop().run_in_executor(pool, task, 1)]
+print("spinning", flush=True)
+start = time.monotonic()
+while time.monotonic() - start < 20:
+    time.sleep(0.001)
+"""
+
+
+@pytest.mark.parametrize("holder", ["with", "held"])
+def test_a_press_in_the_own_code_of_a_cell_that_awaits_stops_it_at_once(
+    kernel: Kernel, marks: Path, holder: str
+) -> None:
+    kernel.ok(TASK + "import asyncio\n")
+    body = OWN_CODE_OF_AN_AWAITING_CELL
+    if holder == "with":
+        body = "with cleanbreak.Pool(2, mp_context='fork') as pool:\n" + "".join(
+            f"    {line}\n" for line in body.strip().splitlines()
+        )
+    else:
+        kernel.ok("pool = cleanbreak.Pool(2, mp_context='fork')")
+    cell = kernel.start(
+        "caught = None\ntry:\n"
+        + "".join(f"    {line}\n" for line in body.strip().splitlines())
+        + "except cleanbreak.Interrupted:\n    caught = time.monotonic_ns()\n"
+        + "    print(json.dumps({'caught': caught, 'got': got}))\n"
+    )
+    kernel.wait_for_output(cell, "spinning")
+    sent = kernel.interrupt()
+    kernel.wait(cell)
+    assert cell.status == "ok", cell.summary()
+    report = json.loads(cell.stdout.strip().splitlines()[-1])
+    assert report["got"] == [10]
+    assert report["caught"] - sent < 2_000_000_000, cell.summary()  # not the loop's 20 s
+    _no_worker_output(cell)
+    if holder == "held":
+        kernel.ok("pool.shutdown()")
