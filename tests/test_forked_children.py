@@ -104,7 +104,12 @@ def test_a_stock_fork_pool_beside_the_drop_in_terminates() -> None:
         # so that a hang is a failure that names the workers left (killed, to let it return),
         # not a CI run that never ends.
         ended = threading.Event()
-        threading.Thread(target=lambda: (stock.terminate(), ended.set()), daemon=True).start()
+
+        def terminate() -> None:
+            stock.terminate()
+            ended.set()
+
+        threading.Thread(target=terminate, daemon=True).start()
         if not ended.wait(GUARD):
             alive = [w.pid for w in workers if w.is_alive()]
             for pid in alive:
