@@ -665,10 +665,10 @@ def _kernel_took_a_ctrl_c(handler: Any) -> bool:
             func = getattr(call, "func", None)  # both are functools.partial objects
             if func is None:
                 continue
-            held = _closure(func).values()
-            if any(v is pending for v in held) and not pending.done():  # set_sigint_result
-                return True
-            if call.args[:1] == (cell_task,) and cell_task is not None and pending.done():
+            if not pending.done():  # set_sigint_result, which holds the future it completes
+                if any(v is pending for v in _closure(func).values()):
+                    return True
+            elif cell_task is not None and call.args[:1] == (cell_task,):
                 return True  # cancel_unless_done(cell_task), sigint_future's done-callback
     return False
 
