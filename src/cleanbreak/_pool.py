@@ -321,7 +321,10 @@ class Pool(Executor):
         if exc is None or self._reported:
             return {}, None  # a pool call reported the stop since, with an Interrupted of its own
         self._stop(exc)
-        completed, total = self._gather()
+        # Raised outside this pool's calls: if it was idle at the signal, its futures were
+        # all done and keep their results; under their numbering, in ``completed``, they would
+        # mix with the indices of the map the caller may be about to run or merge.
+        completed, total = self._gather(futures=self._working)
         self._reported = True
         self._close_journal(quick=True)
         self._held = []
@@ -329,9 +332,10 @@ class Pool(Executor):
         self._gathering = False
         return completed, total
 
-    def _gather(self) -> tuple[dict[int, Any], int | None]:
+    def _gather(self, futures: bool = True) -> tuple[dict[int, Any], int | None]:
         """What an ``Interrupted`` raised outside a pool call keeps (every worker is gone): the
-        results of the map the caller was iterating, or else those of the live futures."""
+        results of the map the caller was iterating, or else (if ``futures``) those of the live
+        futures."""
         run = self._last_run
         open_runs = [r for r in list(self._runs) if not r.finished]
         if run is None and len(open_runs) == 1:
@@ -347,7 +351,7 @@ class Pool(Executor):
             # it was iterating are the ones to keep (futures the caller still holds from
             # before, all done at the signal, keep their own).
             return run.gather(), run.total
-        return self._completed(), None
+        return (self._completed() if futures else {}), None
 
     def _owes_interrupt(self) -> signal.Signals | None:
         """The signal that stopped the pool, if no ``Interrupted`` for it has been raised yet

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,9 +134,28 @@ def test_an_idle_pool_does_not_take_the_interrupt_of_a_working_one(tmp_path: Pat
     whose ``map`` the cell iterates. The Ctrl-C lands in the loop body: ``completed`` holds
     the working pool's results (the first live pool took the gathering, and gave the idle
     pool's future in their place: found by the notebook stress test, seed 185303)."""
+    report = _two_pools(tmp_path)
+    completed = {int(k): v for k, v in report["completed"].items()}
+    assert 1_000_000 not in completed.values(), completed
+    assert all(v == k * k for k, v in completed.items()), completed
+
+
+def test_an_idle_pool_that_the_interrupt_stops_keeps_nothing_in_completed(tmp_path: Path) -> None:
+    """Only the idle pool lives (the next cell's pool is not made yet), and the Ctrl-C lands in
+    the caller's own code: nothing was running, so ``completed`` is empty, and the idle pool's
+    done future keeps its result. (Found by the notebook stress test, seed 633365: the idle
+    pool's future, under its own numbering, was in ``completed``; a caller that merges it into
+    a map's results would have overwritten one.)"""
+    report = _two_pools(tmp_path, "alone")
+    assert report["completed"] == {}, report
+    assert report["earlier"] == 1_000_000
+
+
+def _two_pools(tmp_path: Path, *mode: str) -> dict[str, Any]:
+    """Run ``two_pools_child.py``, Ctrl-C to its group once its body runs: its report."""
     script = Path(__file__).parent / "scripts" / "two_pools_child.py"
     with subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
+        [sys.executable, str(script), str(tmp_path), *mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -153,8 +173,6 @@ def test_an_idle_pool_does_not_take_the_interrupt_of_a_working_one(tmp_path: Pat
                 os.killpg(proc.pid, signal.SIGKILL)
     # (Before the fix, the working pool's own Interrupted came again from its with block.)
     assert proc.returncode == 0 and "Traceback" not in err.decode(), err.decode()
-    report = json.loads(out.decode().strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     assert report.get("exc") == "Interrupted", (report, err.decode())
-    completed = {int(k): v for k, v in report["completed"].items()}
-    assert 1_000_000 not in completed.values(), completed
-    assert all(v == k * k for k, v in completed.items()), completed
+    return report
