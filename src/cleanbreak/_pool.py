@@ -242,6 +242,12 @@ class Pool(Executor):
         # of LocalBackend(), an exception could leave a manager thread that nobody stops.
         self._starting = True
         self._pending_level = 0
+        # Nor may another live pool's signal raise here (an idle one says "raise now"): the
+        # handler puts that raise off while the main thread holds (see _signals.holding), and
+        # this pool raises its own Interrupted for the signal once its backend is made.
+        main, held = _signals.in_main_thread(), _signals.holding
+        if main:
+            _signals.holding = True
         try:
             _signals.attach(self)
             if _signals.in_main_thread() and _signals.a_framework_took_a_ctrl_c():
@@ -258,6 +264,8 @@ class Pool(Executor):
             raise  # out of descriptors, memory, threads
         finally:
             self._starting = False
+            if main:
+                _signals.holding = held
         try:
             if self._pending_level:
                 self._backend.raise_level(self._pending_level)

@@ -379,7 +379,10 @@ _put_off: Interrupted | None = None  # the Interrupted put off
 # changes the manager's state step by step: an exception raised in between could lose the unit.
 # It sets ``holding`` for that while (tens of microseconds), and only while the handlers that can
 # run are ours (``raises_only_ours``); the handler still does its work at once (the stop closes
-# the gate, so no task starts late), and only the raise is put off.
+# the gate, so no task starts late), and only the raise is put off. ``Pool()`` sets it too,
+# while it makes its backend (milliseconds): another live pool's signal raised there would leave
+# that backend's thread and workers running with nobody to stop them; the pool being made
+# raises its own ``Interrupted`` for the signal as soon as it holds its backend.
 
 # The C function (``signal`` imports it): signal.getsignal makes SIG_DFL and SIG_IGN enum
 # members, 50 times slower.

@@ -383,3 +383,60 @@ def test_ctrl_c_as_the_fork_server_unblocks_it_prints_nothing() -> None:
     assert proc.stderr == ""
     assert proc.returncode == 130
     assert proc.stdout == "default\n"
+
+
+# Ctrl-C while a second pool is made, once its backend (manager thread, workers) exists and
+# before Pool() holds it: the first pool, idle, says "raise now", and the handler raised in the
+# middle of the second pool's start, which left that backend running with nobody to stop it
+# (the notebook stress test, seed 633365: two workers left for the rest of the kernel's life).
+SECOND_POOL = textwrap.dedent(
+    """
+    import multiprocessing, os, signal, sys, time
+    import cleanbreak
+    from cleanbreak import _pool, _signals
+    from tests.tasks import GUARD
+
+    held = cleanbreak.Pool(1, mp_context="fork")
+    done = held.submit(abs, -7)
+    done.result()
+    real = _pool.LocalBackend
+
+    def make_backend(*args):
+        backend = real(*args)
+        (starting,) = [p for p in _signals._listeners if p._starting]
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        deadline = time.monotonic() + GUARD
+        while not starting._pending_level:  # the handler has seen it (a deadlock guard only)
+            assert time.monotonic() < deadline, "no signal"
+            time.sleep(0.001)
+        return backend
+
+    _pool.LocalBackend = make_backend
+    try:
+        cleanbreak.Pool(2, mp_context="fork")
+        print("made")
+    except cleanbreak.Interrupted as exc:
+        print("Interrupted", exc.signal.name, exc.completed)
+    deadline = time.monotonic() + GUARD
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("left", len(multiprocessing.active_children()))
+    print("held", done.result())
+    """
+)
+
+
+def test_a_ctrl_c_while_a_second_pool_starts_leaves_nothing_running() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_POOL],
+        cwd=Path(__file__).parents[2],
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_GUARD + 30,
+        check=False,
+    )
+    assert proc.stdout.splitlines() == ["Interrupted SIGINT {}", "left 0", "held 7"], (
+        proc.stdout + proc.stderr
+    )
+    assert proc.stderr == ""
