@@ -250,7 +250,7 @@ class Pool(Executor):
             _signals.holding = True
         try:
             _signals.attach(self)
-            if _signals.in_main_thread() and _signals.a_framework_took_a_ctrl_c():
+            if main and _signals.a_framework_took_a_ctrl_c():
                 # A Ctrl-C came as this started, and asyncio's or a notebook kernel's handler
                 # took it: it only asked to cancel the coroutine, which ran on into Pool().
                 # It is the pool's.

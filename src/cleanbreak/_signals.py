@@ -697,8 +697,27 @@ def _cancel_asyncio_main() -> bool:
     loop = _running_loop()
     if loop is None or task is None or task.done() or task.get_loop() is not loop:
         return False
-    loop.call_soon_threadsafe(task.cancel)  # as a callback of its own: see _in_loop
+    _once_stopped(loop, task.cancel)  # as a callback of its own: see _in_loop
     return True
+
+
+_STOPPED_POLL = 0.002  # seconds between two looks at whether the pools have stopped
+
+
+def _once_stopped(loop: Any, cancel: Callable[[], object]) -> None:
+    """Call ``cancel`` (which cancels the coroutine the loop runs) as a callback of ``loop``,
+    once no pool is stopping. Until every worker of a stopped pool is gone, its last results
+    are on their way to its futures, and from each to the asyncio future the coroutine may
+    await (another callback of the loop): cancelled first, that asyncio future would lose the
+    result for good (a held pool's, whose caller holds no other future)."""
+
+    def when_stopped() -> None:
+        if any(listener.is_live() for listener in list(_listeners)):
+            loop.call_later(_STOPPED_POLL, when_stopped)
+            return
+        cancel()
+
+    loop.call_soon_threadsafe(when_stopped)
 
 
 def _in_loop(handler: Callable[[int, FrameType | None], object], signum: int) -> None:
@@ -709,7 +728,8 @@ def _in_loop(handler: Callable[[int, FrameType | None], object], signum: int) ->
     future's result on to its asyncio future (it checks that the asyncio future is not
     cancelled, then sets its result). asyncio's handler cancels the main task, and with it
     that future, in between: the callback then fails with ``InvalidStateError``, printed as
-    "Exception in callback". Run as a callback of its own, the cancel falls between two.
+    "Exception in callback". Run as a callback of its own, the cancel falls between two; and
+    only once the pools have stopped (see ``_once_stopped``).
     """
     loop = _running_loop()
     task = _main_task(handler)
@@ -724,7 +744,7 @@ def _in_loop(handler: Callable[[int, FrameType | None], object], signum: int) ->
             return
         handler(signum, None)
 
-    loop.call_soon_threadsafe(later)
+    _once_stopped(loop, later)
 
 
 def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:

@@ -472,3 +472,46 @@ def test_a_press_in_the_own_code_of_a_cell_that_awaits_stops_it_at_once(
     _no_worker_output(cell)
     if holder == "held":
         kernel.ok("pool.shutdown()")
+
+
+# A held pool's task has finished, and its result is on its way to the future when the button is
+# pressed (here its delivery is made slow, once the pool has seen the signal). The kernel's
+# handler cancels the cell, and with it the asyncio future the cell awaits: had it come before
+# the result, the result would have been lost to the caller, who holds only that future. The
+# kernel's cancel comes once the pool has stopped: the result is in the future by then.
+SLOW_DELIVERY = """
+import asyncio, cleanbreak._pool as _cbpool
+_real_deliver = _cbpool._FutureSink.deliver
+def _slow_deliver(self, *args):
+    deadline = time.monotonic() + 30
+    while held._signal is None and time.monotonic() < deadline:  # until the press is seen
+        time.sleep(0.001)
+    time.sleep(0.2)  # the fault: a result still on its way well after the press
+    _real_deliver(self, *args)
+_cbpool._FutureSink.deliver = _slow_deliver
+"""
+
+
+def test_a_result_on_its_way_at_the_press_reaches_the_awaited_future(
+    kernel: Kernel, marks: Path
+) -> None:
+    kernel.ok(
+        "def touch_and_value(i):\n"
+        "    touch(os.path.join(MARKS, f'started-{i}'))\n"
+        "    return i * 10\n"
+        "held = cleanbreak.Pool(1, mp_context='fork')\n" + SLOW_DELIVERY
+    )
+    try:
+        cell = kernel.start(
+            "futures = [asyncio.get_running_loop().run_in_executor(held, touch_and_value, 1)]\n"
+            "r = await futures[0]\n"
+            "await asyncio.sleep(30)\n"  # the cell goes on waiting: the cancel stops it here
+        )
+        assert wait_for_path(marks / "started-1"), cell.summary()
+        kernel.interrupt()
+        kernel.wait(cell)
+        assert cell.error is not None, cell.summary()  # stopped (the kernel's CancelledError)
+        got = kernel.ok("futures[0].cancelled() or futures[0].result()").value()
+        assert got == 10, cell.summary()
+    finally:
+        kernel.ok("_cbpool._FutureSink.deliver = _real_deliver\nheld.shutdown()")
