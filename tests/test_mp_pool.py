@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import cleanbreak
+from cleanbreak import _map
 from cleanbreak.multiprocessing import Pool
 from tests import tasks
 from tests.tasks import GUARD, TaskError
@@ -95,6 +96,30 @@ def test_map_raises_the_tasks_exception(pool: Pool) -> None:
         pool.map(tasks.raise_task_error, [-1, 2, -3])
     with pytest.raises(TaskError):
         pool.map_async(tasks.raise_task_error, [-1, 2, -3], 1).get(GUARD)
+
+
+def test_a_list_map_sends_its_full_window_once_the_probes_are_back(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # map() returns a list: its caller takes every piece as it comes, so once a first result
+    # has sized the chunks, the whole window goes out at once, in chunks of at most a quarter
+    # of the input per worker (as the stock pool's map). It used to keep the small window of
+    # the probes and grow it by doubling: chunks of 8, 8, 16, 16, 28, ... (a round trip each).
+    # A chunk's target time so long that only that cap sizes the chunks, whatever the timing.
+    monkeypatch.setattr(_map, "CHUNK_SECONDS", 1e9)
+    sizes: list[int] = []
+    backend = pool._pool._backend
+    real = backend.new_unit
+
+    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
+        sizes.append(len(items))
+        return real(kind, fn, items, *rest)
+
+    monkeypatch.setattr(backend, "new_unit", spy)
+    assert pool.map(tasks.square, range(1000)) == [i * i for i in range(1000)]
+    probes = sizes.index(125)
+    assert 1 <= probes <= 2 and set(sizes[:probes]) == {1}, sizes
+    assert sizes[probes:] == [125] * ((1000 - probes) // 125) + [(1000 - probes) % 125], sizes
 
 
 def test_a_killed_worker_fails_its_own_task_and_close_join_return() -> None:

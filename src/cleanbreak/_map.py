@@ -487,7 +487,11 @@ class MapRun(Generic[T]):
                     target = max(target, self._window)
                 if self._max_window is not None:
                     target = min(target, self._max_window)
-                self._window = window = min(self._window, target)
+                window = min(self._window, target)
+                if self._sink.item_count or not self._eager or self._fixed_chunk is not None:
+                    # (An eager run keeps its full window through the probes: the target is
+                    # only known once a first result tells the chunk size.)
+                    self._window = window
                 if self._fixed_chunk is not None:  # one chunk the user set per worker fits
                     self._window = window = max(window, chunk * self._workers)
             if self._fixed_chunk is None and not self._sink.item_count:
