@@ -3,8 +3,9 @@
 Press Ctrl-C and nothing new starts, the workers are reaped, and every finished result is kept.
 """
 
+from __future__ import annotations
+
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from . import _signals
 from ._errors import (
@@ -41,7 +42,10 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._journal import Journal, JournalStatus
     from ._pool import Pool, TaskOptionsView, default_workers, map
     from ._units import TaskOptions

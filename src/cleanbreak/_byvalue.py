@@ -34,7 +34,10 @@ import pickle
 import sys
 import types
 from collections import ChainMap
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 INSTALL = "pip install cloudpickle"

@@ -19,14 +19,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from . import __version__
 from ._errors import BrokenPool, Interrupted, JournalError
 from ._journal import Journal, describe_failure
 from ._map import MapRun
-from ._pool import OnInterrupt, Pool, default_workers
+from ._pool import Pool, default_workers
 from ._progress import Counts, Progress
+
+if TYPE_CHECKING:
+    from ._pool import OnInterrupt
 
 DEMO_BASE = 10_000_000
 DEMO_BLOCK = 10_000

@@ -34,7 +34,10 @@ import signal as _signal
 import sys
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "BrokenPool",

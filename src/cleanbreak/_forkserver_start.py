@@ -20,14 +20,19 @@ each): the worker's own modules, ``multiprocessing.heap`` for the pool's gate,
 server's children have them already.
 """
 
+from __future__ import annotations
+
 import multiprocessing.heap
 import multiprocessing.popen_forkserver  # noqa: F401
 import pkgutil  # noqa: F401
 import signal
 from multiprocessing import forkserver
-from typing import Any
 
 import cleanbreak._worker  # noqa: F401
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 _previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _HANDLED}

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Final
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 KEEP: Final = 64 << 20
 # A worker reuses freed memory once it has moved a payload this large: glibc maps blocks of this

@@ -93,7 +93,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from typing import Any, cast
 
 from . import _byvalue, _signals
 from ._errors import BrokenPool, SerializationError, TaskTimeout, WorkerDied
@@ -123,6 +122,10 @@ from ._worker import (
     new_gate,
     worker_main,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any
 
 PREFETCH = 2
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
@@ -869,7 +872,8 @@ class LocalBackend(Intake):
         unit = w.inflight[0]
         _uid, offset, count, status, seconds, files = pickle.loads(parts[0])
         if files:  # results the worker wrote to the journal's folder (see _journal.Recorder)
-            cast(Any, unit.sink).spilled(unit.start + offset, files)
+            sink: Any = unit.sink  # (a sink that took a spilled result)
+            sink.spilled(unit.start + offset, files)
         try:
             values, errors = load(parts[1], layouts.get(1))
         except BaseException as exc:

@@ -22,20 +22,24 @@ import contextlib
 import itertools
 import math
 import signal
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._errors import BrokenPool, Interrupted
 from ._signals import CHECK_EVERY
 from ._units import Sink, TaskOptions, Unit, UnitQueue
 from ._wire import CALL_ONE, CALL_STAR, size_of
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any, Generic, Protocol, TypeVar
+
+    T = TypeVar("T")
+else:
+    from ._notyping import Generic, Protocol, T
 
 
 # Chunks are sized from the measured time per item, so that each takes about this long: long
@@ -68,9 +72,10 @@ class _Late:
 
 
 _LATE = _Late()
-Piece = tuple[int, list[Any], dict[int, BaseException]]
 
 if TYPE_CHECKING:
+    Piece = tuple[int, list[Any], dict[int, BaseException]]
+
     from ._journal import Journal, Keyer, Recorder
     from ._progress import Counts, Progress
 
@@ -304,7 +309,7 @@ class MapRun(Generic[T]):
         # The caller takes each piece as it comes (``keep_all``, ``eager``: a map that returns
         # a list): nothing to wait for before the window is at its full size.
         self._eager = keep_all or eager
-        self._window = sys.maxsize if self._eager else self._workers * WINDOW_PER_WORKER
+        self._window = self._workers * WINDOW_PER_WORKER
         self._pulled = 0  # items read from the input
         self._handed = 0  # items taken by the caller
         self._next = 0  # ordered: the index the caller gets next
@@ -487,11 +492,10 @@ class MapRun(Generic[T]):
                     target = max(target, self._window)
                 if self._max_window is not None:
                     target = min(target, self._max_window)
-                window = min(self._window, target)
-                if self._sink.item_count or not self._eager or self._fixed_chunk is not None:
-                    # (An eager run keeps its full window through the probes: the target is
-                    # only known once a first result tells the chunk size.)
-                    self._window = window
+                # The caller of an eager run takes every piece as it comes: its window is the
+                # target itself, the full size for the chunk size known now (which the first
+                # result changes: the probes' window is not kept).
+                self._window = window = target if self._eager else min(self._window, target)
                 if self._fixed_chunk is not None:  # one chunk the user set per worker fits
                     self._window = window = max(window, chunk * self._workers)
             if self._fixed_chunk is None and not self._sink.item_count:

@@ -30,7 +30,6 @@ from concurrent.futures._base import CANCELLED, FINISHED, PENDING, RUNNING
 from concurrent.futures._base import LOGGER as _LOGGER
 from multiprocessing.context import BaseContext
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from . import _signals
 from ._errors import BrokenPool, Interrupted
@@ -43,21 +42,27 @@ from ._manager import (
     default_context,
 )
 from ._map import MapRun, collect, iterate, positive
-from ._units import Backend, TaskOptions, Unit
+from ._units import TaskOptions, Unit
 from ._wire import CALL_KW
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
 if TYPE_CHECKING:
+    from typing import Any, Literal, ParamSpec, TypeVar
+
     from ._journal import Journal, Recorder
     from ._map import ProgressFactory
     from ._progress import Progress
+    from ._units import Backend
+
+    T = TypeVar("T")
+    P = ParamSpec("P")
+    OnInterrupt = Literal["terminate", "drain"]
+else:
+    from ._notyping import T
 
 # The journal, the Dask backend and the progress display are imported when a pool uses them:
 # ``import cleanbreak`` (which every worker does) stays as light as the pool alone.
 
-T = TypeVar("T")
-P = ParamSpec("P")
-
-OnInterrupt = Literal["terminate", "drain"]
 _ESCALATION: dict[str, tuple[int, ...]] = {
     "terminate": (STOPPING, KILLING),
     "drain": (DRAINING, STOPPING, KILLING),

@@ -70,9 +70,12 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final
 
 from ._signals import start_quiet_thread
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 SHM_DIR: Final = "/dev/shm"
 # Payloads at least this large go into a segment. Below it, the pipe is as fast: a segment

@@ -59,11 +59,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
-from typing import Any, NoReturn, ParamSpec, Protocol
 
 from ._errors import Interrupted
 
-_P = ParamSpec("_P")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, ParamSpec, Protocol
+
+    _P = ParamSpec("_P")
+else:
+    from ._notyping import Protocol
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 # The longest the main thread sleeps in one wait inside cleanbreak (see the module docstring).

@@ -12,25 +12,39 @@ requeue its tail without telling the sink.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol, cast
 
 from ._errors import BrokenPool
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, Protocol
 
-class TaskOptions(NamedTuple):
+    class _Options(NamedTuple):
+        task_timeout: float | None = None
+        retries: int = 0
+        retry_on: tuple[type[BaseException], ...] = ()
+
+else:
+    from ._notyping import Protocol
+
+    _Options = collections.namedtuple(
+        "_Options", ("task_timeout", "retries", "retry_on"), defaults=(None, 0, ())
+    )
+
+
+class TaskOptions(_Options):
     """How each task runs: its timeout, and how often it is retried, and after which errors.
 
     (A named tuple, not a dataclass: ``dataclasses`` takes some 10 ms to import, and this
     module is on the path of every first call.)"""
 
-    task_timeout: float | None = None
-    retries: int = 0
-    retry_on: tuple[type[BaseException], ...] = ()
+    __slots__ = ()
 
     @staticmethod
     def make(
@@ -52,7 +66,7 @@ class TaskOptions(NamedTuple):
             raise ValueError(f"retries must be a whole number of at least 0, got {retries!r}")
         # A single class is accepted too, as ``except`` accepts one.
         single = isinstance(retry_on, type)
-        kinds = (cast(type[BaseException], retry_on),) if single else tuple(retry_on)
+        kinds: tuple[Any, ...] = (retry_on,) if single else tuple(retry_on)
         for kind in kinds:
             if not (isinstance(kind, type) and issubclass(kind, BaseException)):
                 raise TypeError(

@@ -43,7 +43,6 @@ import struct
 import sys
 import traceback
 from collections import deque
-from typing import Any, Final
 
 try:
     import fcntl
@@ -53,6 +52,10 @@ except ImportError:  # pragma: no cover - not POSIX; Pool() refuses to start the
 from . import _shm
 from ._errors import RemoteTraceback, SerializationError, TaskAborted
 from ._shm import Layout, Packer
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 HEADER: Final = struct.Struct("<Q")
 _PART_LENGTH: Final = struct.Struct("<Q")

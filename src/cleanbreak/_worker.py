@@ -53,7 +53,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from types import FrameType
-from typing import Any, NoReturn
 
 from ._errors import SerializationError
 from ._heap import LARGE, Heap
@@ -76,6 +75,10 @@ from ._wire import (
     size_of,
     split,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 # A unit that runs long reports what it has every FLUSH_EVERY seconds, so that a crash in the
 # middle of a large chunk loses at most that much work (a stop loses none: see _Stop).

@@ -37,10 +37,15 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
 from multiprocessing import TimeoutError
 from multiprocessing.context import BaseContext
-from typing import Any
 
 from . import _signals
 from ._errors import Interrupted
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
+if TYPE_CHECKING:
+    from typing import Any
+
+    Callback = Callable[[Any], object] | None
 
 __all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult", "Pool", "TimeoutError"]
 
@@ -48,8 +53,6 @@ _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 _STOPPING = 2  # the backends' stop level that terminates the running tasks (see _manager)
 _DEFAULT = object()  # imap's chunksize left to cleanbreak (the stock default is 1)
 _FEEDER_GUARD = 10.0  # seconds: imap's thread ends once the stopped pool has ended its run
-
-Callback = Callable[[Any], object] | None
 
 
 def _stock(exc: BaseException) -> BaseException:
