@@ -743,19 +743,6 @@ class Pool(Executor):
         self._backend.raise_level(level)
         return raise_now
 
-    def awaited(self, fut: object) -> bool:
-        """Called by the signal handler (main thread, before ``on_signal``) with the future
-        that what a coroutine awaits is chained to (``loop.run_in_executor``): whether it is
-        one of this pool's, not done. The stop then fails it with ``Interrupted`` (see
-        ``_TaskFuture._stopped``), which the coroutine gets where it waits, as a caller of a
-        pool call does: the pool counts it as raised, and no later call owes one."""
-        if not isinstance(fut, _TaskFuture) or fut.owner is None or fut.owner() is not self:
-            return False
-        if fut.done():
-            return False
-        self._raised = True
-        return True
-
     def is_live(self) -> bool:
         if self._starting or self._gathering or self._closing:
             return True
@@ -998,52 +985,6 @@ class _TaskFuture(Future[T]):
         self._invoke_callbacks()
         self.set_running_or_notify_cancel()  # tells wait() and as_completed()
 
-    def _stopped(self) -> None:
-        """Its task will not run, or was stopped: it reads as cancelled. But when a signal
-        stopped the pool and an asyncio future waits on this one (``loop.run_in_executor``),
-        it fails with ``Interrupted`` instead: a coroutine that awaits it then gets
-        ``Interrupted``, as a caller of ``result()`` does, rather than ``CancelledError``
-        (which a notebook cell shows as a traceback, and which ``except
-        cleanbreak.Interrupted`` does not catch; see ``_signals._awaiting_a_pool``)."""
-        owner = self.owner() if self.owner is not None else None
-        sig = None if owner is None else owner._signal
-        chained = _chained_in_asyncio(self) if sig is not None else []
-        if sig is None or not chained:
-            self._cancel_running()
-            return
-        for loop, waiting in chained:
-            # Marked as read once it holds the exception: one that nobody awaits would print
-            # "exception was never retrieved" when it goes.
-            with contextlib.suppress(RuntimeError):  # its loop is closed
-                loop.call_soon_threadsafe(waiting.add_done_callback, _read_exception)
-        stop = Interrupted(sig)
-        stop._counted = True  # the signal was counted: the pool that catches it must not again
-        _settle(self, None, stop)
-
-
-def _chained_in_asyncio(fut: Future[Any]) -> list[tuple[Any, Any]]:
-    """The asyncio futures that wait on ``fut``, each with its loop: what
-    ``asyncio.wrap_future`` (which ``loop.run_in_executor`` uses) chained to it. Read from the
-    closure of the done-callback that asyncio's ``_chain_future`` adds (private, the same in
-    Python 3.11-3.13); anything else reads as none."""
-    with fut._condition:
-        callbacks = list(fut._done_callbacks)  # type: ignore[attr-defined]
-    out = []
-    for callback in callbacks:
-        code = getattr(callback, "__code__", None)
-        if code is None or code.co_name != "_call_set_state" or "asyncio" not in code.co_filename:
-            continue
-        held = _signals.closure(callback)
-        waiting, loop = held.get("destination"), held.get("dest_loop")
-        if waiting is not None and loop is not None:
-            out.append((loop, waiting))
-    return out
-
-
-def _read_exception(fut: Any) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
 
 class _FutureSink:
     """Outcomes of one ``submit``: onto its Future."""
@@ -1068,7 +1009,7 @@ class _FutureSink:
         _settle(self.fut, None, exc)
 
     def cancel(self, start: int, count: int) -> None:
-        self.fut._stopped()
+        self.fut._cancel_running()
 
 
 def map(

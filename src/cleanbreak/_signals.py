@@ -99,10 +99,6 @@ class Listener(Protocol):
     def raising(self, exc: Interrupted) -> None:
         """The handler is raising ``exc`` in the main thread for this signal."""
 
-    def awaited(self, fut: object) -> bool:
-        """``fut``, which a coroutine awaits, is one of this pool's that the stop ends, so the
-        coroutine gets its ``Interrupted``: whether it is (see ``_awaiting_a_pool``)."""
-
 
 _lock = threading.RLock()  # the handler may run while the main thread holds it
 _listeners: list[Listener] = []
@@ -572,7 +568,6 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if not live:
         _act_as_before(sig, frame)
         return
-    waited = _awaiting_a_pool(live)  # before the pools stop (and their futures are done)
     raise_now = False
     for listener in live:
         raise_now = listener.on_signal(sig) or raise_now
@@ -580,9 +575,9 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if previous is not None and chainable(previous) and not (raise_now and _in_cell(frame)):
         # The framework runs the main thread: let it know, and let it unwind (asyncio cancels
         # its main task; the pool calls in it then raise Interrupted).
-        _in_loop(previous, signum, waited)
+        _in_loop(previous, signum)
         return
-    if raise_now and _cancel_asyncio_main(waited):
+    if raise_now and _cancel_asyncio_main():
         return
     if raise_now:
         exc = Interrupted(sig)
@@ -661,7 +656,7 @@ def _kernel_took_a_ctrl_c(handler: Any) -> bool:
     when the cell awaited once since the press): look for each. What it reads is
     ipykernel's closure and the loop's queue, both private (ipykernel 6-7, Python 3.11-3.13),
     so anything unexpected reads as "no"."""
-    pending = closure(handler).get("sigint_future")
+    pending = _closure(handler).get("sigint_future")
     loop = _running_loop()
     asyncio = sys.modules.get("asyncio")
     if loop is None or asyncio is None or not isinstance(pending, asyncio.Future):
@@ -679,14 +674,14 @@ def _kernel_took_a_ctrl_c(handler: Any) -> bool:
             if func is None:
                 continue
             if not pending.done():  # set_sigint_result, which holds the future it completes
-                if any(v is pending for v in closure(func).values()):
+                if any(v is pending for v in _closure(func).values()):
                     return True
             elif cell_task is not None and call.args[:1] == (cell_task,):
                 return True  # cancel_unless_done(cell_task), sigint_future's done-callback
     return False
 
 
-def closure(func: Any) -> dict[str, Any]:
+def _closure(func: Any) -> dict[str, Any]:
     """The variables a nested function holds from the ones around it, by name."""
     names = getattr(getattr(func, "__code__", None), "co_freevars", ())
     held = {}
@@ -696,7 +691,7 @@ def closure(func: Any) -> dict[str, Any]:
     return held
 
 
-def _cancel_asyncio_main(waited: Any = None) -> bool:
+def _cancel_asyncio_main() -> bool:
     """A signal asyncio does not handle (SIGTERM) while ``asyncio.run`` runs the main thread:
     cancel its main task, as asyncio does on Ctrl-C, rather than raise in the middle of the
     event loop. True if it was done."""
@@ -707,109 +702,30 @@ def _cancel_asyncio_main(waited: Any = None) -> bool:
     loop = _running_loop()
     if loop is None or task is None or task.done() or task.get_loop() is not loop:
         return False
-    _once_stopped(loop, task.cancel, waited, task)  # as a callback of its own: see _in_loop
+    _once_stopped(loop, task.cancel)  # as a callback of its own: see _in_loop
     return True
 
 
 _STOPPED_POLL = 0.002  # seconds between two looks at whether the pools have stopped
 
 
-def _once_stopped(
-    loop: Any, cancel: Callable[[], object], waited: Any = None, task: Any = None
-) -> None:
+def _once_stopped(loop: Any, cancel: Callable[[], object]) -> None:
     """Call ``cancel`` (which cancels the coroutine the loop runs) as a callback of ``loop``,
     once no pool is stopping. Until every worker of a stopped pool is gone, its last results
     are on their way to its futures, and from each to the asyncio future the coroutine may
     await (another callback of the loop): cancelled first, that asyncio future would lose the
-    result for good (a held pool's, whose caller holds no other future).
-
-    Not at all if ``waited``, the future the coroutine waited on at the signal, ended with a
-    pool's ``Interrupted`` (a future of a stopped pool that the coroutine awaits fails with it:
-    see ``_pool._TaskFuture._stopped``), or the one its ``task`` waits on now did (a result
-    that was on its way at the signal let it go on to the next): the coroutine gets it where
-    it waits, as a caller of a pool call would, and a cancel after it would cut short what the
-    coroutine does once it has caught it."""
+    result for good (a held pool's, whose caller holds no other future)."""
 
     def when_stopped() -> None:
         if any(listener.is_live() for listener in list(_listeners)):
             loop.call_later(_STOPPED_POLL, when_stopped)
-            return
-        # Every transfer to an asyncio future was queued before the pools said they had
-        # stopped, but may be behind this callback in the loop's queue: act after them.
-        loop.call_soon(after_the_transfers)
-
-    def after_the_transfers() -> None:
-        now = getattr(task, "_fut_waiter", None)
-        if any(w is not None and _ended_by_a_stop(w) for w in (waited, now)):
             return
         cancel()
 
     loop.call_soon_threadsafe(when_stopped)
 
 
-def _awaiting_a_pool(live: list[Listener]) -> Any:
-    """What the coroutine a framework runs (``asyncio.run``'s main task, a notebook cell that
-    awaits) waits on now, and if that is a pool's future (from ``loop.run_in_executor``) or a
-    ``gather`` of some, tell the pool: the coroutine gets its ``Interrupted`` where it waits
-    (a signal's stop fails those futures with it: see ``_pool._TaskFuture._stopped``), as a
-    caller of a pool call does, so no later call of the pool owes one. Returns what it waits
-    on (None if nothing), so that the framework's own cancel can be left out if that ended in
-    ``Interrupted`` (see ``_once_stopped``). What it reads of asyncio is private (the task's
-    ``_fut_waiter``, the closure of the callback that ``wrap_future`` chains with,
-    ``gather``'s ``_children``; Python 3.11-3.13): anything unexpected reads as not waiting on
-    a pool. Main thread, in the signal handler, before the pools stop."""
-    waited = getattr(_task_of(_saved.get(signal.SIGINT)), "_fut_waiter", None)
-    if waited is None:
-        return None
-    children = getattr(waited, "_children", None)
-    if type(waited).__name__ != "_GatheringFuture" or not isinstance(children, list):
-        children = [waited]
-    for source in [_chained_source(child) for child in children]:
-        for listener in live:
-            if source is not None and listener.awaited(source):
-                break
-    return waited
-
-
-def _chained_source(fut: Any) -> Any:
-    """The future that ``asyncio.wrap_future`` chained an asyncio future to, or None."""
-    for callback, *_context in getattr(fut, "_callbacks", None) or ():
-        code = getattr(callback, "__code__", None)
-        if code is not None and code.co_name == "_call_check_cancel":
-            return closure(callback).get("source")
-    return None
-
-
-def _task_of(handler: Any) -> Any:
-    """The task a framework's SIGINT handler cancels: ``asyncio.Runner``'s main task, or the
-    task of an IPython kernel's cell that awaits (the future that the kernel's own
-    ``sigint_future`` cancels when it is done: see ``_kernel_took_a_ctrl_c``), or None."""
-    task = _main_task(handler)
-    if task is not None:
-        return task
-    pending = closure(handler).get("sigint_future")
-    for callback, *_context in getattr(pending, "_callbacks", None) or ():
-        func = getattr(callback, "func", None)
-        if getattr(func, "__name__", "") == "cancel_unless_done" and callback.args:
-            return callback.args[0]
-    return None
-
-
-def _ended_by_a_stop(waited: Any) -> bool:
-    """Whether an asyncio future ended with a pool's ``Interrupted``; for a ``gather``, one of
-    what it gathers did (it passes that on, with its next callback)."""
-    try:
-        if waited.done():
-            return not waited.cancelled() and isinstance(waited.exception(), Interrupted)
-        children = getattr(waited, "_children", None)
-        return isinstance(children, list) and any(_ended_by_a_stop(c) for c in children)
-    except Exception:  # pragma: no cover - not an asyncio future after all
-        return False
-
-
-def _in_loop(
-    handler: Callable[[int, FrameType | None], object], signum: int, waited: Any = None
-) -> None:
+def _in_loop(handler: Callable[[int, FrameType | None], object], signum: int) -> None:
     """Call asyncio's signal handler as a callback of the running loop, not here.
 
     A signal handler runs between two bytecodes of whatever the main thread runs: under
@@ -833,7 +749,7 @@ def _in_loop(
             return
         handler(signum, None)
 
-    _once_stopped(loop, later, waited, _task_of(handler))
+    _once_stopped(loop, later)
 
 
 def _act_as_before(sig: signal.Signals, frame: FrameType | None) -> None:

@@ -334,23 +334,6 @@ def test_a_ctrl_c_asyncio_took_just_before_the_pool_stops_it(
     assert proc.stderr == ""
 
 
-@pytest.mark.parametrize("shape", ["await", "gather", "caught"])
-@pytest.mark.parametrize("method", METHODS)
-def test_a_held_pool_awaited_under_asyncio_ends_the_wait_in_interrupted(
-    method: str, shape: str, tmp_path: Path
-) -> None:
-    """Ctrl-C while ``asyncio.run``'s coroutine awaits a pool made before it
-    (``scripts/asyncio_held_child.py``): what it awaits ends in ``Interrupted``, which comes
-    out of ``asyncio.run``, or which the coroutine catches and goes on; asyncio's own cancel is
-    then left out. (The stop cancelled that future: asyncio then raised its plain
-    ``KeyboardInterrupt``, and a coroutine that caught ``Interrupted`` never saw one.)"""
-    proc = _run_script("asyncio_held_child.py", str(tmp_path), method, shape)
-    out = ["caught SIGINT", "went on"] if shape == "caught" else ["Interrupted SIGINT"]
-    assert proc.stdout.splitlines() == [*out, "True"], proc.stdout + proc.stderr
-    assert proc.returncode == 0
-    assert proc.stderr == ""
-
-
 # Ctrl-C as a pool checks its arguments, before its handler is in place: iterating over
 # ``retry_on`` sends it to the process group, as a terminal would.
 CHECKING = textwrap.dedent(

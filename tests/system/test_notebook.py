@@ -474,69 +474,6 @@ def test_a_press_in_the_own_code_of_a_cell_that_awaits_stops_it_at_once(
         kernel.ok("pool.shutdown()")
 
 
-# A pool held from an earlier cell, awaited by a cell that waits when the button is pressed. The
-# kernel's handler would end the cell with its CancelledError (it cancels the cell's task, and
-# the pool's stop cancelled the future the cell awaits): a stopped pool's futures that asyncio
-# futures wait on now end in Interrupted, so the cell ends with it (or catches it and goes
-# on), as a cell that does not await. Tasks 2 and 3 run (one per worker), 4 and 5 wait.
-# "waiting" is printed by a callback of the loop, which runs once the cell waits in its await:
-# printed by the cell's own code, it can reach the test while the cell's print still flushes
-# (the press then lands in the cell's own code, where it raises at once).
-WAITING = "loop.call_soon(functools.partial(print, 'waiting', flush=True))\n"
-HELD_AND_AWAITED = {
-    "await": "got = [await futures[0]]\n" + WAITING + "got.append(await futures[1])\n",
-    "gather": WAITING + "got = await asyncio.gather(*futures)\n",
-    "caught": "got = [await futures[0]]\n" + WAITING + "try:\n"
-    "    got.append(await futures[1])\nexcept cleanbreak.Interrupted as exc:\n"
-    "    print('caught', repr(exc))\nawait asyncio.sleep(0.2)\nprint('went on')\n",
-}
-
-
-@pytest.mark.parametrize("shape", list(HELD_AND_AWAITED))
-def test_a_held_pool_awaited_by_a_waiting_cell_ends_it_with_interrupted(
-    kernel: Kernel, marks: Path, shape: str
-) -> None:
-    kernel.ok(
-        TASK + "import asyncio, functools, gc\nheld = cleanbreak.Pool(2, mp_context='fork')\n"
-    )
-    try:
-        cell = kernel.start(
-            "loop = asyncio.get_running_loop()\n"
-            "futures = [loop.run_in_executor(held, task, i) for i in (1, 2, 3, 4)]\n"
-            "extra = loop.run_in_executor(held, task, 5)\n"  # awaited by nobody
-            + HELD_AND_AWAITED[shape]
-        )
-        kernel.wait_for_output(cell, "waiting")
-        running = _wait_two_running(marks, cell)
-        kernel.interrupt()
-        kernel.wait(cell)
-        if shape == "caught":
-            assert cell.status == "ok", cell.summary()
-            assert "caught Interrupted(" in cell.stdout and "went on" in cell.stdout, cell.summary()
-        else:
-            assert cell.error is not None, cell.summary()
-            assert cell.error["ename"] == "Interrupted", cell.summary()  # not CancelledError
-            assert len(cell.error["traceback"]) == 1, cell.summary()  # one line
-        _no_worker_output(cell)
-        assert set(_started(marks)) == running == {2, 3}, cell.summary()  # 4 and 5 never ran
-        assert _gone(set(_started(marks).values())) == []
-        # A future the stop ended that nobody looked at prints nothing when it goes (asyncio
-        # says "exception was never retrieved" for one that fails unread).
-        cell = kernel.ok("del extra\ngc.collect()")
-        assert cell.stderr == "", cell.summary()
-        # What finished is kept; the others say why they did not.
-        cell = kernel.ok(
-            "['cancelled' if f.cancelled() else f.result() if f.exception() is None\n"
-            " else type(f.exception()).__name__ for f in futures]"
-        )
-        assert cell.value() == [10, "Interrupted", "Interrupted", "Interrupted"], cell.summary()
-        # The held pool runs again, with new workers.
-        assert kernel.ok("held.submit(abs, -5).result()").value() == 5
-    finally:
-        (marks / "release").touch()
-        kernel.ok("held.shutdown()")
-
-
 # A held pool's task has finished, and its result is on its way to the future when the button is
 # pressed (here its delivery is made slow, once the pool has seen the signal). The kernel's
 # handler cancels the cell, and with it the asyncio future the cell awaits: had it come before

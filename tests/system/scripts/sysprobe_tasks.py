@@ -202,8 +202,7 @@ async def through_asyncio(
     on_begin: Any = None,
 ) -> None:
     """The stress children's asyncio API: ``fn`` over ``specs`` through ``run_in_executor``.
-    The user's view of the results is the asyncio futures: they keep theirs (those the stop
-    ended hold ``Interrupted``, where a stop used to cancel them: read as such). ``on_done`` is
+    The user's view of the results is the asyncio futures: they keep theirs. ``on_done`` is
     called once every result is in, while the pool is still open (after it, and during
     ``asyncio.run``'s teardown, a SIGTERM is the program's own: it ends the process).
     ``on_begin`` is called just before the pool is made (the first touch of
@@ -223,8 +222,4 @@ async def through_asyncio(
             if on_done is not None:
                 on_done()
         finally:
-            yielded.extend(
-                f.result()
-                for f in futures
-                if f.done() and not f.cancelled() and f.exception() is None
-            )
+            yielded.extend(f.result() for f in futures if f.done() and not f.cancelled())
