@@ -6,7 +6,7 @@ Tests that shut a pool down, kill its workers or break it make their own.
 from __future__ import annotations
 
 import copyreg
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
@@ -50,3 +50,22 @@ def distributed() -> Iterator[Any]:
     yield module
     copyreg.dispatch_table.clear()
     copyreg.dispatch_table.update(saved)
+
+
+@pytest.fixture
+def unit_sizes(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[int]]:
+    """``unit_sizes(backend)``: the number of items of each unit that ``backend`` makes from
+    now on, as a list that grows (a pool's ``_backend``; the drop-in's ``_pool._backend``)."""
+
+    def watch(backend: Any) -> list[int]:
+        sizes: list[int] = []
+        real = backend.new_unit
+
+        def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
+            sizes.append(len(items))
+            return real(kind, fn, items, *rest)
+
+        monkeypatch.setattr(backend, "new_unit", spy)
+        return sizes
+
+    return watch

@@ -77,27 +77,14 @@ def test_buffersize_with_automatic_chunks(fs_pool: cleanbreak.Pool, name: str) -
         assert source.produced <= taken + (100 // 4 - 1) + 100, (taken, source.produced)
 
 
-def _unit_sizes(pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of items of each unit the pool makes from now on."""
-    sizes: list[int] = []
-    real = pool._backend.new_unit
-
-    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
-        sizes.append(len(items))
-        return real(kind, fn, items, *rest)
-
-    monkeypatch.setattr(pool._backend, "new_unit", spy)
-    return sizes
-
-
 def test_a_chunk_size_larger_than_the_default_window_still_runs(
-    fs_pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch
+    fs_pool: cleanbreak.Pool, unit_sizes: Callable[[Any], list[int]]
 ) -> None:
     # The default window starts small (16 items per worker) and grows; a chunk of 1000 the user
     # asked for does not wait for it to grow, and is not cut into pieces either, once the first
     # results have shown that they are small (until then each worker gets one probe unit; a
     # first result can come back before the second probe is made, on a loaded machine).
-    sizes = _unit_sizes(fs_pool, monkeypatch)
+    sizes = unit_sizes(fs_pool._backend)
     results = fs_pool.map(tasks.square, iter(Counting()), chunksize=1000, timeout=GUARD)
     assert [next(results) for _ in range(5000)] == [i * i for i in range(5000)]
     probes = sizes.index(1000)
@@ -155,12 +142,12 @@ def test_map_zips_an_endless_iterable_with_a_finite_one(fs_pool: cleanbreak.Pool
 
 @pytest.mark.parametrize("name", ["map", "imap_unordered"])
 def test_large_results_cut_the_chunks_to_fit_what_the_run_may_hold(
-    fs_pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch, name: str
+    fs_pool: cleanbreak.Pool, unit_sizes: Callable[[Any], list[int]], name: str
 ) -> None:
     """Results of 1 MiB with chunks of 200 asked for: after one probe unit per worker, each
     unit holds what fits in HELD_BYTES with one unit per worker, so that the results the run
     holds for its caller stay under it (a unit of 200 would hold 200 MiB)."""
-    sizes = _unit_sizes(fs_pool, monkeypatch)
+    sizes = unit_sizes(fs_pool._backend)
     fn = functools.partial(tasks.blob, tasks.MiB)
     results = _mapper(fs_pool, name)(fn, range(120), chunksize=200)
     assert sum(len(r) for r in results) == 120 * tasks.MiB

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -99,7 +99,7 @@ def test_map_raises_the_tasks_exception(pool: Pool) -> None:
 
 
 def test_a_list_map_sends_its_full_window_once_the_probes_are_back(
-    pool: Pool, monkeypatch: pytest.MonkeyPatch
+    pool: Pool, monkeypatch: pytest.MonkeyPatch, unit_sizes: Callable[[Any], list[int]]
 ) -> None:
     # map() returns a list: its caller takes every piece as it comes, so once a first result
     # has sized the chunks, the whole window goes out at once, in chunks of at most a quarter
@@ -107,15 +107,7 @@ def test_a_list_map_sends_its_full_window_once_the_probes_are_back(
     # the probes and grow it by doubling: chunks of 8, 8, 16, 16, 28, ... (a round trip each).
     # A chunk's target time so long that only that cap sizes the chunks, whatever the timing.
     monkeypatch.setattr(_map, "CHUNK_SECONDS", 1e9)
-    sizes: list[int] = []
-    backend = pool._pool._backend
-    real = backend.new_unit
-
-    def spy(kind: int, fn: Any, items: list[Any], *rest: Any) -> Any:
-        sizes.append(len(items))
-        return real(kind, fn, items, *rest)
-
-    monkeypatch.setattr(backend, "new_unit", spy)
+    sizes = unit_sizes(pool._pool._backend)
     assert pool.map(tasks.square, range(1000)) == [i * i for i in range(1000)]
     probes = sizes.index(125)
     assert 1 <= probes <= 2 and set(sizes[:probes]) == {1}, sizes
