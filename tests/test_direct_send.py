@@ -211,6 +211,9 @@ def calls(pool):
             futures[-1].result(tasks.GUARD)
     if after == "result":
         futures[-1].result(tasks.GUARD)
+    if after == "submit again":  # the stopped pool's next call: it must not start it again
+        futures.append(pool.submit(tasks.square, 4))
+        print(json.dumps({{"submitted again": True}}), flush=True)
 
 
 if __name__ == "__main__":
@@ -242,7 +245,9 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("after", ["result", "shutdown", "map", "drop-in get", "drop-in map_async"])
+@pytest.mark.parametrize(
+    "after", ["result", "submit again", "shutdown", "map", "drop-in get", "drop-in map_async"]
+)
 def test_the_signal_that_brings_back_a_put_off_interrupted_never_reaches_another_handler(
     tmp_path: Path, after: str
 ) -> None:
@@ -252,7 +257,9 @@ def test_the_signal_that_brings_back_a_put_off_interrupted_never_reaches_another
     # Once, from the call (or, left put off, from the wait after the shutdown): the Interrupted
     # a call raises for the stop takes the one put off, and a get() whose task the stop
     # cancelled raises it rather than CancelledError.
+    # Nor may a call on the stopped pool swallow it and start the pool again ("submit again").
     expected = ["later"] if after == "shutdown" else ["call"]
-    assert out["raised"] == expected, out
+    assert out["raised"] == expected, (out, done.stdout)
+    assert "submitted again" not in done.stdout
     assert out["restored"], out
     assert done.returncode == 0, done.stderr

@@ -418,6 +418,9 @@ class Pool(Executor):
             or not _signals.in_main_thread()
         ):
             return
+        # Left to come back in a moment, it would be swallowed by settle()'s wait, and the
+        # pool would start again.
+        _raise_put_off()
         self.settle()
         if not self._reported:
             return  # the Interrupted has not reached the caller yet: _check_open refuses
@@ -826,6 +829,7 @@ class Pool(Executor):
     def _check_open(self) -> None:
         _refuse_at_exit()
         if self._signal is not None:
+            _raise_put_off()
             raise RuntimeError(
                 f"cannot schedule new tasks: the pool was interrupted by {self._signal.name}"
             )
@@ -834,6 +838,16 @@ class Pool(Executor):
             raise BrokenPool(str(broken)) from broken
         if self._closed:
             raise RuntimeError("cannot schedule new tasks after shutdown")
+
+
+def _raise_put_off() -> None:
+    """Raise the stop's Interrupted now if the handler put it off (the signal came in a
+    callback that the garbage collector ran, or while the main thread sent a unit): it has not
+    reached the caller, and a call on the stopped pool is the first place it can."""
+    if _signals.in_main_thread():
+        put_off = _signals.take_put_off()
+        if put_off is not None:
+            raise put_off.with_traceback(None)
 
 
 def _refuse_at_exit() -> None:

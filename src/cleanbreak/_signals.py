@@ -562,7 +562,15 @@ def _handler(signum: int, frame: FrameType | None) -> None:
             _put_off_raise(_put_off)
             return
         exc, _put_off = _put_off, None
+        previous = _saved.get(sig)
         _restore_if_unused()
+        if previous is not None and chainable(previous) and not _in_cell(frame):
+            # It was put off in a notebook cell's own code, which has since gone on to await:
+            # raised here, in the event loop's own code, it would pass the cell by (the
+            # kernel prints it, and the cell runs on). The kernel's handler stops the cell, as
+            # for a press while it waits.
+            _in_loop(previous, signum)
+            return
         raise exc.with_traceback(None)
     live = [listener for listener in list(_listeners) if listener.is_live()]
     if not live:

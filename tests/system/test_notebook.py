@@ -515,3 +515,43 @@ def test_a_result_on_its_way_at_the_press_reaches_the_awaited_future(
         assert got == 10, cell.summary()
     finally:
         kernel.ok("_cbpool._FutureSink.deliver = _real_deliver\nheld.shutdown()")
+
+
+# A press whose Interrupted the handler put off (it came in a callback that the garbage collector
+# ran in the cell's own code) comes back once the cell has gone on to await: raised there, in
+# the event loop's own code, it would pass the cell by (the kernel printed it on its stderr, and
+# the cell ran on to its end). The kernel's handler stops the cell instead, as for a press while
+# it waits.
+PUT_OFF_THEN_AWAIT = """
+import asyncio, signal, weakref
+from cleanbreak import _signals
+_signals._PUT_OFF_SECONDS = 0.3  # it comes back while the cell awaits
+class Trigger:
+    pass
+def ctrl_c(_ref=None):
+    os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+    for _ in range(1000):
+        pass
+trigger = Trigger()
+ref = weakref.ref(trigger, ctrl_c)
+start = time.monotonic()
+trigger = None  # the weakref's callback runs now, and signals
+await asyncio.sleep(20)
+"""
+
+
+def test_an_interrupted_put_off_in_a_cell_that_then_awaits_stops_the_cell(
+    kernel: Kernel, marks: Path
+) -> None:
+    kernel.ok("held = cleanbreak.Pool(2, mp_context='fork')\nheld.submit(abs, -1).result()")
+    try:
+        cell = kernel.start(PUT_OFF_THEN_AWAIT)
+        kernel.wait(cell)
+        took = kernel.ok("time.monotonic() - start").value()
+        assert cell.error is not None, cell.summary()
+        assert took < 10, cell.summary()  # not the cell's 20 s
+        assert cell.stderr == "", cell.summary()
+        # The held pool works in the next cell.
+        assert kernel.ok("held.submit(abs, -3).result()").value() == 3
+    finally:
+        kernel.ok("_signals._PUT_OFF_SECONDS = 0.002\nheld.shutdown()")

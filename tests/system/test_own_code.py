@@ -170,3 +170,88 @@ def test_ctrl_c_in_the_callers_own_code_keeps_what_arrived(
     assert all(k == v for k, v in completed.items()), report
     kept = set(report["got"]) | set(completed)
     assert set(report["arrived"]) <= kept, report
+
+
+# The Interrupted put off (the signal came in a callback) and the stopped pool called again
+# before it comes back: right after the callback, or with the callback run inside the call,
+# after the pool's restart check (``_rearm``) and before its refusal (``_check_open``). The
+# call raises it. (Before, the restart check waited for the stop, swallowed the signal that
+# came back meanwhile and started the pool again, or the call refused with a RuntimeError.)
+AGAIN = textwrap.dedent(
+    """
+    import json, os, signal, sys, weakref
+    import cleanbreak
+    from cleanbreak import _pool, _signals
+
+    _signals._PUT_OFF_SECONDS = 0.5  # the signal comes back well after the next call
+
+
+    def ctrl_c(_ref=None):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+        for _ in range(1000):
+            pass
+
+
+    class Trigger:
+        pass
+
+
+    def main():
+        where = sys.argv[1]
+        report = {"raised": [], "submitted": False}
+        pool = cleanbreak.Pool(2)
+        backend = pool._backend
+        assert pool.submit(abs, -1).result() == 1  # an idle pool: the signal raises at once
+        trigger = Trigger()
+        ref = weakref.ref(trigger, ctrl_c)
+        if where == "inside":
+            real = _pool.Pool._rearm
+
+            def rearm(self):
+                nonlocal trigger
+                real(self)
+                trigger = None  # the weakref's callback runs now, and signals
+
+            _pool.Pool._rearm = rearm
+        try:
+            if where == "before":
+                trigger = None
+            pool.submit(abs, -2)
+            report["submitted"] = True
+        except BaseException as exc:
+            report["raised"].append(type(exc).__name__ + ": " + str(exc))
+        try:  # the signal that was to bring the Interrupted back raises nothing more
+            _signals.wait_event(_signals.threading.Event(), 1.0)
+        except BaseException as exc:
+            report["raised"].append("later: " + type(exc).__name__)
+        report["restarted"] = pool._backend is not backend
+        pool.shutdown()
+        del ref
+        print(json.dumps(report), flush=True)
+
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["before", "inside"])
+def test_a_call_on_the_stopped_pool_raises_the_interrupted_put_off(
+    where: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "again.py"
+    script.write_text(AGAIN)
+    proc = subprocess.run(
+        [sys.executable, str(script), where],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=GUARD,
+    )
+    assert proc.stderr == "", proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["raised"] == ["Interrupted: interrupted by SIGINT"], report
+    assert not report["submitted"], report
+    assert not report["restarted"], report
