@@ -421,9 +421,18 @@ class Pool(Executor):
         # Left to come back in a moment, it would be swallowed by settle()'s wait, and the
         # pool would start again.
         _raise_put_off()
+        seen = self._signals_seen
         self.settle()
         if not self._reported:
             return  # the Interrupted has not reached the caller yet: _check_open refuses
+        if self._signals_seen != seen:
+            # A Ctrl-C came while this call waited for the last stop to end, which took it in
+            # its stride (see _stop): it is this call's, which starts nothing.
+            _signals.take_put_off()
+            stop = Interrupted(self._signal or signal.SIGINT)
+            stop._filled = True
+            _signals.interrupted(stop.signal)
+            raise stop
         journal = self._journal
         if journal is not None:
             from ._journal import Journal

@@ -216,6 +216,7 @@ def _follow_ipython_cells() -> None:
 
 def _before_cell(info: object = None) -> None:
     """IPython's ``pre_run_cell`` event, in the main thread, as a cell starts."""
+    _drop_put_off()
     with _lock:
         if in_main_thread() and any(listener.is_live() for listener in list(_listeners)):
             _install()
@@ -228,6 +229,29 @@ def _after_cell(result: object = None) -> None:
     if in_main_thread():
         for listener in list(_listeners):
             listener.settle(over=True)
+        _drop_put_off()
+
+
+def _drop_put_off() -> None:
+    """An Interrupted still put off as a cell ends was for that cell: no pool call of a later
+    cell may raise it (the press was not that cell's), and the signal that was to bring it
+    back is called off. (Our handler is gone after the cell, and it could not reach it.)"""
+    global _put_off, _unsent, _taken, _in_flight
+    if not in_main_thread():
+        return
+    ours = any(_getsignal(sig) is _handler for sig in HANDLED)
+    with _send_lock:
+        if _put_off is None:
+            if not ours:
+                _taken, _in_flight = 0, False  # nothing sent to ours can reach it now
+            return
+        _put_off = _unsent = None
+        coming = _in_flight and ours
+        _in_flight = False
+        if coming:
+            _taken += 1  # on its way to ours, which stays in place to take it
+            return
+    _restore_if_unused()
 
 
 def detach(listener: Listener) -> None:
@@ -270,10 +294,11 @@ def _still_wanted(sig: int, previous: Any) -> Any:
 
 
 def _forget_in_child() -> None:
-    global _lock, _send_lock, _put_off, _unsent, _taken
+    global _lock, _send_lock, _put_off, _unsent, _taken, _in_flight
     _lock = threading.RLock()  # a thread of the parent may have held it at the fork
     _send_lock = threading.Lock()
     _put_off = _unsent = None  # the parent's: no thread here sends their signal back
+    _in_flight = False
     _taken = 0
     for sig, previous in list(_saved.items()):
         if signal.getsignal(sig) is _handler:
@@ -459,19 +484,24 @@ _taken = 0  # Interrupteds put off and raised by a pool call before their signal
 # a KeyboardInterrupt traceback). ``_send_lock`` makes "not yet sent" and "sent" exact.
 _send_lock = threading.Lock()
 _unsent: object | None = None  # the token of the thread that is to send the signal back
+# That thread sent it to our handler, which has not had it yet. (It sends nothing while
+# another handler is in place: a notebook kernel puts its own back as a cell ends, and the
+# signal would be lost to it, or raise KeyboardInterrupt in the kernel's code.)
+_in_flight = False
 
 
 def take_put_off() -> Interrupted | None:
     """The Interrupted put off, for a pool call to raise now (a future cancelled by the stop
     raises it, not CancelledError); the signal that was to bring it back is called off, or
     ignored when it comes."""
-    global _put_off, _taken, _unsent
+    global _put_off, _taken, _unsent, _in_flight
     with _send_lock:
         exc, _put_off = _put_off, None
         if exc is not None:
             if _unsent is not None:
                 _unsent = None  # its thread will not send it
-            else:
+            elif _in_flight:
+                _in_flight = False
                 _taken += 1
     if exc is not None:
         _restore_if_unused()
@@ -513,13 +543,16 @@ def _send_again_soon(sig: signal.Signals, callable_off: bool = False) -> None:
         _unsent = token
 
     def send() -> None:
-        global _unsent
+        global _unsent, _in_flight
         time.sleep(_PUT_OFF_SECONDS)
         with _send_lock:
             if callable_off:
                 if _unsent is not token:
                     return  # called off, or a later thread sends it
                 _unsent = None
+                if _getsignal(sig) is not _handler:
+                    return  # see _in_flight: the Interrupted stays for a pool call to take
+                _in_flight = True
             signal.pthread_kill(main, sig)
 
     start_quiet_thread(send, "cleanbreak-put-off")
@@ -540,7 +573,7 @@ _OURS_PUTTING_OFF = (_unraisable.__code__, _put_off_raise.__code__, _send_again_
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    global _put_off, _taken
+    global _put_off, _taken, _in_flight
     sig = signal.Signals(signum)
     if os.getpid() != _owner_pid:
         # A child forked where no at-fork hook ran (a fork from C): as _forget_in_child does.
@@ -554,6 +587,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _taken:
         _taken -= 1  # it came back for one already raised (take_put_off)
         return
+    _in_flight = False
     if _put_off is not None:
         # Called again for an Interrupted put off (see _in_finalizer), which is raised now
         # unless the main thread is still in the callback. (A Ctrl-C that comes in this very

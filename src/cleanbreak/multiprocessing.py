@@ -473,7 +473,11 @@ class Pool:
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
         self._remember(result)
-        fut = self._pool.submit(func, *tuple(args), **dict(kwds))
+        try:
+            fut = self._pool.submit(func, *tuple(args), **dict(kwds))
+        except BaseException:
+            self._forget(result)  # nothing will settle it: join() must not wait for it
+            raise
         fut.add_done_callback(result._from_future)
         return result
 

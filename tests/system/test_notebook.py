@@ -555,3 +555,51 @@ def test_an_interrupted_put_off_in_a_cell_that_then_awaits_stops_the_cell(
         assert kernel.ok("held.submit(abs, -3).result()").value() == 3
     finally:
         kernel.ok("_signals._PUT_OFF_SECONDS = 0.002\nheld.shutdown()")
+
+
+# A press whose Interrupted the handler put off as the cell ended: the cell is over (its pool is
+# stopped) before the Interrupted could come back, and the kernel has put its own handler back.
+# It was that cell's: the next cell's pool call must not raise it, and the next press must not
+# be taken for the signal that was to bring it back (it was never sent).
+PUT_OFF_AT_THE_END = """
+import signal, weakref
+from cleanbreak import _signals
+_signals._PUT_OFF_SECONDS = 0.3  # it would come back after the cell's end
+class Trigger:
+    pass
+def ctrl_c(_ref=None):
+    os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+    for _ in range(1000):
+        pass
+trigger = Trigger()
+ref = weakref.ref(trigger, ctrl_c)
+trigger = None  # the weakref's callback runs now, and signals
+"""
+
+PRESS_DURING_A_TASK = """
+try:
+    fut = held.submit(time.sleep, 20)
+    start = time.monotonic()
+    os.kill(os.getpid(), signal.SIGINT)
+    fut.result()
+    out = "no Interrupted"
+except cleanbreak.Interrupted:
+    out = time.monotonic() - start
+out
+"""
+
+
+def test_an_interrupted_put_off_as_the_cell_ends_stays_that_cells(
+    kernel: Kernel, marks: Path
+) -> None:
+    kernel.ok("held = cleanbreak.Pool(2, mp_context='fork')\nheld.submit(abs, -1).result()")
+    try:
+        cell = kernel.ok(PUT_OFF_AT_THE_END)
+        assert cell.stderr == "", cell.summary()
+        time.sleep(0.6)  # not a synchronisation: past the moment it would have come back
+        assert kernel.ok("held.submit(abs, -3).result()").value() == 3
+        took = kernel.ok(PRESS_DURING_A_TASK).value()
+        assert took != "no Interrupted"
+        assert took < 10  # not the task's 20 s
+    finally:
+        kernel.ok("_signals._PUT_OFF_SECONDS = 0.002\nheld.shutdown()")

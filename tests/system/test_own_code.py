@@ -255,3 +255,134 @@ def test_a_call_on_the_stopped_pool_raises_the_interrupted_put_off(
     assert report["raised"] == ["Interrupted: interrupted by SIGINT"], report
     assert not report["submitted"], report
     assert not report["restarted"], report
+
+
+# The same through the drop-in: its apply_async raises the Interrupted put off, and leaves no
+# result behind that close(); join() would wait for for ever.
+AGAIN_DROP_IN = textwrap.dedent(
+    """
+    import json, os, signal, threading, weakref
+    from cleanbreak import _signals
+    from cleanbreak.multiprocessing import Pool
+
+    _signals._PUT_OFF_SECONDS = 0.5  # the signal comes back well after the next call
+
+
+    def ctrl_c(_ref=None):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+        for _ in range(1000):
+            pass
+
+
+    class Trigger:
+        pass
+
+
+    if __name__ == "__main__":
+        report = {"raised": []}
+        pool = Pool(2)
+        assert pool.apply(abs, (-1,)) == 1
+        trigger = Trigger()
+        ref = weakref.ref(trigger, ctrl_c)
+        try:
+            trigger = None  # the weakref's callback runs now, and signals
+            pool.apply_async(abs, (-2,))
+        except BaseException as exc:
+            report["raised"].append(type(exc).__name__)
+        pool.close()
+        joined = threading.Event()
+        threading.Thread(target=lambda: (pool.join(), joined.set()), daemon=True).start()
+        report["joined"] = joined.wait(10)  # a deadlock guard: join() returns at once
+        print(json.dumps(report), flush=True)
+        os._exit(0)
+    """
+)
+
+
+def test_the_drop_ins_apply_async_raises_the_interrupted_put_off_and_join_returns(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "again.py"
+    script.write_text(AGAIN_DROP_IN)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=GUARD,
+    )
+    assert proc.stderr == "", proc.stderr
+    report = json.loads(proc.stdout)
+    assert report == {"raised": ["Interrupted"], "joined": True}, report
+
+
+# A Ctrl-C while the next call waits for the last stop to end (the stop of an Interrupted raised
+# in the caller's own code, whose results nobody read): the wait takes it in its stride, but it
+# is that call's, which raises Interrupted and starts nothing (before, the pool started again
+# and ran the task). The worker ignores SIGTERM, so that the stop lasts its grace period.
+DURING_THE_SETTLE = textwrap.dedent(
+    """
+    import json, os, signal
+    import cleanbreak
+
+    read_end, write_end = os.pipe()  # the workers (forked) write to it
+
+
+    def stubborn():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # killed after the grace period
+        os.write(write_end, b"s")
+        signal.pause()
+
+
+    def ran():
+        os.write(write_end, b"r")
+
+
+    if __name__ == "__main__":
+        report = {"raised": []}
+        pool = cleanbreak.Pool(1, mp_context="fork")
+        pool.submit(stubborn)
+        assert os.read(read_end, 1) == b"s"  # it runs
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+            for _ in range(10**6):
+                pass  # the caller's own code
+        except cleanbreak.Interrupted:
+            report["raised"].append("first")
+        backend = pool._backend
+        real_wait = backend.wait
+
+        def wait(*args):  # the next call's wait for the stop: a Ctrl-C comes in it
+            backend.wait = real_wait
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_wait(*args)
+
+        backend.wait = wait
+        try:
+            pool.submit(ran)
+            report["submitted"] = True
+        except cleanbreak.Interrupted:
+            report["raised"].append("second")
+        pool.shutdown()
+        os.close(write_end)
+        report["ran"] = os.read(read_end, 10).decode()
+        print(json.dumps(report), flush=True)
+    """
+)
+
+
+def test_a_ctrl_c_while_the_next_call_waits_for_the_stop_is_that_calls(tmp_path: Path) -> None:
+    script = tmp_path / "settle.py"
+    script.write_text(DURING_THE_SETTLE)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=GUARD,
+    )
+    assert proc.stderr == "", proc.stderr
+    report = json.loads(proc.stdout)
+    assert report == {"raised": ["first", "second"], "ran": ""}, report
