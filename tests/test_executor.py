@@ -154,6 +154,36 @@ def test_asyncio_sees_task_errors(pool: cleanbreak.Pool) -> None:
         asyncio.run(main())
 
 
+def test_a_signals_deferred_cancel_comes_after_the_results_queued_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal's cancel of asyncio's main task waits for the pools to stop (see
+    ``_signals._once_stopped``): by then the manager thread has queued the passing on of
+    their last results to the asyncio futures, perhaps behind the cancel's own callback. The
+    cancel must come after them, or the future the coroutine awaits loses its result."""
+    from cleanbreak import _signals
+
+    monkeypatch.setattr(_signals, "_listeners", [])  # no pool is stopping
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        source: Future[int] = Future()
+        awaited = asyncio.wrap_future(source)
+
+        async def coroutine() -> int:
+            return await awaited
+
+        task = asyncio.ensure_future(coroutine())
+        await asyncio.sleep(0)  # the task now waits on the asyncio future
+        _signals._once_stopped(loop, task.cancel)
+        source.set_result(5)  # as the manager thread does: its transfer is queued behind
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return awaited.result()
+
+    assert asyncio.run(main()) == 5
+
+
 def test_submit_from_many_threads(pool: cleanbreak.Pool) -> None:
     results: dict[int, int] = {}
     lock = threading.Lock()

@@ -756,13 +756,15 @@ def _once_stopped(loop: Any, cancel: Callable[[], object]) -> None:
     once no pool is stopping. Until every worker of a stopped pool is gone, its last results
     are on their way to its futures, and from each to the asyncio future the coroutine may
     await (another callback of the loop): cancelled first, that asyncio future would lose the
-    result for good (a held pool's, whose caller holds no other future)."""
+    result for good (a held pool's, whose caller holds no other future). Those transfers are
+    callbacks too, queued by the manager thread before its pool stopped, but perhaps behind
+    this one: the cancel goes to the back of the queue once more, behind them."""
 
     def when_stopped() -> None:
         if any(listener.is_live() for listener in list(_listeners)):
             loop.call_later(_STOPPED_POLL, when_stopped)
             return
-        cancel()
+        loop.call_soon(cancel)
 
     loop.call_soon_threadsafe(when_stopped)
 
