@@ -522,10 +522,13 @@ def test_a_result_on_its_way_at_the_press_reaches_the_awaited_future(
 # the event loop's own code, it would pass the cell by (the kernel printed it on its stderr, and
 # the cell ran on to its end). The kernel's handler stops the cell instead, as for a press while
 # it waits.
-PUT_OFF_THEN_AWAIT = """
-import asyncio, signal, weakref
+# A Ctrl-C that a callback the garbage collector runs sends, in the cell's own code (``trigger =
+# None`` drops the last reference to a Trigger whose weakref calls ``ctrl_c``): the handler
+# puts its Interrupted off, for longer than usual.
+PUT_OFF = """
+import signal, weakref
 from cleanbreak import _signals
-_signals._PUT_OFF_SECONDS = 0.3  # it comes back while the cell awaits
+_signals._PUT_OFF_SECONDS = 0.3
 class Trigger:
     pass
 def ctrl_c(_ref=None):
@@ -534,10 +537,17 @@ def ctrl_c(_ref=None):
         pass
 trigger = Trigger()
 ref = weakref.ref(trigger, ctrl_c)
+"""
+
+PUT_OFF_THEN_AWAIT = (
+    PUT_OFF
+    + """
+import asyncio
 start = time.monotonic()
 trigger = None  # the weakref's callback runs now, and signals
-await asyncio.sleep(20)
+await asyncio.sleep(20)  # it comes back while the cell awaits
 """
+)
 
 
 def test_an_interrupted_put_off_in_a_cell_that_then_awaits_stops_the_cell(
@@ -561,20 +571,12 @@ def test_an_interrupted_put_off_in_a_cell_that_then_awaits_stops_the_cell(
 # stopped) before the Interrupted could come back, and the kernel has put its own handler back.
 # It was that cell's: the next cell's pool call must not raise it, and the next press must not
 # be taken for the signal that was to bring it back (it was never sent).
-PUT_OFF_AT_THE_END = """
-import signal, weakref
-from cleanbreak import _signals
-_signals._PUT_OFF_SECONDS = 0.3  # it would come back after the cell's end
-class Trigger:
-    pass
-def ctrl_c(_ref=None):
-    os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-    for _ in range(1000):
-        pass
-trigger = Trigger()
-ref = weakref.ref(trigger, ctrl_c)
-trigger = None  # the weakref's callback runs now, and signals
+PUT_OFF_AT_THE_END = (
+    PUT_OFF
+    + """
+trigger = None  # the weakref's callback runs now, and signals; it would come back after the end
 """
+)
 
 PRESS_DURING_A_TASK = """
 try:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +130,40 @@ CHILD = textwrap.dedent(
 )
 
 
+# A Ctrl-C that a callback the garbage collector runs sends (``trigger = None`` drops the last
+# reference to a Trigger whose weakref calls ``ctrl_c``): the handler puts its Interrupted off.
+TRIGGER = """
+def ctrl_c(_ref=None):
+    os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+    for _ in range(1000):
+        pass
+
+
+class Trigger:
+    pass
+"""
+
+
+def _with_trigger(script: str) -> str:
+    return textwrap.dedent(script).replace("{trigger}", TRIGGER)
+
+
+def _run(script: Path, text: str, *args: str) -> dict[str, Any]:
+    """Run ``text`` as ``script`` with ``args``: its JSON report, once its stderr was empty."""
+    script.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=GUARD,
+    )
+    assert proc.stderr == "", proc.stderr  # nothing printed: no "Exception ignored"
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
 # Every API and both modes with a pool held without a with block, where no pool call gathers
 # the results; the with block, which gathers them itself, in terminate mode (the mode whose
 # handler raises in the caller's code).
@@ -150,18 +185,7 @@ def test_ctrl_c_in_the_callers_own_code_keeps_what_arrived(
 ) -> None:
     # A script (a file), so that its top-level ``received`` goes by reference and runs here,
     # in this process's own __main__, as each result arrives.
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    proc = subprocess.run(
-        [sys.executable, str(script), api, mode, holder, where],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        timeout=GUARD,
-    )
-    assert proc.stderr == "", proc.stderr  # nothing printed: no "Exception ignored"
-    report = json.loads(proc.stdout)
+    report = _run(tmp_path / "child.py", CHILD, api, mode, holder, where)
     assert report["ended"] == "Interrupted", report
     assert report.get("raised", "Interrupted") == "Interrupted", report
     # Task i's result is i, and its index is i too (its input position, or the order of its
@@ -177,7 +201,7 @@ def test_ctrl_c_in_the_callers_own_code_keeps_what_arrived(
 # after the pool's restart check (``_rearm``) and before its refusal (``_check_open``). The
 # call raises it. (Before, the restart check waited for the stop, swallowed the signal that
 # came back meanwhile and started the pool again, or the call refused with a RuntimeError.)
-AGAIN = textwrap.dedent(
+AGAIN = _with_trigger(
     """
     import json, os, signal, sys, weakref
     import cleanbreak
@@ -186,14 +210,7 @@ AGAIN = textwrap.dedent(
     _signals._PUT_OFF_SECONDS = 0.5  # the signal comes back well after the next call
 
 
-    def ctrl_c(_ref=None):
-        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-        for _ in range(1000):
-            pass
-
-
-    class Trigger:
-        pass
+    {trigger}
 
 
     def main():
@@ -240,18 +257,7 @@ AGAIN = textwrap.dedent(
 def test_a_call_on_the_stopped_pool_raises_the_interrupted_put_off(
     where: str, tmp_path: Path
 ) -> None:
-    script = tmp_path / "again.py"
-    script.write_text(AGAIN)
-    proc = subprocess.run(
-        [sys.executable, str(script), where],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        timeout=GUARD,
-    )
-    assert proc.stderr == "", proc.stderr
-    report = json.loads(proc.stdout)
+    report = _run(tmp_path / "again.py", AGAIN, where)
     assert report["raised"] == ["Interrupted: interrupted by SIGINT"], report
     assert not report["submitted"], report
     assert not report["restarted"], report
@@ -259,7 +265,7 @@ def test_a_call_on_the_stopped_pool_raises_the_interrupted_put_off(
 
 # The same through the drop-in: its apply_async raises the Interrupted put off, and leaves no
 # result behind that close(); join() would wait for for ever.
-AGAIN_DROP_IN = textwrap.dedent(
+AGAIN_DROP_IN = _with_trigger(
     """
     import json, os, signal, threading, weakref
     from cleanbreak import _signals
@@ -268,14 +274,7 @@ AGAIN_DROP_IN = textwrap.dedent(
     _signals._PUT_OFF_SECONDS = 0.5  # the signal comes back well after the next call
 
 
-    def ctrl_c(_ref=None):
-        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-        for _ in range(1000):
-            pass
-
-
-    class Trigger:
-        pass
+    {trigger}
 
 
     if __name__ == "__main__":
@@ -302,18 +301,7 @@ AGAIN_DROP_IN = textwrap.dedent(
 def test_the_drop_ins_apply_async_raises_the_interrupted_put_off_and_join_returns(
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "again.py"
-    script.write_text(AGAIN_DROP_IN)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        timeout=GUARD,
-    )
-    assert proc.stderr == "", proc.stderr
-    report = json.loads(proc.stdout)
+    report = _run(tmp_path / "again.py", AGAIN_DROP_IN)
     assert report == {"raised": ["Interrupted"], "joined": True}, report
 
 
@@ -373,16 +361,5 @@ DURING_THE_SETTLE = textwrap.dedent(
 
 
 def test_a_ctrl_c_while_the_next_call_waits_for_the_stop_is_that_calls(tmp_path: Path) -> None:
-    script = tmp_path / "settle.py"
-    script.write_text(DURING_THE_SETTLE)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        timeout=GUARD,
-    )
-    assert proc.stderr == "", proc.stderr
-    report = json.loads(proc.stdout)
+    report = _run(tmp_path / "settle.py", DURING_THE_SETTLE)
     assert report == {"raised": ["first", "second"], "ran": ""}, report
