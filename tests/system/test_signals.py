@@ -34,9 +34,17 @@ def _user_handler(signum: int, frame: FrameType | None) -> None:
 
 @pytest.fixture
 def default_handlers() -> Iterator[None]:
-    """Start from the default SIGINT and SIGTERM handlers; put pytest's back afterwards."""
+    """Start from the default SIGINT and SIGTERM handlers, with no other pool live; put
+    pytest's handlers back afterwards. (A shared pool that another module's tests left open in
+    this process would keep cleanbreak's handler in place after the test's own pool closed: it
+    is hidden from the handler while the test runs.)"""
+    from cleanbreak import _signals
+
     assert threading.current_thread() is threading.main_thread()
     saved = {sig: signal.getsignal(sig) for sig in DEFAULTS}
+    others, chained = list(_signals._listeners), dict(_signals._saved)
+    _signals._listeners.clear()
+    _signals._saved.clear()
     for sig, handler in DEFAULTS.items():
         signal.signal(sig, handler)
     try:
@@ -44,6 +52,9 @@ def default_handlers() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+        _signals._listeners[:] = others
+        _signals._saved.clear()
+        _signals._saved.update(chained)
 
 
 def _handlers() -> dict[signal.Signals, Any]:
