@@ -267,7 +267,7 @@ def test_no_item_starts_once_the_parent_is_dead(
     assert child.indices("start") == {0}
 
 
-@pytest.mark.parametrize("api", ["asyncio", "asyncio-loop-handler"])
+@pytest.mark.parametrize("api", ["asyncio", "asyncio-loop-handler", "asyncio-pool-before"])
 @pytest.mark.parametrize("method", METHODS)
 def test_ctrl_c_under_asyncio_stops_the_running_tasks(
     start_child: StartChild, method: str, api: str
@@ -275,7 +275,10 @@ def test_ctrl_c_under_asyncio_stops_the_running_tasks(
     """A pool made inside ``asyncio.run``, called through ``run_in_executor``. asyncio put its
     own SIGINT handler in place (the runner's, or the loop's ``add_signal_handler``, as black
     does); the pool chains it: the running tasks are stopped at once, and ``Interrupted``
-    comes out of ``asyncio.run``."""
+    comes out of ``asyncio.run``; the coroutine sees asyncio's ``CancelledError`` where it
+    awaits. The same with a pool made before ``asyncio.run``, which then installs no handler of
+    its own: ours raises in the event loop's code, and asyncio cancels the main task as the
+    run ends."""
     child = start_child(method=method, layout="bb" + "qq", api=api)
     child.wait_for(lambda c: c.indices("start") == {0, 1}, "both blocking tasks")
 
@@ -283,6 +286,7 @@ def test_ctrl_c_under_asyncio_stops_the_running_tasks(
 
     assert report["completed"] == {}
     assert "_handler" in report["sigint_handler_inside"], report
+    assert report["coroutine_saw"] == "CancelledError", report
     child.drain_events()
     assert child.started_after(sent) == []
     _no_traceback(child)

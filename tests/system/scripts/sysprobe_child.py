@@ -185,20 +185,31 @@ async def _run_in_executor(
     args: argparse.Namespace, specs: list[Spec], report: dict[str, Any]
 ) -> list[Any]:
     """The tasks through asyncio's run_in_executor, on a pool made inside asyncio.run."""
-    loop = asyncio.get_running_loop()
     if args.api == "asyncio-loop-handler":
         # As black does: the loop's own SIGINT handler cancels the main task.
         main = asyncio.current_task()
         assert main is not None
-        loop.add_signal_handler(signal.SIGINT, main.cancel)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, main.cancel)
     with cleanbreak.Pool(
         args.workers, on_interrupt=args.mode, mp_context=args.method, journal=args.journal
     ) as pool:
-        emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
-        report["sigint_handler_inside"] = repr(signal.getsignal(signal.SIGINT))
+        return await _await_all(args, pool, specs, report)
+
+
+async def _await_all(
+    args: argparse.Namespace, pool: cleanbreak.Pool, specs: list[Spec], report: dict[str, Any]
+) -> list[Any]:
+    """Await every task through run_in_executor: what the coroutine saw, if it was stopped."""
+    loop = asyncio.get_running_loop()
+    emit(args.events, "pids", ",".join(str(p) for p in pool._backend.pids))
+    report["sigint_handler_inside"] = repr(signal.getsignal(signal.SIGINT))
+    try:
         results = list(await asyncio.gather(*(loop.run_in_executor(pool, task, s) for s in specs)))
-        report["yielded"] = results  # the caller has them, whatever the with block's end does
-        return results
+    except BaseException as exc:
+        report["coroutine_saw"] = type(exc).__name__
+        raise
+    report["yielded"] = results  # the caller has them, whatever the with block's end does
+    return results
 
 
 def _spin() -> None:
@@ -234,6 +245,7 @@ def main() -> int:
             "cbmap",
             "asyncio",
             "asyncio-loop-handler",
+            "asyncio-pool-before",
         ],
     )
     parser.add_argument("--chunksize", type=int, default=1)
@@ -308,6 +320,11 @@ def main() -> int:
                 mp_context=args.method,
                 journal=args.journal,
             )
+        elif args.api == "asyncio-pool-before":  # made before asyncio.run, which then
+            with cleanbreak.Pool(  # installs no SIGINT handler of its own (ours is there)
+                args.workers, on_interrupt=args.mode, mp_context=args.method
+            ) as pool:
+                results = asyncio.run(_await_all(args, pool, specs, report))
         elif args.api.startswith("asyncio"):
             results = asyncio.run(_run_in_executor(args, specs, report))
         else:
