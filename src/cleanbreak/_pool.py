@@ -433,24 +433,37 @@ class Pool(Executor):
             stop._filled = True
             _signals.interrupted(stop.signal)
             raise stop
-        journal = self._journal
-        if journal is not None:
-            from ._journal import Journal
+        stopped = self._backend
+        try:
+            journal = self._journal
+            if journal is not None:
+                from ._journal import Journal
 
-            # A new handle on the same file (its first one may have been fresh=True: what was
-            # recorded since must stay).
-            journal = Journal(journal.path, skip_failed=journal.skip_failed)
-        self._signal = None
-        self._signals_seen = 0
-        self._reported = False
-        self._raised = False
-        self._raised_exc = None
-        self._last_run = None
-        self._runs = weakref.WeakSet()
-        self._futures_ran = False
-        self._working = False
-        self._first_index = next(self._index)  # (that number is never given to a task)
-        self._start(journal)
+                # A new handle on the same file (its first one may have been fresh=True: what was
+                # recorded since must stay).
+                journal = Journal(journal.path, skip_failed=journal.skip_failed)
+            self._signal = None
+            self._signals_seen = 0
+            self._reported = False
+            self._raised = False
+            self._raised_exc = None
+            self._last_run = None
+            self._runs = weakref.WeakSet()
+            self._futures_ran = False
+            self._working = False
+            self._first_index = next(self._index)  # (that number is never given to a task)
+            self._start(journal)
+        except KeyboardInterrupt as exc:
+            # A Ctrl-C between the last stop's end, which gave the signal handlers back, and
+            # this start, which puts ours in place again (Python's own handler raised it, or
+            # ours before the new workers existed): nothing started, and the pool stays
+            # stopped, for the next call to start it.
+            if self._backend is stopped:
+                self._signal = exc.signal if isinstance(exc, Interrupted) else signal.SIGINT
+                self._reported = True
+            if isinstance(exc, Interrupted):
+                raise
+            raise _signals.early_interrupt(signal.SIGINT) from None
 
     @property
     def workers(self) -> int:

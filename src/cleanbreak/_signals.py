@@ -192,6 +192,9 @@ def _install() -> None:
 # stops the pool at once, whichever cell is running, even one that only waits for a future.
 
 _ipython_followed = False
+# How many cells run, one inside another (a cell may run another: ``run_cell``): the hooks act
+# for the outermost only. (A cell already running when the hooks went in counts as none.)
+_cell_depth = 0
 
 
 def _follow_ipython_cells() -> None:
@@ -216,7 +219,10 @@ def _follow_ipython_cells() -> None:
 
 def _before_cell(info: object = None) -> None:
     """IPython's ``pre_run_cell`` event, in the main thread, as a cell starts."""
-    _drop_put_off()
+    global _cell_depth
+    _cell_depth += 1
+    if _cell_depth == 1:
+        _drop_put_off()
     with _lock:
         if in_main_thread() and any(listener.is_live() for listener in list(_listeners)):
             _install()
@@ -225,8 +231,11 @@ def _before_cell(info: object = None) -> None:
 def _after_cell(result: object = None) -> None:
     """IPython's ``post_run_cell`` event, as a cell ends: a cell that the interrupt button
     stopped in its own code (not in a pool call) ends only once the pool has stopped, so
-    that when the cell is over every worker is gone, as after a pool call."""
-    if in_main_thread():
+    that when the cell is over every worker is gone, as after a pool call. (A cell that
+    another runs is part of that one: the outer cell's end does this.)"""
+    global _cell_depth
+    _cell_depth = max(0, _cell_depth - 1)
+    if in_main_thread() and not _cell_depth:
         for listener in list(_listeners):
             listener.settle(over=True)
         _drop_put_off()

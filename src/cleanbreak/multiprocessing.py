@@ -475,10 +475,10 @@ class Pool:
         self._remember(result)
         try:
             fut = self._pool.submit(func, *tuple(args), **dict(kwds))
+            fut.add_done_callback(result._from_future)
         except BaseException:
-            self._forget(result)  # nothing will settle it: join() must not wait for it
+            self._forget(result)  # nothing may settle it: join() must not wait for it
             raise
-        fut.add_done_callback(result._from_future)
         return result
 
     def map(

@@ -605,3 +605,32 @@ def test_an_interrupted_put_off_as_the_cell_ends_stays_that_cells(
         assert took < 10  # not the task's 20 s
     finally:
         kernel.ok("_signals._PUT_OFF_SECONDS = 0.002\nheld.shutdown()")
+
+
+# A cell that runs another (``run_cell``), with a press whose Interrupted was put off: the inner
+# cell's start and end are the outer cell's business, and the Interrupted stays the outer cell's
+# (the inner cell's hooks dropped it, and the held pool then started again in the next call).
+PUT_OFF_THEN_A_NESTED_CELL = (
+    PUT_OFF
+    + """
+trigger = None  # the weakref's callback runs now, and signals
+get_ipython().run_cell("pass")
+try:
+    time.sleep(5)  # the Interrupted comes back here
+    out = "no Interrupted"
+except cleanbreak.Interrupted:
+    out = "Interrupted"
+out
+"""
+)
+
+
+def test_an_interrupted_put_off_stays_with_a_cell_that_runs_another(
+    kernel: Kernel, marks: Path
+) -> None:
+    kernel.ok("held = cleanbreak.Pool(2, mp_context='fork')\nheld.submit(abs, -1).result()")
+    try:
+        assert kernel.ok(PUT_OFF_THEN_A_NESTED_CELL).value() == "Interrupted"
+        assert kernel.ok("held.submit(abs, -3).result()").value() == 3
+    finally:
+        kernel.ok("_signals._PUT_OFF_SECONDS = 0.002\nheld.shutdown()")

@@ -267,8 +267,8 @@ def test_a_call_on_the_stopped_pool_raises_the_interrupted_put_off(
 # result behind that close(); join() would wait for for ever.
 AGAIN_DROP_IN = _with_trigger(
     """
-    import json, os, signal, threading, weakref
-    from cleanbreak import _signals
+    import json, os, signal, sys, threading, weakref
+    from cleanbreak import _pool, _signals
     from cleanbreak.multiprocessing import Pool
 
     _signals._PUT_OFF_SECONDS = 0.5  # the signal comes back well after the next call
@@ -283,8 +283,18 @@ AGAIN_DROP_IN = _with_trigger(
         assert pool.apply(abs, (-1,)) == 1
         trigger = Trigger()
         ref = weakref.ref(trigger, ctrl_c)
+        if sys.argv[1] == "between":  # the Ctrl-C comes once the task is submitted, before
+            real = _pool._TaskFuture.add_done_callback  # apply_async hears of its end
+
+            def add_done_callback(self, fn):
+                _pool._TaskFuture.add_done_callback = real
+                ctrl_c()
+                real(self, fn)
+
+            _pool._TaskFuture.add_done_callback = add_done_callback
         try:
-            trigger = None  # the weakref's callback runs now, and signals
+            if sys.argv[1] == "put off":
+                trigger = None  # the weakref's callback runs now, and signals
             pool.apply_async(abs, (-2,))
         except BaseException as exc:
             report["raised"].append(type(exc).__name__)
@@ -298,10 +308,11 @@ AGAIN_DROP_IN = _with_trigger(
 )
 
 
+@pytest.mark.parametrize("when", ["put off", "between"])
 def test_the_drop_ins_apply_async_raises_the_interrupted_put_off_and_join_returns(
-    tmp_path: Path,
+    tmp_path: Path, when: str
 ) -> None:
-    report = _run(tmp_path / "again.py", AGAIN_DROP_IN)
+    report = _run(tmp_path / "again.py", AGAIN_DROP_IN, when)
     assert report == {"raised": ["Interrupted"], "joined": True}, report
 
 
@@ -363,3 +374,50 @@ DURING_THE_SETTLE = textwrap.dedent(
 def test_a_ctrl_c_while_the_next_call_waits_for_the_stop_is_that_calls(tmp_path: Path) -> None:
     report = _run(tmp_path / "settle.py", DURING_THE_SETTLE)
     assert report == {"raised": ["first", "second"], "ran": ""}, report
+
+
+# A Ctrl-C in the moment between the last stop's end, which gave the signal handlers back, and
+# the restart of a stopped pool in its next call, which puts cleanbreak's in place again: the
+# call raises Interrupted (not Python's own KeyboardInterrupt), and the pool stays usable: the
+# call after it starts it again. (Before, the pool was left with no signal on a finished
+# backend, and every later call failed.)
+BEFORE_THE_RESTART = textwrap.dedent(
+    """
+    import json, os, signal
+    import cleanbreak
+    from cleanbreak import _pool
+
+    if __name__ == "__main__":
+        report = {"raised": []}
+        pool = cleanbreak.Pool(2)
+        assert pool.submit(abs, -1).result() == 1
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+            for _ in range(10**6):
+                pass  # the caller's own code
+        except cleanbreak.Interrupted:
+            report["raised"].append("first")
+        real = _pool.Pool._start
+
+        def start(self, journal):  # the restart: a Ctrl-C comes just before it
+            _pool.Pool._start = real
+            os.kill(os.getpid(), signal.SIGINT)
+            real(self, journal)
+
+        _pool.Pool._start = start
+        try:
+            pool.submit(abs, -2)
+        except BaseException as exc:
+            report["raised"].append(type(exc).__name__)
+        report["next"] = pool.submit(abs, -3).result()
+        pool.shutdown()
+        print(json.dumps(report), flush=True)
+    """
+)
+
+
+def test_a_ctrl_c_just_before_a_stopped_pool_starts_again_leaves_it_usable(
+    tmp_path: Path,
+) -> None:
+    report = _run(tmp_path / "restart.py", BEFORE_THE_RESTART)
+    assert report == {"raised": ["first", "Interrupted"], "next": 3}, report
