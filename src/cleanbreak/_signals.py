@@ -303,10 +303,10 @@ def _still_wanted(sig: int, previous: Any) -> Any:
 
 
 def _forget_in_child() -> None:
-    global _lock, _send_lock, _put_off, _unsent, _taken, _in_flight
+    global _lock, _send_lock, _put_off, _unsent, _taken, _in_flight, _collected_put_off
     _lock = threading.RLock()  # a thread of the parent may have held it at the fork
     _send_lock = threading.Lock()
-    _put_off = _unsent = None  # the parent's: no thread here sends their signal back
+    _put_off = _unsent = _collected_put_off = None  # the parent's (no thread here sends it)
     _in_flight = False
     _taken = 0
     for sig, previous in list(_saved.items()):
@@ -332,6 +332,9 @@ os.register_at_fork(after_in_child=_forget_in_child)
 # ends with ``Interrupted``, as it would a moment later inside ``Pool()``.
 
 _collected: list[signal.Signals] | None = None  # signals recorded meanwhile
+# The Interrupted put off (see take_put_off) whose signal came back meanwhile: it is the one
+# that ``early_interrupt`` then gives the caller.
+_collected_put_off: Interrupted | None = None
 
 
 @contextlib.contextmanager
@@ -377,6 +380,10 @@ def making_a_pool(init: Callable[_P, None]) -> Callable[_P, None]:
 
 def early_interrupt(sig: signal.Signals) -> Interrupted:
     """The ``Interrupted`` for a signal that came while the pool's modules were imported."""
+    global _collected_put_off
+    exc, _collected_put_off = _collected_put_off, None
+    if exc is not None:
+        return exc.with_traceback(None)
     interrupted(sig)
     return Interrupted(sig)
 
@@ -582,7 +589,7 @@ _OURS_PUTTING_OFF = (_unraisable.__code__, _put_off_raise.__code__, _send_again_
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    global _put_off, _taken, _in_flight
+    global _put_off, _taken, _in_flight, _collected_put_off
     sig = signal.Signals(signum)
     if os.getpid() != _owner_pid:
         # A child forked where no at-fork hook ran (a fork from C): as _forget_in_child does.
@@ -591,6 +598,9 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         _deliver_as(previous, sig, frame)
         return
     if _collected is not None:
+        if _in_flight and _put_off is not None:
+            # It brings back an Interrupted put off: that is the one to raise (early_interrupt).
+            _collected_put_off, _put_off, _in_flight = _put_off, None, False
         _collected.append(sig)
         return
     if _taken:

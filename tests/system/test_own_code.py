@@ -421,3 +421,57 @@ def test_a_ctrl_c_just_before_a_stopped_pool_starts_again_leaves_it_usable(
 ) -> None:
     report = _run(tmp_path / "restart.py", BEFORE_THE_RESTART)
     assert report == {"raised": ["first", "Interrupted"], "next": 3}, report
+
+
+# The signal that brings an Interrupted put off back comes while the first touch of
+# ``cleanbreak.map`` (or ``Pool``) imports the pool's modules, where signals are only recorded
+# (``_signals.collecting``, widened here): the touch raises that Interrupted, and nothing of it is
+# left behind (before, the next pool call raised it a second time, and the next real Ctrl-C was
+# then taken for its signal and ignored).
+PUT_OFF_THEN_FIRST_TOUCH = _with_trigger(
+    """
+    import json, os, signal, time, weakref
+    import cleanbreak
+    from cleanbreak import _signals
+
+    _signals._PUT_OFF_SECONDS = 0.1
+
+
+    {trigger}
+
+
+    if __name__ == "__main__":
+        report = {"raised": []}
+        pool = cleanbreak.Pool(2)
+        assert pool.submit(abs, -1).result() == 1
+        trigger = Trigger()
+        ref = weakref.ref(trigger, ctrl_c)
+        trigger = None  # the weakref's callback runs now, and signals
+        put_off = _signals._put_off
+        with _signals.collecting() as caught:  # as the first touch does, for 0.3 s
+            time.sleep(0.3)
+        report["caught"] = [s.name for s in caught]
+        report["the one put off"] = _signals.early_interrupt(caught[0]) is put_off
+        report["next"] = pool.submit(abs, -2).result()  # starts the stopped pool again
+        future = pool.submit(time.sleep, 30)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, while the task runs
+            future.result()
+        except cleanbreak.Interrupted:
+            report["raised"].append("Interrupted")
+        pool.shutdown()
+        print(json.dumps(report), flush=True)
+    """
+)
+
+
+def test_an_interrupted_put_off_that_comes_back_in_a_first_touch_is_raised_once(
+    tmp_path: Path,
+) -> None:
+    report = _run(tmp_path / "touch.py", PUT_OFF_THEN_FIRST_TOUCH)
+    assert report == {
+        "raised": ["Interrupted"],
+        "caught": ["SIGINT"],
+        "the one put off": True,
+        "next": 2,
+    }, report
