@@ -44,19 +44,32 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ctrl_c_stops_a_task_busy_in_python_code_at_once(tmp_path: Path, method: str) -> None:
-    script = tmp_path / "busy.py"
-    script.write_text(SCRIPT)
+def _start(script: Path, text: str, *args: str) -> subprocess.Popen[str]:
+    """Run ``text`` as ``script`` in a session of its own (its stdout read line by line)."""
+    script.write_text(text)
     env = {**os.environ, "PYTHONPATH": str(Path(cleanbreak.__file__).parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), method],
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
         env=env,
     )
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Kill what is left of the child and its session (only after a failure)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=GUARD)
+    for p in session_of(proc.pid):
+        p.kill()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ctrl_c_stops_a_task_busy_in_python_code_at_once(tmp_path: Path, method: str) -> None:
+    proc = _start(tmp_path / "busy.py", SCRIPT, method)
     try:
         assert proc.stdout is not None
         started: set[str] = set()
@@ -68,11 +81,7 @@ def test_ctrl_c_stops_a_task_busy_in_python_code_at_once(tmp_path: Path, method:
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=GUARD)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=GUARD)
-        for p in session_of(proc.pid):
-            p.kill()
+        _reap(proc)
     assert proc.returncode == 0, err
     took = json.loads(out.strip().splitlines()[-1])["caught"] - sent
     record(f"busy task: Ctrl-C to Interrupted, {method} (ms)", took * 1000)
@@ -109,17 +118,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("method", METHODS)
 def test_ctrl_c_stops_a_task_that_waits_right_after_the_signal(tmp_path: Path, method: str) -> None:
-    script = tmp_path / "waits.py"
-    script.write_text(WAIT_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(cleanbreak.__file__).parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), method, str(ROUNDS)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
+    proc = _start(tmp_path / "waits.py", WAIT_SCRIPT, method, str(ROUNDS))
     took: list[float] = []
     try:
         assert proc.stdout is not None
@@ -133,11 +132,7 @@ def test_ctrl_c_stops_a_task_that_waits_right_after_the_signal(tmp_path: Path, m
             took.append(json.loads(line)["caught"] - sent)
         _out, err = proc.communicate(timeout=GUARD)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=GUARD)
-        for p in session_of(proc.pid):
-            p.kill()
+        _reap(proc)
     assert proc.returncode == 0, err
     record(f"task waiting right after Ctrl-C: to Interrupted, {method} (ms)", max(took) * 1000)
     slow = [round(t * 1000) for t in took if t >= WITHIN]
