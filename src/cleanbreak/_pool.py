@@ -428,11 +428,7 @@ class Pool(Executor):
         if self._signals_seen != seen:
             # A Ctrl-C came while this call waited for the last stop to end, which took it in
             # its stride (see _stop): it is this call's, which starts nothing.
-            _signals.take_put_off()
-            stop = Interrupted(self._signal or signal.SIGINT)
-            stop._filled = True
-            _signals.interrupted(stop.signal)
-            raise stop
+            raise _not_started(self._signal or signal.SIGINT)
         stopped = self._backend
         try:
             journal = self._journal
@@ -463,7 +459,7 @@ class Pool(Executor):
                 self._reported = True
             if isinstance(exc, Interrupted):
                 raise
-            raise _signals.early_interrupt(signal.SIGINT) from None
+            raise _not_started(signal.SIGINT) from None
 
     @property
     def workers(self) -> int:
@@ -860,6 +856,17 @@ class Pool(Executor):
             raise BrokenPool(str(broken)) from broken
         if self._closed:
             raise RuntimeError("cannot schedule new tasks after shutdown")
+
+
+def _not_started(sig: signal.Signals) -> Interrupted:
+    """The Interrupted of a call on a stopped pool that a Ctrl-C stopped before it started the
+    pool again (see ``_rearm``): nothing started, and it counts as a pool call's own (a ``with``
+    block's end does not take it for one more Ctrl-C)."""
+    _signals.take_put_off()
+    stop = Interrupted(sig)
+    stop._filled = True
+    _signals.interrupted(sig)
+    return stop
 
 
 def _raise_put_off() -> None:
