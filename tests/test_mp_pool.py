@@ -107,6 +107,8 @@ def test_a_list_map_sends_its_full_window_once_the_probes_are_back(
     # the probes and grow it by doubling: chunks of 8, 8, 16, 16, 28, ... (a round trip each).
     # A chunk's target time so long that only that cap sizes the chunks, whatever the timing.
     monkeypatch.setattr(_map, "CHUNK_SECONDS", 1e9)
+    # The first map of the function in this pool (a later one starts with its time: no probes).
+    monkeypatch.setattr(pool._pool, "_item_times", _map.ItemTimes())
     sizes = unit_sizes(pool._pool._backend)
     assert pool.map(tasks.square, range(1000)) == [i * i for i in range(1000)]
     probes = sizes.index(125)

@@ -34,8 +34,9 @@ Actors:
   pidfd, enforces task deadlines, and runs the stop sequence. Nothing here sleeps to poll: every
   wake-up is an event or a deadline (the select's timeout).
 - *Workers* run units in order (see ``_worker``). A worker holds at most ``PREFETCH`` map
-  chunks, so that it never waits for the next one; a chunk is sent ahead to a busy worker
-  only while at least one waits for each worker (at the tail, the first worker that is free
+  chunks, so that it never waits for the next one (more, while all it holds is expected to be
+  brief: ``AHEAD_SECONDS``); a chunk is sent ahead to a busy worker only while at least one
+  waits for each worker, or while it is brief (at the tail, the first worker that is free
   takes it: one sent ahead could wait behind a long item while the others go idle). A chunk
   sent ahead can still be taken back while it waits: see "Taking back" below. A
   ``submit`` task is sent only to an idle worker, which starts it on arrival: until then it is
@@ -112,7 +113,7 @@ from ._wire import (
     make_pipe,
     read_claim,
     split,
-    write_claim,
+    write_claims,
 )
 from ._worker import (
     UNREADABLE,
@@ -128,6 +129,12 @@ if TYPE_CHECKING:
     from typing import Any
 
 PREFETCH = 2
+# A worker holds more units than that, up to PREFETCH_BRIEF, while all it holds is expected to
+# take at most AHEAD_SECONDS (a small map's chunks of fast items, see Unit.expect): each would
+# otherwise wait in the parent for a round trip, many times its own time. The stock pool's
+# workers take such chunks from one queue without a round trip each.
+PREFETCH_BRIEF = 8
+AHEAD_SECONDS = 0.002
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
 # moment that prefetching saves, and each queued copy would sit in the parent's memory.
 PREFETCH_MAX_BYTES = 1 << 20
@@ -202,6 +209,7 @@ class _Worker:
     __slots__ = (
         "ahead_seq",
         "claimed_upto",
+        "claims_out",
         "claims_r",
         "claims_w",
         "deathfd",
@@ -232,6 +240,7 @@ class _Worker:
         self.claims_r, self.claims_w = claims
         self.claimed_upto = 0
         self.ahead_seq = 0  # the number of the last chunk sent ahead
+        self.claims_out: list[int] = []  # claims to write before the frames that wait
         self.pid: int = proc.pid
         self.writer = FrameWriter(task_fd)
         self.reader = FrameReader(result_fd)
@@ -418,8 +427,7 @@ class LocalBackend(Intake):
 
     # ── called from caller threads ───────────────────────────────────────────────────────
 
-    def put(self, unit: Unit) -> None:
-        self._queue(unit)
+    def _queued(self) -> None:
         if not self._send_from_caller():
             self.wake()
 
@@ -680,25 +688,49 @@ class LocalBackend(Intake):
             self._take_back_for_idle()
 
     def _send_pending(self) -> None:
+        """Send what waits to the workers that can take it, then flush each of them once: a
+        write is a moment in which the other thread can take the GIL, so a dispatch makes as
+        few as it can."""
+        sent_to: set[_Worker] = set()
+        try:
+            self._send_some(sent_to)
+        finally:
+            for w in sent_to:
+                self._flush(w)
+
+    def _send_some(self, sent_to: set[_Worker]) -> None:
         live = [w for w in self._workers.values() if not w.retiring]
-        for depth in range(1, PREFETCH + 1):
+        for depth in range(1, PREFETCH_BRIEF + 1):
             if depth == 2:
                 # Ahead first to the worker whose current item started first, the likeliest to
                 # come free first: the next task then starts next, as from the stock pool's
                 # one queue, rather than behind an item that has just begun.
                 live.sort(key=lambda w: w.head_since)
+            deep = depth > PREFETCH
+            if deep and not self.pending[0].expect <= AHEAD_SECONDS:
+                return
             for w in live:
                 while len(w.inflight) < depth and self.pending and not w.retiring:
-                    if depth > 1 and not self.pending[0].sink.prefetch:
+                    unit = self.pending[0]
+                    if depth == 1:
+                        self._send(w, self.pending.popleft())
+                        sent_to.add(w)
+                        continue
+                    if not unit.sink.prefetch:
                         return  # in order: what follows waits behind it
-                    if depth > 1 and w.last_bytes >= PREFETCH_MAX_BYTES:
+                    if w.last_bytes >= PREFETCH_MAX_BYTES:
                         break
-                    if depth > 1 and len(self.pending) < len(live):
+                    brief = unit.expect + sum(u.expect for u in w.inflight) <= AHEAD_SECONDS
+                    if deep and not brief:
+                        break
+                    if len(self.pending) < len(live) and not brief:
                         # The tail: a unit sent ahead could wait behind a long item while
                         # another worker, busy for a moment only, goes idle. It waits here for
-                        # the first worker that is free.
+                        # the first worker that is free. (A brief one goes: the worker is busy
+                        # for a moment only, and one that comes free takes it back.)
                         return
                     self._send(w, self.pending.popleft())
+                    sent_to.add(w)
                 if not self.pending:
                     return
 
@@ -713,7 +745,9 @@ class LocalBackend(Intake):
             if w.doom is None and any(u.ahead > w.claimed_upto for u in w.inflight):
                 unit = self._take_back(w)
                 if unit is not None:
-                    self._send(idle.pop(), unit)
+                    taker = idle.pop()
+                    self._send(taker, unit)
+                    self._flush(taker)
                     if not idle:
                         return
 
@@ -792,7 +826,7 @@ class LocalBackend(Intake):
         else:  # sent ahead: with a claim, written first (see "Taking back")
             w.ahead_seq += 1
             unit.ahead = w.ahead_seq
-            write_claim(w.claims_w, unit.ahead)
+            w.claims_out.append(unit.ahead)  # written first, at the flush
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
         if self._from_caller:
@@ -808,7 +842,6 @@ class LocalBackend(Intake):
         if self._max_tasks is not None and w.dispatched >= self._max_tasks:
             w.recycle = True
             self._retire(w)
-        self._flush(w)
 
     def _leave_to_manager(self, unit: Unit) -> None:
         """In a caller's thread: the unit does not pickle. It goes back to the head of the
@@ -843,6 +876,9 @@ class LocalBackend(Intake):
         return Packer(self._segments).pack(obj, pickler), max(how, BY_VALUE)
 
     def _flush(self, w: _Worker) -> None:
+        if w.claims_out:  # before the frames of their chunks (see "Taking back")
+            claims, w.claims_out = w.claims_out, []
+            write_claims(w.claims_w, claims)
         try:
             w.writer.flush()
         except OSError:  # the worker is gone; its pidfd will say so

@@ -19,6 +19,7 @@ backend only as a ``UnitQueue``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import signal
@@ -65,6 +66,47 @@ LAZY_WINDOW_PER_WORKER = 50
 # an array that owns its data; a list or a dict counts shallowly).
 HELD_BYTES = 32 << 20
 PROBE_ITEMS = 4
+# The functions whose time per item a pool remembers from their last map (see ItemTimes).
+REMEMBERED = 32
+
+
+class ItemTimes:
+    """The time per item that each function's last map measured (and the size of a result),
+    kept by the pool for the next map of the same function. A map of a few fast items, as a
+    program that maps small lists in a loop makes, would otherwise spend a round trip on its
+    probes (see CHUNK_SECONDS) for a moment of work: when the time remembered says the whole
+    map is at most one chunk's work per worker, it starts with chunks sized from it instead,
+    and its own first results replace it. A remembered time that is wrong costs chunks no
+    larger than the stock pool's (a quarter of each worker's share).
+
+    Functions are known by their code object (a bound method by its function's, a partial by
+    its function's), which this list holds: not the bound method's object, nor a closure's
+    cells. A callable without one (a builtin, an instance with ``__call__``) is not
+    remembered: its maps start with probes, as every first map does."""
+
+    def __init__(self) -> None:
+        self._times: dict[object, PerItem] = {}
+
+    def get(self, fn: Callable[..., Any]) -> PerItem | None:
+        code = _code(fn)
+        return None if code is None else self._times.get(code)
+
+    def put(self, fn: Callable[..., Any], per_item: PerItem) -> None:
+        code = _code(fn)
+        if code is None:
+            return
+        times = self._times
+        times.pop(code, None)  # the newest last: the oldest go first
+        times[code] = per_item
+        while len(times) > REMEMBERED:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread's
+                del times[next(iter(times))]
+
+
+def _code(fn: Callable[..., Any]) -> object | None:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(getattr(fn, "__func__", fn), "__code__", None)
 
 
 class _Late:
@@ -75,6 +117,7 @@ _LATE = _Late()
 
 if TYPE_CHECKING:
     Piece = tuple[int, list[Any], dict[int, BaseException]]
+    PerItem = tuple[float, float]  # an item's seconds of work, and its result's bytes
 
     from ._journal import Journal, Keyer, Recorder
     from ._progress import Counts, Progress
@@ -102,6 +145,9 @@ class Host(Protocol):
 
     @property
     def _signal(self) -> signal.Signals | None: ...
+
+    @property
+    def _item_times(self) -> ItemTimes: ...
 
     def _owes_interrupt(self) -> signal.Signals | None:
         """The pool's signal, if no ``Interrupted`` has been raised for it yet."""
@@ -245,6 +291,7 @@ class MapRun(Generic[T]):
         buffersize: int | None,
         keep_all: bool = False,
         eager: bool = False,
+        star: bool = False,
         journal: Journal | None = None,
         key: Callable[..., Any] | None = None,
         progress: ProgressFactory | None = None,
@@ -265,6 +312,12 @@ class MapRun(Generic[T]):
         self._workers = host.workers
         self._fixed_chunk = chunk
         self._fixed_window = window
+        # A small map of a function this pool has seen to be fast starts without probes.
+        self._hint: PerItem | None = None
+        if self.total is not None:
+            hint = host._item_times.get(fn)
+            if hint is not None and hint[0] * self.total <= CHUNK_SECONDS * self._workers:
+                self._hint = hint
         # The window shrinks to fit HELD_BYTES of results, unless the caller set it or keeps
         # every result anyway (cleanbreak.map).
         self._fits_bytes = window is None and not keep_all
@@ -287,14 +340,15 @@ class MapRun(Generic[T]):
         if journal is not None:
             from ._journal import Keyer, Recorder
 
-            self._keyer = Keyer(fn, key, star=len(iterables) > 1)
+            self._keyer = Keyer(fn, key, star=star or len(iterables) > 1)
             journal.bind(self._keyer.name)
             self._recorder = Recorder(self._sink, journal)
             self._unit_sink = self._recorder
         self._progress = None if progress is None else progress(self._sink.counts, self.total)
         self._opts = opts
         self._fn = fn
-        self._kind = CALL_ONE if len(iterables) == 1 else CALL_STAR
+        # ``star``: each item of the one iterable is a tuple of arguments (``starmap``).
+        self._kind = CALL_STAR if star or len(iterables) > 1 else CALL_ONE
         self._source: Iterator[Any] = (
             iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
         )
@@ -315,6 +369,10 @@ class MapRun(Generic[T]):
         self._next = 0  # ordered: the index the caller gets next
         self._exhausted = False
         self._input_error: Exception | None = None
+        self._outbox: list[Unit] = []  # units read, not yet handed to the backend
+        # Reading the next items cannot keep the units read before waiting: the input is a
+        # list, tuple or range (a generator may wait for its next item for as long as it likes).
+        self._instant = all(type(it) in (list, tuple, range) for it in iterables)
         host._track(self)
         self._guarded(self._top_up)
 
@@ -327,6 +385,9 @@ class MapRun(Generic[T]):
         run ended, for the progress display: "done", "interrupted" or "stopped"."""
         if self._progress is not None:
             self._progress.stop(how)
+        known = self._measured()
+        if known is not None:
+            self._host._item_times.put(self._fn, known)
         if not self._sink.finished:
             self._sink.finished = True
             if not (self._exhausted and self._handed >= self._pulled):
@@ -452,13 +513,21 @@ class MapRun(Generic[T]):
         self._sink.finished = True
         raise TimeoutError("map() timed out before the next result was ready")
 
+    def _measured(self) -> PerItem | None:
+        """An item's seconds and its result's bytes, as this run's results say, or until they
+        do, as this function's last map said (see ItemTimes); None while neither says."""
+        sink = self._sink
+        if not sink.item_count:
+            return self._hint
+        return sink.item_seconds / sink.item_count, sink.item_bytes / sink.item_count
+
     def _chunk_size(self) -> int:
         if self._fixed_chunk is not None:
             return self._fixed_chunk
-        sink = self._sink
-        if not sink.item_count:
+        known = self._measured()
+        if known is None:
             return 1
-        per_item = max(sink.item_seconds / sink.item_count, 1e-9)
+        per_item = max(known[0], 1e-9)
         return max(1, min(int(CHUNK_SECONDS / per_item), self._max_chunk))
 
     def _results_fit(self) -> int | None:
@@ -466,12 +535,12 @@ class MapRun(Generic[T]):
         limit). Before any result, with a chunk size the caller set: one probe unit each."""
         if not self._fits_bytes:
             return None
-        sink = self._sink
-        if not sink.item_count:
+        known = self._measured()
+        if known is None:
             if self._fixed_chunk is None:
                 return None  # chunks hold one item until a first result
             return self._workers * PROBE_ITEMS
-        per_item = max(sink.item_bytes / sink.item_count, 1.0)
+        per_item = max(known[1], 1.0)
         return max(self._workers * 2, int(HELD_BYTES // per_item))
 
     def _top_up(self, grow: bool = False) -> None:
@@ -479,6 +548,23 @@ class MapRun(Generic[T]):
         map is late (a long item) while the workers finish later ones: the window doubles."""
         if grow and self._fixed_window is None:
             self._window = max(self._window, 2 * (self._pulled - self._handed))
+        # The units go to the backend together once read: one wake-up of its thread, and
+        # one send to each worker, rather than one of each per chunk (unless reading the
+        # input may wait: see _instant).
+        try:
+            self._read_input(grow)
+        except BaseException:
+            with contextlib.suppress(Exception):  # (the pool shut down: they have no outcome)
+                self._put_outbox()
+            raise
+        self._put_outbox()
+
+    def _put_outbox(self) -> None:
+        units, self._outbox = self._outbox, []
+        if units:
+            self._backend.put_all(units)
+
+    def _read_input(self, grow: bool) -> None:
         if self._host._signal is not None:
             # The pool was stopped: no more input is read, and the map ends with what it has.
             self._exhausted = True
@@ -498,7 +584,7 @@ class MapRun(Generic[T]):
                 self._window = window = target if self._eager else min(self._window, target)
                 if self._fixed_chunk is not None:  # one chunk the user set per worker fits
                     self._window = window = max(window, chunk * self._workers)
-            if self._fixed_chunk is None and not self._sink.item_count:
+            if self._fixed_chunk is None and self._measured() is None:
                 window = min(window, self._workers)  # a probe per worker (see CHUNK_SECONDS)
             fits = self._results_fit()
             if fits is not None and fits < window:  # a chunk the caller set: one per worker
@@ -519,6 +605,8 @@ class MapRun(Generic[T]):
             # With a journal, the whole room is read and looked up at once: a resumed run
             # finds most items there, and one query per chunk of one item would be slow.
             want = room if self._keyer is not None else chunk
+            if not self._instant:
+                self._put_outbox()
             items: list[Any] = []
             try:
                 items.extend(itertools.islice(self._source, want))  # keeps what came first
@@ -533,11 +621,16 @@ class MapRun(Generic[T]):
                 continue
             if not items:
                 break
-            unit = self._backend.new_unit(
-                self._kind, self._fn, items, self._sink, self._pulled, self._opts
-            )
+            self._new_unit(items, self._sink, self._pulled)
             self._pulled += len(items)
-            self._backend.put(unit)
+
+    def _new_unit(self, items: list[Any], sink: Sink, start: int) -> None:
+        """A unit of the items, into the outbox (see ``_top_up``)."""
+        unit = self._backend.new_unit(self._kind, self._fn, items, sink, start, self._opts)
+        known = self._measured()
+        if known is not None:  # for the backend's send-ahead (see _manager.AHEAD_SECONDS)
+            unit.expect = known[0] * len(items)
+        self._outbox.append(unit)
 
     def _queue_or_reuse(self, items: list[Any], chunk: int) -> None:
         """Items of a run with a journal: those it has outcomes for are handed over at once,
@@ -572,11 +665,8 @@ class MapRun(Generic[T]):
                 start = self._pulled
                 for m in range(i, j):
                     self._recorder.keys[start + m - i] = keys[m]
-                unit = self._backend.new_unit(
-                    self._kind, self._fn, items[i:j], self._unit_sink, start, self._opts
-                )
+                self._new_unit(items[i:j], self._unit_sink, start)
                 self._pulled += j - i
-                self._backend.put(unit)
             i = j
 
 

@@ -41,7 +41,7 @@ from ._manager import (
     LocalBackend,
     default_context,
 )
-from ._map import MapRun, collect, iterate, positive
+from ._map import ItemTimes, MapRun, collect, iterate, positive
 from ._units import TaskOptions, Unit
 from ._wire import CALL_KW
 
@@ -216,6 +216,7 @@ class Pool(Executor):
         self._futures: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
+        self._item_times = ItemTimes()  # for the next map of a function (see _map.ItemTimes)
         ctx = _context(mp_context) if dask is None else None
         self._journal: Journal | None = None
         self._journal_open = False  # this pool opened it (and so closes it)

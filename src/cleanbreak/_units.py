@@ -132,6 +132,7 @@ class Unit:
         "ahead",
         "by_value",
         "cancelled",
+        "expect",
         "fid",
         "fn",
         "history",
@@ -171,6 +172,9 @@ class Unit:
         self.by_value = False
         # Its number as a chunk sent ahead to a busy worker (its claim, see _manager), or 0.
         self.ahead = 0
+        # How long its items are expected to take, all together, in seconds: known for a map's
+        # chunk once the map's task time is (see _map.MapRun); infinite while it is not.
+        self.expect = math.inf
 
     @property
     def left(self) -> int:
@@ -213,6 +217,10 @@ class UnitQueue(Protocol):
 
     def put(self, unit: Unit) -> None:
         """Queue a unit. Raises RuntimeError once the backend has stopped accepting units."""
+
+    def put_all(self, units: Sequence[Unit]) -> None:
+        """Queue the units, in order, and only then tell the backend (one wake-up, and one
+        send to each worker, for a map's chunks). Raises as ``put``: those before stay."""
 
 
 class Backend(UnitQueue, Protocol):
@@ -277,7 +285,17 @@ class Intake:
     def put(self, unit: Unit) -> None:
         """Queue a unit. Raises the backend's ``BrokenPool`` once it broke (the workers could
         not start), and RuntimeError once it has stopped accepting units otherwise."""
-        self._queue(unit)
+        self.put_all((unit,))
+
+    def put_all(self, units: Sequence[Unit]) -> None:
+        try:
+            for unit in units:
+                self._queue(unit)
+        finally:
+            self._queued()
+
+    def _queued(self) -> None:
+        """Units were queued: tell the backend's thread."""
         self.wake()
 
     def _queue(self, unit: Unit) -> None:

@@ -109,8 +109,10 @@ def size_of(value: object) -> int:
 _CLAIM = struct.Struct("<Q")
 
 
-def write_claim(fd: int, seq: int) -> None:
-    os.write(fd, _CLAIM.pack(seq))
+def write_claims(fd: int, seqs: list[int]) -> None:
+    """Write the claims in one write (at most PIPE_BUF bytes: each reader's read of one claim
+    still gets it whole)."""
+    os.write(fd, b"".join(map(_CLAIM.pack, seqs)))
 
 
 def read_claim(fd: int) -> int | None:

@@ -311,6 +311,7 @@ def _serve(
     initargs: Sequence[Any],
     reuse_memory: bool,
 ) -> None:
+    global _batch
     # Set to reuse freed memory once this worker moves a large payload (see _heap).
     heap: Heap | None = None
     # The first frame says the worker is ready: None, or the initializer's error.
@@ -361,7 +362,14 @@ def _serve(
             continue
         finally:
             del parts, frame
-        _run_unit(result_fd, gate, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY, spill)
+        # A unit of the function the last one ran starts at the batch size that one reached:
+        # a map's small chunks of tiny tasks each pay for the checks once, not once per
+        # doubling (see _FAST).
+        batch = _batch[1] if _batch[0] == fid else 1
+        batch = _run_unit(
+            result_fd, gate, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY, spill, batch
+        )
+        _batch = (fid, batch)
         del fn, items  # before the next unit's arguments come in, and before tidy() counts
         if _stop_requested:
             return
@@ -372,6 +380,7 @@ def _serve(
             heap.tidy()
 
 
+_batch = (0, 1)  # the function the last unit ran, and the batch size it reached
 _claims = -1  # the read end of this worker's claim pipe (see _manager, "Taking back")
 _claims_held: set[int] = set()  # claims read ahead of their unit's turn
 
@@ -628,10 +637,13 @@ def _run_unit(
     items: Sequence[Any],
     flush_every: float,
     spill: str | None = None,
-) -> None:
-    """Run the items, reporting every ``flush_every`` seconds (0: after every item, which the
-    parent asks for when the task has a timeout, so that it knows when each item started).
-    With ``spill`` (a folder), results of ``SPILL_BYTES`` or more go to files there.
+    batch: int = 1,
+) -> int:
+    """Run the items, in batches of ``batch`` items at first; return the batch size reached
+    (for the next unit of the same function). Report every ``flush_every`` seconds (0: after
+    every item, which the parent asks for when the task has a timeout, so that it knows when
+    each item started). With ``spill`` (a folder), results of ``SPILL_BYTES`` or more go to
+    files there.
 
     Each batch runs as ``values.extend(map(fn, compress(batch, gate)))``: no Python bytecode
     per item, and the gate read just before each one. When an item raises, ``extend`` keeps
@@ -644,7 +656,6 @@ def _run_unit(
     source = iter(items)
     held = _Held(out, uid, flush_every, spill)
     values: list[Any] = []
-    batch = 1
     stopped = False
     cap = _MAX_BATCH  # how many results make FLUSH_BYTES, as far as the worker can tell
     if flush_every:
@@ -712,6 +723,7 @@ def _run_unit(
         status = SKIPPED
     held.send(values, status, time.monotonic())
     values.clear()  # freed here, even if the flusher still holds the list
+    return min(batch, cap)
 
 
 def _result_bytes(value: Any) -> float:

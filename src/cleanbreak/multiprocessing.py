@@ -26,7 +26,6 @@ them to wait for ever; a task's exception keeps cleanbreak's remote traceback as
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import multiprocessing
 import queue
@@ -91,11 +90,6 @@ def _outcome(fut: Future[Any]) -> tuple[Any, BaseException | None]:
     # Done: the base class's reads, without the pool future's waits in slices.
     error = Future.exception(fut, 0)
     return (None, error) if error is not None else (Future.result(fut, 0), None)
-
-
-def _star(fn: Callable[..., Any], args: Iterable[Any]) -> Any:
-    """``starmap``'s call, in a worker."""
-    return fn(*args)
 
 
 class ApplyResult:
@@ -597,8 +591,6 @@ class Pool:
             raise TypeError(f"chunksize must be an int, got {chunksize!r}")
         pool = self._pool
         pool._rearm()
-        if star:
-            func = functools.partial(_star, func)
         run = MapRun(
             pool,
             pool._opts,
@@ -610,6 +602,7 @@ class Pool:
             buffersize=None,
             eager=eager,
             journal=pool._journal,
+            star=star,
         )
         return run
 
