@@ -1,13 +1,14 @@
 """Small maps of fast tasks, as a program makes them in a loop: about one round trip each.
 
 A pool remembers each function's time per item from its last map (``_map.ItemTimes``). A
-later map that this time says is small starts without probes, and its chunks, expected to be
-brief, go to the workers all at once (``_manager.AHEAD_SECONDS``), as the stock pool's
-workers take them from one queue."""
+later map that this time says is small starts without probes; a chunk holds at least
+``_map.MOMENT`` of work, so a small map of fast items goes in two chunks for each worker; and
+chunks expected to be brief go to the workers all at once (``_manager.AHEAD_SECONDS``), as the
+stock pool's workers take them from one queue."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -46,8 +47,10 @@ def test_a_second_small_map_of_a_function_starts_without_probes(
 def test_a_second_small_list_map_is_sent_whole_at_once(
     monkeypatch: pytest.MonkeyPatch, unit_sizes: Callable[[Any], list[int]]
 ) -> None:
-    # A chunk's target time so long that only the cap sizes the chunks, whatever the timing.
+    # A chunk's target time so long that only the cap sizes the chunks, whatever the timing;
+    # no least work per chunk (that is the next test's).
     monkeypatch.setattr(_map, "CHUNK_SECONDS", 1e9)
+    monkeypatch.setattr(_map, "MOMENT", 0.0)
     with DropIn(2) as pool:  # its map returns a list: the whole window at once
         sizes = unit_sizes(pool._pool._backend)
         assert pool.map(tasks.square, range(100)) == SQUARES
@@ -83,13 +86,41 @@ def test_a_lazy_input_or_a_callable_without_code_still_probes(
         del sizes[:]
 
 
+@pytest.fixture
+def drop_in() -> Iterator[DropIn]:
+    """A new drop-in pool: its map returns a list, so the whole window goes at once."""
+    with DropIn(2) as pool:
+        yield pool
+
+
+def test_a_small_map_of_fast_items_goes_in_two_chunks_for_each_worker(
+    drop_in: DropIn, unit_sizes: Callable[[Any], list[int]]
+) -> None:
+    pool = drop_in._pool
+    # A microsecond an item: 25 items are 25 us of work, less than MOMENT, so each worker's
+    # share is two chunks (the cap alone would make eight chunks of 13).
+    pool._item_times.put(tasks.square, (1e-6, 8.0))
+    sizes = unit_sizes(pool._backend)
+    assert drop_in.map(tasks.square, range(100)) == SQUARES
+    assert sizes == [25] * 4, sizes
+    # A millisecond an item: the chunks are as the cap makes them.
+    pool._item_times.put(tasks.square, (1e-3, 8.0))
+    del sizes[:]
+    assert drop_in.map(tasks.square, range(100)) == SQUARES
+    assert sizes == CHUNKS, sizes
+
+
 @pytest.mark.parametrize("brief", [True, False], ids=["brief", "ahead_seconds_0"])
 def test_the_brief_chunks_of_a_small_map_go_to_the_workers_at_once(
-    fresh: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch, brief: bool
+    drop_in: DropIn, monkeypatch: pytest.MonkeyPatch, brief: bool
 ) -> None:
+    # Eight chunks of 13 items, a microsecond each, whatever this machine's timing (no least
+    # work per chunk: that is the test above's).
+    monkeypatch.setattr(_map, "MOMENT", 0.0)
+    drop_in._pool._item_times.put(tasks.square, (1e-6, 8.0))
     if not brief:  # nothing counts as brief: at most PREFETCH units in a worker
         monkeypatch.setattr(_manager, "AHEAD_SECONDS", 0.0)
-    backend: Any = fresh._backend
+    backend: Any = drop_in._pool._backend
     depths: list[int] = []
     real = backend._send
 
@@ -98,15 +129,14 @@ def test_the_brief_chunks_of_a_small_map_go_to_the_workers_at_once(
         real(w, unit)
 
     monkeypatch.setattr(backend, "_send", spy)
-    assert list(fresh.map(tasks.square, range(100))) == SQUARES  # its time, remembered
-    del depths[:]
-    assert list(fresh.map(tasks.square, range(100))) == SQUARES
+    assert drop_in.map(tasks.square, range(100)) == SQUARES
     if brief:
-        # Eight chunks for two workers, sent together: four deep in each, unless a worker
-        # came free between two sends.
-        assert max(depths) >= _manager.PREFETCH, depths
+        # Eight chunks for two workers, sent in one dispatch (the frames are written once
+        # all are sent, so no worker comes free in between): four deep in each. (A worker
+        # that came free later may have taken back a chunk that waited in the other.)
+        assert sorted(depths[: len(CHUNKS)]) == [0, 0, 1, 1, 2, 2, 3, 3], repr(depths)
     else:
-        assert max(depths) < _manager.PREFETCH, depths
+        assert max(depths) < _manager.PREFETCH, repr(depths)
 
 
 def test_the_drop_ins_starmap_sends_the_users_function(
