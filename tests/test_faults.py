@@ -376,6 +376,20 @@ def test_a_task_past_its_deadline_fails_with_task_timeout(method: str, tmp_path:
         assert_pool_goes_on(pool, tmp_path, [info["pid"]])
 
 
+def test_a_task_timeout_holds_after_a_fast_map_of_the_same_function() -> None:
+    """A fast map lets a worker's batches grow (many items run before it reports); a map of
+    the same function with a timeout still has each item reported as it ends, so its deadline
+    moves on: no item that ended within its limit is taken for one that ran past it."""
+    with cleanbreak.Pool(1) as pool:
+        fast = [(0.0, i) for i in range(20000)]
+        assert list(pool.map(tasks.sleep_star, fast)) == list(range(20000))
+        # Ten items of 0.15 s in one chunk, each well within its 1 s: run as one batch before
+        # a report, they would pass the first item's deadline.
+        slow = [(0.15, i) for i in range(10)]
+        timed = pool.options(task_timeout=1.0)
+        assert list(timed.map(tasks.sleep_star, slow, chunksize=10)) == list(range(10))
+
+
 def test_options_override_the_pool_task_timeout(tmp_path: Path) -> None:
     """``options(task_timeout=...)`` sets a timeout for some tasks of a pool that has none, and
     lifts it for some tasks of a pool that has one."""

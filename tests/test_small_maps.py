@@ -8,6 +8,7 @@ stock pool's workers take them from one queue."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,6 +71,17 @@ def test_a_remembered_time_that_makes_the_map_long_still_probes(
     # A probe for each worker, then chunks sized from the probes' time (the time remembered
     # would have made 32 units of one item).
     assert sizes[:2] == [1, 1] and sizes[2] > 1, sizes
+
+
+def test_a_time_is_remembered_for_the_function_under_its_wrappers() -> None:
+    # Two functions that one decorator wraps (functools.wraps) run one wrapper's code: each
+    # has its own time, as do a partial and a bound method of a function, under its name.
+    times = _map.ItemTimes()
+    times.put(tasks.wrapped_square, (1.0, 8.0))
+    assert times.get(tasks.wrapped_cube) is None
+    assert times.get(functools.partial(tasks.wrapped_square)) == (1.0, 8.0)
+    times.put(tasks.square, (2.0, 8.0))
+    assert times.get(functools.partial(tasks.square, 3)) == (2.0, 8.0)
 
 
 def test_a_lazy_input_or_a_callable_without_code_still_probes(

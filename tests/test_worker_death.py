@@ -61,6 +61,29 @@ def test_a_dying_worker_fails_only_its_task(
         assert list(pool.map(tasks.square, range(20), timeout=GUARD)) == [i * i for i in range(20)]
 
 
+def test_a_result_pipe_at_its_end_is_not_read_in_a_loop_until_the_death(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker's result pipe reaches its end a moment before its death is seen (its threads
+    # exit first; under load, milliseconds). The manager then waits for the death, rather than
+    # read the pipe's end again and again. Here the task closes the pipe and lives on a while.
+    with cleanbreak.Pool(1) as pool:
+        backend: Any = pool._backend
+        reads: list[int] = []
+        real = backend._on_readable
+
+        def spy(w: Any) -> None:
+            reads.append(w.pid)
+            real(w)
+
+        monkeypatch.setattr(backend, "_on_readable", spy)
+        doomed = pool.submit(tasks.close_results_then_exit, 0.3)
+        exc = doomed.exception(timeout=GUARD)
+        assert isinstance(exc, cleanbreak.WorkerDied) and exc.exitcode == 3, repr(exc)
+        assert reads.count(exc.pid) <= 2, f"{reads.count(exc.pid)} reads of a pipe at its end"
+        assert pool.submit(tasks.square, 4).result(timeout=GUARD) == 16  # its replacement
+
+
 def test_tasks_queued_on_the_dead_worker_still_run(start_method: str) -> None:
     # One worker: the tasks behind the fatal one may already sit in its pipe when it dies.
     with cleanbreak.Pool(1, mp_context=start_method) as pool:
@@ -161,7 +184,9 @@ class _DeathFirstSelector(selectors.DefaultSelector):
         if not deaths:
             return events
         rest = [(k, m) for k, m in events if (k, m) not in deaths]
-        stale = [self.get_map()[k.data.reader.fd] for k, _ in deaths]
+        # (A pipe whose end the manager read before the death is no longer watched.)
+        watched = self.get_map()
+        stale = [watched[k.data.reader.fd] for k, _ in deaths if k.data.reader.fd in watched]
         rest = [(k, m) for k, m in rest if k not in stale]
 
         def batch() -> Iterator[tuple[selectors.SelectorKey, int]]:

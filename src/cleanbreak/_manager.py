@@ -893,7 +893,12 @@ class LocalBackend(Intake):
     # ── receiving ────────────────────────────────────────────────────────────────────────
 
     def _on_readable(self, w: _Worker) -> None:
-        frames, _eof = w.reader.read()
+        frames, eof = w.reader.read()
+        if eof and w.reader.fd in self._sel.get_map():
+            # The worker's end is closed: it is exiting, and its death comes next (deathfd),
+            # moments later or, under load, milliseconds. Watched until then, the pipe would
+            # wake select again and again, a busy loop that takes the CPU from the caller.
+            self._sel.unregister(w.reader.fd)
         for frame in frames:
             self._on_result(w, frame)
 

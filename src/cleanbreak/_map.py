@@ -109,9 +109,19 @@ class ItemTimes:
 
 
 def _code(fn: Callable[..., Any]) -> object | None:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return getattr(getattr(fn, "__func__", fn), "__code__", None)
+    """The code a map of ``fn`` runs, through partials, bound methods and the wrappers that
+    ``functools.wraps`` marks (a decorator's wrapper is one code for every function it wraps);
+    None for a builtin or a callable object."""
+    for _ in range(16):  # a chain of wrappers (never a cycle, nor an object that makes them)
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif (inner := getattr(fn, "__wrapped__", None)) is not None:
+            fn = inner
+        elif (func := getattr(fn, "__func__", None)) is not None:
+            fn = func
+        else:
+            break
+    return getattr(fn, "__code__", None)
 
 
 class _Late:

@@ -364,8 +364,9 @@ def _serve(
             del parts, frame
         # A unit of the function the last one ran starts at the batch size that one reached:
         # a map's small chunks of tiny tasks each pay for the checks once, not once per
-        # doubling (see _FAST).
-        batch = _batch[1] if _batch[0] == fid else 1
+        # doubling (see _FAST). Not a unit whose items are reported each as it ends (a task
+        # timeout: the parent's deadline moves on with each report).
+        batch = _batch[1] if _batch[0] == fid and not each else 1
         batch = _run_unit(
             result_fd, gate, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY, spill, batch
         )
