@@ -252,12 +252,16 @@ class Pool(Executor):
         # handler puts that raise off while the main thread holds (see _signals.holding), and
         # this pool raises its own Interrupted for the signal once its backend is made.
         main, held = _signals.in_main_thread(), _signals.holding
+        early: signal.Signals | None = None  # a signal recorded since Pool() began
         if main:
             _signals.holding = True
         try:
             _signals.attach(self)
-            if main and _signals.a_framework_took_a_ctrl_c():
-                # A Ctrl-C came as this started, and asyncio's or a notebook kernel's handler
+            if main:
+                early = _signals.end_collecting()
+            if early is not None or (main and _signals.a_framework_took_a_ctrl_c()):
+                # A signal came while Pool() checked its arguments (see making_a_pool); or a
+                # Ctrl-C came as this started, and asyncio's or a notebook kernel's handler
                 # took it: it only asked to cancel the coroutine, which ran on into Pool().
                 # It is the pool's.
                 raise KeyboardInterrupt
@@ -266,7 +270,7 @@ class Pool(Executor):
             _signals.detach(self)
             self._close_journal()
             if isinstance(exc, KeyboardInterrupt):  # a handler of the user's raised it before
-                raise _signals.early_interrupt(signal.SIGINT) from None  # ours was in place
+                raise _signals.early_interrupt(early or signal.SIGINT) from None
             raise  # out of descriptors, memory, threads
         finally:
             self._starting = False

@@ -362,20 +362,47 @@ def collecting() -> Iterator[list[signal.Signals]]:
 
 
 def making_a_pool(init: Callable[_P, None]) -> Callable[_P, None]:
-    """For a pool's ``__init__``: a plain ``KeyboardInterrupt`` out of it (a Ctrl-C that came
-    before the pool put its handler in place, raised by Python's, in the middle of checking
-    the arguments) is the pool's, as one a moment later would be: ``Interrupted``."""
+    """For a pool's ``__init__``: from its first instruction, SIGINT and SIGTERM are recorded
+    (``collecting``) until the pool puts its handler in place for itself (``attach`` ends the
+    recording, and the pool raises ``Interrupted`` for what was recorded: ``end_collecting``).
+    A signal while the arguments are checked is so the pool's, as one a moment later would be,
+    where it would otherwise end the process (SIGTERM's default action) or raise a plain
+    ``KeyboardInterrupt``. If ``__init__`` fails before that, the signal wins: ``Interrupted``."""
 
     @functools.wraps(init)
     def made(*args: _P.args, **kwargs: _P.kwargs) -> None:
-        try:
-            init(*args, **kwargs)
-        except KeyboardInterrupt as exc:
-            if isinstance(exc, Interrupted):
+        # (Where another pool's handler is in place already, it acts for this one as before.)
+        window: contextlib.AbstractContextManager[list[signal.Signals]]
+        window = collecting() if not _listeners else contextlib.nullcontext([])
+        with window as caught:
+            try:
+                init(*args, **kwargs)
+            except KeyboardInterrupt as exc:
+                if isinstance(exc, Interrupted):
+                    raise
+                raise early_interrupt(signal.SIGINT) from None
+            except BaseException:
+                if caught:  # recorded before the pool's handler was in place: it comes first
+                    raise early_interrupt(caught[0]) from None
                 raise
-            raise early_interrupt(signal.SIGINT) from None
+        if caught:  # (only if the pool never put its handler in place)
+            raise early_interrupt(caught[0])
 
     return made
+
+
+def end_collecting() -> signal.Signals | None:
+    """For a pool whose handler is now in place (after ``attach``), in ``Pool()``: the signals
+    from here on are the pool's, not recorded; the first recorded so far, if any, is returned
+    for the pool to raise ``Interrupted`` for (and is no longer the caller's to raise)."""
+    global _collected
+    with _lock:
+        caught, _collected = _collected, None
+    if not caught:
+        return None
+    first = caught[0]
+    caught.clear()
+    return first
 
 
 def early_interrupt(sig: signal.Signals) -> Interrupted:
@@ -602,6 +629,10 @@ def _handler(signum: int, frame: FrameType | None) -> None:
             # It brings back an Interrupted put off: that is the one to raise (early_interrupt).
             _collected_put_off, _put_off, _in_flight = _put_off, None, False
         _collected.append(sig)
+        for listener in list(_listeners):
+            # A pool another thread started meanwhile: it stops, as it would have at once.
+            if listener.is_live():
+                listener.on_signal(sig)
         return
     if _taken:
         _taken -= 1  # it came back for one already raised (take_put_off)

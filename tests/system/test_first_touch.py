@@ -11,6 +11,7 @@ lets the import go on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,8 +19,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 
+from tests import tasks
 from tests.tasks import GUARD
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,3 +107,136 @@ def test_a_signal_while_the_first_touch_imports_gives_interrupted(
         assert proc.returncode == -sig, err.decode()
         assert f"Interrupted: interrupted by {sig.name}" in err.decode()
         assert "finished" not in out.decode()
+
+
+CHECKING = textwrap.dedent(
+    """
+    import os, sys
+    import cleanbreak
+    from cleanbreak.multiprocessing import Pool as DropIn
+
+    def parked():  # the arguments, as Pool() checks them: until the test has sent its signal
+        print("checking", flush=True)
+        os.read(0, 1)
+        yield from ()
+
+    face, which = sys.argv[1], sys.argv[2]
+    make = cleanbreak.Pool if face == "cleanbreak" else DropIn
+    if which == "second":  # the pool's modules imported, and its handler put back, before
+        with make(1) as pool:
+            pass
+    try:
+        with make(1, initializer=dict, initargs=parked()) as pool:
+            pass
+        print("finished", flush=True)
+    except cleanbreak.Interrupted as exc:
+        print("Interrupted", exc.signal.name, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("face", ["cleanbreak", "drop-in"])
+@pytest.mark.parametrize("which", ["first", "second"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_pool_checks_its_arguments_gives_interrupted(
+    face: str, which: str, sig: signal.Signals
+) -> None:
+    # From the first instruction of Pool(), before its handler is in place for the pool: a
+    # SIGTERM there would end the process by its default action, a Ctrl-C raise a plain
+    # KeyboardInterrupt. Both are recorded, and Pool() raises Interrupted; no worker starts.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHECKING, face, which],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"checking\n"
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # Ctrl-C, as a terminal sends it
+        else:
+            os.kill(proc.pid, sig)
+        out, err = proc.communicate(b"x", timeout=GUARD)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (proc.returncode, out.decode()) == (0, f"Interrupted {sig.name}\n"), err.decode()
+    assert err == b""
+    # No process of its group is left (a fork server ends a moment after its parent).
+    assert tasks.wait_for_condition(lambda: not _group_alive(proc.pid), 1.0)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group ``pgid`` still runs (a zombie has ended)."""
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+STARTING = textwrap.dedent(
+    """
+    import multiprocessing, os, sys
+    import cleanbreak
+    from cleanbreak import _manager
+    from cleanbreak.multiprocessing import Pool as DropIn
+
+    made = _manager.LocalBackend.__init__
+
+    def parked(self, *args):  # as the pool makes its backend: its handler is in place
+        _manager.LocalBackend.__init__ = made
+        print("starting", flush=True)
+        os.read(0, 1)  # until the test has sent its signal
+        made(self, *args)
+
+    _manager.LocalBackend.__init__ = parked
+    make = cleanbreak.Pool if sys.argv[1] == "cleanbreak" else DropIn
+    try:
+        with make(2) as pool:
+            pass
+        print("finished", flush=True)
+    except cleanbreak.Interrupted as exc:
+        # Its workers are gone when Interrupted comes, not at the program's exit.
+        workers = len(multiprocessing.active_children())
+        print("Interrupted", exc.signal.name, workers, "workers", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("face", ["cleanbreak", "drop-in"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_pools_handler_is_in_place_is_the_pools(
+    face: str, sig: signal.Signals
+) -> None:
+    # Once Pool() has put its handler in place for itself, the signal is no longer recorded
+    # for the end of Pool(): the pool takes it, stops what it started, and Pool() raises
+    # Interrupted; nothing of it is left.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STARTING, face],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"starting\n"
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # Ctrl-C, as a terminal sends it
+        else:
+            os.kill(proc.pid, sig)
+        out, err = proc.communicate(b"x", timeout=GUARD)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    expected = f"Interrupted {sig.name} 0 workers\n"
+    assert (proc.returncode, out.decode()) == (0, expected), err.decode()
+    assert err == b""
+    assert tasks.wait_for_condition(lambda: not _group_alive(proc.pid), 1.0)

@@ -140,7 +140,11 @@ def _one_run(tmp: Path, mode: str, how: str, rng: random.Random) -> list[str]:
         ended = {int(i) for what, i, ns in log if what == "done" and int(ns) < sent}
         if len(ended) == count and proc.returncode in (1, -signal.SIGINT, -signal.SIGTERM):
             return problems
-        return [*problems, f"results lost: {label}: no report; stderr: {err.decode()[-3000:]}"]
+        return [
+            *problems,
+            f"results lost: {label}: no report, exit status {proc.returncode}, "
+            f"{len(ended)} of {count} ended before the signal; stderr: {err.decode()[-3000:]}",
+        ]
     report = json.loads(lines[-1])
     if err.strip():
         if _the_programs_own(report, log, count, sent, err.decode()):
