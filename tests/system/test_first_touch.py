@@ -70,15 +70,14 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("name", ["Pool", "map"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("catch", [True, False])
-@pytest.mark.parametrize("moment", ["import", "restore"])
-def test_a_signal_while_the_first_touch_imports_gives_interrupted(
-    name: str, sig: signal.Signals, catch: bool, moment: str
-) -> None:
+def _signal_parked(
+    args: list[str], parked: str, sig: signal.Signals
+) -> tuple[subprocess.Popen[bytes], bytes, bytes]:
+    """Run ``python -c *args`` in a session of its own; once it prints ``parked`` (and waits
+    for a byte on stdin), signal it as a terminal would (Ctrl-C to the group; SIGTERM to the
+    process), let it go on, and return it with its output."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, name, "catch" if catch else "raise", moment],
+        [sys.executable, "-c", *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -87,16 +86,29 @@ def test_a_signal_while_the_first_touch_imports_gives_interrupted(
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline() == b"importing\n"
+        assert proc.stdout.readline() == f"{parked}\n".encode()
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # Ctrl-C, as a terminal sends it
         else:
             os.kill(proc.pid, sig)
-        out, err = proc.communicate(b"x", timeout=GUARD)  # the import goes on
+        out, err = proc.communicate(b"x", timeout=GUARD)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    return proc, out, err
+
+
+@pytest.mark.parametrize("name", ["Pool", "map"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("catch", [True, False])
+@pytest.mark.parametrize("moment", ["import", "restore"])
+def test_a_signal_while_the_first_touch_imports_gives_interrupted(
+    name: str, sig: signal.Signals, catch: bool, moment: str
+) -> None:
+    proc, out, err = _signal_parked(
+        [CHILD, name, "catch" if catch else "raise", moment], "importing", sig
+    )  # the import goes on
     if catch:
         assert out.decode() == f"Interrupted {sig.name}\n", err.decode()
         assert proc.returncode == 0
@@ -144,26 +156,7 @@ def test_a_signal_while_pool_checks_its_arguments_gives_interrupted(
     # From the first instruction of Pool(), before its handler is in place for the pool: a
     # SIGTERM there would end the process by its default action, a Ctrl-C raise a plain
     # KeyboardInterrupt. Both are recorded, and Pool() raises Interrupted; no worker starts.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHECKING, face, which],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline() == b"checking\n"
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)  # Ctrl-C, as a terminal sends it
-        else:
-            os.kill(proc.pid, sig)
-        out, err = proc.communicate(b"x", timeout=GUARD)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc, out, err = _signal_parked([CHECKING, face, which], "checking", sig)
     assert (proc.returncode, out.decode()) == (0, f"Interrupted {sig.name}\n"), err.decode()
     assert err == b""
     # No process of its group is left (a fork server ends a moment after its parent).
@@ -216,26 +209,7 @@ def test_a_signal_once_pools_handler_is_in_place_is_the_pools(
     # Once Pool() has put its handler in place for itself, the signal is no longer recorded
     # for the end of Pool(): the pool takes it, stops what it started, and Pool() raises
     # Interrupted; nothing of it is left.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", STARTING, face],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline() == b"starting\n"
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)  # Ctrl-C, as a terminal sends it
-        else:
-            os.kill(proc.pid, sig)
-        out, err = proc.communicate(b"x", timeout=GUARD)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc, out, err = _signal_parked([STARTING, face], "starting", sig)
     expected = f"Interrupted {sig.name} 0 workers\n"
     assert (proc.returncode, out.decode()) == (0, expected), err.decode()
     assert err == b""
