@@ -41,6 +41,32 @@ def test_lambdas_closures_and_local_functions_run(pool: cleanbreak.Pool) -> None
     assert pool.submit(lambda: k).result(timeout=GUARD) == 5  # a closure's cell
 
 
+def test_a_function_sent_by_value_takes_what_it_uses_anew_once_that_changes(
+    pool: cleanbreak.Pool,
+) -> None:
+    # As a notebook user sets a parameter again in a cell and runs the map again on a pool
+    # held across cells: the workers hold the function from the first run, with a copy of
+    # what it used then; that copy must not be used once what it copied is another object.
+    k = 2
+
+    def times_k(x: int) -> int:
+        return x * k
+
+    assert list(pool.map(times_k, range(4), timeout=GUARD)) == [0, 2, 4, 6]
+    k = 3  # a closure's cell, set again
+    assert list(pool.map(times_k, range(4), timeout=GUARD)) == [0, 3, 6, 9]
+    assert pool.submit(times_k, 1).result(timeout=GUARD) == 3
+    # A global of a module no worker can import (a cell's), and a function it calls.
+    cell: dict[str, Any] = {"__name__": "a_cell"}
+    exec("k = 2\ndef g(x): return x\ndef f(x): return g(x) * k", cell)
+    f = cell["f"]
+    assert list(pool.map(f, range(3), timeout=GUARD)) == [0, 2, 4]
+    cell["k"] = 10
+    assert list(pool.map(f, range(3), timeout=GUARD)) == [0, 10, 20]
+    exec("def g(x): return -x", cell)
+    assert pool.submit(f, 1).result(timeout=GUARD) == -10
+
+
 def test_a_local_class_travels_both_ways_and_stays_itself(pool: cleanbreak.Pool) -> None:
     class Point:
         def __init__(self, x: int) -> None:

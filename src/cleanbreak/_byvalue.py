@@ -20,7 +20,8 @@ value keeps a tracking id, so an instance that comes back in a result is of the 
 class (``isinstance`` holds), and a class sent twice is made once in the receiver.
 
 What differs from a function that runs where it was defined: a function sent by value gets a
-copy of the globals it uses, taken when it is sent, and its own namespace for them. So a global
+copy of the globals it uses, taken when it is sent (sent again once one of them is another
+object: see ``taken``), and its own namespace for them. So a global
 that an ``initializer`` sets in a worker is not seen by a task function sent by value (the same
 holds with loky, joblib and Dask). From a script, functions at the top level go by reference and
 share the worker's real module.
@@ -170,6 +171,32 @@ def _code_keeping_file(reduce_code: Any, code: types.CodeType) -> Any:
 def _code_in(args: tuple[Any, ...], filename: str) -> types.CodeType:
     """A code object sent by value, with its file name back (see ``pickler``)."""
     return types.CodeType(*args).replace(co_filename=filename)
+
+
+_UNSET = object()  # a name the function's globals do not hold (a builtin), an empty cell
+
+
+def taken(fn: object) -> tuple[object, ...]:
+    """What a copy of ``fn`` by value takes of the sender's state, object by object: the globals
+    its code names (nested code too), its closure's contents, its defaults, its code. Sent
+    again only once one of them is another object (a cell that sets ``k = 3`` again, a
+    function defined again); a change inside an object (a list appended to) is not seen.
+    Empty for what is not a plain function."""
+    if not isinstance(fn, types.FunctionType):
+        return ()
+    names = fn.__globals__
+    found: list[object] = [fn.__code__, fn.__defaults__, fn.__kwdefaults__]
+    codes = [fn.__code__]
+    while codes:
+        code = codes.pop()
+        found.extend(names.get(name, _UNSET) for name in code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    for cell in fn.__closure__ or ():
+        try:
+            found.append(cell.cell_contents)
+        except ValueError:  # not yet set
+            found.append(_UNSET)
+    return tuple(found)
 
 
 def dumps(obj: object, main_by_value: bool = False) -> bytes:

@@ -284,6 +284,10 @@ class _Worker:
 PLAIN, BY_VALUE, WHOLE = 0, 1, 2
 
 
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 class _Functions:
     """The functions the parent sends, each under a number of its own.
 
@@ -297,12 +301,20 @@ class _Functions:
     defined under the ``__main__`` guard, or after a fork), it is sent whole by value from then
     on, under a new number. Entries hold their function, so that its ``id`` is not reused
     while it is listed.
+
+    A copy by value holds what the function used when it was sent (``_byvalue.taken``): once
+    one of those is another object (a notebook cell sets a parameter again, or defines a
+    function it calls again), the function goes again, under a new number, as it would
+    from a pool made anew; the workers' copy is never used with what it no longer matches.
     """
 
     SIZE = 64
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[int, tuple[Callable[..., Any], int, int]] = OrderedDict()
+        # id -> (the function, its number, how it goes, what its copy by value took)
+        self._entries: OrderedDict[int, tuple[Callable[..., Any], int, int, tuple[object, ...]]] = (
+            OrderedDict()
+        )
         self._numbers = itertools.count(1)
 
     def lookup(self, fn: Callable[..., Any]) -> tuple[int, int]:
@@ -310,15 +322,18 @@ class _Functions:
         key = id(fn)
         entry = self._entries.get(key)
         if entry is not None and entry[0] is fn:
+            _fn, fid, how, took = entry
+            if how != PLAIN and not _same(took, _byvalue.taken(fn)):
+                return self._put(fn, how)  # what it uses changed: a new copy
             self._entries.move_to_end(key)
-            return entry[1], entry[2]
+            return fid, how
         return self._put(fn, PLAIN)
 
     def sent_as(self, fn: Callable[..., Any], fid: int, how: int) -> None:
         """It went ``how`` (plain pickle failed: by value): so straight away next time."""
         entry = self._entries.get(id(fn))
         if entry is not None and entry[0] is fn and entry[1] == fid and how > entry[2]:
-            self._entries[id(fn)] = (fn, fid, how)
+            self._entries[id(fn)] = (fn, fid, how, _byvalue.taken(fn))
 
     def whole_from_now(self, fn: Callable[..., Any], fid: int) -> bool:
         """A worker could not find a name ``fn`` needs, sent as number ``fid``. True if it is
@@ -336,7 +351,8 @@ class _Functions:
 
     def _put(self, fn: Callable[..., Any], how: int) -> tuple[int, int]:
         fid = next(self._numbers)
-        self._entries[id(fn)] = (fn, fid, how)
+        took = _byvalue.taken(fn) if how != PLAIN else ()
+        self._entries[id(fn)] = (fn, fid, how, took)
         self._entries.move_to_end(id(fn))
         while len(self._entries) > self.SIZE:
             self._entries.popitem(last=False)

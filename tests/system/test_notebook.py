@@ -174,6 +174,29 @@ def test_cell_defined_functions_classes_lambdas_and_closures_run(
     _no_worker_output(cell)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_held_pool_runs_a_cells_function_with_what_the_cells_set_since(
+    kernel: Kernel, method: str
+) -> None:
+    # The usual loop: a cell sets a parameter, the next runs the map on a pool held across
+    # cells; then the parameter is set again, or a function the task calls is defined again,
+    # and the map runs again. Each run uses what the cells set last.
+    kernel.ok(
+        f"held = cleanbreak.Pool(2, mp_context={method!r})\n"
+        "k = 2\n"
+        "def inner(x):\n"
+        "    return x\n"
+        "def task(x):\n"
+        "    return inner(x) * k\n"
+    )
+    assert kernel.ok("list(held.map(task, range(4)))").value() == [0, 2, 4, 6]
+    kernel.ok("k = 3")
+    assert kernel.ok("list(held.map(task, range(4)))").value() == [0, 3, 6, 9]
+    kernel.ok("def inner(x):\n    return -x")
+    assert kernel.ok("held.submit(task, 2).result()").value() == -6
+    kernel.ok("held.shutdown()")
+
+
 # ── the interrupt button ─────────────────────────────────────────────────────────────────────
 
 # Tasks 0 and 1 finish at once; each later task says it started, then sleeps until stopped
