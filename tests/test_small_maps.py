@@ -32,6 +32,13 @@ def fresh(fs_pool: cleanbreak.Pool, monkeypatch: pytest.MonkeyPatch) -> cleanbre
     return fs_pool
 
 
+@pytest.fixture
+def drop_in() -> Iterator[DropIn]:
+    """A new drop-in pool: its map returns a list, so the whole window goes at once."""
+    with DropIn(2) as pool:
+        yield pool
+
+
 def test_a_second_small_map_of_a_function_starts_without_probes(
     fresh: cleanbreak.Pool,
     monkeypatch: pytest.MonkeyPatch,
@@ -46,20 +53,19 @@ def test_a_second_small_map_of_a_function_starts_without_probes(
 
 
 def test_a_second_small_list_map_is_sent_whole_at_once(
-    monkeypatch: pytest.MonkeyPatch, unit_sizes: Callable[[Any], list[int]]
+    drop_in: DropIn, monkeypatch: pytest.MonkeyPatch, unit_sizes: Callable[[Any], list[int]]
 ) -> None:
     # A chunk's target time so long that only the cap sizes the chunks, whatever the timing;
     # no least work per chunk (that is the next test's).
     monkeypatch.setattr(_map, "CHUNK_SECONDS", 1e9)
     monkeypatch.setattr(_map, "MOMENT", 0.0)
-    with DropIn(2) as pool:  # its map returns a list: the whole window at once
-        sizes = unit_sizes(pool._pool._backend)
-        assert pool.map(tasks.square, range(100)) == SQUARES
-        probes = sizes.index(13)
-        assert 1 <= probes <= 2 and set(sizes[:probes]) == {1}, sizes
-        del sizes[:]
-        assert pool.map(tasks.square, range(100)) == SQUARES
-        assert sizes == CHUNKS
+    sizes = unit_sizes(drop_in._pool._backend)
+    assert drop_in.map(tasks.square, range(100)) == SQUARES
+    probes = sizes.index(13)
+    assert 1 <= probes <= 2 and set(sizes[:probes]) == {1}, sizes
+    del sizes[:]
+    assert drop_in.map(tasks.square, range(100)) == SQUARES
+    assert sizes == CHUNKS
 
 
 def test_a_remembered_time_that_makes_the_map_long_still_probes(
@@ -75,7 +81,7 @@ def test_a_remembered_time_that_makes_the_map_long_still_probes(
 
 def test_a_time_is_remembered_for_the_function_under_its_wrappers() -> None:
     # Two functions that one decorator wraps (functools.wraps) run one wrapper's code: each
-    # has its own time, as do a partial and a bound method of a function, under its name.
+    # has its own time, and a partial of a function has that function's.
     times = _map.ItemTimes()
     times.put(tasks.wrapped_square, (1.0, 8.0))
     assert times.get(tasks.wrapped_cube) is None
@@ -96,13 +102,6 @@ def test_a_lazy_input_or_a_callable_without_code_still_probes(
         assert list(fresh.map(abs, range(-50, 50))) == [abs(x) for x in range(-50, 50)]
         assert sizes[0] == 1, sizes
         del sizes[:]
-
-
-@pytest.fixture
-def drop_in() -> Iterator[DropIn]:
-    """A new drop-in pool: its map returns a list, so the whole window goes at once."""
-    with DropIn(2) as pool:
-        yield pool
 
 
 def test_a_small_map_of_fast_items_goes_in_two_chunks_for_each_worker(

@@ -323,8 +323,8 @@ class _Functions:
         entry = self._entries.get(key)
         if entry is not None and entry[0] is fn:
             _fn, fid, how, took = entry
-            if how != PLAIN and not _same(took, _byvalue.taken(fn)):
-                return self._put(fn, how)  # what it uses changed: a new copy
+            if how != PLAIN and not _same(took, now := _byvalue.taken(fn)):
+                return self._put(fn, how, now)  # what it uses changed: a new copy
             self._entries.move_to_end(key)
             return fid, how
         return self._put(fn, PLAIN)
@@ -349,9 +349,12 @@ class _Functions:
         self._put(fn, WHOLE)
         return True
 
-    def _put(self, fn: Callable[..., Any], how: int) -> tuple[int, int]:
+    def _put(
+        self, fn: Callable[..., Any], how: int, took: tuple[object, ...] | None = None
+    ) -> tuple[int, int]:
         fid = next(self._numbers)
-        took = _byvalue.taken(fn) if how != PLAIN else ()
+        if took is None:
+            took = _byvalue.taken(fn) if how != PLAIN else ()
         self._entries[id(fn)] = (fn, fid, how, took)
         self._entries.move_to_end(id(fn))
         while len(self._entries) > self.SIZE:

@@ -385,8 +385,8 @@ def making_a_pool(init: Callable[_P, None]) -> Callable[_P, None]:
                 if caught:  # recorded before the pool's handler was in place: it comes first
                     raise early_interrupt(caught[0]) from None
                 raise
-        if caught:  # (only if the pool never put its handler in place)
-            raise early_interrupt(caught[0])
+        # (A pool made puts its handler in place, and end_collecting hands it what was
+        # recorded: nothing is left here to raise.)
 
     return made
 
