@@ -705,3 +705,9 @@ def runs_of(directory: str) -> dict[int, int]:
         x = int(name.split(".")[0])
         counts[x] = counts.get(x, 0) + 1
     return counts
+
+
+def live(type_name: str) -> int:
+    """How many objects of a class of that name this process holds, after a collection."""
+    gc.collect()
+    return sum(type(o).__name__ == type_name for o in gc.get_objects())

@@ -9,12 +9,16 @@ worker once, not with every chunk. The notebook itself is tested through a real 
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 import pickle
 import subprocess
 import sys
 import textwrap
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,62 @@ def test_a_function_sent_by_value_takes_what_it_uses_anew_once_that_changes(
     assert list(pool.map(f, range(3), timeout=GUARD)) == [0, 10, 20]
     exec("def g(x): return -x", cell)
     assert pool.submit(f, 1).result(timeout=GUARD) == -10
+
+
+class _Model:
+    """An object a task function holds (a model, a table), known by a weak reference."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def add(self, x: int) -> int:
+        return x + self.n
+
+
+def _add(model: _Model, x: int) -> int:
+    return x + model.n
+
+
+def _using(model: _Model) -> Callable[[int], int]:
+    """A closure over ``model``: it goes by value, with the object in what its copy took."""
+
+    def run(x: int) -> int:
+        return model.add(x)
+
+    return run
+
+
+def test_a_pool_does_not_keep_alive_what_its_functions_held(pool: cleanbreak.Pool) -> None:
+    # A pool held across a notebook's cells, or a script's loop: a bound method, a partial or
+    # a closure brings its object to each map; once the user lets it go, so does the pool.
+    made = [_Model(1), _Model(2), _Model(3)]
+    refs = [weakref.ref(h) for h in made]
+    assert list(pool.map(made[0].add, range(3), timeout=GUARD)) == [1, 2, 3]
+    assert list(pool.map(functools.partial(_add, made[1]), range(3), timeout=GUARD)) == [2, 3, 4]
+    closure = _using(made[2])
+    assert pool.submit(closure, 1).result(timeout=GUARD) == 4
+    del made, closure
+    gc.collect()
+    assert [r() for r in refs[:2]] == [None, None]
+    # What a copy by value took goes with the next look (the function died between two).
+    assert list(pool.map(abs, [-1, -2], timeout=GUARD)) == [1, 2]  # a builtin: held
+    assert list(pool.map(abs, [-3], timeout=GUARD)) == [3]
+    assert refs[2]() is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_worker_lets_go_of_its_copies_of_functions_the_user_let_go(method: str) -> None:
+    # A notebook's cell run again and again on a held pool: each run's function is another
+    # object, with its own copy of the object it uses, and the worker's copies of the earlier
+    # ones go as those functions do (it would otherwise hold its last 16).
+    with cleanbreak.Pool(1, mp_context=method) as pool:
+        for n in range(5):
+            run = _using(_Model(n))
+            assert list(pool.map(run, range(2), timeout=GUARD)) == [n, n + 1]
+            assert list(pool.map(functools.partial(_add, _Model(n)), [0], timeout=GUARD)) == [n]
+        assert pool.submit(tasks.live, "_Model").result(timeout=GUARD) == 1  # the last run's
+        del run
+        assert pool.submit(tasks.live, "_Model").result(timeout=GUARD) == 0
 
 
 def test_a_local_class_travels_both_ways_and_stays_itself(pool: cleanbreak.Pool) -> None:

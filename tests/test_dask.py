@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import operator
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -262,6 +264,10 @@ class Box:
         self.v = v
 
 
+def _box_plus(box: Box, x: int) -> int:
+    return box.v + x
+
+
 def test_the_users_own_code_goes_by_value_and_installed_code_as_it_is() -> None:
     assert _dask.is_local("tests.tasks") and _dask.is_local("__main__")
     for name in ("json", "_operator", "cleanbreak._dask", "distributed", "pytest", "builtins"):
@@ -298,6 +304,32 @@ def test_lambdas_closures_and_local_classes_run(client: object) -> None:
     assert all(type(p) is Local for p in grown) and [p.v for p in grown] == [0, 3, 6, 9, 12]
     assert all(type(b) is Box for b in boxes) and [b.v for b in boxes] == [0, 1, 2]
     assert cleanbreak.map(closure, range(4), dask=client) == [0, 3, 6, 9]
+
+
+def test_a_held_pool_sends_a_function_anew_once_what_it_uses_changed(client: object) -> None:
+    # A notebook on a cluster: a pool held across cells, a cell that sets a parameter again or
+    # defines again a function the task calls. The copy the cluster holds took the old ones.
+    cell: dict[str, Any] = {"__name__": "a_cell"}
+    exec("k = 2\ndef g(x): return x\ndef f(x): return g(x) * k", cell)
+    f = cell["f"]
+    with cleanbreak.Pool(dask=client) as pool:
+        assert list(pool.map(f, range(3))) == [0, 2, 4]
+        cell["k"] = 10
+        assert list(pool.map(f, range(3))) == [0, 10, 20]
+        exec("def g(x): return -x", cell)
+        assert pool.submit(f, 1).result(GUARD) == -10
+
+
+def test_a_held_pool_does_not_keep_alive_what_its_functions_held(client: object) -> None:
+    made = [Box(1), Box(2)]
+    refs = [weakref.ref(b) for b in made]
+    with cleanbreak.Pool(dask=client) as pool:
+        assert list(pool.map(functools.partial(_box_plus, made[0]), [1])) == [2]
+        assert pool.submit(functools.partial(_box_plus, made[1]), 1).result(GUARD) == 3
+        del made
+        gc.collect()
+        assert pool.submit(operator.neg, 1).result(GUARD) == -1  # the next look drops them
+        assert [r() for r in refs] == [None, None]
 
 
 def test_a_function_is_unpickled_once_per_worker_process(client: object) -> None:

@@ -34,7 +34,9 @@ import os
 import pickle
 import sys
 import types
+import weakref
 from collections import ChainMap
+from collections.abc import Callable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
 if TYPE_CHECKING:
@@ -197,6 +199,37 @@ def taken(fn: object) -> tuple[object, ...]:
         except ValueError:  # not yet set
             found.append(_UNSET)
     return tuple(found)
+
+
+def same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Whether two ``taken`` tuples name the same objects."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+class Strong:
+    """A function held, with a weak reference's call: it gives the function (see ``refer``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> Callable[..., Any]:
+        return self.fn
+
+
+def refer(
+    fn: Callable[..., Any], died: Callable[[Any], object]
+) -> Callable[[], Callable[..., Any] | None]:
+    """How a pool knows a function it sent, without keeping it alive: a bound method or a
+    ``partial`` holds its object, which may be large, and must go once the user lets it go.
+    A weak reference (``died`` is called with it, in whatever thread let the function go),
+    or, for what cannot be referred to weakly (a builtin), the function held (``Strong``).
+    A weak reference is dead once the function's ``id`` could be another object's."""
+    try:
+        return weakref.ref(fn, died)
+    except TypeError:
+        return Strong(fn)
 
 
 def dumps(obj: object, main_by_value: bool = False) -> bytes:

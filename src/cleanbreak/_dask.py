@@ -515,10 +515,13 @@ class _Ship:
     fails with that.
     """
 
-    __slots__ = ("by_value_error", "digest", "failed", "fn", "packed", "payload", "ref")
+    __slots__ = ("by_value_error", "digest", "failed", "fn", "packed", "payload", "ref", "took")
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[[], Callable[..., Any] | None]) -> None:
+        # The function, not kept alive by this (see _byvalue.refer); and what its copy by
+        # value took, once packed (see _byvalue.taken).
         self.fn = fn
+        self.took: tuple[object, ...] = ()
         self.packed = False
         self.payload = b""
         self.digest = ""
@@ -526,19 +529,20 @@ class _Ship:
         self.failed: BrokenPool | None = None
         self.by_value_error = ""  # why it went by reference although it was to go by value
 
-    def pack(self) -> None:
+    def pack(self, fn: Callable[..., Any]) -> None:
         """From now on it goes packed: by value, or by reference where that fails."""
         self.packed = True
+        self.took = _byvalue.taken(fn)
         try:
-            self.payload = dumps_by_value(self.fn)
+            self.payload = dumps_by_value(fn)
         except BaseException as exc:
             self.by_value_error = _one_line(exc)
-            name = _function_name(self.fn)
+            name = _function_name(fn)
             try:
                 if name.startswith("__main__:"):
                     raise
                 # The cluster may have its module after all (code on a shared file system).
-                self.payload = pickle.dumps(self.fn, _byvalue.PROTOCOL)
+                self.payload = pickle.dumps(fn, _byvalue.PROTOCOL)
             except BaseException:
                 self.failed = BrokenPool(
                     f"cannot send {name} to the Dask cluster: it does not pickle by value "
@@ -548,9 +552,9 @@ class _Ship:
                 return
         self.digest = hashlib.blake2b(self.payload, digest_size=16).hexdigest()
 
-    def cannot_load(self, part: str, exc: BaseException) -> BrokenPool:
+    def cannot_load(self, fn: Callable[..., Any], part: str, exc: BaseException) -> BrokenPool:
         """The error of a function (or its arguments) that a Dask worker could not load."""
-        name = _function_name(self.fn)
+        name = _function_name(fn)
         what = name if part == "function" else f"the arguments of {name}"
         missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
         if self.by_value_error and part == "function":
@@ -668,6 +672,8 @@ class DaskBackend(Intake):
         self._alone: str | None = None
         # How each function goes to the cluster (see _ship), the latest SHIPS of them.
         self._ships: OrderedDict[int, _Ship] = OrderedDict()
+        # (id, reference) of the functions that died (see _byvalue.refer), for _ship to drop.
+        self._dead_ships: list[tuple[int, Any]] = []
         self.finished = threading.Event()
         self.started = threading.Event()
         self.start_error: BaseException | None = None
@@ -828,15 +834,29 @@ class DaskBackend(Intake):
 
     def _ship(self, fn: Callable[..., Any]) -> _Ship:
         """How ``fn`` goes to the cluster: as it is where the cluster has what it needs, else
-        packed (see "By value" in the module docstring)."""
-        ship = self._ships.get(id(fn))
-        if ship is not None and ship.fn is fn:
-            self._ships.move_to_end(id(fn))
-            return ship
-        ship = _Ship(fn)
-        if needs_value(fn):
-            ship.pack()
-        self._ships[id(fn)] = ship
+        packed (see "By value" in the module docstring). Packed anew once what its copy took
+        is another object (a notebook cell set a global again: see ``_byvalue.taken``). The
+        ship of a function that died goes (with its payload's task) at the next look."""
+        while self._dead_ships:
+            key, ref = self._dead_ships.pop()
+            old = self._ships.get(key)
+            if old is not None and old.fn is ref:
+                del self._ships[key]
+        key = id(fn)
+        ship = self._ships.get(key)
+        if ship is not None and ship.fn() is fn:
+            if not ship.packed or _byvalue.same(ship.took, _byvalue.taken(fn)):
+                self._ships.move_to_end(key)
+                return ship
+            ref = ship.fn
+        else:
+            dead = self._dead_ships
+            ref = _byvalue.refer(fn, lambda r: dead.append((key, r)))
+        packed = ship is not None and ship.packed and ship.fn is ref
+        ship = _Ship(ref)
+        if packed or needs_value(fn):
+            ship.pack(fn)
+        self._ships[key] = ship
         while len(self._ships) > self.SHIPS:
             self._ships.popitem(last=False)
         return ship
@@ -1006,7 +1026,7 @@ class DaskBackend(Intake):
         ours = bool(missing) and str(missing).partition(".")[0] in REQUIRED
         if not flight.packed and not ours:
             if not flight.ship.packed:
-                flight.ship.pack()
+                flight.ship.pack(flight.unit.fn)
             unit = flight.unit
             self.pending.appendleft(unit.part(next(self._uids), unit.received))
             return
@@ -1032,7 +1052,7 @@ class DaskBackend(Intake):
                 unit.sink.fail(unit.current, unit.left, SerializationError("arguments", reason))
             return
         if ship.failed is None:
-            ship.failed = ship.cannot_load(part, exc)
+            ship.failed = ship.cannot_load(unit.fn, part, exc)
         unit.sink.fail(unit.current, unit.left, ship.failed)
 
     def _timed_out(self, flight: _Flight, message: dict[str, Any]) -> None:

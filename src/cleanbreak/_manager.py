@@ -128,6 +128,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _no
 if TYPE_CHECKING:
     from typing import Any
 
+    _Ref = Callable[
+        [], Callable[..., Any] | None
+    ]  # a weak reference to a function, or _byvalue.Strong
+
 PREFETCH = 2
 # A worker holds more units than that, up to PREFETCH_BRIEF, while all it holds is expected to
 # take at most AHEAD_SECONDS (a small map's chunks of fast items, see Unit.expect): each would
@@ -216,6 +220,7 @@ class _Worker:
         "dispatched",
         "doom",
         "exitcode",
+        "forget",
         "functions",
         "gone",
         "has_pidfd",
@@ -261,6 +266,7 @@ class _Worker:
         # The numbers of the functions it holds, least recently used first: the same list as
         # the worker's own, since both sides update it unit by unit, in the order sent.
         self.functions: OrderedDict[int, None] = OrderedDict()
+        self.forget: tuple[int, ...] = ()  # dropped from it, for the next frame to say so
         # A pidfd becomes readable when the process exits. The multiprocessing sentinel is a
         # pipe that a process forked by the task inherits, so it would not fire while that
         # grandchild lives on.
@@ -284,10 +290,6 @@ class _Worker:
 PLAIN, BY_VALUE, WHOLE = 0, 1, 2
 
 
-def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
 class _Functions:
     """The functions the parent sends, each under a number of its own.
 
@@ -299,8 +301,13 @@ class _Functions:
     A function is first sent as plain pickle would send it, unless it has no importable home
     (see ``_byvalue``). If a worker then cannot find a name it needs (a script's function
     defined under the ``__main__`` guard, or after a fork), it is sent whole by value from then
-    on, under a new number. Entries hold their function, so that its ``id`` is not reused
-    while it is listed.
+    on, under a new number. An entry holds its function weakly where it can (functions, bound
+    methods, ``partial`` objects): a bound method or a ``partial`` holds its object, which may
+    be large, and the pool must not keep it alive once the user has let it go. A function
+    that cannot be held weakly (a builtin) is held, so that its ``id`` is not reused while it
+    is listed; a weakly held one is known by its reference, which is dead once its ``id``
+    could be another object's. The entry of a function that died is dropped at the next look
+    (with what its copy by value took).
 
     A copy by value holds what the function used when it was sent (``_byvalue.taken``): once
     one of those is another object (a notebook cell sets a parameter again, or defines a
@@ -311,36 +318,53 @@ class _Functions:
     SIZE = 64
 
     def __init__(self) -> None:
-        # id -> (the function, its number, how it goes, what its copy by value took)
-        self._entries: OrderedDict[int, tuple[Callable[..., Any], int, int, tuple[object, ...]]] = (
-            OrderedDict()
-        )
+        # id -> (the function's reference, its number, how it goes, what its copy by value
+        # took)
+        self._entries: OrderedDict[int, tuple[_Ref, int, int, tuple[object, ...]]] = OrderedDict()
         self._numbers = itertools.count(1)
+        # (id, reference) of the weakly held functions that died: appended by the weakref's
+        # callback, in whatever thread let the function go, and dropped by the next look.
+        self._dead: list[tuple[int, _Ref]] = []
+        # Numbers no unit will name again (their function died, or went again under a new
+        # number, or left the list): the workers are told to let their copies go.
+        self.gone: list[int] = []
+
+    def _entry(self, fn: Callable[..., Any]) -> tuple[_Ref, int, int, tuple[object, ...]] | None:
+        """``fn``'s entry, if it has one (not that of a function that had its ``id``)."""
+        while self._dead:
+            key, ref = self._dead.pop()
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._entries[key]
+                self.gone.append(entry[1])
+        entry = self._entries.get(id(fn))
+        if entry is None or entry[0]() is not fn:
+            return None
+        return entry
 
     def lookup(self, fn: Callable[..., Any]) -> tuple[int, int]:
         """The function's number, and how it goes (``PLAIN``, ``BY_VALUE`` or ``WHOLE``)."""
-        key = id(fn)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] is fn:
-            _fn, fid, how, took = entry
-            if how != PLAIN and not _same(took, now := _byvalue.taken(fn)):
+        entry = self._entry(fn)
+        if entry is not None:
+            _ref, fid, how, took = entry
+            if how != PLAIN and not _byvalue.same(took, now := _byvalue.taken(fn)):
                 return self._put(fn, how, now)  # what it uses changed: a new copy
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(id(fn))
             return fid, how
         return self._put(fn, PLAIN)
 
     def sent_as(self, fn: Callable[..., Any], fid: int, how: int) -> None:
         """It went ``how`` (plain pickle failed: by value): so straight away next time."""
-        entry = self._entries.get(id(fn))
-        if entry is not None and entry[0] is fn and entry[1] == fid and how > entry[2]:
-            self._entries[id(fn)] = (fn, fid, how, _byvalue.taken(fn))
+        entry = self._entry(fn)
+        if entry is not None and entry[1] == fid and how > entry[2]:
+            self._entries[id(fn)] = (entry[0], fid, how, _byvalue.taken(fn))
 
     def whole_from_now(self, fn: Callable[..., Any], fid: int) -> bool:
         """A worker could not find a name ``fn`` needs, sent as number ``fid``. True if it is
         to be sent again: whole by value from now on, or it has been since, under a newer
         number."""
-        entry = self._entries.get(id(fn))
-        if entry is None or entry[0] is not fn:
+        entry = self._entry(fn)
+        if entry is None:
             return False
         if entry[1] != fid:
             return entry[2] == WHOLE
@@ -355,11 +379,20 @@ class _Functions:
         fid = next(self._numbers)
         if took is None:
             took = _byvalue.taken(fn) if how != PLAIN else ()
-        self._entries[id(fn)] = (fn, fid, how, took)
-        self._entries.move_to_end(id(fn))
+        key = id(fn)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self.gone.append(entry[1])
+        ref = entry[0] if entry is not None and entry[0]() is fn else self._ref(key, fn)
+        self._entries[key] = (ref, fid, how, took)
+        self._entries.move_to_end(key)
         while len(self._entries) > self.SIZE:
-            self._entries.popitem(last=False)
+            self.gone.append(self._entries.popitem(last=False)[1][1])
         return fid, how
+
+    def _ref(self, key: int, fn: Callable[..., Any]) -> _Ref:
+        dead = self._dead
+        return _byvalue.refer(fn, lambda ref: dead.append((key, ref)))
 
 
 class LocalBackend(Intake):
@@ -792,6 +825,18 @@ class LocalBackend(Intake):
         self.taken_back += 1
         return unit
 
+    def _forget_functions(self) -> None:
+        """The workers are to let go of their copies of the functions no unit will name
+        again, with their next frame (both sides drop them from their lists at that frame)."""
+        gone = set(self._functions.gone)
+        self._functions.gone.clear()
+        for w in self._workers.values():
+            dropped = tuple(fid for fid in w.functions if fid in gone)
+            if dropped:
+                for fid in dropped:
+                    del w.functions[fid]
+                w.forget += dropped
+
     def _send(self, w: _Worker, unit: Unit) -> None:
         if not unit.sink.start(unit):
             return
@@ -803,6 +848,8 @@ class LocalBackend(Intake):
         exact = unit.opts.task_timeout is not None
         fid, how = self._functions.lookup(unit.fn)
         unit.fid = fid
+        if self._functions.gone:
+            self._forget_functions()
         held = fid in w.functions
         # A user's object may raise anything while it is pickled, SystemExit included: that
         # task fails, and this thread goes on.
@@ -853,8 +900,9 @@ class LocalBackend(Intake):
             self._then_wake = self._then_wake or exact  # the manager is to keep its deadline
         # With a journal, the folder where the worker writes its large results (_worker).
         spill = getattr(unit.sink, "spill", None)
+        forget, w.forget = w.forget, ()
         w.writer.put(
-            dumps((unit.uid, unit.kind, exact, fid, spill, unit.ahead)),
+            dumps((unit.uid, unit.kind, exact, fid, spill, unit.ahead, forget)),
             b"" if fn_part is None else fn_part,
             items_part,
         )

@@ -19,9 +19,10 @@ pipe accepts and reads whatever has arrived, both from its single ``select``. Th
 payloads of any size safe. A worker can be blocked writing a 200 MB result while the manager
 is part-way through writing it the next task, and neither waits for the other.
 
-Messages, parent to worker: parts ``(uid, kind, exact, fid)``, ``fn``, ``items``; or the single
-part ``None``, to exit. ``fid`` numbers the function; ``fn`` is empty when the worker holds that
-function from an earlier unit (see ``_manager._Functions``). Messages, worker to parent:
+Messages, parent to worker: parts ``(uid, kind, exact, fid, spill, ahead, forget)``, ``fn``,
+``items``; or the single part ``None``, to exit. ``fid`` numbers the function; ``fn`` is empty
+when the worker holds that function from an earlier unit, and ``forget`` numbers the functions
+it is to let go of (see ``_manager._Functions``). Messages, worker to parent:
 parts ``(uid, offset, count, status, seconds)`` and ``(values, errors)``. ``values`` holds the
 results of ``count`` items from ``offset`` in the unit, ``errors`` maps a position in ``values``
 to a ``CapturedError``, ``status`` says

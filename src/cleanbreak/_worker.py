@@ -339,7 +339,9 @@ def _serve(
         meta = pickle.loads(parts[0])
         if meta is None:
             return
-        uid, kind, each, fid, spill, ahead = meta
+        uid, kind, each, fid, spill, ahead, forget = meta
+        for gone in forget:  # functions no unit will name again (as the parent drops them)
+            _functions.pop(gone, None)
         if ahead and not _claim(ahead):
             # The parent took this unit back for an idle worker (see _manager, "Taking back"):
             # it is not ours to run or report. Its function still comes in (both sides keep
