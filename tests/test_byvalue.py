@@ -86,10 +86,11 @@ def _add(model: _Model, x: int) -> int:
 
 
 def _using(model: _Model) -> Callable[[int], int]:
-    """A closure over ``model``: it goes by value, with the object in what its copy took."""
+    """A closure over ``model``: it goes by value, with the object in what its copy took. It
+    calls itself (its own cell holds it), as a recursive function does."""
 
     def run(x: int) -> int:
-        return model.add(x)
+        return model.add(x) if x >= 0 else -run(-x)
 
     return run
 
@@ -122,8 +123,10 @@ def test_a_worker_lets_go_of_its_copies_of_functions_the_user_let_go(method: str
             run = _using(_Model(n))
             assert list(pool.map(run, range(2), timeout=GUARD)) == [n, n + 1]
             assert list(pool.map(functools.partial(_add, _Model(n)), [0], timeout=GUARD)) == [n]
+        gc.collect()  # (each run calls itself: a cycle, which only a collection frees)
         assert pool.submit(tasks.live, "_Model").result(timeout=GUARD) == 1  # the last run's
         del run
+        gc.collect()
         assert pool.submit(tasks.live, "_Model").result(timeout=GUARD) == 0
 
 

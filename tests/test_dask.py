@@ -320,16 +320,26 @@ def test_a_held_pool_sends_a_function_anew_once_what_it_uses_changed(client: obj
         assert pool.submit(f, 1).result(GUARD) == -10
 
 
+def _adding(box: Box) -> Any:
+    """A closure over ``box`` that calls itself (its own cell holds it)."""
+
+    def run(x: int) -> int:
+        return box.v + x if x >= 0 else -run(-x)
+
+    return run
+
+
 def test_a_held_pool_does_not_keep_alive_what_its_functions_held(client: object) -> None:
-    made = [Box(1), Box(2)]
+    made = [Box(1), Box(2), Box(3)]
     refs = [weakref.ref(b) for b in made]
     with cleanbreak.Pool(dask=client) as pool:
         assert list(pool.map(functools.partial(_box_plus, made[0]), [1])) == [2]
         assert pool.submit(functools.partial(_box_plus, made[1]), 1).result(GUARD) == 3
+        assert list(pool.map(_adding(made[2]), [1, -1])) == [4, -4]
         del made
         gc.collect()
         assert pool.submit(operator.neg, 1).result(GUARD) == -1  # the next look drops them
-        assert [r() for r in refs] == [None, None]
+        assert [r() for r in refs] == [None, None, None]
 
 
 def test_a_function_is_unpickled_once_per_worker_process(client: object) -> None:

@@ -176,6 +176,7 @@ def _code_in(args: tuple[Any, ...], filename: str) -> types.CodeType:
 
 
 _UNSET = object()  # a name the function's globals do not hold (a builtin), an empty cell
+_ITSELF = object()  # in ``taken``: the function itself
 
 
 def taken(fn: object) -> tuple[object, ...]:
@@ -198,7 +199,9 @@ def taken(fn: object) -> tuple[object, ...]:
             found.append(cell.cell_contents)
         except ValueError:  # not yet set
             found.append(_UNSET)
-    return tuple(found)
+    # A function that calls itself names itself: not held here, where it would keep itself
+    # alive (see ``refer``).
+    return tuple(_ITSELF if x is fn else x for x in found)
 
 
 def same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
@@ -224,7 +227,8 @@ def refer(
     """How a pool knows a function it sent, without keeping it alive: a bound method or a
     ``partial`` holds its object, which may be large, and must go once the user lets it go.
     A weak reference (``died`` is called with it, in whatever thread let the function go),
-    or, for what cannot be referred to weakly (a builtin), the function held (``Strong``).
+    or, for what cannot be referred to weakly (a builtin, an instance of a class with
+    ``__slots__`` and no ``__weakref__``), the function held (``Strong``).
     A weak reference is dead once the function's ``id`` could be another object's."""
     try:
         return weakref.ref(fn, died)

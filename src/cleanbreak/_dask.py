@@ -857,6 +857,7 @@ class DaskBackend(Intake):
         if packed or needs_value(fn):
             ship.pack(fn)
         self._ships[key] = ship
+        self._ships.move_to_end(key)
         while len(self._ships) > self.SHIPS:
             self._ships.popitem(last=False)
         return ship
