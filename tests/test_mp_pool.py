@@ -163,6 +163,32 @@ def test_the_constructor_takes_the_stock_arguments() -> None:
         assert os.getpid() not in pids
 
 
+def test_the_module_is_multiprocessing_with_its_pool_changed() -> None:
+    # Code written as `import multiprocessing as mp` moves over by changing that line alone:
+    # `mp.get_context("spawn").Pool(4)` is the drop-in, on that start method, and the other
+    # names are the stock ones.
+    from cleanbreak import multiprocessing as mp
+
+    assert mp.cpu_count is multiprocessing.cpu_count and mp.Queue == multiprocessing.Queue
+    assert mp.get_start_method is multiprocessing.get_start_method
+    with pytest.raises(AttributeError, match="no attribute 'Pools'"):
+        mp.Pools  # noqa: B018
+    ctx = mp.get_context("spawn")
+    assert ctx.get_start_method() == "spawn"
+    assert ctx.Process is multiprocessing.get_context("spawn").Process
+    tasks.set_global("set in the parent")  # a forked worker would see it; a spawned one not
+    try:
+        with ctx.Pool(1, maxtasksperchild=3) as p:
+            assert isinstance(p, Pool)
+            assert p.apply(tasks.read_global) is None
+        with mp.get_context("fork").Pool(1) as p, Pool(1, context=ctx) as q:
+            assert p.apply(tasks.read_global) == "set in the parent"
+            assert q.apply(tasks.read_global) is None
+        assert ctx.get_context("fork").get_start_method() == "fork"
+    finally:
+        tasks.set_global(None)
+
+
 def test_errors_reach_get_as_the_stock_pool_raises_them(pool: Pool) -> None:
     """A task's exception has a ``multiprocessing.pool.RemoteTraceback`` as its cause, and a
     result that cannot be pickled raises ``MaybeEncodingError``, to the callback too."""

@@ -14,6 +14,9 @@ had finished still gives its value, and ``Interrupted.completed`` holds what a `
 ``starmap``, ``map_async`` or ``imap`` had finished (``{index: result}``). A killed worker fails
 its own task with ``cleanbreak.WorkerDied``; nothing hangs.
 
+``from cleanbreak import multiprocessing as mp`` stands for ``import multiprocessing as mp``:
+``mp.Pool`` and ``mp.get_context(method).Pool`` are this pool, the other names the stock ones.
+
 The start method is the stock pool's (``set_start_method()``'s choice, or the platform's
 default), unless ``context=`` names another. Where it differs from the stock pool (see the
 README's list): ``imap``'s ``chunksize=1`` lets cleanbreak size the chunks; ``terminate()``
@@ -46,7 +49,15 @@ if TYPE_CHECKING:
 
     Callback = Callable[[Any], object] | None
 
-__all__ = ["ApplyResult", "AsyncResult", "IMapIterator", "MapResult", "Pool", "TimeoutError"]
+__all__ = [
+    "ApplyResult",
+    "AsyncResult",
+    "IMapIterator",
+    "MapResult",
+    "Pool",
+    "TimeoutError",
+    "get_context",
+]
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
 _STOPPING = 2  # the backends' stop level that terminates the running tasks (see _manager)
@@ -395,7 +406,7 @@ class Pool:
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         maxtasksperchild: int | None = None,
-        context: BaseContext | None = None,
+        context: BaseContext | _Context | None = None,
         *,
         on_interrupt: str = "terminate",
         task_timeout: float | None = None,
@@ -417,6 +428,8 @@ class Pool:
             or maxtasksperchild <= 0
         ):
             raise ValueError("maxtasksperchild must be a positive int or None")
+        if isinstance(context, _Context):
+            context = context.stock
         self._lock = threading.Lock()
         self._pending: set[ApplyResult] = set()
         self._idle = threading.Condition(self._lock)
@@ -651,3 +664,50 @@ def _chosen(chunksize: Any) -> int | None:
     every 50 ms, and tasks of 50 ms or more go one to a chunk) without a round trip per tiny
     task; another size is kept."""
     return None if chunksize is _DEFAULT or chunksize == 1 else chunksize
+
+
+class _Context:
+    """A start method's context, as ``multiprocessing.get_context()`` gives it, whose ``Pool``
+    is this module's: everything else is the stock context's own."""
+
+    __slots__ = ("stock",)
+
+    def __init__(self, stock: BaseContext) -> None:
+        self.stock = stock
+
+    def Pool(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        **cleanbreak_options: Any,
+    ) -> Pool:
+        return Pool(
+            processes, initializer, initargs, maxtasksperchild, self.stock, **cleanbreak_options
+        )
+
+    def get_context(self, method: str | None = None) -> _Context:
+        return _Context(self.stock.get_context(method))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stock, name)
+
+    def __repr__(self) -> str:
+        return f"<cleanbreak.multiprocessing context of {self.stock!r}>"
+
+
+def get_context(method: str | None = None) -> _Context:
+    """``multiprocessing.get_context(method)``, whose ``Pool`` is this module's: code that
+    writes ``mp.get_context("spawn").Pool(4)`` moves over with ``import multiprocessing as
+    mp`` changed to ``from cleanbreak import multiprocessing as mp``."""
+    return _Context(multiprocessing.get_context(method))
+
+
+def __getattr__(name: str) -> Any:
+    """The rest of ``multiprocessing``'s own names (``cpu_count``, ``Queue``, ``Manager``,
+    ``set_start_method``...) are the stock ones: ``from cleanbreak import multiprocessing as
+    mp`` changes the pool and nothing else."""
+    if name in multiprocessing.__all__:
+        return getattr(multiprocessing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
