@@ -6,8 +6,10 @@ default start method), each call timed on one pool then the other, the order alt
 ``PAIRS`` pairs; the figure is the median of the pairs' ratios (stock time over the drop-in's:
 above 1, the drop-in is faster). The calls: ``map`` of 2,000,000 tiny tasks (``x -> x+1``);
 ``imap_unordered`` with ``chunksize=1`` over 20,000 tiny tasks (the usual progress-bar loop);
-2,000 ``apply_async(...).get()`` round trips, one after the other; 200 small maps, ``map``
-of 100 tiny tasks each, one after the other (a program that maps small lists in a loop).
+2,000 ``apply_async(...).get()`` round trips, one after the other; 2,000 ``apply_async``
+calls, then a ``get()`` of each (the classic loop); ``map`` of 2,000 tiny tasks with an
+explicit ``chunksize=1``; 200 small maps, ``map`` of 100 tiny tasks each, one after the other
+(a program that maps small lists in a loop).
 
 First use: in a fresh child process per (pool, repetition), ``with Pool(2) as p:
 p.map(f, range(1000))``, timed from before ``Pool()`` to the end of the block.
@@ -38,6 +40,8 @@ CALLS: dict[str, str] = {
     "map": "`map`, 2,000,000 tiny tasks",
     "imap_unordered": "`imap_unordered(chunksize=1)`, 20,000 tiny tasks",
     "apply_async": "2,000 `apply_async(...).get()` round trips",
+    "apply_async batch": "2,000 `apply_async` calls, then each `.get()`",
+    "map chunksize=1": "`map(..., chunksize=1)`, 2,000 tiny tasks",
     "small maps": "200 small maps: `map` of 100 tiny tasks each",
 }
 
@@ -49,6 +53,10 @@ def _calls(pool: Any) -> dict[str, Callable[[], int]]:
         "map": lambda: sum(pool.map(tasks.inc, items)),
         "imap_unordered": lambda: sum(pool.imap_unordered(tasks.inc, few, 1)),
         "apply_async": lambda: sum(pool.apply_async(tasks.inc, (i,)).get() for i in range(2000)),
+        "apply_async batch": lambda: sum(
+            r.get() for r in [pool.apply_async(tasks.inc, (i,)) for i in range(2000)]
+        ),
+        "map chunksize=1": lambda: sum(pool.map(tasks.inc, range(2000), 1)),
         "small maps": lambda: sum(sum(pool.map(tasks.inc, range(100))) for _ in range(200)),
     }
 

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,6 +115,24 @@ def test_a_list_map_sends_its_full_window_once_the_probes_are_back(
     probes = sizes.index(125)
     assert 1 <= probes <= 2 and set(sizes[:probes]) == {1}, sizes
     assert sizes[probes:] == [125] * ((1000 - probes) // 125) + [(1000 - probes) % 125], sizes
+
+
+def test_apply_async_tasks_queue_in_busy_workers_and_a_free_one_takes_them_back(
+    tmp_path: Path,
+) -> None:
+    # As the stock pool queues every task: a worker is sent its next task while it runs one
+    # (no round trip per task), and one that waits behind a long task goes to a worker that
+    # comes free. Task 0 runs until every other task has started; task 1 until the test says
+    # go, once the rest wait. A task left behind task 0 would make it wait until GUARD: False.
+    folder, go, last = str(tmp_path), str(tmp_path / "go"), 9
+    with Pool(2) as p:
+        first = p.apply_async(tasks.meet_all, ((folder, 0, last),))
+        second = p.apply_async(tasks.wait_then_return, (go, f"{folder}/started-1", True))
+        rest = [p.apply_async(tasks.meet_all, ((folder, i, 0),)) for i in range(2, last + 1)]
+        backend = p._pool._backend  # type: ignore[attr-defined]
+        tasks.touch(go)
+        assert [r.get(GUARD) for r in [first, second, *rest]] == [True] * (last + 1)
+        assert backend.taken_back >= 1  # sent ahead behind task 0, then taken back
 
 
 def test_a_killed_worker_fails_its_own_task_and_close_join_return() -> None:

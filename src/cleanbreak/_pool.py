@@ -491,7 +491,17 @@ class Pool(Executor):
         """Schedule ``fn(*args, **kwargs)`` and return a Future for its result."""
         return self._submit(self._opts, fn, args, kwargs)
 
-    def _submit(self, opts: TaskOptions, fn: Callable[..., T], args: Any, kwargs: Any) -> Future[T]:
+    def _submit(
+        self,
+        opts: TaskOptions,
+        fn: Callable[..., T],
+        args: Any,
+        kwargs: Any,
+        ahead: bool = False,
+    ) -> Future[T]:
+        """``ahead``: the task may wait in a busy worker's queue (its future is then running
+        once sent, and ``cancel()`` no longer stops it): for the ``multiprocessing.Pool``
+        face, whose results cannot be cancelled, and whose stock pool queues every task."""
         self._rearm()
         journal = self._journal
         key = b""
@@ -516,7 +526,7 @@ class Pool(Executor):
                 fut.set_running_or_notify_cancel()
                 _settle(fut, *recorded[key])
                 return fut
-            sink: _FutureSink | Recorder = _FutureSink(fut)
+            sink: _FutureSink | Recorder = _AheadSink(fut) if ahead else _FutureSink(fut)
             if journal is not None:
                 from ._journal import Recorder
 
@@ -1058,6 +1068,13 @@ class _FutureSink:
 
     def cancel(self, start: int, count: int) -> None:
         self.fut._cancel_running()
+
+
+class _AheadSink(_FutureSink):
+    """A ``submit`` whose task may be sent ahead to a busy worker (see ``Pool._submit``)."""
+
+    __slots__ = ()
+    prefetch = True
 
 
 def map(

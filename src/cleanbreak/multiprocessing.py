@@ -481,7 +481,9 @@ class Pool:
         result = ApplyResult(self, callback, error_callback)
         self._remember(result)
         try:
-            fut = self._pool.submit(func, *tuple(args), **dict(kwds))
+            # Sent ahead to a busy worker as the stock pool queues it: an AsyncResult cannot
+            # be cancelled, so nothing needs it kept here until a worker is free.
+            fut = self._pool._submit(self._pool._opts, func, tuple(args), dict(kwds), ahead=True)
             fut.add_done_callback(result._from_future)
         except BaseException:
             self._forget(result)  # nothing may settle it: join() must not wait for it
