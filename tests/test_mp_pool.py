@@ -129,7 +129,7 @@ def test_apply_async_tasks_queue_in_busy_workers_and_a_free_one_takes_them_back(
         first = p.apply_async(tasks.meet_all, ((folder, 0, last),))
         second = p.apply_async(tasks.wait_then_return, (go, f"{folder}/started-1", True))
         rest = [p.apply_async(tasks.meet_all, ((folder, i, 0),)) for i in range(2, last + 1)]
-        backend = p._pool._backend  # type: ignore[attr-defined]
+        backend: Any = p._pool._backend
         tasks.touch(go)
         assert [r.get(GUARD) for r in [first, second, *rest]] == [True] * (last + 1)
         assert backend.taken_back >= 1  # sent ahead behind task 0, then taken back
