@@ -5,6 +5,7 @@ Dask's own command line.)"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -12,6 +13,7 @@ import itertools
 import json
 import operator
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -340,6 +342,26 @@ def test_a_held_pool_does_not_keep_alive_what_its_functions_held(client: object)
         gc.collect()
         assert pool.submit(operator.neg, 1).result(GUARD) == -1  # the next look drops them
         assert [r() for r in refs] == [None, None, None]
+
+
+def test_a_worker_keeps_the_functions_it_loaded_within_a_byte_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A notebook's closure over a model, run again and again on a cluster: each run's copy
+    # is another function (another digest); the worker keeps the latest within the budget.
+    monkeypatch.setattr(_dask, "_loaded", collections.OrderedDict())
+    monkeypatch.setattr(_dask, "_loaded_bytes", 0)
+    monkeypatch.setattr(_dask, "WORKER_FUNCTION_BYTES", 2500)
+    payloads = {name: pickle.dumps(functools.partial(len, name.encode() * 1000)) for name in "abcd"}
+    for name in "abc":
+        assert _dask._load_function(name, payloads[name])() == 1000
+    assert list(_dask._loaded) == ["b", "c"] and _dask._loaded_bytes < 2500
+    _dask._load_function("b", payloads["b"])  # used again: the latest
+    big = pickle.dumps(functools.partial(len, b"y" * 5000))
+    _dask._load_function("big", big)  # the newest stays, whatever its size
+    assert list(_dask._loaded) == ["big"]
+    _dask._load_function("d", payloads["d"])
+    assert list(_dask._loaded) == ["d"]
 
 
 def test_a_function_is_unpickled_once_per_worker_process(client: object) -> None:

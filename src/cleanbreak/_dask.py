@@ -104,7 +104,12 @@ _raised: set[int] = set()  # threads a _Stop was made for, since they last left 
 TIMED_OUT = 99  # run_unit's status: the item after ``values`` ran past its timeout
 UNLOADABLE = 98  # run_unit's status: a packed unit's function or arguments did not load here
 WORKER_FUNCTIONS = 64  # functions sent by value that a worker process keeps, unpickled
-_loaded: OrderedDict[str, Callable[..., Any]] = OrderedDict()  # digest -> function
+# ...and while their pickles come to at most this many bytes together (the newest is kept
+# whatever its size): a notebook's closure over a model, run again and again, would otherwise
+# leave up to 64 copies of the model in each worker.
+WORKER_FUNCTION_BYTES = 256 << 20
+_loaded: OrderedDict[str, tuple[Callable[..., Any], int]] = OrderedDict()  # digest -> (fn, bytes)
+_loaded_bytes = 0
 _loaded_lock = threading.Lock()
 _loads = 0  # functions unpickled in this process (see loads_here)
 
@@ -229,18 +234,22 @@ def _run_items(
 
 def _load_function(digest: str, payload: bytes) -> Callable[..., Any]:
     """The function pickled in ``payload``, unpickled once per worker process."""
-    global _loads
+    global _loads, _loaded_bytes
     with _loaded_lock:
-        fn = _loaded.get(digest)
-        if fn is not None:
+        held = _loaded.get(digest)
+        if held is not None:
             _loaded.move_to_end(digest)
-            return fn
+            return held[0]
     fn = pickle.loads(payload)
     with _loaded_lock:
         _loads += 1
-        _loaded[digest] = fn
-        while len(_loaded) > WORKER_FUNCTIONS:
-            _loaded.popitem(last=False)
+        if digest not in _loaded:  # (another thread may have loaded it meanwhile)
+            _loaded[digest] = (fn, len(payload))
+            _loaded_bytes += len(payload)
+        while len(_loaded) > WORKER_FUNCTIONS or (
+            _loaded_bytes > WORKER_FUNCTION_BYTES and len(_loaded) > 1
+        ):
+            _loaded_bytes -= _loaded.popitem(last=False)[1][1]
     return cast(Callable[..., Any], fn)
 
 
