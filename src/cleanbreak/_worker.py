@@ -448,25 +448,30 @@ def _start_watchdog(fd: int) -> None:
 
 
 def _start_signal_relay() -> None:
-    """Make sure the SIGTERM handler runs in the main thread while it runs Python code.
+    """Make sure the SIGTERM handler runs in the main thread, even where the signal came just
+    before a blocking call.
 
-    Python 3.13.0 (at least): in a process forked from a thread other than the main one, as
-    a fork-method worker is (the pool's manager thread starts it), a signal's Python handler
-    does not run at the next bytecode, only when the main thread next checks for signals in a
-    call (a sleep or a read that the signal interrupts). A task busy in Python code would not
-    see the stop until SIGKILL came, 0.5 s later. So the C-level handler writes to a pipe
-    (``set_wakeup_fd``) that a thread of ours reads; it then turns on ``sys.monitoring``'s
-    LINE event, whose callback, in the main thread, calls ``os.kill(pid, 0)``, which checks
-    for signals: the handler runs there, at a line boundary, as it should have. Before 3.13
-    (and wherever no monitoring tool is free) the inherited wakeup descriptor, which is the
-    parent's, is only cleared.
+    A signal's C-level handler only marks it pending; the Python handler runs at the main
+    thread's next check. A SIGTERM that comes after the last check before a blocking call (a
+    lock's wait, as in a task's ``Event.wait``), or while the main thread, about to make that
+    call, waits for a core, does not interrupt the call: no check runs until it returns, and
+    the stop waits for SIGKILL, 0.5 s later. (Seen on every version and start method: about
+    one stop in 150 with two busy processes on two cores, on 3.11; about one in 150 on an idle
+    machine on 3.13.0.) So the C-level handler also writes to a pipe (``set_wakeup_fd``) that a
+    thread of ours reads; if the handler has not run a moment later, the thread sends the
+    signal again, to the main thread itself, which interrupts the call, and the handler runs.
+
+    Python 3.13.0 (at least) adds a fault of its own: in a process forked from a thread other
+    than the main one, as a fork-method worker is (the pool's manager thread starts it), a
+    signal's Python handler does not run at the next bytecode, only when the main thread next
+    checks for signals in a call (a sleep or a read that the signal interrupts). A task busy in
+    Python code would not see the stop until SIGKILL came. There the thread also turns on
+    ``sys.monitoring``'s LINE event, whose callback, in the main thread, calls
+    ``os.kill(pid, 0)``, which checks for signals: the handler runs there, at a line boundary,
+    as it should have.
     """
     tool = _free_monitoring_tool()
-    if tool is None:
-        with contextlib.suppress(ValueError, OSError):
-            signal.set_wakeup_fd(-1)
-        return
-    monitoring: Any = getattr(sys, "monitoring")  # noqa: B009 - not in 3.11's stubs
+    monitoring: Any = getattr(sys, "monitoring", None) if tool is not None else None
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -481,20 +486,17 @@ def _start_signal_relay() -> None:
         while received := os.read(read_fd, 64):
             if _stop_requested:  # its handler has run
                 continue
-            monitoring.set_events(tool, monitoring.events.LINE)
+            if monitoring is not None:
+                monitoring.set_events(tool, monitoring.events.LINE)
             if signal.SIGTERM in received:
-                # It may have come just before the main thread began a blocking call (a
-                # lock's wait, as in a task's ``Event.wait``), which it then did not
-                # interrupt: no line runs until that call returns. Sent again, to the main
-                # thread itself, it interrupts the call, and the handler runs there (a stop
-                # that waited for SIGKILL, 0.5 s, about once in 150 on 3.13.0).
                 # (Not to a handler a task put in its place: it would run again and again.)
                 time.sleep(_RELAY_KICK_SECONDS)
                 if not _stop_requested and signal.getsignal(signal.SIGTERM) is _on_sigterm:
                     signal.pthread_kill(main, signal.SIGTERM)
 
-    monitoring.use_tool_id(tool, "cleanbreak-signals")
-    monitoring.register_callback(tool, monitoring.events.LINE, check)
+    if monitoring is not None:
+        monitoring.use_tool_id(tool, "cleanbreak-signals")
+        monitoring.register_callback(tool, monitoring.events.LINE, check)
     start_quiet_thread(relay, "cleanbreak-signals")
 
 

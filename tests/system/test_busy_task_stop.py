@@ -93,7 +93,11 @@ def test_ctrl_c_stops_a_task_busy_in_python_code_at_once(tmp_path: Path, method:
 # in a fork-method worker (see above), and the relay's turn comes only once the main thread lets
 # go of the GIL, which it does by starting the wait: a wait that the signal, come before it
 # began, does not interrupt. The relay then sends the signal again, to the main thread itself.
-# Without that, about three stops in four here took the full 0.5 s on 3.13.0.
+# Without that, about three stops in four here took the full 0.5 s on 3.13.0. On every version
+# a SIGTERM can land after the last check for signals before the wait begins (most often while
+# the main thread, about to wait, waits for a core): on 3.11, before the relay ran there too,
+# 4 runs of this test in 75 failed with two busy processes on the two cores (CI met one), and 0
+# in 50 since.
 ROUNDS = 10
 WAIT_SCRIPT = """
 import json, os, sys, threading, time
