@@ -534,7 +534,15 @@ class Pool(Executor):
                 sink.keys[index] = key
             unit = self._backend.new_unit(CALL_KW, fn, ((args, kwargs),), sink, index, opts)
             fut.uid = unit.uid
-            self._backend.put(unit)
+            try:
+                self._backend.put(unit)
+            except BaseException:
+                del self._futures[index]
+                # The backend stopped since the check above, for a signal whose handler put
+                # its Interrupted off (the main thread was where nothing may be raised): that
+                # is what the caller gets, not the backend's "shut down".
+                self._check_open()
+                raise
         return fut
 
     def options(
