@@ -503,10 +503,10 @@ def test_functions_of_python_c_run_on_the_cluster(address: str, tmp_path: Path) 
 # ── Ctrl-C to a client process ───────────────────────────────────────────────────────────────
 
 # Each task spins this long; one that ends more than RAN_OUT_NS after the signal was not
-# stopped but ran out. (With 0.4 s tasks and 0.1 s, a stop that reached a task 0.1 s late, as
-# on two loaded cores it may, failed a test once: what is checked is that it is stopped.)
-SPIN = 2.0
-RAN_OUT_NS = 500_000_000
+# stopped but ran out. (With 0.1 s, a stop that reached a task 0.1 s late, as on two loaded
+# cores it may, failed a test once: what is checked is that it is stopped.)
+SPIN = 0.4
+RAN_OUT_NS = 300_000_000
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def test_ctrl_c_leaves_the_cluster_idle_and_serving(
     folder = tmp_path / "marks"
     folder.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), address, str(folder), "--seconds", "2.0"],
+        [sys.executable, str(CHILD), address, str(folder), "--seconds", "0.5"],
         env=_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -121,9 +121,10 @@ def test_ctrl_c_leaves_the_cluster_idle_and_serving(
     kept = {v[0] for v in report["yielded"]} | {int(k) for k in report["completed"]}
     ends = dask_tasks.marks(str(folder), "end")
     assert {i for i, t in ends.items() if t < sent - 1_000_000} <= kept
-    # Stopped, not run out: a task spins 2 s, and the stop may reach it late on loaded cores
-    # (with 0.5 s tasks and 0.1 s here, it failed once so).
-    assert not [i for i, t in ends.items() if t > sent + 500_000_000]
+    # Stopped, not run out: a task spins 0.5 s, and the stop may reach it late on loaded
+    # cores (with 0.1 s here, it failed once so). (With 2 s tasks, CI once found the two
+    # results that ended just before the signal kept by neither side: see the notes.)
+    assert not [i for i, t in ends.items() if t > sent + 300_000_000]
     with distributed.Client(address, set_as_default=False) as client:
         deadline = time.monotonic() + GUARD
         while True:
