@@ -236,6 +236,33 @@ def refer(
         return Strong(fn)
 
 
+class Referrer:
+    """The weak references (``refer``) of one list of functions keyed by ``id``, and those that
+    died since the list was last looked at (appended by the weakrefs' callbacks, in whatever
+    thread let the function go; dropped by ``purge``, in the list's own thread)."""
+
+    __slots__ = ("_dead",)
+
+    def __init__(self) -> None:
+        self._dead: list[tuple[int, object]] = []
+
+    def refer(self, key: int, fn: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
+        dead = self._dead
+        return refer(fn, lambda ref: dead.append((key, ref)))
+
+    def purge(self, entries: Any, ref_of: Callable[[Any], object]) -> list[Any]:
+        """Remove from ``entries`` (id -> entry) the entries of the functions that died, and
+        return them (an entry whose reference is another's, a later function's, stays)."""
+        removed = []
+        while self._dead:
+            key, ref = self._dead.pop()
+            entry = entries.get(key)
+            if entry is not None and ref_of(entry) is ref:
+                del entries[key]
+                removed.append(entry)
+        return removed
+
+
 def dumps(obj: object, main_by_value: bool = False) -> bytes:
     """``obj`` pickled with what has no importable home sent by value."""
     import io

@@ -681,8 +681,7 @@ class DaskBackend(Intake):
         self._alone: str | None = None
         # How each function goes to the cluster (see _ship), the latest SHIPS of them.
         self._ships: OrderedDict[int, _Ship] = OrderedDict()
-        # (id, reference) of the functions that died (see _byvalue.refer), for _ship to drop.
-        self._dead_ships: list[tuple[int, Any]] = []
+        self._refs = _byvalue.Referrer()  # the ships' functions, weakly (see _ship)
         self.finished = threading.Event()
         self.started = threading.Event()
         self.start_error: BaseException | None = None
@@ -846,11 +845,7 @@ class DaskBackend(Intake):
         packed (see "By value" in the module docstring). Packed anew once what its copy took
         is another object (a notebook cell set a global again: see ``_byvalue.taken``). The
         ship of a function that died goes (with its payload's task) at the next look."""
-        while self._dead_ships:
-            key, ref = self._dead_ships.pop()
-            old = self._ships.get(key)
-            if old is not None and old.fn is ref:
-                del self._ships[key]
+        self._refs.purge(self._ships, lambda ship: ship.fn)
         key = id(fn)
         ship = self._ships.get(key)
         if ship is not None and ship.fn() is fn:
@@ -859,8 +854,7 @@ class DaskBackend(Intake):
                 return ship
             ref = ship.fn
         else:
-            dead = self._dead_ships
-            ref = _byvalue.refer(fn, lambda r: dead.append((key, r)))
+            ref = self._refs.refer(key, fn)
         packed = ship is not None and ship.packed and ship.fn is ref
         ship = _Ship(ref)
         if packed or needs_value(fn):

@@ -322,21 +322,15 @@ class _Functions:
         # took)
         self._entries: OrderedDict[int, tuple[_Ref, int, int, tuple[object, ...]]] = OrderedDict()
         self._numbers = itertools.count(1)
-        # (id, reference) of the weakly held functions that died: appended by the weakref's
-        # callback, in whatever thread let the function go, and dropped by the next look.
-        self._dead: list[tuple[int, _Ref]] = []
+        self._refs = _byvalue.Referrer()  # the entries' references; the dead, for each look
         # Numbers no unit will name again (their function died, or went again under a new
         # number, or left the list): the workers are told to let their copies go.
         self.gone: list[int] = []
 
     def _entry(self, fn: Callable[..., Any]) -> tuple[_Ref, int, int, tuple[object, ...]] | None:
         """``fn``'s entry, if it has one (not that of a function that had its ``id``)."""
-        while self._dead:
-            key, ref = self._dead.pop()
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] is ref:
-                del self._entries[key]
-                self.gone.append(entry[1])
+        for dead in self._refs.purge(self._entries, lambda e: e[0]):
+            self.gone.append(dead[1])
         entry = self._entries.get(id(fn))
         if entry is None or entry[0]() is not fn:
             return None
@@ -383,16 +377,12 @@ class _Functions:
         entry = self._entries.get(key)
         if entry is not None:
             self.gone.append(entry[1])
-        ref = entry[0] if entry is not None and entry[0]() is fn else self._ref(key, fn)
+        ref = entry[0] if entry is not None and entry[0]() is fn else self._refs.refer(key, fn)
         self._entries[key] = (ref, fid, how, took)
         self._entries.move_to_end(key)
         while len(self._entries) > self.SIZE:
             self.gone.append(self._entries.popitem(last=False)[1][1])
         return fid, how
-
-    def _ref(self, key: int, fn: Callable[..., Any]) -> _Ref:
-        dead = self._dead
-        return _byvalue.refer(fn, lambda ref: dead.append((key, ref)))
 
 
 class LocalBackend(Intake):
