@@ -402,3 +402,54 @@ def test_a_stop_that_comes_as_submit_queues_its_task_raises_its_interrupted(face
         else:
             pool.shutdown()
     assert _signals._put_off is None
+
+
+@pytest.mark.parametrize("face", ["map", "imap_unordered", "drop-in map"])
+def test_a_stop_that_comes_as_a_map_queues_its_chunks_raises_its_interrupted(face: str) -> None:
+    # As above, for a map: the handler put its Interrupted off while the map read its next
+    # items, and the pool stopped before the map handed them to the backend. The caller gets
+    # that Interrupted, with what had finished, not "the pool has shut down".
+    import signal
+
+    from cleanbreak import _signals
+    from cleanbreak.multiprocessing import Pool as DropIn
+
+    dropin = DropIn(1) if face == "drop-in map" else None
+    pool: Any = dropin._pool if dropin is not None else cleanbreak.Pool(1)
+    assert pool.submit(abs, -1).result(GUARD) == 1
+    backend = pool._backend
+    real_put_all = backend.put_all
+    calls = []
+
+    def put_all(units: Any) -> None:
+        calls.append(len(units))
+        if len(calls) == 2:  # the first chunks ran: the map tops up
+            pool.on_signal(signal.SIGINT)
+            exc = cleanbreak.Interrupted(signal.SIGINT)
+            exc._counted = True
+            pool.raising(exc)
+            _signals._put_off = exc  # (its signal not sent back yet)
+            assert backend.wait(GUARD)
+        real_put_all(units)
+
+    backend.put_all = put_all
+    xs = list(range(-50, 0))
+    try:
+        with pytest.raises(cleanbreak.Interrupted) as caught:
+            if dropin is not None:
+                dropin.map(abs, xs, 1)
+            elif face == "map":
+                list(pool.map(abs, xs, chunksize=1))
+            else:
+                list(pool.imap_unordered(abs, xs, chunksize=1))
+    finally:
+        backend.put_all = real_put_all
+        if dropin is not None:
+            dropin.terminate()
+        else:
+            pool.shutdown()
+    assert len(calls) == 2
+    assert _signals._put_off is None
+    done = caught.value.completed
+    assert done, "the first chunks' results were lost"
+    assert all(value == abs(xs[i]) for i, value in done.items())

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
 
+from . import _signals
 from ._errors import BrokenPool, Interrupted
 from ._signals import CHECK_EVERY
 from ._units import Sink, TaskOptions, Unit, UnitQueue
@@ -576,14 +577,30 @@ class MapRun(Generic[T]):
             self._read_input(grow)
         except BaseException:
             with contextlib.suppress(Exception):  # (the pool shut down: they have no outcome)
-                self._put_outbox()
+                self._put_outbox(quiet=True)
             raise
         self._put_outbox()
 
-    def _put_outbox(self) -> None:
+    def _put_outbox(self, quiet: bool = False) -> None:
         units, self._outbox = self._outbox, []
-        if units:
+        if not units:
+            return
+        try:
             self._backend.put_all(units)
+        except RuntimeError:
+            sig = self._host._signal
+            if sig is None or quiet:
+                raise
+            # The pool stopped since these items were read, for a signal whose handler put
+            # its Interrupted off (it came where nothing may be raised): the caller gets that,
+            # with what finished (see _guarded), not the backend's "shut down". The units'
+            # items did not start, as none would now.
+            put_off = _signals.take_put_off() if _signals.in_main_thread() else None
+            if put_off is not None:
+                raise put_off.with_traceback(None) from None
+            stop = Interrupted(sig)
+            stop._counted = True
+            raise stop from None
 
     def _read_input(self, grow: bool) -> None:
         if self._host._signal is not None:
