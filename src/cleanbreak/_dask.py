@@ -17,7 +17,8 @@ How it keeps cleanbreak's promises on a cluster, where a thread in a worker cann
   worker's SIGTERM handler). The unit returns the items it had finished, so they are kept. Code
   stuck in C (a long numpy call, a ``sleep``) sees the exception only once it returns to
   Python: after ``STOP_GRACE`` seconds the backend kills the worker processes still running
-  its items (their nanny starts new ones). Workers without a nanny cannot be restarted, so they
+  its items (their nanny starts new ones), once it has fetched the results those workers hold
+  of units that had finished. Workers without a nanny cannot be restarted, so they
   are left to finish the item, whose result is discarded.
 - *Drain* closes the gate only: running items finish, their results are kept.
 - Only ``2 * threads`` units are submitted at a time, so a stop has little to cancel, and an
@@ -73,6 +74,8 @@ RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3  # the same levels as _manager
 STOP_GRACE = 0.5  # seconds from the stop to the kill of workers still running our items
 CONNECT_TIMEOUT = 10.0
 FETCH_TIMEOUT = 30.0  # seconds to fetch a finished unit's result from its worker
+# The same, during a stop, from a worker that is alive (a deadlock guard: it takes milliseconds).
+STOP_FETCH_TIMEOUT = 5.0
 MAX_RESUBMITS = 3  # a unit whose result is lost this often fails with WorkerDied
 EXTRA = "pip install 'cleanbreak[dask]'"
 
@@ -915,10 +918,16 @@ class DaskBackend(Intake):
         flight = self._land(str(future.key))
         if flight is None:
             return
-        unit = flight.unit
         status = future.status
         if status == "finished" and not self._fetch(flight):
             status = "lost"
+        self._settle_flight(flight, status)
+
+    def _settle_flight(self, flight: _Flight, status: str) -> None:
+        """Hand a landed flight's outcome to its sink; ``status``: its future's, with
+        "finished" meaning its outcome was fetched into ``flight.outcome``."""
+        future = flight.future
+        unit = flight.unit
         ours = self.level >= DRAINING or unit.uid in self._cancelled
         if status in ("cancelled", "lost") and not ours:
             # Not our doing: the worker that held the result died before we fetched it (the
@@ -958,10 +967,10 @@ class DaskBackend(Intake):
             error = err
         self._fail(flight, error)
 
-    def _fetch(self, flight: _Flight) -> bool:
+    def _fetch(self, flight: _Flight, timeout: float = FETCH_TIMEOUT) -> bool:
         """Fetch a finished unit's outcome into ``flight.outcome``; False if it is gone."""
         try:
-            flight.outcome = flight.future.result(timeout=FETCH_TIMEOUT)
+            flight.outcome = flight.future.result(timeout=timeout)
         except Exception as exc:
             if isinstance(exc, self._cancelled_error | TimeoutError | OSError):
                 return False
@@ -1143,6 +1152,17 @@ class DaskBackend(Intake):
             if self._flights and (late or level >= KILLING):
                 self._kill_holders(list(self._flights.values()))
 
+    def _keep_finished(self, flights: list[_Flight]) -> None:
+        """Settle the flights whose results the cluster holds (see ``_kill_holders``)."""
+        try:
+            held = {str(k): v for k, v in self._client.who_has([f.future for f in flights]).items()}
+        except Exception:
+            return
+        for flight in flights:
+            if held.get(flight.key) and self._land(flight.key) is not None:
+                fetched = self._fetch(flight, STOP_FETCH_TIMEOUT)
+                self._settle_flight(flight, "finished" if fetched else "lost")
+
     def _stop_keys(self, keys: list[str]) -> None:
         with contextlib.suppress(Exception):
             self._client.run(stop_units, self._token, True, keys, wait=False)
@@ -1157,6 +1177,13 @@ class DaskBackend(Intake):
             }
         except Exception:
             return
+        if self.level >= STOPPING:
+            # A unit that finished before the stop holds its results in a worker's memory,
+            # which may be one of those about to end (it went on to the next unit), and the
+            # news of its end may not have reached this client yet: fetched first, so that
+            # every finished result is kept. What still runs is what is ended.
+            self._keep_finished(flights)
+            flights = [f for f in flights if f.key in self._flights]
         keys = {f.key for f in flights}
         holders = [
             addr

@@ -136,6 +136,49 @@ def test_ctrl_c_leaves_the_cluster_idle_and_serving(
         assert client.gather(client.map(tasks.square, range(10))) == [x * x for x in range(10)]
 
 
+def test_a_stop_that_ends_workers_keeps_the_results_they_held(
+    address: str, tmp_path: Path, distributed: Any
+) -> None:
+    # Units 0 and 1 have finished; their results are in the workers' memory, and the client
+    # has not fetched them. The workers have gone on to units 2 and 3, which do not stop in
+    # time (as a task stuck in C would not), so the stop ends both workers. The results of 0
+    # and 1 are fetched first: with the stop's ending of the workers first, both were lost
+    # (6 of 15 runs lost one or both, with the signal sent within a millisecond of their end,
+    # before this client had heard of it; the child here makes that moment certain).
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), address, str(folder), "--seconds", "0.5", "--hold-results"],
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with distributed.Client(address, set_as_default=False) as client:
+            deadline = time.monotonic() + GUARD
+            while True:  # handshake: the cluster holds two units' results
+                held = [k for k, v in client.who_has().items() if v and "cleanbreak-" in str(k)]
+                if len(held) >= 2:
+                    break
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=GUARD)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    report = json.loads(out)
+    assert report["yielded"] == []  # (held back until the stop)
+    assert report["completed"] == {"0": [0, 0], "1": [1, 7]}
+    with distributed.Client(address, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=GUARD)  # (their nannies started them again)
+
+
 def test_cleanbreak_run_on_the_cluster(address: str, tmp_path: Path) -> None:
     inputs = tmp_path / "in.txt"
     inputs.write_text("".join(f"{x}\n" for x in range(20)))

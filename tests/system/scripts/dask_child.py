@@ -54,6 +54,25 @@ def _run(
                     yielded.append(value)
 
 
+def _hold_results() -> None:
+    """The moment a stop must end workers while the results of units that finished before it
+    are still on the cluster, made certain: the backend settles no unit until the stop, and
+    then ends the workers still running units at once (``STOP_GRACE`` 0), as it does when a
+    task is stuck in C."""
+    from cleanbreak import _dask
+
+    _dask.STOP_GRACE = 0.0
+    wait = _dask.DaskBackend._wait
+
+    def held(self: Any) -> None:
+        if self.level < _dask.DRAINING:
+            time.sleep(0.01)
+            return
+        wait(self)
+
+    _dask.DaskBackend._wait = held  # type: ignore[method-assign]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("address")
@@ -64,7 +83,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--journal", default=None)
+    parser.add_argument("--hold-results", action="store_true")
     args = parser.parse_args()
+    if args.hold_results:
+        _hold_results()
     fn: Any = spin_marked
     specs = [(i, args.seconds, args.folder) for i in range(args.tasks)]
     if args.seed is not None:
