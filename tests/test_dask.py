@@ -29,6 +29,7 @@ import pytest
 
 import cleanbreak
 from cleanbreak import _dask
+from cleanbreak._wire import STOPPED
 from tests import dask_tasks, tasks
 from tests.tasks import TaskError, logged_square, runs_of
 
@@ -578,6 +579,39 @@ def _run_unit_in_thread(token: str, ran: list[int], out: dict[str, Any]) -> None
             pass
     except _dask._Stop:
         out["escaped"] = True
+
+
+def test_an_item_that_a_stop_meets_as_it_starts_does_not_run(
+    distributed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop reaches the worker (stop_units, in its event loop) just after a unit's thread
+    # read the gate for its next item, before that item was among the running ones. Read once,
+    # unlocked, the gate let the item start, and the stop had found nothing to break into: it
+    # ran whole (a CI run of test_dask_cli saw an item run out 0.5 s after the signal). The
+    # stop is made here at that moment: while the item's call is being set up.
+    token = f"starting-{os.getpid()}"
+    ran: list[int] = []
+    real_calls = _dask._calls
+    stopped: list[int] = []
+
+    def calls(kind: int, fn: Any, item: Any) -> Iterator[Any]:
+        if item == 1 and not stopped:
+            stopped.append(item)
+            with contextlib.suppress(StopIteration):
+                _dask.stop_units(token, True).send(None)  # the coroutine has no await
+        return real_calls(kind, fn, item)
+
+    monkeypatch.setattr(_dask, "_calls", calls)
+    try:
+        status, values, errors, _seconds, _pid = _dask._run_items(
+            token, 0, ran.append, [0, 1, 2], None
+        )
+    finally:
+        _dask._closed.discard(token)
+    assert stopped == [1]
+    assert ran == [0], "an item started after the stop reached the worker"
+    assert (status, values, errors) == (STOPPED, [None], {})
+    assert not _dask._running
 
 
 def test_a_stop_that_meets_an_item_as_it_ends_keeps_its_value_and_stays_in_the_unit(

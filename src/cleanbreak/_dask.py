@@ -198,14 +198,24 @@ def _run_items(
                 timer.start()
             calls = _calls(kind, fn, item)
             failure: BaseException | None = None
-            _running[me] = (token, key, k)
+            closed = False
             try:
-                try:
-                    values.extend(calls)
-                except _Stop:
-                    raise
-                except BaseException as exc:
-                    failure = exc  # captured below, where no _Stop can break in
+                # The gate is read again, with the item put on _running in the same hold of
+                # the lock under which stop_units closes it: a stop that came since the read
+                # above either finds the item running, and breaks into it, or is seen here.
+                # (Read once, unlocked, the item could start after a stop had found nothing
+                # to break into.)
+                with _raise_lock:
+                    closed = token in _closed
+                    if not closed:
+                        _running[me] = (token, key, k)
+                if not closed:
+                    try:
+                        values.extend(calls)
+                    except _Stop:
+                        raise
+                    except BaseException as exc:
+                        failure = exc  # captured below, where no _Stop can break in
             finally:
                 # From here on no raise reaches this thread: none is made once the item is
                 # off _running, and one made too late (the item had ended) is called off.
@@ -216,6 +226,9 @@ def _run_items(
                         _call_off(me)
             if timer is not None:
                 timer.cancel()
+            if closed:
+                status = STOPPED
+                break
             if len(values) == k:
                 if failure is None:  # map() and starmap() swallow a StopIteration
                     failure = StopIteration(f"{_function_name(fn)} raised StopIteration")
@@ -323,11 +336,11 @@ async def stop_units(token: str, terminate: bool, keys: Sequence[str] | None = N
     """Run by ``Client.run`` on each worker, in its event loop (a coroutine, which is what
     ``Client.run(wait=False)`` takes): close the pool's gate (unless only some ``keys`` are to
     stop), and with ``terminate`` break off its running items."""
-    if keys is None:
-        _closed.add(token)
-    if not terminate:
-        return
-    with _raise_lock:
+    with _raise_lock:  # (see _run_items)
+        if keys is None:
+            _closed.add(token)
+        if not terminate:
+            return
         for tid, (owner, key, _k) in list(_running.items()):
             if owner == token and (keys is None or key in keys):
                 _raise_in(tid)
