@@ -21,6 +21,18 @@ def spin_marked(spec: tuple[int, float, str]) -> tuple[int, int]:
     return index, 7 * index
 
 
+def stuck_marked(spec: tuple[int, int, str]) -> tuple[int, int]:
+    """Leave the ``start`` mark; item ``stuck`` then sleeps in C for a minute (a stop cannot
+    break in: only the end of its worker process stops it); the others leave the ``end`` mark
+    at once and return ``(i, 7 * i)``."""
+    index, stuck, folder = spec
+    mark(folder, "start", index)
+    if index == stuck:
+        time.sleep(60)
+    mark(folder, "end", index)
+    return index, 7 * index
+
+
 KINDS = ("begin", "start", "end")
 SLOTS = 4096  # items per kind of mark
 _SIZE = len(KINDS) * SLOTS * 8

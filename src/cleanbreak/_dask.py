@@ -18,7 +18,8 @@ How it keeps cleanbreak's promises on a cluster, where a thread in a worker cann
   stuck in C (a long numpy call, a ``sleep``) sees the exception only once it returns to
   Python: after ``STOP_GRACE`` seconds the backend kills the worker processes still running
   its items (their nanny starts new ones), once it has fetched the results those workers hold
-  of units that had finished. Workers without a nanny cannot be restarted, so they
+  of units that had finished, and taken the values of the items the running units had
+  finished (``take_finished``). Workers without a nanny cannot be restarted, so they
   are left to finish the item, whose result is discarded.
 - *Drain* closes the gate only: running items finish, their results are kept.
 - Only ``2 * threads`` units are submitted at a time, so a stop has little to cancel, and an
@@ -76,6 +77,8 @@ CONNECT_TIMEOUT = 10.0
 FETCH_TIMEOUT = 30.0  # seconds to fetch a finished unit's result from its worker
 # The same, during a stop, from a worker that is alive (a deadlock guard: it takes milliseconds).
 STOP_FETCH_TIMEOUT = 5.0
+# Seconds to wait for the workers a stop ends to give the items their running units finished.
+TAKE_TIMEOUT = 1.0
 MAX_RESUBMITS = 3  # a unit whose result is lost this often fails with WorkerDied
 EXTRA = "pip install 'cleanbreak[dask]'"
 
@@ -104,6 +107,9 @@ _expired: set[tuple[int, str, int]] = set()  # (thread id, task key, item) past 
 # leaves _running with it held, and calls off a _Stop made for it that came too late.
 _raise_lock = threading.Lock()
 _raised: set[int] = set()  # threads a _Stop was made for, since they last left an item
+# Thread id -> the unit it runs: (values, errors, when it began, packed), read by
+# take_finished while the thread is stuck in an item.
+_units: dict[int, tuple[list[Any], dict[int, CapturedError], float, bool]] = {}
 TIMED_OUT = 99  # run_unit's status: the item after ``values`` ran past its timeout
 UNLOADABLE = 98  # run_unit's status: a packed unit's function or arguments did not load here
 WORKER_FUNCTIONS = 64  # functions sent by value that a worker process keeps, unpickled
@@ -151,7 +157,7 @@ def run_unit(
     does not load here, the status is ``UNLOADABLE``, ``values`` names the part
     (``"function"`` or ``"arguments"``) and ``errors[0]`` holds why."""
     if digest is None:
-        return _run_items(token, kind, fn, items, timeout)
+        return _run_items(token, kind, fn, items, timeout, False)
     try:
         call = _load_function(digest, fn)
     except BaseException as exc:
@@ -161,7 +167,7 @@ def run_unit(
     except BaseException as exc:
         return UNLOADABLE, "arguments", {0: CapturedError.capture(exc)}, 0.0, os.getpid()
     del fn, items
-    status, values, errors, seconds, pid = _run_items(token, kind, call, work, timeout)
+    status, values, errors, seconds, pid = _run_items(token, kind, call, work, timeout, True)
     return status, _pack_outcome(values, errors), {}, seconds, pid
 
 
@@ -171,17 +177,40 @@ def _run_items(
     fn: Callable[..., Any],
     items: Sequence[Any],
     timeout: float | None,
+    packed: bool = False,
 ) -> tuple[int, list[Any], dict[int, CapturedError], float, int]:
     import distributed
     import distributed.worker
 
     key = str(getattr(getattr(distributed.worker, "thread_state", None), "key", ""))
     me = threading.get_ident()
-    worker: Any = None
     values: list[Any] = []
     errors: dict[int, CapturedError] = {}
-    status = DONE
     began = time.perf_counter()
+    _units[me] = (values, errors, began, packed)
+    try:
+        return _run_each(token, kind, fn, items, timeout, key, me, values, errors, began)
+    finally:
+        _units.pop(me, None)
+
+
+def _run_each(
+    token: str,
+    kind: int,
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    timeout: float | None,
+    key: str,
+    me: int,
+    values: list[Any],
+    errors: dict[int, CapturedError],
+    began: float,
+) -> tuple[int, list[Any], dict[int, CapturedError], float, int]:
+    """``_run_items``'s loop."""
+    import distributed
+
+    worker: Any = None
+    status = DONE
     k = 0
     timer: threading.Timer | None = None
     try:
@@ -344,6 +373,29 @@ async def stop_units(token: str, terminate: bool, keys: Sequence[str] | None = N
         for tid, (owner, key, _k) in list(_running.items()):
             if owner == token and (keys is None or key in keys):
                 _raise_in(tid)
+
+
+def take_finished(token: str) -> dict[str, tuple[int, Any, dict[int, CapturedError], float, int]]:
+    """Run by ``Client.run`` on a worker the client is about to end, where units of the pool
+    still run ``STOP_GRACE`` after the stop (stuck in C): for each such unit, by its key, what
+    ``run_unit`` would return had it stopped now, if it had finished items (a unit holds their
+    values until it returns, and they would go with the process)."""
+    out: dict[str, tuple[int, Any, dict[int, CapturedError], float, int]] = {}
+    for tid, (owner, key, _k) in list(_running.items()):
+        held = _units.get(tid)
+        if owner != token or held is None:
+            continue
+        values, errors, began, packed = held
+        done = list(values)
+        if not done:
+            continue
+        failed = {i: e for i, e in list(errors.items()) if i < len(done)}
+        seconds = time.perf_counter() - began
+        if packed:
+            out[key] = (STOPPED, _pack_outcome(done, failed), {}, seconds, os.getpid())
+        else:
+            out[key] = (STOPPED, done, failed, seconds, os.getpid())
+    return out
 
 
 async def exit_worker() -> None:
@@ -992,20 +1044,26 @@ class DaskBackend(Intake):
             self._fail(flight, exc)
             flight.unit.received = len(flight.unit.items)
             return True
-        status, values, _errors, seconds, pid = flight.outcome
-        if flight.packed and status != UNLOADABLE:
-            try:
-                values, errors = pickle.loads(values)
-            except BaseException as exc:
-                flight.outcome = (DONE, [], {}, 0.0, 0)
-                reason = f"it was pickled on the Dask worker but does not unpickle here: {exc!r}"
-                flight.unit.sink.fail(
-                    flight.unit.current, flight.unit.left, SerializationError("result", reason)
-                )
-                flight.unit.received = len(flight.unit.items)
-                return True
-            flight.outcome = (status, values, errors, seconds, pid)
+        self._unpack(flight)
         return True
+
+    def _unpack(self, flight: _Flight) -> None:
+        """A packed unit's outcome, unpickled in ``flight.outcome`` (see "By value"); one that
+        does not unpickle fails the unit's items."""
+        status, values, _errors, seconds, pid = flight.outcome
+        if not flight.packed or status == UNLOADABLE:
+            return
+        try:
+            values, errors = pickle.loads(values)
+        except BaseException as exc:
+            flight.outcome = (DONE, [], {}, 0.0, 0)
+            reason = f"it was pickled on the Dask worker but does not unpickle here: {exc!r}"
+            flight.unit.sink.fail(
+                flight.unit.current, flight.unit.left, SerializationError("result", reason)
+            )
+            flight.unit.received = len(flight.unit.items)
+            return
+        flight.outcome = (status, values, errors, seconds, pid)
 
     def _resubmit(self, unit: Unit) -> None:
         tries = self._resubmits.get(unit.uid, 0) + 1
@@ -1176,6 +1234,32 @@ class DaskBackend(Intake):
                 fetched = self._fetch(flight, STOP_FETCH_TIMEOUT)
                 self._settle_flight(flight, "finished" if fetched else "lost")
 
+    def _keep_partial(self, keys: set[str], processing: dict[str, Any]) -> None:
+        """Settle the running units of ``keys`` with the items they finished, as their workers
+        tell (``take_finished``); a worker that does not answer at once keeps them."""
+        workers = [addr for addr, tasks in processing.items() if keys & {str(t) for t in tasks}]
+        if not workers:
+            return
+        try:
+            taken = self._client.run(
+                take_finished,
+                self._token,
+                workers=workers,
+                on_error="return",
+                callback_timeout=TAKE_TIMEOUT,
+            )
+        except Exception:
+            return
+        for outcomes in taken.values():
+            if not isinstance(outcomes, dict):  # that worker's call failed
+                continue
+            for key, outcome in outcomes.items():
+                flight = self._land(str(key)) if str(key) in keys else None
+                if flight is not None:
+                    flight.outcome = outcome
+                    self._unpack(flight)
+                    self._settle_flight(flight, "finished")
+
     def _stop_keys(self, keys: list[str]) -> None:
         with contextlib.suppress(Exception):
             self._client.run(stop_units, self._token, True, keys, wait=False)
@@ -1203,6 +1287,10 @@ class DaskBackend(Intake):
             for addr, tasks in processing.items()
             if keys & {str(t) for t in tasks} and nannies.get(addr) and addr not in self._killed
         ]
+        if self.level >= STOPPING:
+            # The units still running hold the values of the items they finished until they
+            # return: taken from them before they are ended or discarded.
+            self._keep_partial(keys, processing)
         if holders:
             self._killed.update(holders)
             with contextlib.suppress(Exception):

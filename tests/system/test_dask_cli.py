@@ -182,6 +182,54 @@ def test_a_stop_that_ends_workers_keeps_the_results_they_held(
         client.wait_for_workers(2, timeout=GUARD)  # (their nannies started them again)
 
 
+@pytest.mark.parametrize("how", ["by reference", "by value"])
+def test_a_stop_that_ends_a_worker_keeps_what_its_running_unit_had_finished(
+    how: str, address: str, tmp_path: Path, distributed: Any
+) -> None:
+    # Units of several items (the first ones are cut to the probe size, four here): items
+    # 0-2 return at once, item 3 sleeps in C, where the stop cannot break in, so 0.5 s after
+    # the signal its worker is ended. Its unit holds the values of 0-2 until it returns, which
+    # it never does: they are taken from the worker first. (They went with the process
+    # before.)
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    argv = ["--api", "map", "--tasks", "8", "--chunksize", "8", "--stuck", "3"]
+    if how == "by value":  # a lambda: its unit's values come back pickled by value
+        argv.append("--by-value")
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), address, str(folder), *argv],
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + GUARD
+        while 3 not in dask_tasks.marks(str(folder), "start"):  # handshake: item 3 is stuck
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=GUARD)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert took < 5.0, took
+    report = json.loads(out)
+    assert report["yielded"] == []  # (in order: item 0's unit never returned)
+    completed = {int(k): v for k, v in report["completed"].items()}
+    assert {0, 1, 2} <= set(completed), completed
+    assert 3 not in completed
+    assert all(v == [k, 7 * k] for k, v in completed.items()), completed
+    with distributed.Client(address, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=GUARD)  # (its nanny started it again)
+
+
 def test_cleanbreak_run_on_the_cluster(address: str, tmp_path: Path) -> None:
     inputs = tmp_path / "in.txt"
     inputs.write_text("".join(f"{x}\n" for x in range(20)))

@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
-from tests.dask_tasks import mark, spin_marked, stress_marked
+from tests.dask_tasks import mark, spin_marked, stress_marked, stuck_marked
 from tests.system.scripts.sysprobe_tasks import through_asyncio
 
 # The package imports these on first use; loaded now, so that between the ``begin`` mark and
@@ -34,10 +34,15 @@ APIS = ["submit", "map", "imap_unordered", "cbmap", "drain", "asyncio"]
 
 
 def _run(
-    api: str, fn: Any, specs: list[Any], pool_args: dict[str, Any], yielded: list[Any]
+    api: str,
+    fn: Any,
+    specs: list[Any],
+    pool_args: dict[str, Any],
+    yielded: list[Any],
+    chunksize: int = 1,
 ) -> None:
     if api == "cbmap":
-        yielded.extend(cleanbreak.map(fn, specs, chunksize=1, **pool_args))
+        yielded.extend(cleanbreak.map(fn, specs, chunksize=chunksize, **pool_args))
     elif api == "asyncio":
         asyncio.run(through_asyncio(pool_args, stress_marked, specs, yielded))
     else:
@@ -47,10 +52,10 @@ def _run(
                 for fut in futures:
                     yielded.append(fut.result())
             elif api == "imap_unordered":
-                for value in pool.imap_unordered(fn, iter(specs), chunksize=1):
+                for value in pool.imap_unordered(fn, iter(specs), chunksize=chunksize):
                     yielded.append(value)
             else:  # map, drain
-                for value in pool.map(fn, specs, chunksize=1):
+                for value in pool.map(fn, specs, chunksize=chunksize):
                     yielded.append(value)
 
 
@@ -84,6 +89,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--journal", default=None)
     parser.add_argument("--hold-results", action="store_true")
+    parser.add_argument("--chunksize", type=int, default=1)
+    parser.add_argument("--stuck", type=int, default=None, help="item that sleeps in C")
+    parser.add_argument("--by-value", action="store_true", help="a lambda: sent by value")
     args = parser.parse_args()
     if args.hold_results:
         _hold_results()
@@ -93,6 +101,12 @@ def main() -> int:
         rng = random.Random(args.seed)
         fn = stress_marked
         specs = [(i, rng.uniform(0.001, 0.040), args.folder) for i in range(args.tasks)]
+    if args.stuck is not None:
+        fn = stuck_marked
+        specs = [(i, args.stuck, args.folder) for i in range(args.tasks)]
+    if args.by_value:
+        inner = fn
+        fn = lambda spec: inner(spec)  # noqa: E731, PLW0108 (a lambda goes by value, packed)
     mode = "drain" if args.api == "drain" else args.mode
     pool_args = {"dask": args.address, "on_interrupt": mode, "journal": args.journal}
     yielded: list[Any] = []
@@ -101,7 +115,7 @@ def main() -> int:
     if args.seed is not None:
         mark(args.folder, "begin", 0)
     try:
-        _run(args.api, fn, specs, pool_args, yielded)
+        _run(args.api, fn, specs, pool_args, yielded, args.chunksize)
     except cleanbreak.Interrupted as exc:
         report["caught_ns"] = time.monotonic_ns()
         report["signal"] = exc.signal.name
