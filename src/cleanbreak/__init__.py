@@ -6,6 +6,7 @@ Press Ctrl-C and nothing new starts, the workers are reaped, and every finished 
 from __future__ import annotations
 
 import importlib
+import signal as _signal
 
 from . import _signals
 from ._errors import (
@@ -77,11 +78,18 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value
         return value
-    with _signals.collecting() as caught:
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
-        globals()[name] = value
-    if caught:
-        raise _signals.early_interrupt(caught[0])
+    try:
+        with _signals.collecting() as caught:
+            value = getattr(importlib.import_module(f".{module}", __name__), name)
+            globals()[name] = value
+        if caught:
+            raise _signals.early_interrupt(caught[0])
+    except KeyboardInterrupt as exc:
+        # SIGINT's default handler, in the instants before ours is in place or after it is
+        # put back: the line ends as it would a moment later, in the pool's call.
+        if isinstance(exc, Interrupted):
+            raise
+        raise _signals.early_interrupt(_signal.SIGINT) from None
     return value
 
 

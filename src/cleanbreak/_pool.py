@@ -1085,6 +1085,7 @@ class _AheadSink(_FutureSink):
     prefetch = True
 
 
+@_signals.making_a_pool  # (its arguments are checked before the pool is made)
 def map(
     fn: Callable[[Any], T],
     iterable: Iterable[Any],

@@ -64,9 +64,10 @@ from ._errors import Interrupted
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see _notyping)
 if TYPE_CHECKING:
-    from typing import Any, NoReturn, ParamSpec, Protocol
+    from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar
 
     _P = ParamSpec("_P")
+    _T = TypeVar("_T")
 else:
     from ._notyping import Protocol
 
@@ -346,47 +347,62 @@ def collecting() -> Iterator[list[signal.Signals]]:
         yield []
         return
     caught: list[signal.Signals] = []
-    with _lock:
-        _install()
-        _collected = caught
     try:
+        with _lock:
+            # Recording first: a signal that comes once our handler is in place is recorded
+            # (one that comes before finds the default handler: see below).
+            _collected = caught
+            _install()
         yield caught
     finally:
         with _lock:
             # Restored while signals are still recorded: a signal that came after ``_collected``
             # was cleared and before the default handler was back found no pool and raised
             # KeyboardInterrupt in the middle of the restore (a stress run saw it).
-            if not _listeners:
-                _restore()
+            try:
+                if not _listeners:
+                    _restore()
+            except KeyboardInterrupt:
+                # SIGINT's default handler is back, and a SIGINT came before SIGTERM's was
+                # (its handler runs as the next handler is set): recorded as well (a stress
+                # run saw it raise here).
+                caught.append(signal.SIGINT)
             _collected = None
 
 
-def making_a_pool(init: Callable[_P, None]) -> Callable[_P, None]:
-    """For a pool's ``__init__``: from its first instruction, SIGINT and SIGTERM are recorded
-    (``collecting``) until the pool puts its handler in place for itself (``attach`` ends the
-    recording, and the pool raises ``Interrupted`` for what was recorded: ``end_collecting``).
-    A signal while the arguments are checked is so the pool's, as one a moment later would be,
-    where it would otherwise end the process (SIGTERM's default action) or raise a plain
-    ``KeyboardInterrupt``. If ``__init__`` fails before that, the signal wins: ``Interrupted``."""
+def making_a_pool(init: Callable[_P, _T]) -> Callable[_P, _T]:
+    """For a pool's ``__init__`` (and ``cleanbreak.map``, which makes one): from its first
+    instruction, SIGINT and SIGTERM are recorded (``collecting``) until the pool puts its
+    handler in place for itself (``attach`` ends the recording, and the pool raises
+    ``Interrupted`` for what was recorded: ``end_collecting``). A signal while the arguments
+    are checked is so the pool's, as one a moment later would be, where it would otherwise end
+    the process (SIGTERM's default action) or raise a plain ``KeyboardInterrupt``. If
+    ``__init__`` fails before that, the signal wins: ``Interrupted``. A plain
+    ``KeyboardInterrupt`` (SIGINT's default handler, in the instants before ours is in place
+    or after it is put back) ends the call as ``Interrupted`` too."""
 
     @functools.wraps(init)
-    def made(*args: _P.args, **kwargs: _P.kwargs) -> None:
-        # (Where another pool's handler is in place already, it acts for this one as before.)
-        window: contextlib.AbstractContextManager[list[signal.Signals]]
-        window = collecting() if not _listeners else contextlib.nullcontext([])
-        with window as caught:
-            try:
-                init(*args, **kwargs)
-            except KeyboardInterrupt as exc:
-                if isinstance(exc, Interrupted):
+    def made(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            # (Where another pool's handler is in place already, it acts for this one as
+            # before.)
+            window: contextlib.AbstractContextManager[list[signal.Signals]]
+            window = collecting() if not _listeners else contextlib.nullcontext([])
+            with window as caught:
+                try:
+                    return init(*args, **kwargs)
+                except KeyboardInterrupt:
                     raise
-                raise early_interrupt(signal.SIGINT) from None
-            except BaseException:
-                if caught:  # recorded before the pool's handler was in place: it comes first
-                    raise early_interrupt(caught[0]) from None
+                except BaseException:
+                    if caught:  # recorded before the pool's handler was in place: it wins
+                        raise early_interrupt(caught[0]) from None
+                    raise
+            # (A pool made puts its handler in place, and end_collecting hands it what was
+            # recorded: nothing is left here to raise.)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
                 raise
-        # (A pool made puts its handler in place, and end_collecting hands it what was
-        # recorded: nothing is left here to raise.)
+            raise early_interrupt(signal.SIGINT) from None
 
     return made
 
