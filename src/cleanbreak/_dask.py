@@ -75,10 +75,9 @@ RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3  # the same levels as _manager
 STOP_GRACE = 0.5  # seconds from the stop to the kill of workers still running our items
 CONNECT_TIMEOUT = 10.0
 FETCH_TIMEOUT = 30.0  # seconds to fetch a finished unit's result from its worker
-# The same, during a stop, from a worker that is alive (a deadlock guard: it takes milliseconds).
-STOP_FETCH_TIMEOUT = 5.0
-# Seconds to wait for the workers a stop ends to give the items their running units finished.
-TAKE_TIMEOUT = 1.0
+# Seconds a stop gives each step of taking what workers hold before it ends them (see
+# _kill_holders): a deadlock guard, each takes milliseconds.
+KEEP_SECONDS = 1.0
 MAX_RESUBMITS = 3  # a unit whose result is lost this often fails with WorkerDied
 EXTRA = "pip install 'cleanbreak[dask]'"
 
@@ -100,6 +99,27 @@ class _Stop(BaseException):
     """Raised in a thread running one of our items, to stop it (see ``stop_units``)."""
 
 
+class _Held:
+    """A unit running on this worker, as ``take_finished`` reads it."""
+
+    __slots__ = ("began", "errors", "key", "packed", "token", "values")
+
+    def __init__(self, token: str, key: str, packed: bool) -> None:
+        self.token = token
+        self.key = key
+        self.packed = packed
+        self.values: list[Any] = []
+        self.errors: dict[int, CapturedError] = {}
+        self.began = time.perf_counter()
+
+
+def _task_key() -> str:
+    """The key of the Dask task this thread runs ("" outside one)."""
+    import distributed.worker
+
+    return str(getattr(getattr(distributed.worker, "thread_state", None), "key", ""))
+
+
 _closed: set[str] = set()  # pools whose gate is closed on this worker
 _running: dict[int, tuple[str, str, int]] = {}  # thread id -> (pool token, task key, item)
 _expired: set[tuple[int, str, int]] = set()  # (thread id, task key, item) past their timeout
@@ -107,9 +127,9 @@ _expired: set[tuple[int, str, int]] = set()  # (thread id, task key, item) past 
 # leaves _running with it held, and calls off a _Stop made for it that came too late.
 _raise_lock = threading.Lock()
 _raised: set[int] = set()  # threads a _Stop was made for, since they last left an item
-# Thread id -> the unit it runs: (values, errors, when it began, packed), read by
-# take_finished while the thread is stuck in an item.
-_units: dict[int, tuple[list[Any], dict[int, CapturedError], float, bool]] = {}
+# Thread id -> the unit it runs, from run_unit's start to its return (packing included), read
+# by take_finished while the thread is stuck in an item.
+_units: dict[int, _Held] = {}
 TIMED_OUT = 99  # run_unit's status: the item after ``values`` ran past its timeout
 UNLOADABLE = 98  # run_unit's status: a packed unit's function or arguments did not load here
 WORKER_FUNCTIONS = 64  # functions sent by value that a worker process keeps, unpickled
@@ -156,19 +176,25 @@ def run_unit(
     items pickled, and ``values`` goes back as the pickle of ``(values, errors)``. If either
     does not load here, the status is ``UNLOADABLE``, ``values`` names the part
     (``"function"`` or ``"arguments"``) and ``errors[0]`` holds why."""
-    if digest is None:
-        return _run_items(token, kind, fn, items, timeout, False)
+    me = threading.get_ident()
+    held = _Held(token, _task_key(), digest is not None)
+    _units[me] = held
     try:
-        call = _load_function(digest, fn)
-    except BaseException as exc:
-        return UNLOADABLE, "function", {0: CapturedError.capture(exc)}, 0.0, os.getpid()
-    try:
-        work = pickle.loads(items)
-    except BaseException as exc:
-        return UNLOADABLE, "arguments", {0: CapturedError.capture(exc)}, 0.0, os.getpid()
-    del fn, items
-    status, values, errors, seconds, pid = _run_items(token, kind, call, work, timeout, True)
-    return status, _pack_outcome(values, errors), {}, seconds, pid
+        if digest is None:
+            return _run_items(token, kind, fn, items, timeout, held)
+        try:
+            call = _load_function(digest, fn)
+        except BaseException as exc:
+            return UNLOADABLE, "function", {0: CapturedError.capture(exc)}, 0.0, os.getpid()
+        try:
+            work = pickle.loads(items)
+        except BaseException as exc:
+            return UNLOADABLE, "arguments", {0: CapturedError.capture(exc)}, 0.0, os.getpid()
+        del fn, items
+        status, values, errors, seconds, pid = _run_items(token, kind, call, work, timeout, held)
+        return status, _pack_outcome(values, errors), {}, seconds, pid
+    finally:
+        _units.pop(me, None)
 
 
 def _run_items(
@@ -177,38 +203,17 @@ def _run_items(
     fn: Callable[..., Any],
     items: Sequence[Any],
     timeout: float | None,
-    packed: bool = False,
+    held: _Held | None = None,
 ) -> tuple[int, list[Any], dict[int, CapturedError], float, int]:
     import distributed
-    import distributed.worker
 
-    key = str(getattr(getattr(distributed.worker, "thread_state", None), "key", ""))
+    if held is None:
+        held = _Held(token, _task_key(), False)
+    key = held.key
     me = threading.get_ident()
-    values: list[Any] = []
-    errors: dict[int, CapturedError] = {}
-    began = time.perf_counter()
-    _units[me] = (values, errors, began, packed)
-    try:
-        return _run_each(token, kind, fn, items, timeout, key, me, values, errors, began)
-    finally:
-        _units.pop(me, None)
-
-
-def _run_each(
-    token: str,
-    kind: int,
-    fn: Callable[..., Any],
-    items: Sequence[Any],
-    timeout: float | None,
-    key: str,
-    me: int,
-    values: list[Any],
-    errors: dict[int, CapturedError],
-    began: float,
-) -> tuple[int, list[Any], dict[int, CapturedError], float, int]:
-    """``_run_items``'s loop."""
-    import distributed
-
+    values = held.values
+    errors = held.errors
+    began = held.began
     worker: Any = None
     status = DONE
     k = 0
@@ -381,20 +386,16 @@ def take_finished(token: str) -> dict[str, tuple[int, Any, dict[int, CapturedErr
     ``run_unit`` would return had it stopped now, if it had finished items (a unit holds their
     values until it returns, and they would go with the process)."""
     out: dict[str, tuple[int, Any, dict[int, CapturedError], float, int]] = {}
-    for tid, (owner, key, _k) in list(_running.items()):
-        held = _units.get(tid)
-        if owner != token or held is None:
+    for held in list(_units.values()):
+        done = list(held.values)
+        if held.token != token or not done:
             continue
-        values, errors, began, packed = held
-        done = list(values)
-        if not done:
-            continue
-        failed = {i: e for i, e in list(errors.items()) if i < len(done)}
-        seconds = time.perf_counter() - began
-        if packed:
-            out[key] = (STOPPED, _pack_outcome(done, failed), {}, seconds, os.getpid())
+        failed = {i: e for i, e in list(held.errors.items()) if i < len(done)}
+        seconds = time.perf_counter() - held.began
+        if held.packed:
+            out[held.key] = (STOPPED, _pack_outcome(done, failed), {}, seconds, os.getpid())
         else:
-            out[key] = (STOPPED, done, failed, seconds, os.getpid())
+            out[held.key] = (STOPPED, done, failed, seconds, os.getpid())
     return out
 
 
@@ -1223,35 +1224,55 @@ class DaskBackend(Intake):
             if self._flights and (late or level >= KILLING):
                 self._kill_holders(list(self._flights.values()))
 
-    def _keep_finished(self, flights: list[_Flight]) -> None:
+    def _keep_finished(self, flights: list[_Flight], deadline: float) -> None:
         """Settle the flights whose results the cluster holds (see ``_kill_holders``)."""
-        try:
-            held = {str(k): v for k, v in self._client.who_has([f.future for f in flights]).items()}
-        except Exception:
+        flights = [f for f in flights if f.key in self._flights]
+        if not flights:
             return
-        for flight in flights:
-            if held.get(flight.key) and self._land(flight.key) is not None:
-                fetched = self._fetch(flight, STOP_FETCH_TIMEOUT)
-                self._settle_flight(flight, "finished" if fetched else "lost")
-
-    def _keep_partial(self, keys: set[str], processing: dict[str, Any]) -> None:
-        """Settle the running units of ``keys`` with the items they finished, as their workers
-        tell (``take_finished``); a worker that does not answer at once keeps them."""
-        workers = [addr for addr, tasks in processing.items() if keys & {str(t) for t in tasks}]
-        if not workers:
-            return
+        client = self._client
         try:
-            taken = self._client.run(
-                take_finished,
-                self._token,
-                workers=workers,
-                on_error="return",
-                callback_timeout=TAKE_TIMEOUT,
+            held = client.sync(
+                client.scheduler.who_has,
+                keys=[f.future.key for f in flights],
+                callback_timeout=max(deadline - time.monotonic(), 0.01),
             )
         except Exception:
             return
-        for outcomes in taken.values():
-            if not isinstance(outcomes, dict):  # that worker's call failed
+        held = {str(k): v for k, v in held.items()}
+        for flight in flights:
+            if held.get(flight.key) and self._land(flight.key) is not None:
+                fetched = self._fetch(flight, max(deadline - time.monotonic(), 0.01))
+                self._settle_flight(flight, "finished" if fetched else "lost")
+
+    def _keep_partial(self, keys: set[str], processing: dict[str, Any], deadline: float) -> None:
+        """Settle the running units of ``keys`` with the items they finished, as their workers
+        tell (``take_finished``), each worker within the time left: one whose event loop does
+        not answer (C code that holds the GIL) keeps them."""
+        import asyncio
+
+        workers = [addr for addr, tasks in processing.items() if keys & {str(t) for t in tasks}]
+        if not workers:
+            return
+        client = self._client
+        left = max(deadline - time.monotonic(), 0.01)
+
+        async def ask(addr: str) -> Any:
+            with contextlib.suppress(Exception):
+                asked = client.run(
+                    take_finished, self._token, workers=[addr], on_error="return", asynchronous=True
+                )
+                return (await asyncio.wait_for(asked, left)).get(addr)
+            return None
+
+        async def ask_all() -> list[Any]:
+            return list(await asyncio.gather(*(ask(addr) for addr in workers)))
+
+        try:
+            taken = client.sync(ask_all, callback_timeout=left + 1.0)
+        except Exception:
+            return
+        for outcomes in taken:
+            if not isinstance(outcomes, dict):  # that worker did not answer, or failed
                 continue
             for key, outcome in outcomes.items():
                 flight = self._land(str(key)) if str(key) in keys else None
@@ -1274,23 +1295,24 @@ class DaskBackend(Intake):
             }
         except Exception:
             return
-        if self.level >= STOPPING:
-            # A unit that finished before the stop holds its results in a worker's memory,
-            # which may be one of those about to end (it went on to the next unit), and the
-            # news of its end may not have reached this client yet: fetched first, so that
-            # every finished result is kept. What still runs is what is ended.
-            self._keep_finished(flights)
-            flights = [f for f in flights if f.key in self._flights]
         keys = {f.key for f in flights}
         holders = [
             addr
             for addr, tasks in processing.items()
             if keys & {str(t) for t in tasks} and nannies.get(addr) and addr not in self._killed
         ]
-        if self.level >= STOPPING:
-            # The units still running hold the values of the items they finished until they
-            # return: taken from them before they are ended or discarded.
-            self._keep_partial(keys, processing)
+        if self.level == STOPPING:
+            # Before the workers are ended (or, without a nanny, their units discarded), what
+            # they hold is taken, each step within KEEP_SECONDS (a second Ctrl-C skips them):
+            # - a unit that finished holds its results in its worker's memory: that worker
+            #   may be one about to end (it went on to the next unit), and the news of the
+            #   end may not have reached this client yet;
+            # - a unit still running holds the values of the items it finished until it
+            #   returns;
+            # - and, asked again last, a unit that returned meanwhile.
+            self._keep_finished(flights, time.monotonic() + KEEP_SECONDS)
+            self._keep_partial(keys, processing, time.monotonic() + KEEP_SECONDS)
+            self._keep_finished(flights, time.monotonic() + KEEP_SECONDS)
         if holders:
             self._killed.update(holders)
             with contextlib.suppress(Exception):
