@@ -33,6 +33,18 @@ def stuck_marked(spec: tuple[int, int, str]) -> tuple[int, int]:
     return index, 7 * index
 
 
+def gil_marked(spec: tuple[int, int, str]) -> tuple[int, int]:
+    """As ``stuck_marked``, but item ``stuck`` runs in C with the GIL held (a sum over a range:
+    no bytecode runs, and no other thread of its process, the worker's event loop included,
+    until it ends, in hours)."""
+    index, stuck, folder = spec
+    mark(folder, "start", index)
+    if index == stuck:
+        sum(range(10**13))
+    mark(folder, "end", index)
+    return index, 7 * index
+
+
 KINDS = ("begin", "start", "end")
 SLOTS = 4096  # items per kind of mark
 _SIZE = len(KINDS) * SLOTS * 8

@@ -17,7 +17,8 @@ How it keeps cleanbreak's promises on a cluster, where a thread in a worker cann
   worker's SIGTERM handler). The unit returns the items it had finished, so they are kept. Code
   stuck in C (a long numpy call, a ``sleep``) sees the exception only once it returns to
   Python: after ``STOP_GRACE`` seconds the backend kills the worker processes still running
-  its items (their nanny starts new ones), once it has fetched the results those workers hold
+  its items, through their nanny (which starts new ones; from the nanny, since a worker in C
+  code that holds the GIL runs nothing itself), once it has fetched the results those workers hold
   of units that had finished, and taken the values of the items the running units had
   finished (``take_finished``). Workers without a nanny cannot be restarted, so they
   are left to finish the item, whose result is discarded.
@@ -75,6 +76,10 @@ RUNNING, DRAINING, STOPPING, KILLING = 0, 1, 2, 3  # the same levels as _manager
 STOP_GRACE = 0.5  # seconds from the stop to the kill of workers still running our items
 CONNECT_TIMEOUT = 10.0
 FETCH_TIMEOUT = 30.0  # seconds to fetch a finished unit's result from its worker
+# Seconds to wait for the scheduler to pass a stop on to the workers. Even without waiting for
+# the function's result (wait=False), Client.run waits for each worker to take it, and a worker
+# in C code that holds the GIL takes nothing: the stop waited for that C code to end, hours.
+SEND_TIMEOUT = 1.0
 # Seconds a stop gives each step of taking what workers hold before it ends them (see
 # _kill_holders): a deadlock guard, each takes milliseconds.
 KEEP_SECONDS = 1.0
@@ -399,9 +404,21 @@ def take_finished(token: str) -> dict[str, tuple[int, Any, dict[int, CapturedErr
     return out
 
 
-async def exit_worker() -> None:
-    """Run by ``Client.run``: end this worker process now (its nanny starts a new one)."""
-    os._exit(1)
+async def end_worker_process(dask_worker: Any) -> bool:
+    """Run by ``Client.run(nanny=True)`` (a coroutine, which is what ``wait=False`` takes) in a
+    worker's nanny: end its worker process now
+    (SIGKILL), which the nanny then starts again. From the nanny, so that it works while the
+    worker's own event loop cannot run: C code that holds the GIL (``exit_worker``, run in the
+    worker, never ran there). Whether there was a process to end."""
+    import signal
+
+    process = getattr(getattr(dask_worker, "process", None), "process", None)
+    pid = getattr(process, "pid", None)
+    if not isinstance(pid, int):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def running_here() -> list[str]:
@@ -1218,7 +1235,9 @@ class DaskBackend(Intake):
             self._sent_level = wanted
             self._stop_at = time.monotonic()
             with contextlib.suppress(Exception):
-                self._client.run(stop_units, self._token, terminate, wait=False)
+                self._client.run(
+                    stop_units, self._token, terminate, wait=False, callback_timeout=SEND_TIMEOUT
+                )
         if terminate:
             late = time.monotonic() - self._stop_at >= STOP_GRACE
             if self._flights and (late or level >= KILLING):
@@ -1283,7 +1302,9 @@ class DaskBackend(Intake):
 
     def _stop_keys(self, keys: list[str]) -> None:
         with contextlib.suppress(Exception):
-            self._client.run(stop_units, self._token, True, keys, wait=False)
+            self._client.run(
+                stop_units, self._token, True, keys, wait=False, callback_timeout=SEND_TIMEOUT
+            )
 
     def _kill_holders(self, flights: list[_Flight]) -> None:
         """End the worker processes running these units (a nanny restarts each), once."""
@@ -1316,7 +1337,7 @@ class DaskBackend(Intake):
         if holders:
             self._killed.update(holders)
             with contextlib.suppress(Exception):
-                self._client.run(exit_worker, workers=holders, wait=False)
+                self._client.run(end_worker_process, workers=holders, nanny=True, wait=False)
         if self.level >= STOPPING:
             # What still runs is discarded: its results will not be waited for.
             with contextlib.suppress(Exception):

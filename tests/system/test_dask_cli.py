@@ -8,6 +8,7 @@ its own, which goes by value (issue 18); what cannot be shipped fails once, with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import operator
@@ -228,6 +229,56 @@ def test_a_stop_that_ends_a_worker_keeps_what_its_running_unit_had_finished(
     assert all(v == [k, 7 * k] for k, v in completed.items()), completed
     with distributed.Client(address, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=GUARD)  # (its nanny started it again)
+
+
+def test_a_stop_ends_a_worker_stuck_in_c_code_that_holds_the_gil(
+    address: str, tmp_path: Path, distributed: Any
+) -> None:
+    # Item 3 runs in C with the GIL held: the stop cannot break into it, and the worker's own
+    # event loop cannot run anything (exit_worker, run there, never did: the worker went on
+    # for hours, and the cluster with it). Its nanny ends it; the values its unit held go
+    # with it (nothing of that process can answer), but the client stops at once and the
+    # cluster is left serving, with every worker answering.
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    argv = ["--api", "map", "--tasks", "8", "--chunksize", "8", "--stuck", "3", "--gil"]
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), address, str(folder), *argv],
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + GUARD
+        while 3 not in dask_tasks.marks(str(folder), "start"):  # handshake: item 3 is stuck
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=GUARD)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert took < 5.0, took
+    completed = json.loads(out)["completed"]
+    assert all(v == [int(k), 7 * int(k)] for k, v in completed.items()), completed
+    with distributed.Client(address, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=GUARD)
+        deadline = time.monotonic() + GUARD
+        while True:  # every worker answers (the stuck one, ended, was started again)
+            with contextlib.suppress(TimeoutError):
+                pids = client.run(os.getpid, callback_timeout=5)
+                if len(pids) == 2:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert client.gather(client.map(tasks.square, range(10))) == [x * x for x in range(10)]
 
 
 def test_cleanbreak_run_on_the_cluster(address: str, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import cleanbreak
-from tests.dask_tasks import mark, spin_marked, stress_marked, stuck_marked
+from tests.dask_tasks import gil_marked, mark, spin_marked, stress_marked, stuck_marked
 from tests.system.scripts.sysprobe_tasks import through_asyncio
 
 # The package imports these on first use; loaded now, so that between the ``begin`` mark and
@@ -92,6 +92,7 @@ def main() -> int:
     parser.add_argument("--chunksize", type=int, default=1)
     parser.add_argument("--stuck", type=int, default=None, help="item that sleeps in C")
     parser.add_argument("--by-value", action="store_true", help="a lambda: sent by value")
+    parser.add_argument("--gil", action="store_true", help="the stuck item holds the GIL")
     args = parser.parse_args()
     if args.hold_results:
         _hold_results()
@@ -102,7 +103,7 @@ def main() -> int:
         fn = stress_marked
         specs = [(i, rng.uniform(0.001, 0.040), args.folder) for i in range(args.tasks)]
     if args.stuck is not None:
-        fn = stuck_marked
+        fn = gil_marked if args.gil else stuck_marked
         specs = [(i, args.stuck, args.folder) for i in range(args.tasks)]
     if args.by_value:
         inner = fn
