@@ -360,6 +360,33 @@ def test_workers_are_gone_after_shutdown(start_method: str) -> None:
     assert not alive, f"workers still there after shutdown: {alive}"
 
 
+def _pools(dropin: bool) -> tuple[Any, Any]:
+    """A pool of one worker that has run a task: the drop-in and its cleanbreak pool, or
+    (None, a cleanbreak pool)."""
+    from cleanbreak.multiprocessing import Pool as DropIn
+
+    face = DropIn(1) if dropin else None
+    pool: Any = face._pool if face is not None else cleanbreak.Pool(1)
+    assert pool.submit(abs, -1).result(GUARD) == 1
+    return face, pool
+
+
+def _stop_with_interrupted_put_off(pool: Any) -> None:
+    """The signal handler's part, played in order: a Ctrl-C in a step of the main thread
+    where nothing may be raised. It stops the pool and puts its Interrupted off (its signal
+    not sent back yet); the pool has stopped once this returns."""
+    import signal
+
+    from cleanbreak import _signals
+
+    pool.on_signal(signal.SIGINT)
+    exc = cleanbreak.Interrupted(signal.SIGINT)
+    exc._counted = True
+    pool.raising(exc)
+    _signals._put_off = exc
+    assert pool._backend.wait(GUARD)
+
+
 @pytest.mark.parametrize("face", ["submit", "apply_async"])
 def test_a_stop_that_comes_as_submit_queues_its_task_raises_its_interrupted(face: str) -> None:
     # The signal's handler ran in a step of the main thread where nothing may be raised, and
@@ -368,24 +395,14 @@ def test_a_stop_that_comes_as_submit_queues_its_task_raises_its_interrupted(face
     # not "cannot schedule new tasks: the pool has shut down" (the drop-in's stress test saw
     # that once in 150 runs of 1,000 round trips, and again in 800). The handler's part is
     # played here, in order, inside the backend's put.
-    import signal
-
     from cleanbreak import _signals
-    from cleanbreak.multiprocessing import Pool as DropIn
 
-    dropin = DropIn(1) if face == "apply_async" else None
-    pool: Any = dropin._pool if dropin is not None else cleanbreak.Pool(1)
-    assert pool.submit(abs, -1).result(GUARD) == 1
+    dropin, pool = _pools(face == "apply_async")
     backend = pool._backend
     real_put = backend.put
 
     def put(unit: object) -> None:
-        pool.on_signal(signal.SIGINT)
-        exc = cleanbreak.Interrupted(signal.SIGINT)
-        exc._counted = True
-        pool.raising(exc)
-        _signals._put_off = exc  # (its signal not sent back yet)
-        assert backend.wait(GUARD)
+        _stop_with_interrupted_put_off(pool)
         real_put(unit)
 
     backend.put = put
@@ -409,14 +426,9 @@ def test_a_stop_that_comes_as_a_map_queues_its_chunks_raises_its_interrupted(fac
     # As above, for a map: the handler put its Interrupted off while the map read its next
     # items, and the pool stopped before the map handed them to the backend. The caller gets
     # that Interrupted, with what had finished, not "the pool has shut down".
-    import signal
-
     from cleanbreak import _signals
-    from cleanbreak.multiprocessing import Pool as DropIn
 
-    dropin = DropIn(1) if face == "drop-in map" else None
-    pool: Any = dropin._pool if dropin is not None else cleanbreak.Pool(1)
-    assert pool.submit(abs, -1).result(GUARD) == 1
+    dropin, pool = _pools(face == "drop-in map")
     backend = pool._backend
     real_put_all = backend.put_all
     calls = []
@@ -424,12 +436,7 @@ def test_a_stop_that_comes_as_a_map_queues_its_chunks_raises_its_interrupted(fac
     def put_all(units: Any) -> None:
         calls.append(len(units))
         if len(calls) == 2:  # the first chunks ran: the map tops up
-            pool.on_signal(signal.SIGINT)
-            exc = cleanbreak.Interrupted(signal.SIGINT)
-            exc._counted = True
-            pool.raising(exc)
-            _signals._put_off = exc  # (its signal not sent back yet)
-            assert backend.wait(GUARD)
+            _stop_with_interrupted_put_off(pool)
         real_put_all(units)
 
     backend.put_all = put_all

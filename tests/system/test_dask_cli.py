@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +89,15 @@ def address(tmp_path_factory: pytest.TempPathFactory, distributed: Any) -> Itera
                 proc.wait()
 
 
-def test_ctrl_c_leaves_the_cluster_idle_and_serving(
-    address: str, tmp_path: Path, distributed: Any
-) -> None:
-    folder = tmp_path / "marks"
+def _interrupt_child(
+    address: str, folder: Path, argv: list[str], ready: Callable[[], bool]
+) -> tuple[dict[str, Any], int, float]:
+    """Run the child on the cluster with ``argv``; once ``ready()`` (the handshake), Ctrl-C it
+    as a terminal would, and check that it ended by the signal with no traceback. Its report,
+    the signal's moment (``time.monotonic_ns()``) and the seconds from it to the child's end."""
     folder.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), address, str(folder), "--seconds", "2"],
+        [sys.executable, str(CHILD), address, str(folder), *argv],
         env=_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -104,7 +106,7 @@ def test_ctrl_c_leaves_the_cluster_idle_and_serving(
     )
     try:
         deadline = time.monotonic() + GUARD
-        while len(dask_tasks.marks(str(folder), "end")) < 2:  # handshake: results came in
+        while not ready():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.01)
         sent = time.monotonic_ns()
@@ -117,8 +119,23 @@ def test_ctrl_c_leaves_the_cluster_idle_and_serving(
             proc.communicate()
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
+    return json.loads(out), sent, took
+
+
+def _stuck_at(folder: Path, index: int) -> Callable[[], bool]:
+    return lambda: index in dask_tasks.marks(str(folder), "start")
+
+
+def test_ctrl_c_leaves_the_cluster_idle_and_serving(
+    address: str, tmp_path: Path, distributed: Any
+) -> None:
+    folder = tmp_path / "marks"
+
+    def results_came() -> bool:
+        return len(dask_tasks.marks(str(folder), "end")) >= 2
+
+    report, sent, took = _interrupt_child(address, folder, ["--seconds", "2"], results_came)
     assert took < 5.0, took
-    report = json.loads(out)
     kept = {v[0] for v in report["yielded"]} | {int(k) for k in report["completed"]}
     ends = dask_tasks.marks(str(folder), "end")
     assert {i for i, t in ends.items() if t < sent - 1_000_000} <= kept
@@ -149,38 +166,21 @@ def test_a_stop_that_ends_workers_keeps_the_results_they_held(
     # and 1 are fetched first: with the stop's ending of the workers first, both were lost
     # (6 of 15 runs lost one or both, with the signal sent within a millisecond of their end,
     # before this client had heard of it; the child here makes that moment certain).
-    folder = tmp_path / "marks"
-    folder.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, str(CHILD), address, str(folder), "--seconds", "0.5", "--hold-results"],
-        env=_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        with distributed.Client(address, set_as_default=False) as client:
-            deadline = time.monotonic() + GUARD
-            while True:  # handshake: the cluster holds two units' results
-                held = [k for k, v in client.who_has().items() if v and "cleanbreak-" in str(k)]
-                if len(held) >= 2:
-                    break
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=GUARD)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err, err
-    report = json.loads(out)
+    with distributed.Client(address, set_as_default=False) as client:
+
+        def two_held() -> bool:  # the cluster holds two units' results
+            held = [k for k, v in client.who_has().items() if v and "cleanbreak-" in str(k)]
+            return len(held) >= 2
+
+        argv = ["--seconds", "0.5", "--hold-results"]
+        report, _sent, _took = _interrupt_child(address, tmp_path / "marks", argv, two_held)
     assert report["yielded"] == []  # (held back until the stop)
     assert report["completed"] == {"0": [0, 0], "1": [1, 7]}
     with distributed.Client(address, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=GUARD)  # (their nannies started them again)
+
+
+STUCK = ["--api", "map", "--tasks", "8", "--chunksize", "8", "--stuck", "3"]
 
 
 @pytest.mark.parametrize("how", ["by reference", "by value"])
@@ -193,35 +193,10 @@ def test_a_stop_that_ends_a_worker_keeps_what_its_running_unit_had_finished(
     # it never does: they are taken from the worker first. (They went with the process
     # before.)
     folder = tmp_path / "marks"
-    folder.mkdir()
-    argv = ["--api", "map", "--tasks", "8", "--chunksize", "8", "--stuck", "3"]
-    if how == "by value":  # a lambda: its unit's values come back pickled by value
-        argv.append("--by-value")
-    proc = subprocess.Popen(
-        [sys.executable, str(CHILD), address, str(folder), *argv],
-        env=_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + GUARD
-        while 3 not in dask_tasks.marks(str(folder), "start"):  # handshake: item 3 is stuck
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
-        sent = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=GUARD)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err, err
+    # By value: a lambda, whose unit's values come back pickled by value.
+    argv = [*STUCK, "--by-value"] if how == "by value" else STUCK
+    report, _sent, took = _interrupt_child(address, folder, argv, _stuck_at(folder, 3))
     assert took < 5.0, took
-    report = json.loads(out)
     assert report["yielded"] == []  # (in order: item 0's unit never returned)
     completed = {int(k): v for k, v in report["completed"].items()}
     assert {0, 1, 2} <= set(completed), completed
@@ -236,37 +211,14 @@ def test_a_stop_ends_a_worker_stuck_in_c_code_that_holds_the_gil(
 ) -> None:
     # Item 3 runs in C with the GIL held: the stop cannot break into it, and the worker's own
     # event loop cannot run anything (exit_worker, run there, never did: the worker went on
-    # for hours, and the cluster with it). Its nanny ends it; the values its unit held go
-    # with it (nothing of that process can answer), but the client stops at once and the
-    # cluster is left serving, with every worker answering.
+    # for hours, and the cluster with it; and passing the stop on waited for that worker to
+    # take it, so the client hung). Its nanny ends it; the values its unit held go with it
+    # (nothing of that process can answer), but the client stops at once and the cluster is
+    # left serving, with every worker answering.
     folder = tmp_path / "marks"
-    folder.mkdir()
-    argv = ["--api", "map", "--tasks", "8", "--chunksize", "8", "--stuck", "3", "--gil"]
-    proc = subprocess.Popen(
-        [sys.executable, str(CHILD), address, str(folder), *argv],
-        env=_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + GUARD
-        while 3 not in dask_tasks.marks(str(folder), "start"):  # handshake: item 3 is stuck
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
-        sent = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=GUARD)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err, err
+    report, _sent, took = _interrupt_child(address, folder, [*STUCK, "--gil"], _stuck_at(folder, 3))
     assert took < 5.0, took
-    completed = json.loads(out)["completed"]
+    completed = report["completed"]
     assert all(v == [int(k), 7 * int(k)] for k, v in completed.items()), completed
     with distributed.Client(address, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=GUARD)
