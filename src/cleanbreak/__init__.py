@@ -78,18 +78,21 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value
         return value
+    caught: list[_signal.Signals] = []
     try:
         with _signals.collecting() as caught:
             value = getattr(importlib.import_module(f".{module}", __name__), name)
             globals()[name] = value
-        if caught:
-            raise _signals.early_interrupt(caught[0])
-    except KeyboardInterrupt as exc:
-        # SIGINT's default handler, in the instants before ours is in place or after it is
-        # put back: the line ends as it would a moment later, in the pool's call.
-        if isinstance(exc, Interrupted):
+    except BaseException as exc:
+        # A plain KeyboardInterrupt (SIGINT's default handler, in the instants before ours is
+        # in place), or a failed import once a signal was recorded: Interrupted, as a moment
+        # later in the pool's call.
+        outcome = _signals.window_outcome(exc, caught)
+        if outcome is exc:
             raise
-        raise _signals.early_interrupt(_signal.SIGINT) from None
+        raise outcome from None
+    if caught:
+        raise _signals.early_interrupt(caught[0])
     return value
 
 

@@ -1085,7 +1085,6 @@ class _AheadSink(_FutureSink):
     prefetch = True
 
 
-@_signals.making_a_pool  # (its arguments are checked before the pool is made)
 def map(
     fn: Callable[[Any], T],
     iterable: Iterable[Any],
@@ -1120,23 +1119,24 @@ def map(
     shows a progress bar on stderr. With ``dask`` (a scheduler address or a
     ``distributed.Client``), the tasks run on that Dask cluster, as ``Pool(dask=...)`` does.
     """
-    _flag("return_exceptions", return_exceptions)
-    _flag("progress", progress)
+    made = _map_pool(
+        return_exceptions,
+        progress,
+        workers,
+        on_interrupt=on_interrupt,
+        mp_context=mp_context,
+        initializer=initializer,
+        initargs=initargs,
+        task_timeout=task_timeout,
+        retries=retries,
+        retry_on=retry_on,
+        max_tasks_per_worker=max_tasks_per_worker,
+        journal=journal,
+        dask=dask,
+    )
     run: MapRun[T] | None = None
     try:
-        with Pool(
-            workers,
-            on_interrupt=on_interrupt,
-            mp_context=mp_context,
-            initializer=initializer,
-            initargs=initargs,
-            task_timeout=task_timeout,
-            retries=retries,
-            retry_on=retry_on,
-            max_tasks_per_worker=max_tasks_per_worker,
-            journal=journal,
-            dask=dask,
-        ) as pool:
+        with made as pool:
             run = MapRun(
                 pool,
                 pool._opts,
@@ -1159,6 +1159,16 @@ def map(
             exc.completed = run.gather()
             exc.total = run.total
         raise
+
+
+@_signals.making_a_pool
+def _map_pool(return_exceptions: bool, progress: bool, *args: Any, **kwargs: Any) -> Pool:
+    """``map``'s own arguments checked, then its pool made, in the window ``Pool()`` has (a
+    signal meanwhile gives ``Interrupted``, nothing started). Only that: a window open for the
+    whole map would close after the pool had put the default handlers back."""
+    _flag("return_exceptions", return_exceptions)
+    _flag("progress", progress)
+    return Pool(*args, **kwargs)
 
 
 def _progress_for(progress: bool, fn: Callable[..., Any]) -> ProgressFactory | None:

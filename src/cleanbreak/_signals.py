@@ -355,19 +355,41 @@ def collecting() -> Iterator[list[signal.Signals]]:
             _install()
         yield caught
     finally:
-        with _lock:
-            # Restored while signals are still recorded: a signal that came after ``_collected``
-            # was cleared and before the default handler was back found no pool and raised
-            # KeyboardInterrupt in the middle of the restore (a stress run saw it).
-            try:
-                if not _listeners:
-                    _restore()
-            except KeyboardInterrupt:
-                # SIGINT's default handler is back, and a SIGINT came before SIGTERM's was
-                # (its handler runs as the next handler is set): recorded as well (a stress
-                # run saw it raise here).
-                caught.append(signal.SIGINT)
+        # The window closes with both signals blocked in this thread, so that none lands
+        # between the two handlers put back (SIGINT's default back and SIGTERM's not yet: a
+        # stress run saw a plain KeyboardInterrupt raised in the middle of the restore), nor
+        # after the recording ends and before the handlers are back.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            _close_window(caught)
+        except KeyboardInterrupt:  # (delivered to another thread, run here: see below)
+            caught.append(signal.SIGINT)
+        finally:
             _collected = None
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            except KeyboardInterrupt:  # SIGINT's default handler, for one that came just now
+                caught.append(signal.SIGINT)
+
+
+def _close_window(caught: list[signal.Signals]) -> None:
+    """``collecting``'s end, with SIGINT and SIGTERM blocked in the main thread: the handlers
+    are put back (unless a pool's handler is in place now), and a signal that came while they
+    were blocked is recorded, as it would have been a moment earlier. (One sent to the
+    process can still reach another thread, whose C handler then has the main thread run the
+    Python handler in place at its next instruction.)"""
+    with _lock:
+        if _listeners:
+            return
+        _restore()
+        take = getattr(signal, "sigtimedwait", None)  # (not on macOS: there it goes on)
+        if take is None:
+            return
+        pending = signal.sigpending()
+        for sig in HANDLED:
+            if sig in pending and signal.getsignal(sig) is not _handler:
+                take([sig], 0)  # taken: it would reach the default handler
+                caught.append(sig)
 
 
 def making_a_pool(init: Callable[_P, _T]) -> Callable[_P, _T]:
@@ -383,28 +405,37 @@ def making_a_pool(init: Callable[_P, _T]) -> Callable[_P, _T]:
 
     @functools.wraps(init)
     def made(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        caught: list[signal.Signals] = []
         try:
             # (Where another pool's handler is in place already, it acts for this one as
             # before.)
             window: contextlib.AbstractContextManager[list[signal.Signals]]
             window = collecting() if not _listeners else contextlib.nullcontext([])
             with window as caught:
-                try:
-                    return init(*args, **kwargs)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:
-                    if caught:  # recorded before the pool's handler was in place: it wins
-                        raise early_interrupt(caught[0]) from None
-                    raise
+                return init(*args, **kwargs)
             # (A pool made puts its handler in place, and end_collecting hands it what was
             # recorded: nothing is left here to raise.)
-        except KeyboardInterrupt as exc:
-            if isinstance(exc, Interrupted):
+        except BaseException as exc:
+            outcome = window_outcome(exc, caught)
+            if outcome is exc:
                 raise
-            raise early_interrupt(signal.SIGINT) from None
+            raise outcome from None
 
     return made
+
+
+def window_outcome(exc: BaseException, caught: list[signal.Signals]) -> BaseException:
+    """What a call whose window (``collecting``) was open raises for ``exc``: ``Interrupted``
+    for a plain KeyboardInterrupt (SIGINT's default handler, in the instants before ours is
+    in place), and for any failure once a signal was recorded (it came first, or as the
+    window closed); else ``exc`` itself."""
+    if isinstance(exc, Interrupted):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return early_interrupt(caught[0] if caught else signal.SIGINT)
+    if caught:
+        return early_interrupt(caught[0])
+    return exc
 
 
 def end_collecting() -> signal.Signals | None:
