@@ -536,12 +536,14 @@ class Pool(Executor):
             fut.uid = unit.uid
             try:
                 self._backend.put(unit)
-            except BaseException:
+            except BaseException as exc:
                 del self._futures[index]
-                # The backend stopped since the check above, for a signal whose handler put
-                # its Interrupted off (the main thread was where nothing may be raised): that
-                # is what the caller gets, not the backend's "shut down".
-                self._check_open()
+                if not isinstance(exc, KeyboardInterrupt):
+                    # The backend stopped since the check above, for a signal whose handler
+                    # put its Interrupted off (the main thread was where nothing may be
+                    # raised): that is what the caller gets, not the backend's "shut down".
+                    # (An Interrupted the handler raised in put itself goes as it is.)
+                    self._check_open()
                 raise
         return fut
 
