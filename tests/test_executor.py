@@ -387,25 +387,15 @@ def _stop_with_interrupted_put_off(pool: Any) -> None:
     assert pool._backend.wait(GUARD)
 
 
-@pytest.mark.parametrize("face", ["submit", "apply_async"])
-def test_a_stop_that_comes_as_submit_queues_its_task_raises_its_interrupted(face: str) -> None:
-    # The signal's handler ran in a step of the main thread where nothing may be raised, and
-    # put its Interrupted off; before that came back, the pool stopped, and the task that
-    # submit was queuing met a backend that had shut down. The caller gets the Interrupted,
-    # not "cannot schedule new tasks: the pool has shut down" (the drop-in's stress test saw
-    # that once in 150 runs of 1,000 round trips, and again in 800). The handler's part is
-    # played here, in order, inside the backend's put.
-    from cleanbreak import _signals
-
+def _submit_through(
+    face: str, put: Callable[[Any, Callable[[object], None], object], None]
+) -> None:
+    """``submit`` (or the drop-in's ``apply_async``) a task with the backend's ``put`` replaced
+    by ``put(pool, real_put, unit)``; it must raise Interrupted."""
     dropin, pool = _pools(face == "apply_async")
     backend = pool._backend
     real_put = backend.put
-
-    def put(unit: object) -> None:
-        _stop_with_interrupted_put_off(pool)
-        real_put(unit)
-
-    backend.put = put
+    backend.put = lambda unit: put(pool, real_put, unit)
     try:
         with pytest.raises(cleanbreak.Interrupted):
             if dropin is not None:
@@ -418,6 +408,23 @@ def test_a_stop_that_comes_as_submit_queues_its_task_raises_its_interrupted(face
             dropin.terminate()
         else:
             pool.shutdown()
+
+
+@pytest.mark.parametrize("face", ["submit", "apply_async"])
+def test_a_stop_that_comes_as_submit_queues_its_task_raises_its_interrupted(face: str) -> None:
+    # The signal's handler ran in a step of the main thread where nothing may be raised, and
+    # put its Interrupted off; before that came back, the pool stopped, and the task that
+    # submit was queuing met a backend that had shut down. The caller gets the Interrupted,
+    # not "cannot schedule new tasks: the pool has shut down" (the drop-in's stress test saw
+    # that once in 150 runs of 1,000 round trips, and again in 800). The handler's part is
+    # played here, in order, inside the backend's put.
+    from cleanbreak import _signals
+
+    def put(pool: Any, real_put: Callable[[object], None], unit: object) -> None:
+        _stop_with_interrupted_put_off(pool)
+        real_put(unit)
+
+    _submit_through(face, put)
     assert _signals._put_off is None
 
 
@@ -429,11 +436,7 @@ def test_an_interrupted_raised_as_submit_queues_its_task_goes_as_it_is(face: str
     # stress test, 1 in 150 runs of 1,000 round trips, seed 8187).
     import signal
 
-    dropin, pool = _pools(face == "apply_async")
-    backend = pool._backend
-    real_put = backend.put
-
-    def put(unit: object) -> None:
+    def put(pool: Any, real_put: Callable[[object], None], unit: object) -> None:
         real_put(unit)
         pool.on_signal(signal.SIGINT)
         exc = cleanbreak.Interrupted(signal.SIGINT)
@@ -441,19 +444,7 @@ def test_an_interrupted_raised_as_submit_queues_its_task_goes_as_it_is(face: str
         pool.raising(exc)
         raise exc
 
-    backend.put = put
-    try:
-        with pytest.raises(cleanbreak.Interrupted):
-            if dropin is not None:
-                dropin.apply_async(abs, (-2,))
-            else:
-                pool.submit(abs, -2)
-    finally:
-        backend.put = real_put
-        if dropin is not None:
-            dropin.terminate()
-        else:
-            pool.shutdown()
+    _submit_through(face, put)
 
 
 @pytest.mark.parametrize("face", ["map", "imap_unordered", "drop-in map"])

@@ -406,10 +406,10 @@ def take_finished(token: str) -> dict[str, tuple[int, Any, dict[int, CapturedErr
 
 async def end_worker_process(dask_worker: Any) -> bool:
     """Run by ``Client.run(nanny=True)`` (a coroutine, which is what ``wait=False`` takes) in a
-    worker's nanny: end its worker process now
-    (SIGKILL), which the nanny then starts again. From the nanny, so that it works while the
-    worker's own event loop cannot run: C code that holds the GIL (``exit_worker``, run in the
-    worker, never ran there). Whether there was a process to end."""
+    worker's nanny: end its worker process now (SIGKILL), which the nanny then starts again.
+    From the nanny, so that it works while the worker's own event loop cannot run (C code that
+    holds the GIL: a function run in the worker itself never ran there). Whether there was a
+    process to end."""
     import signal
 
     process = getattr(getattr(dask_worker, "process", None), "process", None)

@@ -595,9 +595,7 @@ class MapRun(Generic[T]):
             # its Interrupted off (it came where nothing may be raised): the caller gets that,
             # with what finished (see _guarded), not the backend's "shut down". The units'
             # items did not start, as none would now.
-            put_off = _signals.take_put_off() if _signals.in_main_thread() else None
-            if put_off is not None:
-                raise put_off.with_traceback(None) from None
+            _signals.raise_put_off()
             stop = Interrupted(sig)
             stop._counted = True
             raise stop from None

@@ -425,7 +425,7 @@ class Pool(Executor):
             return
         # Left to come back in a moment, it would be swallowed by settle()'s wait, and the
         # pool would start again.
-        _raise_put_off()
+        _signals.raise_put_off()
         seen = self._signals_seen
         self.settle()
         if not self._reported:
@@ -872,7 +872,7 @@ class Pool(Executor):
     def _check_open(self) -> None:
         _refuse_at_exit()
         if self._signal is not None:
-            _raise_put_off()
+            _signals.raise_put_off()
             raise RuntimeError(
                 f"cannot schedule new tasks: the pool was interrupted by {self._signal.name}"
             )
@@ -892,16 +892,6 @@ def _not_started(sig: signal.Signals) -> Interrupted:
     stop._filled = True
     _signals.interrupted(sig)
     return stop
-
-
-def _raise_put_off() -> None:
-    """Raise the stop's Interrupted now if the handler put it off (the signal came in a
-    callback that the garbage collector ran, or while the main thread sent a unit): it has not
-    reached the caller, and a call on the stopped pool is the first place it can."""
-    if _signals.in_main_thread():
-        put_off = _signals.take_put_off()
-        if put_off is not None:
-            raise put_off.with_traceback(None)
 
 
 def _refuse_at_exit() -> None:

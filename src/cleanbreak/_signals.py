@@ -586,6 +586,16 @@ _unsent: object | None = None  # the token of the thread that is to send the sig
 _in_flight = False
 
 
+def raise_put_off() -> None:
+    """Raise the stop's Interrupted now if the handler put it off (the signal came in a
+    callback that the garbage collector ran, or while the main thread sent a unit): it has not
+    reached the caller, and a call on the stopped pool is the first place it can."""
+    if in_main_thread():
+        put_off = take_put_off()
+        if put_off is not None:
+            raise put_off.with_traceback(None)
+
+
 def take_put_off() -> Interrupted | None:
     """The Interrupted put off, for a pool call to raise now (a future cancelled by the stop
     raises it, not CancelledError); the signal that was to bring it back is called off, or
