@@ -58,6 +58,22 @@ gone skips the chunk (it still takes in the function, whose numbering both sides
 and says nothing; the manager has sent it to the free worker. Claims are read in the order they
 were written, so reading one also tells which earlier ones the worker took.
 
+Tasks that travel together: a task of a few microseconds that travels alone (an
+``apply_async`` of the ``multiprocessing.Pool`` face, a map's item with ``chunksize=1``) costs
+some tens of microseconds of its own, in the parent and in the worker: its unit, its frame,
+its result's frame. So units of one item that wait here, one behind the other, of the same
+function and sink (whose ``merges`` says their indices may share a unit), go as one unit, while
+the function's last items took so little that it is expected to take at most
+``MERGE_SECONDS``; a task with a timeout, or one retried, goes alone. Such a unit is *loose*:
+each of its items after the first has a claim of its own, written after the unit's, and the
+worker takes it before it starts that item. A worker that is free while nothing waits takes
+back the items of a loose unit that another worker has not claimed, once that unit has run
+``LOOSE_GRACE`` (it was expected to take less): the worker, finding the claim of its next item
+gone, ends the unit there. So a task that travels behind a long one still goes to the first
+worker that is free, a moment later, as the stock pool's one queue would give it. A worker
+that dies in a loose unit makes each item without an outcome run again alone (see below): a
+task that finished in the same unit, and had not been reported, runs twice.
+
 Sending from the caller's thread: a task submitted while the manager waits in select would
 cost a wake-up of the manager (the wake pipe, then the manager's turn at the GIL) before it
 reaches a worker, the largest part of a round trip's time in the parent. So the manager holds
@@ -81,6 +97,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import math
 import multiprocessing
 import os
 import pickle
@@ -139,6 +156,18 @@ PREFETCH = 2
 # workers take such chunks from one queue without a round trip each.
 PREFETCH_BRIEF = 8
 AHEAD_SECONDS = 0.002
+# Waiting units of one function whose sink allows it (the ``multiprocessing.Pool`` face's
+# ``apply_async`` tasks, see _pool._AheadSinks) travel as one unit, while the function's last
+# items took so little that the unit is expected to take at most MERGE_SECONDS, and up to
+# MERGE_ITEMS of them: a task of a few microseconds would otherwise cost some tens of
+# microseconds of its own, in the parent and in the worker, for its frame, its unit and its
+# result's (see "Tasks that travel together").
+MERGE_SECONDS = 0.001
+MERGE_ITEMS = 64
+# A free worker takes back the items of such a unit that another worker has not started only
+# once that unit has run this long (its items were expected to take at most MERGE_SECONDS):
+# before that, it would only split a unit that is about to end (see "Taking back").
+LOOSE_GRACE = 0.002
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
 # moment that prefetching saves, and each queued copy would sit in the parent's memory.
 PREFETCH_MAX_BYTES = 1 << 20
@@ -406,6 +435,10 @@ class LocalBackend(Intake):
         if self._main_by_value:
             _skip_missing_main()
         self._functions = _Functions()
+        # The time per item of each function's last unit whose sink merges (by the function's
+        # number): what decides whether its waiting units travel together (MERGE_SECONDS).
+        self._item_seconds: dict[int, float] = {}
+        self._loose_due: float | None = None  # when a free worker takes back such items
         self._initializer: Any = initializer
         self._initargs: Any = tuple(initargs)
         if ctx.get_start_method() != "fork" and (initializer is not None or initargs):
@@ -427,6 +460,7 @@ class LocalBackend(Intake):
         self._barren_deaths = 0
         self.taken_back = 0  # chunks sent ahead and taken back for a free worker (for tests)
         self.sent_by_callers = 0  # units a caller's thread sent itself (for tests)
+        self.travelled_together = 0  # units that went in another's (for tests)
         self._kill_at: float | None = None
         self.finished = threading.Event()
         # Reentrant: wake() runs in the signal handler, which may interrupt the main thread
@@ -629,6 +663,8 @@ class LocalBackend(Intake):
         deadlines = [d for w in self._workers.values() if (d := w.deadline()) is not None]
         if self._kill_at is not None:
             deadlines.append(self._kill_at)
+        if self._loose_due is not None:
+            deadlines.append(self._loose_due)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -722,6 +758,7 @@ class LocalBackend(Intake):
     # ── sending ──────────────────────────────────────────────────────────────────────────
 
     def _dispatch(self) -> None:
+        self._loose_due = None
         if self.level or self._broken is not None:
             return
         if self.pending:
@@ -755,7 +792,7 @@ class LocalBackend(Intake):
                 while len(w.inflight) < depth and self.pending and not w.retiring:
                     unit = self.pending[0]
                     if depth == 1:
-                        self._send(w, self.pending.popleft())
+                        self._send(w, self._next_unit())
                         sent_to.add(w)
                         continue
                     if not unit.sink.prefetch:
@@ -771,41 +808,112 @@ class LocalBackend(Intake):
                         # the first worker that is free. (A brief one goes: the worker is busy
                         # for a moment only, and one that comes free takes it back.)
                         return
-                    self._send(w, self.pending.popleft())
+                    self._send(w, self._next_unit())
                     sent_to.add(w)
                 if not self.pending:
                     return
 
+    def _next_unit(self) -> Unit:
+        """The unit at the head of the queue, out of it: with the units that wait behind it
+        in one unit, where they may travel together (see MERGE_SECONDS)."""
+        unit = self.pending.popleft()
+        if (
+            not self.pending
+            or len(unit.items) != 1
+            or not getattr(unit.sink, "merges", False)
+            or unit.history
+            or unit.alone
+            or unit.opts.task_timeout is not None
+        ):
+            return unit
+        per_item: float | None = unit.expect
+        if per_item == math.inf:  # a task's: the function's last measured time per item
+            entry = self._functions._entry(unit.fn)
+            per_item = None if entry is None else self._item_seconds.get(entry[1])
+        if per_item is None:
+            return unit
+        limit = min(MERGE_ITEMS, int(MERGE_SECONDS / max(per_item, 1e-6)))
+        items = list(unit.items)
+        end = unit.start + 1
+        while self.pending and len(items) < limit:
+            after = self.pending[0]
+            if (
+                after.sink is not unit.sink
+                or after.fn is not unit.fn
+                or after.start != end
+                or len(after.items) != 1
+                or after.kind != unit.kind
+                or after.opts is not unit.opts
+                or after.by_value != unit.by_value
+                or after.history
+                or after.alone
+            ):
+                break
+            self.pending.popleft()
+            items += after.items
+            end += 1
+        if len(items) == len(unit.items):
+            return unit
+        merged = Unit(unit.uid, unit.kind, unit.fn, items, unit.sink, unit.start, unit.opts)
+        merged.by_value = unit.by_value
+        merged.loose = True
+        self.travelled_together += len(items) - 1
+        merged.expect = per_item * len(items)
+        return merged
+
     def _take_back_for_idle(self) -> None:
         """A worker that is free while nothing waits here takes a chunk that waits, sent ahead,
-        behind another worker's running item (see "Taking back")."""
+        behind another worker's running item, or the items not started of a unit of tasks
+        that travel together that has run longer than expected (see "Taking back")."""
         workers = self._workers.values()
         idle = [w for w in workers if w.ready and not w.inflight and not w.retiring]
         if not idle:
             return
+        now = time.monotonic()
         for w in workers:
-            if w.doom is None and any(u.ahead > w.claimed_upto for u in w.inflight):
-                unit = self._take_back(w)
-                if unit is not None:
-                    taker = idle.pop()
-                    self._send(taker, unit)
-                    self._flush(taker)
-                    if not idle:
-                        return
+            if w.doom is not None:
+                continue
+            upto = w.claimed_upto
+            if not any(u.ahead > upto for u in w.inflight):
+                if not any(u.item_claims and u.last_claim > upto for u in w.inflight):
+                    continue
+                due = w.head_since + LOOSE_GRACE
+                if now < due:  # only items of a unit of tasks that travel together: not yet
+                    self._loose_due = due if self._loose_due is None else min(due, self._loose_due)
+                    continue
+            unit = self._take_back(w)
+            if unit is not None:
+                taker = idle.pop()
+                self._send(taker, unit)
+                self._flush(taker)
+                if not idle:
+                    return
 
     def _take_back(self, w: _Worker) -> Unit | None:
         """The oldest chunk of ``w``'s whose claim the worker has not read, if any: out of its
-        queue. (The worker skips it when it comes to it.)"""
-        seq = read_claim(w.claims_r)
-        if seq is None:  # the worker has read every claim written so far
-            w.claimed_upto = max((u.ahead for u in w.inflight), default=0)
-            return None
-        w.claimed_upto = seq  # the claims before it were the worker's
-        for unit in w.inflight:
-            if unit.ahead == seq:
-                break
-        else:  # pragma: no cover - every claim written belongs to a chunk in its queue
-            return None
+        queue (the worker skips it when it comes to it); or the items of a unit of tasks that
+        travel together from the first whose claim it has not read (it stops that unit
+        before it)."""
+        while True:
+            seq = read_claim(w.claims_r)
+            if seq is None:  # the worker has read every claim written so far
+                w.claimed_upto = max((u.last_claim for u in w.inflight), default=0)
+                return None
+            w.claimed_upto = seq  # the claims before it were the worker's
+            for unit in w.inflight:
+                if unit.ahead == seq:
+                    return self._take_whole(w, unit)
+                if unit.item_claims and unit.item_claims <= seq <= unit.last_claim:
+                    k = seq - unit.item_claims + 1  # items k.. are ours: the worker runs k - 1
+                    rest = unit.part(next(self._uids), k)
+                    unit.items = unit.items[:k]
+                    w.dispatched -= len(rest.items)
+                    self.taken_back += 1
+                    return rest
+            # The claim of an item taken back with those after it, or of one of a unit taken
+            # back whole: nobody's now. Read on.
+
+    def _take_whole(self, w: _Worker, unit: Unit) -> Unit:
         if unit is w.inflight[0]:
             w.head_since = time.monotonic()  # the next chunk starts now
         w.inflight.remove(unit)
@@ -820,6 +928,8 @@ class LocalBackend(Intake):
         again, with their next frame (both sides drop them from their lists at that frame)."""
         gone = set(self._functions.gone)
         self._functions.gone.clear()
+        for fid in gone:
+            self._item_seconds.pop(fid, None)
         for w in self._workers.values():
             dropped = tuple(fid for fid in w.functions if fid in gone)
             if dropped:
@@ -883,6 +993,11 @@ class LocalBackend(Intake):
             w.ahead_seq += 1
             unit.ahead = w.ahead_seq
             w.claims_out.append(unit.ahead)  # written first, at the flush
+        unit.item_claims = 0
+        if unit.loose and len(unit.items) > 1:  # a claim for each item after the first
+            unit.item_claims = w.ahead_seq + 1
+            w.ahead_seq += len(unit.items) - 1
+            w.claims_out.extend(range(unit.item_claims, w.ahead_seq + 1))
         w.inflight.append(unit)
         w.dispatched += len(unit.items)
         if self._from_caller:
@@ -892,7 +1007,7 @@ class LocalBackend(Intake):
         spill = getattr(unit.sink, "spill", None)
         forget, w.forget = w.forget, ()
         w.writer.put(
-            dumps((unit.uid, unit.kind, exact, fid, spill, unit.ahead, forget)),
+            dumps((unit.uid, unit.kind, exact, fid, spill, unit.ahead, unit.item_claims, forget)),
             b"" if fn_part is None else fn_part,
             items_part,
         )
@@ -1006,6 +1121,8 @@ class LocalBackend(Intake):
             return
         if values:
             unit.received = offset + len(values)
+            if getattr(unit.sink, "merges", False):
+                self._item_seconds[unit.fid] = seconds / len(values)
             self._deliver(unit, unit.start + offset, values, _rebuild(errors), seconds)
             w.head_since = time.monotonic()
         if status == DONE:
@@ -1164,7 +1281,9 @@ class LocalBackend(Intake):
     def _requeue_alone(self, unit: Unit, begin: int, end: int) -> None:
         """Put items ``begin .. end`` of the unit back at the front of the queue, one unit each."""
         for k in reversed(range(begin, end)):
-            self.pending.appendleft(unit.part(next(self._uids), k, k + 1))
+            single = unit.part(next(self._uids), k, k + 1)
+            single.alone = True  # not with others again (see "Tasks that travel together")
+            self.pending.appendleft(single)
 
     def _retryable(self, unit: Unit, exc: BaseException) -> bool:
         return unit.opts.retry(unit.history, exc)

@@ -205,6 +205,7 @@ class MapSink:
         "store",
     )
     prefetch = True
+    merges = True  # consecutive units of one item may travel as one (see _manager)
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())

@@ -217,6 +217,7 @@ class Pool(Executor):
         self._runs: weakref.WeakSet[MapRun[Any]] = weakref.WeakSet()
         self._last_run: MapRun[Any] | None = None
         self._item_times = ItemTimes()  # for the next map of a function (see _map.ItemTimes)
+        self._ahead = _AheadSinks()  # the outcomes of the tasks that may be sent ahead
         ctx = _context(mp_context) if dask is None else None
         self._journal: Journal | None = None
         self._journal_open = False  # this pool opened it (and so closes it)
@@ -526,18 +527,24 @@ class Pool(Executor):
                 fut.set_running_or_notify_cancel()
                 _settle(fut, *recorded[key])
                 return fut
-            sink: _FutureSink | Recorder = _AheadSink(fut) if ahead else _FutureSink(fut)
+            sink: _FutureSink | _AheadSinks | Recorder
             if journal is not None:
                 from ._journal import Recorder
 
-                sink = Recorder(sink, journal)
+                sink = Recorder(_AheadSink(fut) if ahead else _FutureSink(fut), journal)
                 sink.keys[index] = key
+            elif ahead:
+                sink = self._ahead
+                sink.futures[index] = fut
+            else:
+                sink = _FutureSink(fut)
             unit = self._backend.new_unit(CALL_KW, fn, ((args, kwargs),), sink, index, opts)
             fut.uid = unit.uid
             try:
                 self._backend.put(unit)
             except BaseException as exc:
                 del self._futures[index]
+                self._ahead.futures.pop(index, None)
                 if not isinstance(exc, KeyboardInterrupt):
                     # The backend stopped since the check above, for a signal whose handler
                     # put its Interrupted off (the main thread was where nothing may be
@@ -1071,10 +1078,58 @@ class _FutureSink:
 
 
 class _AheadSink(_FutureSink):
-    """A ``submit`` whose task may be sent ahead to a busy worker (see ``Pool._submit``)."""
+    """A ``submit`` whose task may be sent ahead to a busy worker (see ``Pool._submit``), with
+    a journal (whose ``Recorder`` wraps each task's sink)."""
 
     __slots__ = ()
     prefetch = True
+
+
+class _AheadSinks:
+    """The outcomes of every task of a pool that may be sent ahead to a busy worker (see
+    ``Pool._submit``), onto their futures, by the tasks' indices. One sink for all of them, so
+    that the backend may send waiting tasks of one brief function as one unit: their indices
+    follow one another, and a unit's outcomes are told by index (see ``_units.Sink``).
+    Every method runs in the backend's thread."""
+
+    __slots__ = ("futures",)
+    prefetch = True
+    merges = True  # consecutive units of one function may travel as one (_manager)
+
+    def __init__(self) -> None:
+        self.futures: dict[int, _TaskFuture[Any]] = {}  # index -> the future, until settled
+
+    def start(self, unit: Unit) -> bool:
+        sent = False
+        futures = self.futures
+        for index in range(unit.current, unit.start + len(unit.items)):
+            fut = futures.get(index)
+            if fut is not None and (fut.running() or fut.set_running_or_notify_cancel()):
+                sent = True  # (running already: sent again, after its worker died or to retry)
+        return sent
+
+    def deliver(
+        self, start: int, values: list[Any], errors: dict[int, BaseException], seconds: float
+    ) -> None:
+        pop = self.futures.pop
+        for k, value in enumerate(values):
+            fut = pop(start + k, None)
+            if fut is not None:
+                _settle(fut, value, errors.get(k))
+
+    def fail(self, start: int, count: int, exc: BaseException) -> None:
+        pop = self.futures.pop
+        for index in range(start, start + count):
+            fut = pop(index, None)
+            if fut is not None:
+                _settle(fut, None, exc)
+
+    def cancel(self, start: int, count: int) -> None:
+        pop = self.futures.pop
+        for index in range(start, start + count):
+            fut = pop(index, None)
+            if fut is not None:
+                fut._cancel_running()
 
 
 def map(

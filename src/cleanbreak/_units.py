@@ -130,14 +130,17 @@ class Unit:
 
     __slots__ = (
         "ahead",
+        "alone",
         "by_value",
         "cancelled",
         "expect",
         "fid",
         "fn",
         "history",
+        "item_claims",
         "items",
         "kind",
+        "loose",
         "opts",
         "received",
         "sink",
@@ -172,6 +175,13 @@ class Unit:
         self.by_value = False
         # Its number as a chunk sent ahead to a busy worker (its claim, see _manager), or 0.
         self.ahead = 0
+        # Its items after the first may be taken back one by one (tasks that travel together,
+        # see _manager): then, once sent, the claim number of its second item (the others
+        # follow), else 0.
+        self.loose = False
+        self.item_claims = 0
+        # It goes alone: an item of a unit split up to find the one at fault (see _manager).
+        self.alone = False
         # How long its items are expected to take, all together, in seconds: known for a map's
         # chunk once the map's task time is (see _map.MapRun); infinite while it is not.
         self.expect = math.inf
@@ -194,7 +204,15 @@ class Unit:
             uid, self.kind, self.fn, items, self.sink, self.start + begin, self.opts, history
         )
         unit.by_value = self.by_value
+        unit.loose = self.loose
         return unit
+
+    @property
+    def last_claim(self) -> int:
+        """The number of its last claim (see _manager, "Taking back"), or 0."""
+        if self.item_claims and len(self.items) > 1:
+            return self.item_claims + len(self.items) - 2
+        return self.ahead
 
 
 class UnitQueue(Protocol):

@@ -19,8 +19,11 @@ pipe accepts and reads whatever has arrived, both from its single ``select``. Th
 payloads of any size safe. A worker can be blocked writing a 200 MB result while the manager
 is part-way through writing it the next task, and neither waits for the other.
 
-Messages, parent to worker: parts ``(uid, kind, exact, fid, spill, ahead, forget)``, ``fn``,
-``items``; or the single part ``None``, to exit. ``fid`` numbers the function; ``fn`` is empty
+Messages, parent to worker: parts ``(uid, kind, exact, fid, spill, ahead, item_claims,
+forget)``, ``fn``, ``items``; or the single part ``None``, to exit. ``ahead`` and
+``item_claims`` number the claims the worker takes first (see ``_manager``, "Taking back"): the
+unit's, and its second item's (each item after the first has one, for tasks that travel
+together), or 0. ``fid`` numbers the function; ``fn`` is empty
 when the worker holds that function from an earlier unit, and ``forget`` numbers the functions
 it is to let go of (see ``_manager._Functions``). Messages, worker to parent:
 parts ``(uid, offset, count, status, seconds)`` and ``(values, errors)``. ``values`` holds the
@@ -111,9 +114,13 @@ _CLAIM = struct.Struct("<Q")
 
 
 def write_claims(fd: int, seqs: list[int]) -> None:
-    """Write the claims in one write (at most PIPE_BUF bytes: each reader's read of one claim
-    still gets it whole)."""
-    os.write(fd, b"".join(map(_CLAIM.pack, seqs)))
+    """Write the claims, in writes of at most PIPE_BUF bytes (POSIX's least, 512): each
+    reader's read of one claim still gets it whole."""
+    for at in range(0, len(seqs), _CLAIMS_PER_WRITE):
+        os.write(fd, b"".join(map(_CLAIM.pack, seqs[at : at + _CLAIMS_PER_WRITE])))
+
+
+_CLAIMS_PER_WRITE = 512 // _CLAIM.size
 
 
 def read_claim(fd: int) -> int | None:

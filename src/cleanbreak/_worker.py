@@ -339,7 +339,7 @@ def _serve(
         meta = pickle.loads(parts[0])
         if meta is None:
             return
-        uid, kind, each, fid, spill, ahead, forget = meta
+        uid, kind, each, fid, spill, ahead, item_claims, forget = meta
         for gone in forget:  # functions no unit will name again (as the parent drops them)
             _functions.pop(gone, None)
         if ahead and not _claim(ahead):
@@ -370,7 +370,16 @@ def _serve(
         # timeout: the parent's deadline moves on with each report).
         batch = _batch[1] if _batch[0] == fid and not each else 1
         batch = _run_unit(
-            result_fd, gate, uid, kind, fn, items, 0.0 if each else FLUSH_EVERY, spill, batch
+            result_fd,
+            gate,
+            uid,
+            kind,
+            fn,
+            items,
+            0.0 if each else FLUSH_EVERY,
+            spill,
+            batch,
+            item_claims,
         )
         _batch = (fid, batch)
         del fn, items  # before the next unit's arguments come in, and before tidy() counts
@@ -391,9 +400,12 @@ _claims_held: set[int] = set()  # claims read ahead of their unit's turn
 def _claim(ahead: int) -> bool:
     """Take the claim of unit number ``ahead`` (one sent ahead): False if the parent took it
     first. Claims are read in the order written; one read past ours says ours was taken."""
-    if ahead in _claims_held:
-        _claims_held.discard(ahead)
-        return True
+    if _claims_held:
+        if ahead in _claims_held:
+            _claims_held.discard(ahead)
+            return True
+        # Those of items whose unit ended at an item taken back: nobody's.
+        _claims_held.difference_update([seq for seq in _claims_held if seq < ahead])
     while (seq := read_claim(_claims)) is not None:
         if seq == ahead:
             return True
@@ -643,12 +655,16 @@ def _run_unit(
     flush_every: float,
     spill: str | None = None,
     batch: int = 1,
+    item_claims: int = 0,
 ) -> int:
     """Run the items, in batches of ``batch`` items at first; return the batch size reached
     (for the next unit of the same function). Report every ``flush_every`` seconds (0: after
     every item, which the parent asks for when the task has a timeout, so that it knows when
     each item started). With ``spill`` (a folder), results of ``SPILL_BYTES`` or more go to
-    files there.
+    files there. With ``item_claims`` (tasks that travel together, see _manager), item ``k``
+    after the first runs only once this worker has its claim, number ``item_claims + k - 1``:
+    the parent may take the items from one on back for an idle worker, and the unit then ends
+    before it.
 
     Each batch runs as ``values.extend(map(fn, compress(batch, gate)))``: no Python bytecode
     per item, and the gate read just before each one. When an item raises, ``extend`` keeps
@@ -675,7 +691,13 @@ def _run_unit(
                 _orphaned()
             if _is_closed(gate) or _stop_requested:
                 break
-            end = min(n, pos + min(batch, cap))
+            if item_claims:  # one item at a time, each once it is claimed
+                if pos and not _claim(item_claims + pos - 1):
+                    n = pos  # the parent took this item and those after it back
+                    break
+                end = pos + 1
+            else:
+                end = min(n, pos + min(batch, cap))
             started = time.monotonic()
             while (pos := held.offset + len(values)) < end:
                 try:

@@ -12,7 +12,7 @@ touch of the drop-in's module to the job's end. Counted, as the terminal stress 
 - results wrong: a kept result that is not its task's
 - tasks started late: a task that started 20 ms or more after the signal
 
-``CLEANBREAK_MP_STRESS_RUNS`` runs (default 9: each call once, the three signals in turn), seed
+``CLEANBREAK_MP_STRESS_RUNS`` runs (default 11: each call once, the three signals in turn), seed
 ``CLEANBREAK_STRESS_SEED``.
 """
 
@@ -33,10 +33,13 @@ import psutil
 from ._harness import EXIT_GUARD, TIMEOUT, record
 
 SCRIPT = Path(__file__).parent / "scripts" / "mp_stress_child.py"
-TASKS = {"apply_round_trips": 1000}  # how many tasks a mode runs (the child's TASKS): else 24
+# How many tasks a mode runs (the child's TASKS): else 24.
+TASKS = {"apply_round_trips": 1000, "apply_tiny": 3000, "map_tiny": 3000}
 MODES = [
     "apply_async",
     "apply_round_trips",
+    "apply_tiny",
+    "map_tiny",
     "map_async",
     "map_async_chunks",
     "map",
@@ -48,7 +51,7 @@ MODES = [
 # CLEANBREAK_MP_STRESS_MODES: a comma-separated subset of the modes, to stress those alone.
 MODES = os.environ.get("CLEANBREAK_MP_STRESS_MODES", ",".join(MODES)).split(",")
 HOWS = ["sigint-group", "sigint-parent", "sigterm-parent"]
-RUNS = int(os.environ.get("CLEANBREAK_MP_STRESS_RUNS", "9"))
+RUNS = int(os.environ.get("CLEANBREAK_MP_STRESS_RUNS", "11"))
 SEED = int(os.environ.get("CLEANBREAK_STRESS_SEED", str(time.time_ns() % 1_000_000)))
 
 

@@ -5,11 +5,13 @@ first call, ``Pool(2)``, which imports the pool itself (the signal may land from
 runs 24 tasks of 5 to 40 ms through MODE on a ``cleanbreak.multiprocessing.Pool(2)``
 (``apply_round_trips``: 1,000 tasks that do not sleep, each ``apply_async(...).get()`` in turn,
 so that the main thread is often inside a send of its own: see ``_manager``, "Sending from the
-caller's thread"). Each task appends ``start I NS`` and ``done I NS`` to ``FOLDER/log``
-(``time.monotonic_ns()``). At the end, or at the ``Interrupted``, it prints one JSON line:
-``kept`` (index -> result: what the caller was given, what the finished ``AsyncResult``s hold,
-and ``Interrupted.completed``), and ``how`` ("done" or the exception's type), then exits 0, or
-130 (SIGINT) / 143 (SIGTERM) after the interrupt.
+caller's thread"; ``apply_tiny``: 3,000 such tasks, ``apply_async`` in batches of 100, then a
+``get()`` of each, and ``map_tiny``: 3,000 through ``map(..., chunksize=1)``, so that they travel
+together: see ``_manager``, "Tasks that travel together"). Each task appends ``start I NS``
+and ``done I NS`` to ``FOLDER/log`` (``time.monotonic_ns()``). At the end, or at the
+``Interrupted``, it prints one JSON line: ``kept`` (index -> result: what the caller was given,
+what the finished ``AsyncResult``s hold, and ``Interrupted.completed``), and ``how`` ("done" or
+the exception's type), then exits 0, or 130 (SIGINT) / 143 (SIGTERM) after the interrupt.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from cleanbreak.multiprocessing import Pool
 from tests import tasks
 
 # How many tasks a mode runs: 24 unless named here.
-TASKS: dict[str, int] = defaultdict(lambda: 24, apply_round_trips=1000)
+TASKS: dict[str, int] = defaultdict(
+    lambda: 24, apply_round_trips=1000, apply_tiny=3000, map_tiny=3000
+)
+# The modes whose tasks do not sleep (tiny tasks: those travel together, see _manager).
+TINY = ("apply_round_trips", "apply_tiny", "map_tiny")
 
 
 def main() -> None:
     mode, folder, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rng = random.Random(seed)
-    if mode == "apply_round_trips":
+    if mode in TINY:
         args = [(folder, i, 0.0) for i in range(TASKS[mode])]
     else:
         args = [(folder, i, rng.uniform(0.005, 0.04)) for i in range(TASKS[mode])]
@@ -51,6 +57,14 @@ def main() -> None:
                 for a in args:
                     results.append(pool.apply_async(tasks.logged_sleep, a))
                     kept[a[1]] = results[-1].get()  # type: ignore[attr-defined]
+            elif mode == "apply_tiny":  # the classic loop: a batch of apply_async, then get()s
+                for at in range(0, len(args), 100):
+                    batch = [pool.apply_async(tasks.logged_sleep, a) for a in args[at : at + 100]]
+                    results += batch
+                    for i in range(at, len(results)):
+                        kept[i] = results[i].get()  # type: ignore[attr-defined]
+            elif mode == "map_tiny":  # one task to a chunk, as the caller asks
+                kept.update(enumerate(pool.map(tasks.logged_sleep_star, args, 1)))
             elif mode == "map_async":
                 kept.update(enumerate(pool.starmap_async(tasks.logged_sleep, args, 1).get()))
             elif mode == "map_async_chunks":  # chunks of 6: items finish inside running chunks
