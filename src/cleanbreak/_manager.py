@@ -504,8 +504,27 @@ class LocalBackend(Intake):
     # ── called from caller threads ───────────────────────────────────────────────────────
 
     def _queued(self) -> None:
+        if self._full():
+            return  # the manager sends it once it reads a result, and only then can it
         if not self._send_from_caller():
             self.wake()
+
+    def _full(self) -> bool:
+        """Whether every worker is ready and holds as many units as it may take, so that the
+        manager's next dispatch, which follows every result it reads, is the first that can
+        send what was just queued: then neither a send from the caller's thread nor a wake-up
+        would send anything (a burst of ``apply_async`` calls made one of each, per task).
+        A guess read from the caller's thread: where it may be wrong, it says False."""
+        if self.level or self._closing:
+            return False
+        workers = list(self._workers.values())
+        if len(workers) < self.size:
+            return False
+        for w in workers:
+            if not w.ready or w.retiring or len(w.inflight) < PREFETCH:
+                return False
+        last = self.pending[-1] if self.pending else None
+        return last is not None and not last.expect <= AHEAD_SECONDS
 
     def _send_from_caller(self) -> bool:
         """Send what waits, from this (the caller's) thread, if the manager is idle in select:

@@ -108,7 +108,11 @@ class ApplyResult:
 
     def __init__(self, pool: Pool, callback: Callback, error_callback: Callback) -> None:
         self._pool = pool
-        self._event = threading.Event()
+        # Held until the result is set: a waiter takes it and gives it back at once (an Event
+        # without its Condition, which cost more than the rest of an apply_async together).
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._ready = False
         self._value: Any = None
         self._error: BaseException | None = None
         self._callback = callback
@@ -117,7 +121,7 @@ class ApplyResult:
         self._settle_lock = threading.Lock()
 
     def ready(self) -> bool:
-        return self._event.is_set()
+        return self._ready
 
     def successful(self) -> bool:
         if not self.ready():
@@ -125,11 +129,20 @@ class ApplyResult:
         return self._error is None
 
     def wait(self, timeout: float | None = None) -> None:
-        self._event.wait(timeout)
+        self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Whether the result is set, within ``timeout`` seconds."""
+        if self._ready:
+            return True
+        if not self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            return self._ready
+        self._latch.release()  # for the next waiter
+        return True
 
     def get(self, timeout: float | None = None) -> Any:
         try:
-            if not self._event.wait(timeout):
+            if not self._wait(timeout):
                 raise TimeoutError
         except Interrupted as exc:
             self._on_interrupt(exc)
@@ -169,7 +182,8 @@ class ApplyResult:
             ):
                 self._error_callback(error)
         finally:
-            self._event.set()
+            self._ready = True
+            self._latch.release()
             self._pool._forget(self)
 
     def _from_future(self, fut: Future[Any]) -> None:
