@@ -166,7 +166,9 @@ MERGE_SECONDS = 0.001
 MERGE_ITEMS = 64
 # A free worker takes back the items of such a unit that another worker has not started only
 # once that unit has run this long (its items were expected to take at most MERGE_SECONDS):
-# before that, it would only split a unit that is about to end (see "Taking back").
+# before that, it would only split a unit that is about to end (see "Taking back"). Not where
+# that worker also holds a unit sent ahead, which is taken back at once: its claim comes after
+# those of the items before it, which go with it.
 LOOSE_GRACE = 0.002
 # A unit this large is not sent ahead to a busy worker: moving it costs more than the idle
 # moment that prefetching saves, and each queued copy would sit in the parent's memory.
@@ -540,7 +542,8 @@ class LocalBackend(Intake):
             try:
                 self._from_caller = True
                 self._dispatch()
-                return not self.pending and not self._then_wake
+                # (A take-back it timed, _loose_due, is the manager's to keep: it is woken.)
+                return not self.pending and not self._then_wake and self._loose_due is None
             except _LeftToManager:
                 return False
             except BaseException as exc:  # pragma: no cover - a bug: as in the manager's loop

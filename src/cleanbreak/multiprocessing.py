@@ -108,10 +108,9 @@ class ApplyResult:
 
     def __init__(self, pool: Pool, callback: Callback, error_callback: Callback) -> None:
         self._pool = pool
-        # Held until the result is set: a waiter takes it and gives it back at once (an Event
-        # without its Condition, which cost more than the rest of an apply_async together).
-        self._latch = threading.Lock()
-        self._latch.acquire()
+        # Set once the outcome is. Its Event ("_event", in __dict__) is made only for a get()
+        # or wait() that comes first: an Event's Condition cost more than the rest of an
+        # apply_async together.
         self._ready = False
         self._value: Any = None
         self._error: BaseException | None = None
@@ -132,13 +131,16 @@ class ApplyResult:
         self._wait(timeout)
 
     def _wait(self, timeout: float | None) -> bool:
-        """Whether the result is set, within ``timeout`` seconds."""
+        """Whether the outcome is set, within ``timeout`` seconds."""
         if self._ready:
             return True
-        if not self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
-            return self._ready
-        self._latch.release()  # for the next waiter
-        return True
+        # One Event for every waiter (setdefault is atomic). _set makes _ready true, then
+        # looks for it; this puts it there, then looks at _ready: one of the two sees the
+        # other's. No lock is taken here that a Ctrl-C could leave held.
+        event: threading.Event = vars(self).setdefault("_event", threading.Event())
+        if self._ready:
+            return True
+        return event.wait(timeout)
 
     def get(self, timeout: float | None = None) -> Any:
         try:
@@ -183,7 +185,9 @@ class ApplyResult:
                 self._error_callback(error)
         finally:
             self._ready = True
-            self._latch.release()
+            event = vars(self).get("_event")
+            if event is not None:
+                event.set()
             self._pool._forget(self)
 
     def _from_future(self, fut: Future[Any]) -> None:
