@@ -55,14 +55,19 @@ def test_module_map_keeps_every_finished_result(start_child: StartChild, method:
     all in ``completed``. Four quick tasks, then two blocking tasks per worker, then more."""
     child = start_child(method=method, layout="qqqq" + "bbbb" + "qq", api="cbmap")
     child.wait_for(
-        lambda c: c.indices("recv") == {0, 1, 2, 3} and len(c.indices("start") & {4, 5, 6, 7}) == 2,
+        lambda c: c.indices("recv") >= {0, 1, 2, 3} and len(c.indices("start") & {4, 5, 6, 7}) == 2,
         "the quick results and both workers to block",
     )
 
     sent, report = child.ctrl_c()
-    assert child.completed() == {0: 0, 1: 10, 2: 20, 3: 30}
+    completed = child.completed()
     assert report["total"] == 10
     child.drain_events()
+    # The quick results: those at the end too, where a worker that came free ran them while
+    # the blocking tasks before them waited behind another (tasks start in about the order
+    # given). Every result the parent had received is in completed.
+    assert {0, 1, 2, 3} <= completed.keys() <= {0, 1, 2, 3, 8, 9}
+    assert completed == {i: 10 * i for i in child.indices("recv")}
     assert child.started_after(sent) == []
     assert_cleaned_up(child, "completed, cleanbreak.map")
 

@@ -150,7 +150,13 @@ def test_users_handler_that_raises_still_stops_the_pool(
     sent, report = child.ctrl_c()
     assert report["sigint_handler_is_users"], report["sigint_handler"]
     assert report["sigterm_handler"] == repr(signal.SIG_DFL)
-    assert child.kept() == {0: 0, 1: 10, 2: 20}
+    kept = child.kept()
     child.drain_events()
+    # The quick results, and nothing else: through map, the two quick tasks at the end may
+    # have run too, on a worker that came free while the tasks before them waited behind a
+    # blocking one (tasks start in about the order given: see the README). Every result the
+    # parent had received is kept.
+    assert {0, 1, 2} <= kept.keys() <= {0, 1, 2, 7, 8}
+    assert kept == {i: 10 * i for i in child.indices("recv")}
     assert child.started_after(sent) == []
     assert_cleaned_up(child, "user's SIGINT handler")
