@@ -101,39 +101,47 @@ def test_a_task_that_kills_its_worker_fails_alone(tmp_path: Path, bad: int) -> N
 
 
 CALLERS_TAKE_BACK = """
-import sys
+import os, sys, threading
 sys.path.insert(0, {root!r})
-import cleanbreak
+from cleanbreak.multiprocessing import Pool
 from tests import tasks
 
-N, go = {n}, {go!r}
-if __name__ == "__main__":
-    with cleanbreak.Pool(2) as p:
-        backend = p._backend
-        quick = [(None, None, i) for i in range(N)]
-        assert sorted(p.imap_unordered(tasks.staged, quick, chunksize=1)) == list(range(N))
-        callers, taken = backend.sent_by_callers, backend.taken_back
-        specs = [(go if i == 0 else None, None, i) for i in range(N)]
-        results = p.imap_unordered(tasks.staged, specs, chunksize=1)
-        assert sorted(next(results) for _ in range(N - 1)) == list(range(1, N))
+N, folder = {n}, {folder!r}
+go = os.path.join(folder, "go")
+
+
+def release_when_the_others_are_done():
+    if all(tasks.wait_for_path(os.path.join(folder, f"done-{{i}}")) for i in range(1, N)):
         tasks.touch(go)
-        assert list(results) == [0]
+
+
+if __name__ == "__main__":
+    with Pool(2) as p:
+        backend = p._pool._backend
+        quick = [(None, None, i) for i in range(N)]
+        assert p.map(tasks.staged, quick, 1) == list(range(N))  # the function is brief
+        callers, taken = backend.sent_by_callers, backend.taken_back
+        specs = [(go if i == 0 else None, os.path.join(folder, f"done-{{i}}"), i) for i in range(N)]
+        threading.Thread(target=release_when_the_others_are_done, daemon=True).start()
+        assert p.map(tasks.staged, specs, 1) == list(range(N))
         print(backend.sent_by_callers - callers, backend.taken_back - taken)
 """
 
 
 def test_a_take_back_timed_in_the_callers_thread_still_happens(tmp_path: Path) -> None:
-    # The workers are idle when the map starts, so the caller's own thread sends its tasks
-    # (see _manager, "Sending from the caller's thread", which a script's main thread does:
-    # under pytest, whose SIGINT handler is not cleanbreak's, it does not): all of them travel
-    # together to one worker, behind task 0, which runs until the script says go. The
-    # take-back that thread timed is the manager's to keep: woken for it, the manager gives
-    # the other worker the tasks behind task 0. Left asleep, it would wait for a result that
-    # comes only when task 0 gives up (GUARD), and the script fails.
+    # The workers are idle when the map starts, so a caller's thread sends its tasks (see
+    # _manager, "Sending from the caller's thread"; under pytest, whose SIGINT handler is not
+    # cleanbreak's, the main thread does not, so this runs as a script): they travel together
+    # to one worker, behind task 0, which runs until the script says go. The take-back that
+    # thread timed is the manager's to keep: woken for it, the manager gives the other worker
+    # the tasks behind task 0. Left asleep, it waits for a result that comes only when task 0
+    # gives up (GUARD), and the script fails. (A list map: it reads past a long first task,
+    # where a lazy map's window would wait for it. Task 0 is let go once every other task is
+    # done.)
     script = tmp_path / "callers_take_back.py"
     root = str(Path(__file__).resolve().parents[1])
-    script.write_text(CALLERS_TAKE_BACK.format(root=root, n=N, go=str(tmp_path / "go")))
-    done = tasks.run_script(script, timeout=2 * GUARD)
+    script.write_text(CALLERS_TAKE_BACK.format(root=root, n=N, folder=str(tmp_path)))
+    done = tasks.run_script(script, timeout=3 * GUARD)
     assert done.returncode == 0, done.stderr
     sent_by_callers, taken_back = map(int, done.stdout.split())
     assert sent_by_callers >= 1 and taken_back >= 1
