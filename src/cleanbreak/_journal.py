@@ -899,6 +899,7 @@ class Recorder:
     it on. ``keys`` maps the caller's index of each item sent to run to its key."""
 
     __slots__ = ("_files", "inner", "journal", "keys", "prefetch", "spill")
+    merges = False  # its outcomes are recorded by key, one unit at a time
 
     def __init__(self, inner: Sink, journal: Journal) -> None:
         self.inner = inner

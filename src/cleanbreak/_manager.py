@@ -841,10 +841,8 @@ class LocalBackend(Intake):
         unit = self.pending.popleft()
         if (
             not self.pending
-            or len(unit.items) != 1
-            or not getattr(unit.sink, "merges", False)
-            or unit.history
-            or unit.alone
+            or not unit.sink.merges
+            or not unit.single
             or unit.opts.task_timeout is not None
         ):
             return unit
@@ -863,12 +861,10 @@ class LocalBackend(Intake):
                 after.sink is not unit.sink
                 or after.fn is not unit.fn
                 or after.start != end
-                or len(after.items) != 1
+                or not after.single
                 or after.kind != unit.kind
                 or after.opts is not unit.opts
                 or after.by_value != unit.by_value
-                or after.history
-                or after.alone
             ):
                 break
             self.pending.popleft()
@@ -1143,7 +1139,7 @@ class LocalBackend(Intake):
             return
         if values:
             unit.received = offset + len(values)
-            if getattr(unit.sink, "merges", False):
+            if unit.sink.merges:
                 self._item_seconds[unit.fid] = seconds / len(values)
             self._deliver(unit, unit.start + offset, values, _rebuild(errors), seconds)
             w.head_since = time.monotonic()

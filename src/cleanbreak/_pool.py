@@ -1056,6 +1056,7 @@ class _FutureSink:
 
     __slots__ = ("fut",)
     prefetch = False
+    merges = False
 
     def __init__(self, fut: _TaskFuture[Any]) -> None:
         self.fut = fut
@@ -1118,18 +1119,20 @@ class _AheadSinks:
                 _settle(fut, value, errors.get(k))
 
     def fail(self, start: int, count: int, exc: BaseException) -> None:
-        pop = self.futures.pop
-        for index in range(start, start + count):
-            fut = pop(index, None)
-            if fut is not None:
-                _settle(fut, None, exc)
+        for fut in self._take(start, count):
+            _settle(fut, None, exc)
 
     def cancel(self, start: int, count: int) -> None:
+        for fut in self._take(start, count):
+            fut._cancel_running()
+
+    def _take(self, start: int, count: int) -> Iterator[_TaskFuture[Any]]:
+        """The futures of items ``start .. start + count`` not settled yet, let go of."""
         pop = self.futures.pop
         for index in range(start, start + count):
             fut = pop(index, None)
             if fut is not None:
-                fut._cancel_running()
+                yield fut
 
 
 def map(

@@ -105,9 +105,13 @@ class Sink(Protocol):
     ``prefetch`` says whether the unit may wait in a busy worker's queue. A unit behind a
     future may not: until it starts, ``Future.cancel()`` must be able to stop it, so it is sent
     only to an idle worker, which starts it on arrival.
+
+    ``merges`` says whether consecutive units of one item each, numbered one after the other,
+    may travel to a worker as one unit (see _manager, "Tasks that travel together").
     """
 
     prefetch: bool
+    merges: bool
 
     def start(self, unit: Unit) -> bool:
         """The unit is about to be sent. False: it was cancelled, drop it."""
@@ -206,6 +210,12 @@ class Unit:
         unit.by_value = self.by_value
         unit.loose = self.loose
         return unit
+
+    @property
+    def single(self) -> bool:
+        """Whether it is one item that may travel with others: not one retried, nor one of a
+        unit split up to find the item at fault."""
+        return len(self.items) == 1 and not self.history and not self.alone
 
     @property
     def last_claim(self) -> int:

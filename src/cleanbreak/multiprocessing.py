@@ -137,7 +137,9 @@ class ApplyResult:
         # One Event for every waiter (setdefault is atomic). _set makes _ready true, then
         # looks for it; this puts it there, then looks at _ready: one of the two sees the
         # other's. No lock is taken here that a Ctrl-C could leave held.
-        event: threading.Event = vars(self).setdefault("_event", threading.Event())
+        event: threading.Event | None = vars(self).get("_event")
+        if event is None:  # (made here only by the first waiter)
+            event = vars(self).setdefault("_event", threading.Event())
         if self._ready:
             return True
         return event.wait(timeout)
