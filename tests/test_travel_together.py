@@ -5,7 +5,10 @@ behind a long one, and a killed worker still costs only the task that killed it.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 
 import cleanbreak
-from cleanbreak import _manager
+from cleanbreak import _manager, _worker
 from cleanbreak.multiprocessing import ApplyResult, Pool
 from tests import tasks
 from tests.tasks import GUARD
@@ -38,6 +41,14 @@ def _held_then(
     tasks.touch(hold)
     assert [h.get(GUARD) for h in holders] == [0, 1]
     return results
+
+
+def _all_travel_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks that wait together travel in units of MERGE_ITEMS, however long the last ones
+    took: how many travel together otherwise follows the time the warm-up measured (a first
+    task on a worker can take 0.5 ms, and the next ones 15 us), and the units would not be
+    the ones a test lays out."""
+    monkeypatch.setattr(_manager, "MERGE_SECONDS", 1.0)
 
 
 def _warm(p: Pool, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -68,6 +79,7 @@ def test_tasks_behind_a_long_one_in_their_unit_go_to_a_free_worker(
     # worker is free: it takes them back. Left behind task 2, they would wait until GUARD.
     monkeypatch.setattr(_manager, "PREFETCH", 1)
     monkeypatch.setattr(_manager, "PREFETCH_BRIEF", 1)
+    _all_travel_together(monkeypatch)
     go = str(tmp_path / "go")
     with Pool(2) as p:
         backend: Any = p._pool._backend
@@ -83,9 +95,12 @@ def test_tasks_behind_a_long_one_in_their_unit_go_to_a_free_worker(
 
 
 @pytest.mark.parametrize("bad", [2, 9])
-def test_a_task_that_kills_its_worker_fails_alone(tmp_path: Path, bad: int) -> None:
+def test_a_task_that_kills_its_worker_fails_alone(
+    tmp_path: Path, bad: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A unit of tasks that travel together, one of which kills the worker: that one fails
     # with WorkerDied, the others (before it in the unit, and after) give their values.
+    _all_travel_together(monkeypatch)
     with Pool(2) as p:
         backend: Any = p._pool._backend
         _warm(p, tasks.die_on, (0, -1))
@@ -111,13 +126,10 @@ go = os.path.join(folder, "go")
 
 
 def release_when_the_others_are_done():
-    # All of them but one at most: a worker that finds the claim of a unit sent ahead to it
-    # gone takes the claim after it, which may be that of the task behind the first (see
-    # _worker._claim): that one then waits for the first, as from a busy worker's queue.
     deadline = time.monotonic() + tasks.GUARD
     while time.monotonic() < deadline:
         done = sum(os.path.exists(os.path.join(folder, f"done-{{i}}")) for i in range(1, N))
-        if done >= N - 2:
+        if done == N - 1:
             tasks.touch(go)
             return
         time.sleep(0.005)
@@ -170,3 +182,97 @@ def test_every_waiter_of_a_result_wakes_when_it_is_set(tmp_path: Path) -> None:
             t.join(GUARD)
         assert got == [7, 7, 7] and result.ready() and result.successful()
         assert result.get(0) == 7
+
+
+# The workers of the test below are forked from the test's process, so they run this in place
+# of _worker._claim: the first claim a worker looks for once the file _PAUSE names exists, it
+# looks for only after the test creates _RESUME (it creates _PAUSED to say it waits, and
+# _RESUMED once it has looked).
+_real_claim = _worker._claim
+_PAUSE, _PAUSED, _RESUME, _RESUMED = "", "", "", ""
+
+
+def _claim_when_told(ahead: int) -> bool:
+    if not os.path.exists(_PAUSE) or os.path.exists(_PAUSED):
+        return _real_claim(ahead)
+    tasks.touch(_PAUSED)
+    assert tasks.wait_for_path(_RESUME)
+    try:
+        return _real_claim(ahead)
+    finally:
+        tasks.touch(_RESUMED)
+
+
+def test_a_worker_that_skips_a_chunk_taken_back_keeps_no_task_behind_a_long_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker W that comes to a chunk taken back from it learns so by reading the next claim
+    # on its pipe, and holds it. Here W comes to that chunk only once the manager, seeing W
+    # free, has sent it a unit of tasks that travel together: c, which runs until the test
+    # says go, then d and e. Sent with no claim of its own, that unit's first claim would be
+    # d's: W would hold it, and d would wait behind c while the other worker is free (until
+    # GUARD). Sent with a claim of its own (W is behind a take-back), W holds that one, and
+    # the free worker takes d and e back.
+    for name in ("pause", "paused", "resume", "resumed"):
+        monkeypatch.setitem(globals(), f"_{name.upper()}", str(tmp_path / name))
+    monkeypatch.setattr(_worker, "_claim", _claim_when_told)
+    _all_travel_together(monkeypatch)
+    path = {name: str(tmp_path / name) for name in ("p", "q", "h", "go-p", "go-q", "go-h")}
+    go_c = str(tmp_path / "go-c")
+    with Pool(2, context=multiprocessing.get_context("fork")) as p:
+        backend: Any = p._pool._backend
+        _warm(p, tasks.staged, ((None, None, 0),))
+        _warm(p, tasks.wait_then_return, (None, None, 0))  # brief: C may go ahead
+        # P holds W, then Q the other worker. C (one task) is sent ahead to W, whose item
+        # started first, and another task to the other worker; a third waits here (one is
+        # sent ahead only while one waits for each worker). Each of another function: they do
+        # not travel together.
+        rp = p.apply_async(tasks.release_after, (path["p"], path["go-p"], -1))
+        assert tasks.wait_for_path(path["p"])
+        rq = p.apply_async(tasks.release_after, (path["q"], path["go-q"], -2))
+        assert tasks.wait_for_path(path["q"])
+        rc = p.apply_async(tasks.wait_then_return, (None, None, -3))
+        r2 = p.apply_async(tasks.square, (5,))
+        r3 = p.apply_async(tasks.identity, (6,))
+        _holding(backend, 2, both=True)
+        # The other worker, free once Q and the other two end, takes C back and runs it;
+        # then H holds it.
+        tasks.touch(path["go-q"])
+        assert [r.get(GUARD) for r in (rq, r2, r3, rc)] == [-2, 25, 6, -3]
+        assert backend.taken_back >= 1
+        _holding(backend, 1)  # W, with P only
+        rh = p.apply_async(tasks.release_after, (path["h"], path["go-h"], -4))
+        assert tasks.wait_for_path(path["h"])
+        # From here on the tasks wait in the parent until a worker is free: W, once P ends.
+        monkeypatch.setattr(_manager, "PREFETCH", 1)
+        monkeypatch.setattr(_manager, "PREFETCH_BRIEF", 1)
+        together = [
+            p.apply_async(tasks.staged, ((go_c if i == 2 else None, None, i),)) for i in (2, 3, 4)
+        ]
+        tasks.touch(_PAUSE)
+        tasks.touch(path["go-p"])  # W ends P, comes to C's frame and waits to read its claim
+        assert rp.get(GUARD) == -1 and tasks.wait_for_path(_PAUSED)
+        _holding(backend, 1, items=3)  # the manager has sent W the three together
+        tasks.touch(_RESUME)
+        assert tasks.wait_for_path(_RESUMED)  # W has read the claim past C's
+        tasks.touch(path["go-h"])  # the other worker is free: it takes back d and e
+        assert rh.get(GUARD) == -4
+        assert [r.get(GUARD) for r in together[1:]] == [3, 4]
+        assert not together[0].ready()  # c still runs
+        tasks.touch(go_c)
+        assert together[0].get(GUARD) == 2
+
+
+def _holding(backend: Any, units: int, items: int = 1, both: bool = False) -> None:
+    """Wait until a worker (``both``: each) holds ``units`` units, the last of ``items``."""
+    deadline = time.monotonic() + GUARD
+    while time.monotonic() < deadline:
+        with backend._state:
+            holds = [
+                len(w.inflight) == units and len(w.inflight[-1].items) == items
+                for w in backend._workers.values()
+            ]
+        if all(holds) if both else any(holds):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"no worker came to hold {units} units (the last of {items} items)")
