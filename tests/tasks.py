@@ -296,6 +296,22 @@ class Unloadable:
         return (_refuse_to_load, ())
 
 
+def _refuse_to_load_once(go: str) -> None:
+    if not wait_for_path(go):
+        raise TimeoutError(f"{go} never appeared")
+    _refuse_to_load()
+
+
+class UnloadableOnceTold:
+    """``Unloadable``, whose unpickling raises only once the file ``go`` exists."""
+
+    def __init__(self, go: str) -> None:
+        self.go = go
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load_once, (self.go,))
+
+
 def unloadable_on(x: int, bad: int) -> Any:
     """Return a value that pickles but cannot be unpickled for ``x == bad``."""
     if x == bad:
@@ -367,6 +383,13 @@ def die_on(x: int, bad: int) -> int:
     if x == bad:
         os._exit(7)
     return x * x
+
+
+def die_on_logged(folder: str, x: int, bad: int) -> int:
+    """``die_on``, that first records the run: a file ``ran-X-N`` for its Nth start."""
+    runs = sum(1 for name in os.listdir(folder) if name.startswith(f"ran-{x}-"))
+    touch(os.path.join(folder, f"ran-{x}-{runs}"))
+    return die_on(x, bad)
 
 
 # ── initializer ──────────────────────────────────────────────────────────────────────────────

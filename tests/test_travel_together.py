@@ -99,20 +99,58 @@ def test_a_task_that_kills_its_worker_fails_alone(
     tmp_path: Path, bad: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A unit of tasks that travel together, one of which kills the worker: that one fails
-    # with WorkerDied, the others (before it in the unit, and after) give their values.
+    # with WorkerDied and runs once (the claims say which task was running), the others
+    # (before it in the unit, and after) give their values, and those after it never ran
+    # before the death, so they run once too.
     _all_travel_together(monkeypatch)
+    log = tmp_path / "log"
+    log.mkdir()
     with Pool(2) as p:
         backend: Any = p._pool._backend
         _warm(p, tasks.die_on, (0, -1))
-        results = _held_then(p, tmp_path, tasks.die_on, [(i, bad) for i in range(N)])
+        args = [(str(log), i, bad) for i in range(N)]
+        results = _held_then(p, tmp_path, tasks.die_on_logged, args)
         with pytest.raises(cleanbreak.WorkerDied):
             results[bad].get(GUARD)
         assert [r.get(GUARD) for i, r in enumerate(results) if i != bad] == [
             i * i for i in range(N) if i != bad
         ]
-        # The tasks of the unit that died run again alone, never with others again (else the
-        # bad one would kill a worker time after time): none travels with others twice.
-        assert 1 <= backend.travelled_together < N
+        assert backend.travelled_together >= N // 2
+    runs = sorted(name for name in os.listdir(log))
+    assert f"ran-{bad}-0" in runs and f"ran-{bad}-1" not in runs  # the bad one ran once
+    # Only those that finished before it, with their results still in the worker, ran twice.
+    twice = {int(name.split("-")[1]) for name in runs if name.endswith("-1")}
+    assert twice <= set(range(bad)), sorted(twice)
+    assert not any(name.endswith("-2") for name in runs)
+
+
+def test_tasks_that_do_not_unpickle_blame_only_the_bad_one_after_a_take_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four tasks travel together to one worker, which cannot unpickle their arguments (task
+    # 1's raises, once the test says go). Meanwhile the other worker, free, takes tasks 1..3
+    # back, and the unit is cut to task 0. The unpickling error is then the cut unit's, but
+    # task 0 did nothing wrong: it runs again alone, and only task 1 fails. Failed as if it
+    # were the bad one, task 0 would raise the SerializationError. (Nothing is sent ahead, so
+    # that the four wait here until a worker is free, and go to it as one unit.)
+    monkeypatch.setattr(_manager, "PREFETCH", 1)
+    monkeypatch.setattr(_manager, "PREFETCH_BRIEF", 1)
+    _all_travel_together(monkeypatch)
+    go = str(tmp_path / "go")
+    with Pool(2) as p:
+        backend: Any = p._pool._backend
+        _warm(p, tasks.identity, (1,))
+        args = [(0,), (tasks.UnloadableOnceTold(go),), (2,), (3,)]
+        results = _held_then(p, tmp_path, tasks.identity, args)
+        deadline = time.monotonic() + GUARD
+        while backend.taken_back < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert backend.taken_back >= 1
+        tasks.touch(go)
+        assert results[0].get(GUARD) == 0
+        with pytest.raises(cleanbreak.SerializationError):
+            results[1].get(GUARD)
+        assert [r.get(GUARD) for r in results[2:]] == [2, 3]
 
 
 CALLERS_TAKE_BACK = """

@@ -938,6 +938,7 @@ class LocalBackend(Intake):
                     k = seq - unit.item_claims + 1  # items k.. are ours: the worker runs k - 1
                     rest = unit.part(next(self._uids), k)
                     unit.items = unit.items[:k]
+                    unit.cut = True
                     w.dispatched -= len(rest.items)
                     w.behind = seq
                     self.taken_back += 1
@@ -1151,7 +1152,7 @@ class LocalBackend(Intake):
                 unit.by_value = True
                 self.pending.appendleft(unit)
                 return
-            if not (part == "arguments" and self._split(unit)):
+            if not (part == "arguments" and (self._split(unit) or self._retry_cut(unit))):
                 unit.sink.fail(unit.current, unit.left, error)
             return
         if values:
@@ -1241,13 +1242,17 @@ class LocalBackend(Intake):
         self._segments.purge(w.pid)
         for sent in w.segments.values():
             remove_unread(sent)
+        # The claims it never read: of the units and items it never started (see _settle_head).
+        unread: set[int] = set()
+        while (seq := read_claim(w.claims_r)) is not None:
+            unread.add(seq)
         self._forget(w)
         if self.level >= DRAINING:
             for unit in w.inflight:
                 unit.sink.cancel(unit.current, unit.left)
             return
         if w.inflight and w.ready:
-            self._settle_head(w)
+            self._settle_head(w, unread)
         # Units behind the running one never started (nor did any, if the worker never became
         # ready): back to the front of the queue.
         for unit in reversed(w.inflight):
@@ -1275,8 +1280,9 @@ class LocalBackend(Intake):
             except Exception as exc:  # out of processes, or memory: tell the waiting callers
                 self._break(self._start_failure(exc, "a new worker"))
 
-    def _settle_head(self, w: _Worker) -> None:
-        """The worker died running its head unit: give that unit's items their outcomes."""
+    def _settle_head(self, w: _Worker, unread: set[int]) -> None:
+        """The worker died running its head unit: give that unit's items their outcomes.
+        ``unread``: the claims it had not read when it died (see "Taking back")."""
         unit = w.inflight.popleft()
         if unit.left == 0:
             return
@@ -1289,6 +1295,11 @@ class LocalBackend(Intake):
                 # next one as it started: that one did nothing wrong, so it simply runs again.
                 self.pending.appendleft(unit.part(next(self._uids), unit.received))
                 return
+        elif unit.ahead in unread:
+            # Sent ahead, and its claim still unread: it died before this unit started (killed
+            # from outside between two units). Nothing of it ran: it runs again, whole.
+            self.pending.appendleft(unit.part(next(self._uids), unit.received))
+            return
         if why == _CANCEL:
             unit.sink.cancel(unit.current, 1)
         elif why == _TIMEOUT:
@@ -1297,6 +1308,9 @@ class LocalBackend(Intake):
         elif unit.left == 1 or unit.opts.task_timeout is not None or broken_off:
             # Exactly one item was running (or the worker said which): it is the one at fault.
             self._fail_item(unit, unit.received, WorkerDied(w.exitcode, w.pid, unit.current))
+        elif unit.item_claims:
+            self._settle_loose(w, unit, unread)
+            return
         else:
             # Some item without an outcome killed the worker, and the others may have finished
             # since the last report. Each is retried alone; the one at fault then fails alone.
@@ -1305,10 +1319,41 @@ class LocalBackend(Intake):
         if unit.left > 1:
             self.pending.appendleft(unit.part(next(self._uids), unit.received + 1))
 
+    def _settle_loose(self, w: _Worker, unit: Unit, unread: set[int]) -> None:
+        """The worker died in a unit of tasks that travel together, whose claims say which
+        task it was running: the first one after the last claim it read (the claim of task
+        ``k`` is read just before ``k`` starts). That one fails with ``WorkerDied``, as a task
+        that travels alone would, and runs no second time. Those before it that finished
+        with their results still in the worker run again, each alone; those after it never
+        started, and go on together."""
+        n = len(unit.items)
+        first = max(unit.received, 1)
+        running = next(
+            (k - 1 for k in range(first, n) if unit.item_claims + k - 1 in unread), n - 1
+        )
+        uids = self._uids
+        if running < unit.received:  # it died between two tasks, after it reported the first
+            self.pending.appendleft(unit.part(next(uids), unit.received))
+            return
+        if running + 1 < n:
+            self.pending.appendleft(unit.part(next(uids), running + 1))
+        self._fail_item(unit, running, WorkerDied(w.exitcode, w.pid, unit.start + running))
+        self._requeue_alone(unit, unit.received, running)
+
     def _split(self, unit: Unit) -> bool:
         """Requeue each item of a unit alone, so that one bad item fails by itself. False if
         the unit holds one item only: then that item is the bad one."""
         if unit.left <= 1:
+            return False
+        self._requeue_alone(unit, unit.received, len(unit.items))
+        return True
+
+    def _retry_cut(self, unit: Unit) -> bool:
+        """A unit whose arguments the worker could not unpickle, cut to one item by a
+        take-back: the worker's copy held those taken back too, and any of them may be the
+        one that does not unpickle. The item left runs again alone (the others run where
+        they were taken). False if the unit was not cut: then its one item is the bad one."""
+        if not unit.cut:
             return False
         self._requeue_alone(unit, unit.received, len(unit.items))
         return True

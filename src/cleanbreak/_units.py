@@ -137,6 +137,7 @@ class Unit:
         "alone",
         "by_value",
         "cancelled",
+        "cut",
         "expect",
         "fid",
         "fn",
@@ -186,6 +187,8 @@ class Unit:
         self.item_claims = 0
         # It goes alone: an item of a unit split up to find the one at fault (see _manager).
         self.alone = False
+        # Items of it were taken back once it was sent: the worker's copy holds more.
+        self.cut = False
         # How long its items are expected to take, all together, in seconds: known for a map's
         # chunk once the map's task time is (see _map.MapRun); infinite while it is not.
         self.expect = math.inf
