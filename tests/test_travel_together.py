@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -299,6 +300,40 @@ def test_a_worker_that_skips_a_chunk_taken_back_keeps_no_task_behind_a_long_one(
         assert not together[0].ready()  # c still runs
         tasks.touch(go_c)
         assert together[0].get(GUARD) == 2
+
+
+def test_a_unit_sent_ahead_that_never_started_runs_again_when_its_worker_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # W ends P and dies (SIGKILL, from outside) before it reads the claim of C, sent ahead to
+    # it: C never started, so nothing of it is to blame. Its claim, still unread, says so,
+    # and it runs again. Taken for the task W was running, it would fail with WorkerDied.
+    for name in ("pause", "paused", "resume", "resumed"):
+        monkeypatch.setitem(globals(), f"_{name.upper()}", str(tmp_path / name))
+    monkeypatch.setattr(_worker, "_claim", _claim_when_told)
+    path = {name: str(tmp_path / name) for name in ("p", "q", "go-p", "go-q")}
+    with Pool(2, context=multiprocessing.get_context("fork")) as p:
+        backend: Any = p._pool._backend
+        _warm(p, tasks.wait_then_return, (None, None, 0))
+        rp = p.apply_async(tasks.release_after, (path["p"], path["go-p"], -1))
+        assert tasks.wait_for_path(path["p"])
+        rq = p.apply_async(tasks.release_after, (path["q"], path["go-q"], -2))
+        assert tasks.wait_for_path(path["q"])
+        rc = p.apply_async(tasks.wait_then_return, (None, None, -3))  # ahead, to W
+        r2 = p.apply_async(tasks.square, (5,))  # ahead, to the other
+        r3 = p.apply_async(tasks.identity, (6,))  # waits here
+        _holding(backend, 2, both=True)
+        tasks.touch(_PAUSE)
+        tasks.touch(path["go-p"])  # W ends P and comes to C: it waits to read C's claim
+        assert rp.get(GUARD) == -1 and tasks.wait_for_path(_PAUSED)
+        with backend._state:
+            (w,) = [w for w in backend._workers.values() if len(w.inflight) == 1]
+        os.kill(w.pid, signal.SIGKILL)
+        deadline = time.monotonic() + GUARD
+        while not w.gone and time.monotonic() < deadline:  # the manager has seen it die
+            time.sleep(0.001)
+        tasks.touch(path["go-q"])
+        assert [r.get(GUARD) for r in (rq, r2, r3, rc)] == [-2, 25, 6, -3]
 
 
 def _holding(backend: Any, units: int, items: int = 1, both: bool = False) -> None:
