@@ -78,9 +78,11 @@ worker takes it before it starts that item. A worker that is free while nothing 
 back the items of a loose unit that another worker has not claimed, once that unit has run
 ``LOOSE_GRACE`` (it was expected to take less): the worker, finding the claim of its next item
 gone, ends the unit there. So a task that travels behind a long one still goes to the first
-worker that is free, a moment later, as the stock pool's one queue would give it. A worker
-that dies in a loose unit makes each item without an outcome run again alone (see below): a
-task that finished in the same unit, and had not been reported, runs twice.
+worker that is free, a moment later, as the stock pool's one queue would give it. When a
+worker dies in a loose unit, the claims it never read say which item it was running (the
+first after the last it read): that one fails, as a task that travels alone would, those
+after it never started and go on together, and those before it that finished unreported
+run again, each alone (see ``_settle_loose``).
 
 Sending from the caller's thread: a task submitted while the manager waits in select would
 cost a wake-up of the manager (the wake pipe, then the manager's turn at the GIL) before it
@@ -97,7 +99,9 @@ closes) and its ``Interrupted`` is raised a moment later, never half-way through
 
 When a worker dies, the manager knows which unit it was running but, for a chunk that reports
 every 50 ms, not which item: it retries each item without an outcome alone, so the one at fault
-fails by itself and the others keep their results.
+fails by itself and the others keep their results. (A loose unit's claims tell the item, see
+above; and a unit sent ahead whose claim the worker never read had not started: it runs
+again whole.)
 """
 
 from __future__ import annotations
