@@ -84,11 +84,11 @@ def test_worker_deaths_at_random_moments_cost_one_task_each(tmp_path: Path, call
                 if killer is not None:
                     killer.join(GUARD)
             kills += len(killed)
-            runs = collections.Counter(name.rsplit("-", 1)[0] for name in os.listdir(log))
+            runs = tasks.runs_logged(str(log))
             twice += sum(1 for c in runs.values() if c > 1)
             failed = [i for i, v in outcomes.items() if isinstance(v, BaseException)]
             # Once, unless an outside kill failed a map before it came to the task at fault.
-            if bad >= 0 and runs[f"ran-{bad}"] != 1 and not (killed and runs[f"ran-{bad}"] == 0):
+            if bad >= 0 and runs[bad] != 1 and not (killed and runs[bad] == 0):
                 counts["the task at fault not run exactly once"] += 1
             if -1 in outcomes and outcomes[-1].task != bad and not killed:
                 counts["tasks failed beyond those at fault"] += 1
@@ -102,7 +102,7 @@ def test_worker_deaths_at_random_moments_cost_one_task_each(tmp_path: Path, call
                     counts["results lost or wrong"] += 1
             elif not failed and (bad >= 0 or outcomes != {i: i * i for i in range(N)}):
                 counts["results lost or wrong"] += 1
-            if any(runs[f"ran-{i}"] == 0 for i in range(N) if i != bad and not failed):
+            if any(runs[i] == 0 for i in range(N) if i != bad and not failed):
                 counts["results lost or wrong"] += 1
         travelled = backend.travelled_together
     print(

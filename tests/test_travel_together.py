@@ -117,12 +117,12 @@ def test_a_task_that_kills_its_worker_fails_alone(
             i * i for i in range(N) if i != bad
         ]
         assert backend.travelled_together >= N // 2
-    runs = sorted(name for name in os.listdir(log))
-    assert f"ran-{bad}-0" in runs and f"ran-{bad}-1" not in runs  # the bad one ran once
+    runs = tasks.runs_logged(str(log))
+    assert runs[bad] == 1  # the bad one ran once
     # Only those that finished before it, with their results still in the worker, ran twice.
-    twice = {int(name.split("-")[1]) for name in runs if name.endswith("-1")}
+    twice = {i for i, n in runs.items() if n > 1}
     assert twice <= set(range(bad)), sorted(twice)
-    assert not any(name.endswith("-2") for name in runs)
+    assert max(runs.values()) <= 2 and set(runs) == set(range(N))
 
 
 def test_tasks_that_do_not_unpickle_blame_only_the_bad_one_after_a_take_back(

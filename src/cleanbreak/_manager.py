@@ -58,13 +58,15 @@ gone skips the chunk (it still takes in the function, whose numbering both sides
 and says nothing; the manager has sent it to the free worker. Claims are read in the order they
 were written, so reading one also tells which earlier ones the worker took.
 
-A worker that comes to a chunk whose claim is gone learns it by reading the next claim, which
-it then holds; so that claim must be one that nothing waits behind. Between a take-back and
-the moment the worker is known to have passed that point (``behind``), every unit sent to it
-has a claim of its own, even one sent when it holds nothing: the claim it reads past the one
-taken is then that of the unit it starts next. (Without that, a unit sent to it then would
-carry no claim, and the claim read past would be the one of the second item of a loose unit
-below: a task behind a long first one that no free worker could take back.)
+Every unit has a claim, not only one sent ahead: one sent to an idle worker has one too, though
+nothing takes back a unit at the head of a worker's queue. So the claims a worker never read
+say, once it dies, which of its units never started (they run again, whole), and a worker
+that comes to a chunk whose claim is gone, which it learns by reading the next claim and then
+holds, holds the claim of the unit it starts next, never that of a task waiting behind a long
+one. (With no claim on a unit sent to an idle worker, the next claim could be the one of the
+second task of a loose unit, below: a task behind a long first one that no free worker could
+take back; and a worker killed from outside while idle would fail the task sent to it just
+before the manager saw it die.)
 
 Tasks that travel together: a task of a few microseconds that travels alone (an
 ``apply_async`` of the ``multiprocessing.Pool`` face, a map's item with ``chunksize=1``) costs
@@ -255,7 +257,6 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 class _Worker:
     __slots__ = (
         "ahead_seq",
-        "behind",
         "claimed_upto",
         "claims_out",
         "claims_r",
@@ -288,9 +289,6 @@ class _Worker:
         # its read end, and its write end; and the claims known to be read (numbered 1, 2, ...).
         self.claims_r, self.claims_w = claims
         self.claimed_upto = 0
-        # The last claim taken back from it, until it is known to have read past it (a result
-        # of a unit whose claims come later): meanwhile every unit sent to it has a claim.
-        self.behind = 0
         self.ahead_seq = 0  # the number of the last chunk sent ahead
         self.claims_out: list[int] = []  # claims to write before the frames that wait
         self.pid: int = proc.pid
@@ -908,7 +906,8 @@ class LocalBackend(Intake):
             if w.doom is not None:
                 continue
             upto = w.claimed_upto
-            if not any(u.ahead > upto for u in w.inflight):
+            # Not the head's claim: that unit is running, or about to (see "Taking back").
+            if not any(u.ahead > upto for u in itertools.islice(w.inflight, 1, None)):
                 if not any(u.item_claims and u.last_claim > upto for u in w.inflight):
                     continue
                 due = w.head_since + LOOSE_GRACE
@@ -936,7 +935,6 @@ class LocalBackend(Intake):
             w.claimed_upto = seq  # the claims before it were the worker's
             for unit in w.inflight:
                 if unit.ahead == seq:
-                    w.behind = seq
                     return self._take_whole(w, unit)
                 if unit.item_claims and unit.item_claims <= seq <= unit.last_claim:
                     k = seq - unit.item_claims + 1  # items k.. are ours: the worker runs k - 1
@@ -944,7 +942,6 @@ class LocalBackend(Intake):
                     unit.items = unit.items[:k]
                     unit.cut = True
                     w.dispatched -= len(rest.items)
-                    w.behind = seq
                     self.taken_back += 1
                     return rest
             # The claim of an item taken back with those after it, or of one of a unit taken
@@ -1025,12 +1022,9 @@ class LocalBackend(Intake):
             w.segments[unit.uid] = sent
         if not w.inflight:
             w.head_since = time.monotonic()
-        if not w.inflight and not w.behind:
-            unit.ahead = 0
-        else:  # sent ahead, or after a take-back: with a claim, written first ("Taking back")
-            w.ahead_seq += 1
-            unit.ahead = w.ahead_seq
-            w.claims_out.append(unit.ahead)  # written first, at the flush
+        w.ahead_seq += 1  # its claim (see "Taking back"), written first, at the flush
+        unit.ahead = w.ahead_seq
+        w.claims_out.append(unit.ahead)
         unit.item_claims = 0
         if unit.loose and len(unit.items) > 1:  # a claim for each item after the first
             unit.item_claims = w.ahead_seq + 1
@@ -1121,8 +1115,6 @@ class LocalBackend(Intake):
             discard(layouts)
             return
         unit = w.inflight[0]
-        if w.behind and (unit.ahead or unit.item_claims) > w.behind:
-            w.behind = 0  # it has started a unit whose claims follow the one taken back
         _uid, offset, count, status, seconds, files = pickle.loads(parts[0])
         if files:  # results the worker wrote to the journal's folder (see _journal.Recorder)
             sink: Any = unit.sink  # (a sink that took a spilled result)
