@@ -336,6 +336,19 @@ def test_a_unit_sent_ahead_that_never_started_runs_again_when_its_worker_dies(
         assert [r.get(GUARD) for r in (rq, r2, r3, rc)] == [-2, 25, 6, -3]
 
 
+def test_a_unit_sent_to_an_idle_worker_is_never_taken_back() -> None:
+    # Every unit has a claim, one sent to an idle worker too; but the unit at the head of a
+    # worker's queue is running or about to, and another idle worker taking it would only
+    # move it (and the next, and the next: round trips one at a time, each sent to one idle
+    # worker while the other idles, would each be sent twice).
+    with Pool(2) as p:
+        backend: Any = p._pool._backend
+        assert [p.apply_async(tasks.square, (i,)).get(GUARD) for i in range(200)] == [
+            i * i for i in range(200)
+        ]
+        assert backend.taken_back == 0
+
+
 def _holding(backend: Any, units: int, items: int = 1, both: bool = False) -> None:
     """Wait until a worker (``both``: each) holds ``units`` units, the last of ``items``."""
     deadline = time.monotonic() + GUARD
