@@ -52,6 +52,13 @@ def _all_travel_together(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_manager, "MERGE_SECONDS", 1.0)
 
 
+def _nothing_sent_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks wait here until a worker is free, and go to it as one unit."""
+    monkeypatch.setattr(_manager, "PREFETCH", 1)
+    monkeypatch.setattr(_manager, "PREFETCH_BRIEF", 1)
+    _all_travel_together(monkeypatch)
+
+
 def _warm(p: Pool, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """Run ``fn`` a few times: the pool then knows it is brief."""
     assert len([r.get(GUARD) for r in [p.apply_async(fn, args) for _ in range(4)]]) == 4
@@ -78,9 +85,7 @@ def test_tasks_behind_a_long_one_in_their_unit_go_to_a_free_worker(
     # a worker is free, and the first one free takes all of them as one unit. Task 2 runs until
     # the test says go; the tasks behind it in that unit must not wait for it while the other
     # worker is free: it takes them back. Left behind task 2, they would wait until GUARD.
-    monkeypatch.setattr(_manager, "PREFETCH", 1)
-    monkeypatch.setattr(_manager, "PREFETCH_BRIEF", 1)
-    _all_travel_together(monkeypatch)
+    _nothing_sent_ahead(monkeypatch)
     go = str(tmp_path / "go")
     with Pool(2) as p:
         backend: Any = p._pool._backend
@@ -134,9 +139,7 @@ def test_tasks_that_do_not_unpickle_blame_only_the_bad_one_after_a_take_back(
     # task 0 did nothing wrong: it runs again alone, and only task 1 fails. Failed as if it
     # were the bad one, task 0 would raise the SerializationError. (Nothing is sent ahead, so
     # that the four wait here until a worker is free, and go to it as one unit.)
-    monkeypatch.setattr(_manager, "PREFETCH", 1)
-    monkeypatch.setattr(_manager, "PREFETCH_BRIEF", 1)
-    _all_travel_together(monkeypatch)
+    _nothing_sent_ahead(monkeypatch)
     go = str(tmp_path / "go")
     with Pool(2) as p:
         backend: Any = p._pool._backend
@@ -231,6 +234,13 @@ _real_claim = _worker._claim
 _PAUSE, _PAUSED, _RESUME, _RESUMED = "", "", "", ""
 
 
+def _pause_a_claim_when_told(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The workers forked from here on run _claim_when_told, with its files in tmp_path."""
+    for name in ("pause", "paused", "resume", "resumed"):
+        monkeypatch.setitem(globals(), f"_{name.upper()}", str(tmp_path / name))
+    monkeypatch.setattr(_worker, "_claim", _claim_when_told)
+
+
 def _claim_when_told(ahead: int) -> bool:
     if not os.path.exists(_PAUSE) or os.path.exists(_PAUSED):
         return _real_claim(ahead)
@@ -252,9 +262,7 @@ def test_a_worker_that_skips_a_chunk_taken_back_keeps_no_task_behind_a_long_one(
     # d's: W would hold it, and d would wait behind c while the other worker is free (until
     # GUARD). Sent with a claim of its own (W is behind a take-back), W holds that one, and
     # the free worker takes d and e back.
-    for name in ("pause", "paused", "resume", "resumed"):
-        monkeypatch.setitem(globals(), f"_{name.upper()}", str(tmp_path / name))
-    monkeypatch.setattr(_worker, "_claim", _claim_when_told)
+    _pause_a_claim_when_told(monkeypatch, tmp_path)
     _all_travel_together(monkeypatch)
     path = {name: str(tmp_path / name) for name in ("p", "q", "h", "go-p", "go-q", "go-h")}
     go_c = str(tmp_path / "go-c")
@@ -308,9 +316,7 @@ def test_a_unit_sent_ahead_that_never_started_runs_again_when_its_worker_dies(
     # W ends P and dies (SIGKILL, from outside) before it reads the claim of C, sent ahead to
     # it: C never started, so nothing of it is to blame. Its claim, still unread, says so,
     # and it runs again. Taken for the task W was running, it would fail with WorkerDied.
-    for name in ("pause", "paused", "resume", "resumed"):
-        monkeypatch.setitem(globals(), f"_{name.upper()}", str(tmp_path / name))
-    monkeypatch.setattr(_worker, "_claim", _claim_when_told)
+    _pause_a_claim_when_told(monkeypatch, tmp_path)
     path = {name: str(tmp_path / name) for name in ("p", "q", "go-p", "go-q")}
     with Pool(2, context=multiprocessing.get_context("fork")) as p:
         backend: Any = p._pool._backend
