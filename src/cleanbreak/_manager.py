@@ -289,7 +289,7 @@ class _Worker:
         # its read end, and its write end; and the claims known to be read (numbered 1, 2, ...).
         self.claims_r, self.claims_w = claims
         self.claimed_upto = 0
-        self.ahead_seq = 0  # the number of the last chunk sent ahead
+        self.ahead_seq = 0  # the number of the last claim written (every unit has one)
         self.claims_out: list[int] = []  # claims to write before the frames that wait
         self.pid: int = proc.pid
         self.writer = FrameWriter(task_fd)
@@ -1148,7 +1148,7 @@ class LocalBackend(Intake):
                 unit.by_value = True
                 self.pending.appendleft(unit)
                 return
-            if not (part == "arguments" and (self._split(unit) or self._retry_cut(unit))):
+            if not (part == "arguments" and self._split(unit)):
                 unit.sink.fail(unit.current, unit.left, error)
             return
         if values:
@@ -1338,18 +1338,10 @@ class LocalBackend(Intake):
 
     def _split(self, unit: Unit) -> bool:
         """Requeue each item of a unit alone, so that one bad item fails by itself. False if
-        the unit holds one item only: then that item is the bad one."""
-        if unit.left <= 1:
-            return False
-        self._requeue_alone(unit, unit.received, len(unit.items))
-        return True
-
-    def _retry_cut(self, unit: Unit) -> bool:
-        """A unit whose arguments the worker could not unpickle, cut to one item by a
-        take-back: the worker's copy held those taken back too, and any of them may be the
-        one that does not unpickle. The item left runs again alone (the others run where
-        they were taken). False if the unit was not cut: then its one item is the bad one."""
-        if not unit.cut:
+        the unit holds one item only: then that item is the bad one. (Not if a take-back cut
+        the unit down to it: the worker's copy held those taken back too, and any of them may
+        be the bad one; the one left runs again alone, the others run where they were taken.)"""
+        if unit.left <= 1 and not unit.cut:
             return False
         self._requeue_alone(unit, unit.received, len(unit.items))
         return True

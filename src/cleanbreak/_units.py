@@ -178,7 +178,7 @@ class Unit:
         # Its items go by value, ``__main__``'s classes included: a worker could not load them
         # by reference (a class a script defines under its ``__main__`` guard).
         self.by_value = False
-        # Its number as a chunk sent ahead to a busy worker (its claim, see _manager), or 0.
+        # Its claim's number once sent (see _manager, "Taking back"); 0 while it waits here.
         self.ahead = 0
         # Its items after the first may be taken back one by one (tasks that travel together,
         # see _manager): then, once sent, the claim number of its second item (the others

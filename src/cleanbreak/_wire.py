@@ -23,7 +23,7 @@ Messages, parent to worker: parts ``(uid, kind, exact, fid, spill, ahead, item_c
 forget)``, ``fn``, ``items``; or the single part ``None``, to exit. ``ahead`` and
 ``item_claims`` number the claims the worker takes first (see ``_manager``, "Taking back"): the
 unit's, and its second item's (each item after the first has one, for tasks that travel
-together), or 0. ``fid`` numbers the function; ``fn`` is empty
+together; else 0). ``fid`` numbers the function; ``fn`` is empty
 when the worker holds that function from an earlier unit, and ``forget`` numbers the functions
 it is to let go of (see ``_manager._Functions``). Messages, worker to parent:
 parts ``(uid, offset, count, status, seconds)`` and ``(values, errors)``. ``values`` holds the

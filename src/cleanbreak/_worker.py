@@ -398,8 +398,9 @@ _claims_held: set[int] = set()  # claims read ahead of their unit's turn
 
 
 def _claim(ahead: int) -> bool:
-    """Take the claim of unit number ``ahead`` (one sent ahead): False if the parent took it
-    first. Claims are read in the order written; one read past ours says ours was taken."""
+    """Take the claim numbered ``ahead`` (a unit's, or an item's of tasks that travel
+    together): False if the parent took it first. Claims are read in the order written; one
+    read past ours says ours was taken."""
     if _claims_held:
         if ahead in _claims_held:
             _claims_held.discard(ahead)
