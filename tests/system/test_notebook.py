@@ -483,7 +483,8 @@ def test_a_press_in_the_own_code_of_a_cell_that_awaits_stops_it_at_once(
         "caught = None\ntry:\n"
         + "".join(f"    {line}\n" for line in body.strip().splitlines())
         + "except cleanbreak.Interrupted:\n    caught = time.monotonic_ns()\n"
-        + "    print(json.dumps({'caught': caught, 'got': got}))\n"
+        # On a line of its own: the press may come inside print("spinning"), before its "\n".
+        + "    print('\\n' + json.dumps({'caught': caught, 'got': got}))\n"
     )
     kernel.wait_for_output(cell, "spinning")
     sent = kernel.interrupt()
